@@ -1,0 +1,110 @@
+"""A terminal chat over the one generation function: multi-turn history, streaming replies."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import TextIO
+
+from instill.console import console, out
+from instill.infer import GenParams, generate
+
+HELP = "commands: /reset, /system TEXT, /params [key=value ...], /save FILE, /exit"
+
+
+class ChatSession:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        system: str | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.system = system
+        self.params = GenParams(max_new_tokens=max_new_tokens, temperature=temperature)
+        self.history: list[dict] = []
+
+    def messages(self) -> list[dict]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.history
+
+    def reply(self, text: str, stream: bool) -> str:
+        self.history.append({"role": "user", "content": text})
+        on_text = (lambda piece: out.print(piece, end="", markup=False)) if stream else None
+        gen = generate(self.model, self.tokenizer, [self.messages()], self.params, on_text=on_text)[
+            0
+        ]
+        self.history.append({"role": "assistant", "content": gen.text})
+        return gen.text
+
+    def command(self, line: str) -> bool:
+        """Handle a /command; False means leave the chat."""
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/reset":
+            self.history = []
+            console.print("history cleared")
+        elif name == "/system":
+            self.system, self.history = (arg or None), []
+            console.print(f"system prompt {'set' if arg else 'removed'}; history cleared")
+        elif name == "/params":
+            self._set_params(arg)
+            console.print(str(self.params), markup=False)
+        elif name == "/save" and arg:
+            Path(arg).write_text(json.dumps(self.messages(), indent=2, ensure_ascii=False) + "\n")
+            console.print(f"saved {len(self.history)} messages to {arg}")
+        else:
+            console.print(HELP)
+        return True
+
+    def _set_params(self, arg: str) -> None:
+        types = {
+            "max_new_tokens": int,
+            "temperature": float,
+            "top_p": float,
+            "top_k": int,
+            "repetition_penalty": float,
+            "seed": int,
+        }
+        for item in arg.split():
+            key, _, value = item.partition("=")
+            if key not in types:
+                console.print(f"unknown parameter {key!r}; known: {', '.join(types)}")
+                continue
+            try:
+                self.params = replace(self.params, **{key: types[key](value)})
+            except ValueError:
+                console.print(f"{key}: {value!r} is not a {types[key].__name__}")
+
+    def run(self, stream: TextIO, interactive: bool) -> None:
+        """Interactive: prompt and stream. Piped: one reply per input line, printed whole."""
+        if interactive:
+            console.print(f"chat ready. {HELP}")
+        while True:
+            if interactive:
+                try:
+                    line = input("you> ")
+                except EOFError:
+                    break
+            else:
+                line = stream.readline()
+                if not line:
+                    break
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    break
+                continue
+            if interactive:
+                self.reply(line, stream=True)
+                out.print()
+            else:
+                out.print(self.reply(line, stream=False), markup=False)

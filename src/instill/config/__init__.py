@@ -1,0 +1,26 @@
+"""Typed recipes: pydantic models, YAML loading, dotted overrides."""
+
+from instill.config.load import load_recipe, recipe_help
+from instill.config.schema import (
+    AdapterConfig,
+    BuiltinDataConfig,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    Recipe,
+    SourceConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "AdapterConfig",
+    "BuiltinDataConfig",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "Recipe",
+    "SourceConfig",
+    "TrainConfig",
+    "load_recipe",
+    "recipe_help",
+]

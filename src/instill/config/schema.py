@@ -1,0 +1,166 @@
+"""Every recipe key, documented once. The `description` of each field is what the CLI help shows.
+
+All models are frozen and reject unknown keys; the loader turns validation errors into messages
+that name the file and key and suggest the closest valid key.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="Pretrained model: an alias (smollm2-135m-instruct), a local Hugging Face "
+        "directory, a .gguf file, or a hub id (needs network).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weights and compute dtype. auto: bfloat16 on a GPU that supports it, "
+        "float32 otherwise (CPUs without native bf16 are hundreds of times slower in bf16).",
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with a hub model. Off unless you trust it."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Path to a Jinja chat template file; replaces the tokenizer's own template "
+        "(required when the model has none).",
+    )
+    init: Literal["pretrained", "scratch"] = Field(
+        "pretrained",
+        description="pretrained: start from the model's weights. scratch: same architecture, "
+        "random weights (the baseline that shows what pretraining saved).",
+    )
+
+
+class AdapterConfig(_Section):
+    method: Literal["lora", "full"] = Field(
+        "lora", description="lora: train low-rank adapters (peft). full: train all weights."
+    )
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="Modules that get adapters: a preset (all-linear, attention, mlp) or a list "
+        "of module-name suffixes such as [q_proj, v_proj].",
+    )
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Full fine-tuning only: parameters whose name contains one of these "
+        "strings stay frozen (e.g. [embed_tokens]).",
+    )
+
+
+class BuiltinDataConfig(_Section):
+    train_per_family: int = Field(
+        64, ge=0, description="Generated training examples per built-in task family."
+    )
+    eval_per_family: int = Field(
+        12, ge=0, description="Generated held-out evaluation examples per task family."
+    )
+    seed: int = Field(0, description="Seed of the built-in task generator.")
+    families: list[str] | None = Field(
+        None, description="Restrict to these task families (default: all)."
+    )
+
+
+class SourceConfig(_Section):
+    path: str = Field(description="A JSON, JSONL or CSV file with instruction data.")
+    format: Literal[
+        "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "selfinstruct", "text"
+    ] = Field("auto", description="Row format; auto detects it from the keys of the first row.")
+    weight: float = Field(
+        1.0, gt=0, description="Sampling weight: 2.0 repeats the source twice, 0.5 keeps half."
+    )
+
+
+class DataConfig(_Section):
+    builtin: BuiltinDataConfig | None = Field(
+        None, description="Use instill's generated instruction tasks (train split)."
+    )
+    sources: list[SourceConfig] = Field(
+        default_factory=list, description="Instruction data files, mixed by weight."
+    )
+    max_length: int = Field(
+        512, gt=8, description="Longest tokenised row; longer rows are truncated."
+    )
+    mask: Literal["assistant", "last_assistant", "all"] = Field(
+        "assistant",
+        description="Which tokens carry loss: every assistant reply (default), only the last "
+        "one, or every token.",
+    )
+
+    @model_validator(mode="after")
+    def _has_data(self) -> DataConfig:
+        if self.builtin is None and not self.sources:
+            raise ValueError("no training data: set data.builtin or add data.sources")
+        return self
+
+
+class TrainConfig(_Section):
+    output_dir: str = Field("runs", description="Parent folder of run directories.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(
+        None, gt=0, description="Stop after this many optimiser steps (overrides epochs)."
+    )
+    batch_size: int = Field(8, gt=0, description="Rows per micro-batch (per process).")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimiser step.")
+    warmup_ratio: float = Field(
+        0.05, ge=0, le=1, description="Fraction of steps spent warming up the learning rate."
+    )
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate decay after warmup."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip the gradient norm to this (null: no clipping)."
+    )
+    seed: int = Field(0, description="Seed for weights init, adapters, shuffling and dropout.")
+    log_every: int = Field(5, gt=0, description="Write metrics every N optimiser steps.")
+    save_every: int | None = Field(
+        None, gt=0, description="Write a checkpoint every N steps (always one at the end)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Keep the last N step checkpoints.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
+
+
+class EvalConfig(_Section):
+    suites: list[Literal["builtin"]] = Field(
+        default_factory=lambda: ["builtin"],
+        description="Evaluation suites; builtin is the held-out split of the built-in tasks.",
+    )
+    before: bool = Field(True, description="Evaluate the untuned model before training.")
+    after: bool = Field(True, description="Evaluate the tuned model after training.")
+    max_new_tokens: int = Field(32, gt=0, description="Longest generated answer.")
+    batch_size: int = Field(32, gt=0, description="Prompts generated together.")
+
+
+class Recipe(_Section):
+    name: str = Field(
+        "run",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Run name; the run directory is <train.output_dir>/<name>.",
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The pretrained model.")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="What is trained.")
+    data: DataConfig = Field(
+        default_factory=lambda: DataConfig(builtin=BuiltinDataConfig()),
+        description="Training data.",
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")

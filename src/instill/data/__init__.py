@@ -1,0 +1,1 @@
+"""Instruction data: built-in task generator and loaders."""

@@ -1,0 +1,116 @@
+"""Messages -> (input_ids, loss mask) through the tokenizer's own chat template.
+
+The template is the single source of truth for training, evaluation, chat and serving
+(transformers renders it in a sandboxed Jinja environment). The loss mask is built by rendering
+message prefixes and taking the difference, so it is right for any template without knowing its
+markers. Each prefix must tokenise to a prefix of the whole conversation's tokens; if a template
+rewrites earlier turns (some hide past reasoning), we fail loudly instead of training on a guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import StrEnum
+
+from instill.errors import InstillError
+
+# End-of-turn markers used by common chat templates, besides the tokenizer's eos token.
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
+
+
+class MaskPolicy(StrEnum):
+    ASSISTANT = "assistant"  # every assistant reply
+    LAST_ASSISTANT = "last_assistant"  # only the final reply
+    ALL = "all"  # every token
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: eos plus the template's known end-of-turn tokens."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    for tok in _END_OF_TURN:
+        tid = vocab.get(tok)
+        if tid is not None and tid not in ids and tok in tokenizer.all_special_tokens:
+            ids.append(tid)
+    return ids
+
+
+def render_text(tokenizer, messages: Sequence[dict], *, generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    # The template writes any BOS itself, so the tokenizer must not add another.
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _trained_turns(messages: Sequence[dict], policy: MaskPolicy) -> list[int]:
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if policy == MaskPolicy.LAST_ASSISTANT:
+        return turns[-1:]
+    return turns
+
+
+def render_batch(
+    tokenizer, conversations: Sequence[Sequence[dict]], policy: MaskPolicy | str
+) -> list[tuple[list[int], list[int]]]:
+    """Render many conversations; returns (input_ids, mask) per conversation, mask 1 = trained.
+
+    A trained assistant span is everything the template adds after the generation prompt up to
+    and including the end-of-turn token; what the template writes after that token (a newline)
+    is not trained, since generation stops at the token.
+    """
+    policy = MaskPolicy(policy)
+    texts: list[str] = []
+    plan: list[tuple[int, list[tuple[int, int, int]]]] = []  # (full idx, [(turn, pre, upto)])
+    for messages in conversations:
+        full = len(texts)
+        texts.append(render_text(tokenizer, messages))
+        spans = []
+        if policy != MaskPolicy.ALL:
+            for turn in _trained_turns(messages, policy):
+                spans.append((turn, len(texts), len(texts) + 1))
+                texts.append(render_text(tokenizer, messages[:turn], generation_prompt=True))
+                texts.append(render_text(tokenizer, messages[: turn + 1]))
+        plan.append((full, spans))
+    encoded = _encode(tokenizer, texts)
+    eot = set(end_of_turn_ids(tokenizer))
+    results = []
+    for full, spans in plan:
+        ids = encoded[full]
+        if policy == MaskPolicy.ALL:
+            results.append((ids, [1] * len(ids)))
+            continue
+        mask = [0] * len(ids)
+        for turn, pre_i, upto_i in spans:
+            pre, upto = encoded[pre_i], encoded[upto_i]
+            if ids[: len(pre)] != pre or ids[: len(upto)] != upto:
+                raise InstillError(
+                    f"chat template is not prefix-stable at message {turn}: rendering the "
+                    "conversation up to that reply gives different tokens than the same part of "
+                    "the whole conversation, so the loss mask cannot be derived; supply a "
+                    "template that renders earlier turns unchanged (model.chat_template)"
+                )
+            end = len(upto)
+            for j in range(len(pre), len(upto)):
+                if ids[j] in eot:
+                    end = j + 1  # train through the first end-of-turn token of the reply
+                    break
+            for j in range(len(pre), end):
+                mask[j] = 1
+        results.append((ids, mask))
+    return results
+
+
+def render(tokenizer, messages: Sequence[dict], policy: MaskPolicy | str = "assistant"):
+    """One conversation -> (input_ids, mask)."""
+    return render_batch(tokenizer, [messages], policy)[0]
+
+
+def render_prompt(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """Token ids of a conversation followed by the assistant generation prompt (for inference)."""
+    return _encode(tokenizer, [render_text(tokenizer, messages, generation_prompt=True)])[0]

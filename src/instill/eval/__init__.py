@@ -1,0 +1,5 @@
+"""Evaluation: a task is examples plus a scorer; results are written per example and summarised."""
+
+from instill.eval.runner import SuiteResult, bootstrap_ci, evaluate_builtin, write_result
+
+__all__ = ["SuiteResult", "bootstrap_ci", "evaluate_builtin", "write_result"]

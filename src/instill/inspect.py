@@ -1,0 +1,107 @@
+"""`instill data inspect`: what the model will be trained on, before training on it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.table import Table
+from rich.text import Text
+
+from instill.config import DataConfig, ModelConfig, SourceConfig, load_recipe
+from instill.console import out
+from instill.data.dataset import Row, length_grouped_batches, load_conversations, tokenize
+from instill.models import load_tokenizer, resolve_model
+
+
+def histogram(lengths: list[int], bins: int = 10) -> list[tuple[int, int, int]]:
+    """(low, high, count) buckets of equal width covering the lengths."""
+    lo, hi = min(lengths), max(lengths)
+    width = max(1, -(-(hi - lo + 1) // bins))
+    counts = [0] * bins
+    for n in lengths:
+        counts[min((n - lo) // width, bins - 1)] += 1
+    return [(lo + i * width, lo + (i + 1) * width - 1, c) for i, c in enumerate(counts) if c]
+
+
+def padding_efficiency(rows: list[Row], batch_size: int = 8) -> float:
+    """Real tokens / padded tokens with length-grouped batches of `batch_size`."""
+    real = padded = 0
+    for idx in length_grouped_batches(rows, batch_size, seed=0):
+        lens = [len(rows[i].input_ids) for i in idx]
+        real += sum(lens)
+        padded += max(lens) * len(lens)
+    return real / padded if padded else 0.0
+
+
+def _show_row(tokenizer, row: Row, n: int) -> None:
+    text = Text()
+    for tid, m in zip(row.input_ids, row.mask, strict=True):
+        piece = tokenizer.decode([tid])
+        text.append(piece, style="bold green" if m else "dim")
+    out.print(
+        f"[bold]row {n}[/bold] ({row.source}, {len(row.input_ids)} tokens, "
+        f"{row.trained} trained; [bold green]trained[/bold green] / [dim]masked[/dim])"
+    )
+    out.print(text)
+    out.print()
+
+
+def inspect_data(source: str, *, model: str, show_rows: int, max_length: int) -> dict:
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml"):
+        recipe = load_recipe(path)
+        data_cfg, model_cfg = recipe.data, recipe.model
+    else:
+        data_cfg = DataConfig(sources=[SourceConfig(path=source)], max_length=max_length)
+        model_cfg = ModelConfig(name=model)
+    tokenizer = load_tokenizer(resolve_model(model_cfg.name).path, model_cfg)
+    start = time.perf_counter()
+    convs, formats = load_conversations(data_cfg)
+    rows, stats = tokenize(tokenizer, convs, data_cfg)
+    elapsed = time.perf_counter() - start
+    lengths = [len(r.input_ids) for r in rows]
+    report = {
+        "formats": formats,
+        "rows_in": stats.rows_in,
+        "rows": stats.rows,
+        "dropped": stats.dropped,
+        "truncated": stats.truncated,
+        "tokens": stats.tokens,
+        "trained_tokens": stats.trained_tokens,
+        "trained_fraction": round(stats.trained_tokens / max(stats.tokens, 1), 4),
+        "padding_efficiency_batch8": round(padding_efficiency(rows), 4),
+        "length": {
+            "min": min(lengths),
+            "mean": round(sum(lengths) / len(lengths), 1),
+            "max": max(lengths),
+        },
+        "histogram": [list(b) for b in histogram(lengths)],
+        "rows_per_s": round(stats.rows_in / elapsed, 1) if elapsed else None,
+        "max_length": data_cfg.max_length,
+    }
+    if show_rows:
+        table = Table(title=f"data: {source}", show_header=False)
+        for key in (
+            "formats",
+            "rows_in",
+            "rows",
+            "dropped",
+            "truncated",
+            "tokens",
+            "trained_tokens",
+            "trained_fraction",
+            "padding_efficiency_batch8",
+            "length",
+            "rows_per_s",
+        ):
+            table.add_row(key, str(report[key]))
+        out.print(table)
+        peak = max(c for _, _, c in histogram(lengths))
+        out.print("[bold]length histogram (tokens)[/bold]")
+        for low, high, count in histogram(lengths):
+            out.print(f"{low:>6}-{high:<6} {'█' * max(1, round(40 * count / peak))} {count}")
+        out.print()
+        for n, row in enumerate(rows[:show_rows]):
+            _show_row(tokenizer, row, n)
+    return report

@@ -1,0 +1,26 @@
+"""Load pretrained models (alias, HF dir, GGUF, hub id), pick device and dtype, add adapters."""
+
+from instill.models.adapters import ParamReport, attach_adapter
+from instill.models.load import (
+    LoadedModel,
+    load_for_inference,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+)
+from instill.models.resolve import ModelSource, instill_home, resolve_model
+
+__all__ = [
+    "LoadedModel",
+    "ModelSource",
+    "ParamReport",
+    "attach_adapter",
+    "instill_home",
+    "load_for_inference",
+    "load_model",
+    "load_tokenizer",
+    "pick_device",
+    "pick_dtype",
+    "resolve_model",
+]

@@ -1,0 +1,138 @@
+"""Load a model and tokenizer for training or inference, on the right device and dtype."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from instill.config import ModelConfig
+from instill.errors import InstillError
+from instill.models.resolve import ModelSource, resolve_model
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: ModelSource
+    device: torch.device
+    dtype: torch.dtype
+
+
+def pick_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise InstillError(
+            f"model.device: '{spec}' is not a device (auto, cpu, cuda, cuda:N, mps)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InstillError("model.device: cuda requested but no CUDA device is available")
+    return device
+
+
+def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on a GPU with bf16 units, fp32 elsewhere.
+
+    CPUs without native bf16 run bf16 matrix products hundreds of times slower than fp32, so
+    unlike some peers we never autocast to bf16 on a CPU by default.
+    """
+    if spec == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    dtype = getattr(torch, spec)
+    if device.type == "cpu" and dtype != torch.float32:
+        warnings.warn(
+            f"model.dtype={spec} on CPU: half-precision matrix products are much slower than "
+            "float32 on most CPUs",
+            stacklevel=2,
+        )
+    return dtype
+
+
+def load_tokenizer(path: str, cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except OSError as exc:
+        raise InstillError(f"model '{cfg.name}': cannot load its tokenizer ({exc})") from None
+    if cfg.chat_template is not None:
+        template = Path(cfg.chat_template)
+        if not template.is_file():
+            raise InstillError(f"model.chat_template: file not found: {template}")
+        tokenizer.chat_template = template.read_text(encoding="utf-8")
+    if not getattr(tokenizer, "chat_template", None):
+        raise InstillError(
+            f"model '{cfg.name}' has no chat template; set model.chat_template to a Jinja file"
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, *, seed: int = 0) -> LoadedModel:
+    """Load the pretrained model (or the same architecture with random weights: `init: scratch`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = resolve_model(cfg.name)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    tokenizer = load_tokenizer(source.path, cfg)
+    kwargs = dict(trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+    try:
+        if cfg.init == "scratch":
+            config = AutoConfig.from_pretrained(
+                source.path, trust_remote_code=cfg.trust_remote_code
+            )
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise InstillError(f"model '{cfg.name}': cannot load ({exc})") from None
+    model.to(device)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=device, dtype=dtype)
+
+
+def _final_dir(path: Path) -> Path:
+    """A run directory means its final/ model."""
+    if (path / "final").is_dir() and not (path / "config.json").exists():
+        return path / "final"
+    return path
+
+
+def load_for_inference(name: str, cfg: ModelConfig | None = None) -> LoadedModel:
+    """Load a base model, a full fine-tune, or base + adapter (merged in memory for speed)."""
+    cfg = cfg or ModelConfig(name=name)
+    path = _final_dir(Path(name).expanduser())
+    adapter_file = path / "adapter_config.json"
+    if not adapter_file.is_file():
+        loaded = load_model(cfg.model_copy(update={"name": str(path) if path.exists() else name}))
+        loaded.model.eval()
+        return loaded
+    from peft import PeftModel
+
+    base_name = json.loads(adapter_file.read_text()).get("base_model_name_or_path")
+    if not base_name:
+        raise InstillError(
+            f"{adapter_file}: no base_model_name_or_path; cannot find the base model"
+        )
+    base = load_model(cfg.model_copy(update={"name": base_name}))
+    tokenizer = load_tokenizer(str(path), cfg.model_copy(update={"name": str(path)}))
+    model = PeftModel.from_pretrained(base.model, str(path)).merge_and_unload()
+    model.eval()
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, source=base.source, device=base.device, dtype=base.dtype
+    )

@@ -1,0 +1,75 @@
+"""report.md from the files of a run directory (run.json, eval/*.json), nothing else."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def before_after_rows(
+    before: dict | None, after: dict | None
+) -> list[tuple[str, float | None, float | None]]:
+    """(label, base score, tuned score) per task family, then overall."""
+    fams = sorted(
+        set((before or {}).get("by_family", {})) | set((after or {}).get("by_family", {}))
+    )
+    rows = [
+        (f, (before or {}).get("by_family", {}).get(f), (after or {}).get("by_family", {}).get(f))
+        for f in fams
+    ]
+    rows.append(("overall", (before or {}).get("exact_match"), (after or {}).get("exact_match")))
+    return rows
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def write_report(run_dir: Path) -> Path:
+    run = json.loads((run_dir / "run.json").read_text())
+    before, after, tr = run.get("eval_before"), run.get("eval_after"), run["train"]
+    lines = [f"# instill run `{run['name']}`", ""]
+    lines += [
+        f"Base model: `{run['model']['name']}` ({run['model']['kind']}, "
+        f"sha256 `{(run['model'].get('sha256') or 'n/a')[:16]}`), "
+        f"{run['model']['device']}, {run['model']['dtype']}.",
+        f"Trainable parameters: {run['params']['trainable']:,} of {run['params']['total']:,}.",
+        "",
+    ]
+    if before or after:
+        lines += [
+            "## Held-out built-in tasks: exact match (%)",
+            "",
+            "| task family | base | tuned | delta |",
+            "|---|---:|---:|---:|",
+        ]
+        for label, b, a in before_after_rows(before, after):
+            delta = "—" if a is None or b is None else f"{100 * (a - b):+.1f}"
+            name = f"**{label}**" if label == "overall" else label
+            lines.append(f"| {name} | {_pct(b)} | {_pct(a)} | {delta} |")
+        for tag, s in (("base", before), ("tuned", after)):
+            if s:
+                lo, hi = s["ci95"]
+                lines.append(
+                    f"\n{tag}: {_pct(s['exact_match'])}% (95% CI {_pct(lo)}–{_pct(hi)}, n={s['n']})"
+                )
+        lines.append("")
+    lines += [
+        "## Training",
+        "",
+        f"- steps: {tr['steps']}, wall time: {tr['wall_s']:.1f} s",
+        f"- tokens: {tr['tokens']:,} ({tr['trained_tokens']:,} supervised), "
+        f"{tr['tokens_per_s']:.1f} tokens/s",
+        f"- loss: {tr['first_loss']:.4f} (first step) → {tr['final_loss']:.4f} (last step)",
+        f"- peak memory: {tr['peak_mem_mb']:.0f} MiB",
+        "",
+        "## Data",
+        "",
+        f"- rows: {run['data']['rows']} of {run['data']['rows_in']}, truncated: "
+        f"{run['data']['truncated']}, dropped: {run['data']['dropped'] or 'none'}",
+        f"- tokens: {run['data']['tokens']:,}, trained: {run['data']['trained_tokens']:,}",
+        "",
+    ]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,246 @@
+"""One training loop for full fine-tuning and adapters, for one CPU process or many GPU processes.
+
+    for each optimiser step:
+        take grad_accum micro-batches; count their supervised tokens (summed over processes)
+        for each micro-batch: loss = loss_sum * world_size / global_supervised_tokens; backward
+        clip, step, schedule, log
+
+Dividing every micro-batch's loss *sum* by the token count of the whole accumulated global batch
+makes the gradient identical whether a batch is split across accumulation steps or processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from instill.config import TrainConfig
+from instill.console import console
+from instill.data.dataset import Row, collate, length_grouped_batches
+from instill.errors import InstillError
+from instill.train.checkpoint import prune, save_model_dir
+from instill.train.loss import IGNORE, SupervisedLM
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    wall_s: float = 0.0
+    tokens: int = 0  # real (non-padding) tokens processed
+    trained_tokens: int = 0  # supervised tokens
+    losses: list[float] = field(default_factory=list)
+    peak_mem_mb: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "wall_s": round(self.wall_s, 3),
+            "tokens": self.tokens,
+            "trained_tokens": self.trained_tokens,
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            "first_loss": self.losses[0] if self.losses else None,
+            "final_loss": self.losses[-1] if self.losses else None,
+            "peak_mem_mb": round(self.peak_mem_mb, 1),
+        }
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def micro_batches(rows: list[Row], cfg: TrainConfig, rank: int, world: int) -> Iterator[list[Row]]:
+    """Endless stream of this process's micro-batches, epoch after epoch (reshuffled each)."""
+    epoch = 0
+    while True:
+        batches = length_grouped_batches(rows, cfg.batch_size, cfg.seed, epoch)
+        usable = len(batches) - len(batches) % world  # every process takes the same count
+        for idx in batches[rank:usable:world]:
+            yield [rows[i] for i in idx]
+        epoch += 1
+
+
+def total_steps(n_rows: int, cfg: TrainConfig, world: int) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    per_epoch = math.ceil(n_rows / cfg.batch_size) // world
+    if per_epoch == 0:
+        raise InstillError(
+            f"{n_rows} training rows cannot fill one batch per process "
+            f"(train.batch_size={cfg.batch_size}, {world} processes); lower train.batch_size"
+        )
+    return max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, steps: int):
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[
+        cfg.schedule
+    ]
+    warmup = int(round(cfg.warmup_ratio * steps))
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise InstillError("nothing to train: every parameter is frozen (check adapter.freeze)")
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
+def accumulate(acc, wrapped, micro: list[dict]) -> tuple[float, int, int]:
+    """Forward and backward over the micro-batches of one optimiser step.
+
+    Each micro-batch's loss sum is divided by the supervised-token count of the whole step,
+    summed over processes, so gradients equal those of one big batch. Returns the step's mean
+    token loss, its supervised tokens and its real (non-padding) tokens, all global.
+    """
+    local = torch.tensor(
+        [
+            sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro),
+            sum(int(b["attention_mask"].sum()) for b in micro),
+        ],
+        device=acc.device,
+    )
+    global_tokens, global_real = (int(x) for x in acc.reduce(local, reduction="sum"))
+    loss_total = torch.zeros((), device=acc.device)
+    for i, batch in enumerate(micro):
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        last = i == len(micro) - 1
+        with acc.no_sync(wrapped) if not last else contextlib.nullcontext():
+            loss_sum, _ = wrapped(**batch)
+            # DDP averages gradients over processes; scale so the result is sum / global tokens.
+            acc.backward(loss_sum * acc.num_processes / max(global_tokens, 1))
+        loss_total += loss_sum.detach()
+    loss = float(acc.reduce(loss_total, reduction="sum")) / max(global_tokens, 1)
+    return loss, global_tokens, global_real
+
+
+def train(
+    model: torch.nn.Module,
+    tokenizer,
+    rows: list[Row],
+    cfg: TrainConfig,
+    run_dir: Path | None,
+    accelerator=None,
+) -> TrainResult:
+    """Train `model` in place on `rows`. Returns throughput and losses; logs to run_dir."""
+    from accelerate import Accelerator
+
+    acc = accelerator or Accelerator(cpu=next(model.parameters()).device.type == "cpu")
+    torch.manual_seed(cfg.seed)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model.train()
+    steps = total_steps(len(rows), cfg, acc.num_processes)
+    optimizer = make_optimizer(model, cfg, acc.device)
+    scheduler = make_scheduler(optimizer, cfg, steps)
+    # The scheduler is stepped by us once per optimiser step; accelerate's wrapper would step it
+    # once per process.
+    wrapped, optimizer = acc.prepare(SupervisedLM(model), optimizer)
+    stream = micro_batches(rows, cfg, acc.process_index, acc.num_processes)
+    pad_id = tokenizer.pad_token_id
+    metrics = open(run_dir / "metrics.jsonl", "a") if run_dir and acc.is_main_process else None
+    result = TrainResult()
+    start = time.perf_counter()
+    progress = _progress(acc.is_main_process)
+    task = progress.add_task("train", total=steps, loss=float("nan"), lr=0.0, tps=0.0)
+    with progress:
+        for step in range(1, steps + 1):
+            micro = [collate(next(stream), pad_id) for _ in range(cfg.grad_accum)]
+            loss, global_tokens, global_real = accumulate(acc, wrapped, micro)
+            grad_norm = None
+            if cfg.max_grad_norm is not None:
+                grad_norm = float(acc.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(loss)
+            result.steps = step
+            result.tokens += global_real
+            result.trained_tokens += global_tokens
+            elapsed = time.perf_counter() - start
+            lr = scheduler.get_last_lr()[0]
+            progress.update(task, advance=1, loss=loss, lr=lr, tps=result.tokens / elapsed)
+            if metrics and (step % cfg.log_every == 0 or step == steps):
+                record = {
+                    "step": step,
+                    "loss": round(loss, 6),
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens": result.tokens,
+                    "supervised_tokens": result.trained_tokens,
+                    "tokens_per_s": round(result.tokens / elapsed, 2),
+                    "elapsed_s": round(elapsed, 2),
+                    "peak_mem_mb": round(peak_memory_mb(acc.device), 1),
+                }
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if run_dir and cfg.save_every and step % cfg.save_every == 0 and step != steps:
+                _checkpoint(acc, model, tokenizer, optimizer, scheduler, run_dir, step, cfg)
+    result.wall_s = time.perf_counter() - start
+    result.peak_mem_mb = peak_memory_mb(acc.device)
+    if metrics:
+        metrics.close()
+    model.eval()
+    return result
+
+
+def _checkpoint(acc, model, tokenizer, optimizer, scheduler, run_dir, step, cfg) -> None:
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        folder = run_dir / "checkpoints"
+        save_model_dir(
+            acc.unwrap_model(model),
+            tokenizer,
+            folder / f"step-{step}",
+            extra={
+                "trainer_state.pt": {
+                    "step": step,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                }
+            },
+        )
+        prune(folder, cfg.keep_checkpoints)
+    acc.wait_for_everyone()
+
+
+def _progress(enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]train[/bold]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(
+            "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"
+        ),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )

@@ -1,0 +1,68 @@
+"""Shared fixtures: the real SmolLM2 tokenizer, and tiny random Llama models built from a config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# The GGUF -> safetensors conversion of the default model is cached here across test runs.
+os.environ.setdefault("INSTILL_HOME", str(REPO / ".pytest_cache" / "instill-home"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def default_source():
+    """The default model, converted from its GGUF once (about 30 s) and cached."""
+    import transformers
+
+    from instill.models import resolve_model
+
+    transformers.logging.set_verbosity_error()
+    return resolve_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_source):
+    from instill.config import ModelConfig
+    from instill.models import load_tokenizer
+
+    return load_tokenizer(default_source.path, ModelConfig())
+
+
+def build_tiny(tokenizer, seed: int = 0):
+    """A 2-layer, 64-dim Llama with the real SmolLM2 vocabulary, random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny(tokenizer):
+    return build_tiny(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tokenizer, tmp_path_factory):
+    """The tiny model saved as a local Hugging Face directory (loadable by model.name)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,145 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct from its GGUF): the quickstart
+path for a few steps, a reload with plain transformers + peft, and chat through a pipe."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from instill.config import load_recipe
+from instill.pipeline import run_recipe
+
+RECIPES = Path(__file__).resolve().parent.parent / "src" / "instill" / "recipes"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, default_source):
+    out = tmp_path_factory.mktemp("runs")
+    recipe = load_recipe(
+        RECIPES / "quickstart.yaml",
+        [
+            f"train.output_dir={out}",
+            "data.builtin.families=[addition,uppercase]",
+            "data.builtin.train_per_family=4",  # 8 rows = one batch: every step sees the same rows
+            "data.builtin.eval_per_family=2",
+            "train.max_steps=4",
+            "eval.max_new_tokens=12",
+        ],
+    )
+    return run_recipe(recipe)
+
+
+def test_run_directory_is_complete(run):
+    d = run.run_dir
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "data_stats.json",
+        "run.json",
+        "report.md",
+        "eval/base-builtin.json",
+        "eval/base-builtin.jsonl",
+        "eval/builtin.json",
+        "final/adapter_model.safetensors",
+        "final/adapter_config.json",
+        "final/tokenizer.json",
+        "final/chat_template.jinja",
+    ):
+        assert (d / name).is_file(), name
+    summary = json.loads((d / "eval" / "builtin.json").read_text())
+    assert summary["n"] == 4 and set(summary["by_family"]) == {"addition", "uppercase"}
+    records = (d / "eval" / "builtin.jsonl").read_text().splitlines()
+    assert len(records) == 4 and {"prompt", "prediction", "reference", "score"} <= set(
+        json.loads(records[0])
+    )
+    assert "| **overall** |" in (d / "report.md").read_text()
+
+
+def test_loss_fell_and_adapter_trained(run):
+    assert run.train.steps == 4
+    assert run.train.losses[-1] < run.train.losses[0]
+    lora_b = [p for n, p in run.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero
+
+
+def test_final_reloads_with_plain_transformers_and_peft(run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = run.run_dir / "final"
+    base_path = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base_path).is_dir()
+    tok = AutoTokenizer.from_pretrained(final)
+    assert tok.chat_template == run.tokenizer.chat_template
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_path), final
+    ).eval()
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Add 2 and 3."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad():
+        expected = run.model(**ids).logits
+        torch.testing.assert_close(reloaded(**ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_chat_answers_through_a_pipe(run):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "instill",
+            "chat",
+            str(run.run_dir / "final"),
+            "--max-new-tokens",
+            "16",
+        ],
+        input="What is 2 plus 3? Answer with the number only.\n/reset\nSay hello.\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    replies = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(replies) == 2, proc.stdout
+
+
+def test_eval_command_writes_records(run):
+    env = {**os.environ}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "instill",
+            "eval",
+            str(run.run_dir),
+            "--per-family",
+            "1",
+            "--max-new-tokens",
+            "8",
+            "--output",
+            str(run.run_dir / "eval-cli"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    from instill.data.builtin import FAMILIES
+
+    summary = json.loads((run.run_dir / "eval-cli" / "builtin.json").read_text())
+    assert summary["n"] == len(FAMILIES)  # one held-out example per family
+    assert set(summary["by_family"]) == set(FAMILIES)
+    lines = (run.run_dir / "eval-cli" / "builtin.jsonl").read_text().splitlines()
+    assert len(lines) == len(FAMILIES)
+    assert "exact match" in proc.stdout
