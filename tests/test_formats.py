@@ -5,7 +5,7 @@ import json
 import pytest
 
 from instill.config import DataConfig, SourceConfig
-from instill.data.dataset import build_training_rows, load_conversations
+from instill.data.dataset import build_data, load_conversations
 from instill.data.formats import detect_format, to_conversations
 from instill.data.sources import RawRow, read_rows
 from instill.errors import InstillError
@@ -77,7 +77,7 @@ def test_selfinstruct_one_example_per_instance():
 
 def test_text_rows_train_on_every_token(tokenizer, tmp_path):
     f = write_jsonl(tmp_path / "t.jsonl", [{"text": "The cat sat."}])
-    rows, stats = build_training_rows(tokenizer, DataConfig(sources=[SourceConfig(path=str(f))]))
+    rows = build_data(tokenizer, DataConfig(sources=[SourceConfig(path=str(f))])).train
     assert rows[0].input_ids[-1] == tokenizer.eos_token_id
     assert sum(rows[0].mask) == len(rows[0].input_ids)
 
@@ -91,7 +91,7 @@ def test_csv_and_json_array(tmp_path):
             SourceConfig(path=str(tmp_path / "b.json")),
         ]
     )
-    convs, formats = load_conversations(cfg)
+    convs, _, formats = load_conversations(cfg)
     assert len(convs) == 2 and list(formats.values()) == [1, 1]
 
 
@@ -99,7 +99,7 @@ def test_weights_repeat_and_subsample(tmp_path):
     f = write_jsonl(
         tmp_path / "d.jsonl", [{"prompt": f"p{i}", "completion": "c"} for i in range(10)]
     )
-    convs, _ = load_conversations(DataConfig(sources=[SourceConfig(path=str(f), weight=1.5)]))
+    convs, _, _ = load_conversations(DataConfig(sources=[SourceConfig(path=str(f), weight=1.5)]))
     assert len(convs) == 15
 
 
@@ -146,6 +146,13 @@ def test_invalid_utf8_names_line(tmp_path):
         list(read_rows(f))
 
 
+def test_unicode_line_separators_inside_strings_do_not_split_rows(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "a\u2028b\x85c"}\n{"text": "d"}\n', encoding="utf-8")
+    rows = list(read_rows(f))
+    assert [r.data["text"] for r in rows] == ["a\u2028b\x85c", "d"] and rows[1].line == 2
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(InstillError, match="data file not found"):
         list(read_rows(tmp_path / "nope.jsonl"))
@@ -157,8 +164,89 @@ def test_rows_losing_all_trained_tokens_are_dropped_and_counted(tokenizer, tmp_p
         tmp_path / "d.jsonl",
         [{"prompt": long_prompt, "completion": "yes"}, {"prompt": "short", "completion": "yes"}],
     )
-    rows, stats = build_training_rows(
+    stats = build_data(
         tokenizer, DataConfig(sources=[SourceConfig(path=str(f))], max_length=64)
-    )
+    ).stats
     assert stats.rows_in == 2 and stats.rows == 1
     assert stats.dropped == {"no trained tokens within max_length=64": 1}
+
+
+def test_parquet_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": "p", "completion": "c"}] * 3), tmp_path / "d.parquet"
+    )
+    rows = list(read_rows(tmp_path / "d.parquet"))
+    assert len(rows) == 3 and rows[2].where.endswith("d.parquet:3")
+
+
+def test_folder_of_files(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "completion": "c"}])
+    write_jsonl(tmp_path / "b.jsonl", [{"prompt": "q", "completion": "d"}])
+    assert [r.data["prompt"] for r in read_rows(tmp_path)] == ["p", "q"]
+
+
+def test_on_error_skip_counts_and_lists_every_bad_row(tokenizer, tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(
+        '{"prompt": "a", "completion": "b"}\n'
+        "{broken\n"
+        '{"prompt": "c", "completion": ""}\n'
+        '{"prompt": "d", "completion": "e"}\n'
+    )
+    cfg = DataConfig(sources=[SourceConfig(path=str(f))], on_error="skip")
+    data = build_data(tokenizer, cfg)
+    assert data.stats.rows == 2 and data.stats.skipped == 2
+    assert [s["where"] for s in data.skipped] == [f"{f}:2", f"{f}:3"]
+    assert "not valid JSON" in data.skipped[0]["reason"]
+    assert "field 'completion' is empty" in data.skipped[1]["reason"]
+    with pytest.raises(InstillError, match=r"d\.jsonl:2: not valid JSON"):
+        build_data(tokenizer, cfg.model_copy(update={"on_error": "stop"}))
+
+
+def test_template_that_refuses_a_row_names_it(tokenizer, tmp_path):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]"
+        "['role'] %}{{ raise_exception('roles must alternate') }}{% endif %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    two_users = {
+        "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "user", "content": "b"},
+            {"role": "assistant", "content": "c"},
+        ]
+    }
+    fine = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "c"}]}
+    f = write_jsonl(tmp_path / "d.jsonl", [fine, two_users])
+    with pytest.raises(InstillError, match=r"d\.jsonl:2: the chat template refused.*alternate"):
+        build_data(tok, DataConfig(sources=[SourceConfig(path=str(f))]))
+    data = build_data(tok, DataConfig(sources=[SourceConfig(path=str(f))], on_error="skip"))
+    assert data.stats.rows == 1 and data.skipped[0]["where"].endswith("d.jsonl:2")
+
+
+def test_validation_fraction_is_disjoint_and_taken_before_weighting(tokenizer, tmp_path):
+    f = write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": f"p{i}", "completion": "c"} for i in range(20)]
+    )
+    cfg = DataConfig(sources=[SourceConfig(path=str(f), weight=2.0)], validation=0.25, seed=3)
+    train, val, _ = load_conversations(cfg)
+    val_sources = {c.source for c in val}
+    assert len(val) == 5 and len(train) == 30  # 15 kept, each repeated twice
+    assert not val_sources & {c.source for c in train}
+    again, val2, _ = load_conversations(cfg)
+    assert [c.source for c in val2] == [c.source for c in val]  # deterministic by seed
+
+
+def test_validation_file(tokenizer, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "c"}] * 4)
+    v = write_jsonl(tmp_path / "v.jsonl", [{"prompt": "q", "completion": "d"}] * 2)
+    data = build_data(tokenizer, DataConfig(sources=[SourceConfig(path=str(f))], validation=str(v)))
+    assert len(data.train) == 4 and len(data.validation) == 2
+    assert data.stats.validation_rows == 2

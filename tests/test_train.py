@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from instill.config import AdapterConfig, BuiltinDataConfig, DataConfig, TrainConfig
-from instill.data.dataset import build_training_rows
+from instill.data.dataset import build_data
 from instill.errors import InstillError
 from instill.models import attach_adapter
 from instill.train import train
@@ -18,7 +18,8 @@ def rows(tokenizer):
     cfg = DataConfig(
         builtin=BuiltinDataConfig(train_per_family=2, families=["addition", "uppercase"])
     )
-    rows, stats = build_training_rows(tokenizer, cfg)
+    data = build_data(tokenizer, cfg)
+    rows, stats = data.train, data.stats
     assert stats.rows == 4 and stats.trained_tokens > 0
     return rows
 
@@ -90,3 +91,16 @@ def test_interrupted_checkpoint_write_leaves_nothing_complete(tiny, tokenizer, t
 def test_target_module_that_matches_nothing_lists_real_names(tiny):
     with pytest.raises(InstillError, match=r"\['qkv'\] match no linear module.*q_proj"):
         attach_adapter(tiny, AdapterConfig(target_modules=["qkv"]))
+
+
+def test_validation_loss_is_logged_every_n_steps_and_at_the_end(tiny, tokenizer, rows, tmp_path):
+    from instill.train.loop import validation_loss
+
+    model, _ = attach_adapter(tiny, AdapterConfig(method="full"))
+    before = validation_loss(model, rows[:2], 2, tokenizer.pad_token_id)
+    cfg = TrainConfig(lr=3e-2, max_steps=5, batch_size=2, eval_every=2, warmup_ratio=0)
+    result = train(model, tokenizer, rows, cfg, tmp_path, validation=rows[:2])
+    assert [s for s, _ in result.val_losses] == [2, 4, 5]
+    assert result.val_losses[-1][1] < before
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "val_loss" in r] == [2, 4, 5]

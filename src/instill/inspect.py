@@ -10,7 +10,7 @@ from rich.text import Text
 
 from instill.config import DataConfig, ModelConfig, SourceConfig, load_recipe
 from instill.console import out
-from instill.data.dataset import Row, length_grouped_batches, load_conversations, tokenize
+from instill.data.dataset import Row, build_data, length_grouped_batches
 from instill.models import load_tokenizer, resolve_model
 
 
@@ -57,15 +57,17 @@ def inspect_data(source: str, *, model: str, show_rows: int, max_length: int) ->
         model_cfg = ModelConfig(name=model)
     tokenizer = load_tokenizer(resolve_model(model_cfg.name).path, model_cfg)
     start = time.perf_counter()
-    convs, formats = load_conversations(data_cfg)
-    rows, stats = tokenize(tokenizer, convs, data_cfg)
+    data = build_data(tokenizer, data_cfg)
+    rows, stats = data.train, data.stats
     elapsed = time.perf_counter() - start
     lengths = [len(r.input_ids) for r in rows]
     report = {
-        "formats": formats,
+        "formats": stats.formats,
         "rows_in": stats.rows_in,
         "rows": stats.rows,
         "dropped": stats.dropped,
+        "skipped": stats.skipped,
+        "validation_rows": stats.validation_rows,
         "truncated": stats.truncated,
         "tokens": stats.tokens,
         "trained_tokens": stats.trained_tokens,
@@ -87,6 +89,8 @@ def inspect_data(source: str, *, model: str, show_rows: int, max_length: int) ->
             "rows_in",
             "rows",
             "dropped",
+            "skipped",
+            "validation_rows",
             "truncated",
             "tokens",
             "trained_tokens",

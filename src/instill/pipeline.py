@@ -1,6 +1,6 @@
 """A run, start to end: load, evaluate the base, tune, save, evaluate again, report.
 
-prepare_run_dir -> load_model -> build_training_rows -> evaluate (before)
+prepare_run_dir -> load_model -> build_data -> evaluate (before)
   -> attach_adapter -> train -> save final/ -> evaluate (after) -> report
 """
 
@@ -16,7 +16,7 @@ import yaml
 
 from instill.config import Recipe
 from instill.console import console
-from instill.data.dataset import build_training_rows
+from instill.data.dataset import build_data
 from instill.errors import InstillError
 from instill.eval import SuiteResult, evaluate_builtin, write_result
 from instill.models import attach_adapter, load_model
@@ -70,7 +70,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
     try:  # a mistake found while setting up leaves no half-made run directory behind
         _write_yaml(run_dir / "config.yaml", recipe.model_dump(mode="json"))
         loaded = load_model(recipe.model, seed=recipe.train.seed)
-        rows, stats = build_training_rows(loaded.tokenizer, recipe.data)
+        data = build_data(loaded.tokenizer, recipe.data)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
@@ -78,9 +78,18 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
         f"[bold]run[/bold] {run_dir}: model {recipe.model.name} ({loaded.source.kind}) on "
         f"{loaded.device}, {loaded.dtype}"
     )
+    stats = data.stats
     (run_dir / "data_stats.json").write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
+    if data.skipped:
+        with open(run_dir / "skipped_rows.jsonl", "w") as f:
+            f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in data.skipped)
+        console.print(
+            f"[yellow]skipped {len(data.skipped)} bad rows[/yellow] (data.on_error: skip); "
+            f"each one and why: {run_dir / 'skipped_rows.jsonl'}"
+        )
     console.print(
-        f"data: {stats.rows} rows, {stats.tokens:,} tokens, {stats.trained_tokens:,} trained"
+        f"data: {stats.rows} rows, {stats.tokens:,} tokens, {stats.trained_tokens:,} trained, "
+        f"{stats.validation_rows} validation rows"
         + (f", dropped {stats.dropped}" if stats.dropped else "")
     )
     suite_data = recipe.data.builtin
@@ -92,7 +101,16 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
         write_result(before, run_dir / "eval", "base-builtin")
     model, report = attach_adapter(loaded.model, recipe.adapter)
     console.print(str(report))
-    result = train(model, loaded.tokenizer, rows, recipe.train, run_dir)
+    pack = recipe.data.max_length if recipe.data.packing else None
+    result = train(
+        model,
+        loaded.tokenizer,
+        data.train,
+        recipe.train,
+        run_dir,
+        pack_length=pack,
+        validation=data.validation,
+    )
     save_model_dir(model, loaded.tokenizer, run_dir / "final")
     if evaluate and recipe.eval.after:
         console.print("evaluating the tuned model...")

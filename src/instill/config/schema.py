@@ -77,7 +77,11 @@ class BuiltinDataConfig(_Section):
 
 
 class SourceConfig(_Section):
-    path: str = Field(description="A JSON, JSONL or CSV file with instruction data.")
+    path: str = Field(
+        description="A JSON, JSONL, CSV or Parquet file, a folder of them, or a hub dataset "
+        "name (needs network)."
+    )
+    split: str = Field("train", description="Split to read from a hub dataset.")
     format: Literal[
         "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "selfinstruct", "text"
     ] = Field("auto", description="Row format; auto detects it from the keys of the first row.")
@@ -96,6 +100,22 @@ class DataConfig(_Section):
     max_length: int = Field(
         512, gt=8, description="Longest tokenised row; longer rows are truncated."
     )
+    validation: float | str = Field(
+        0.0,
+        description="Validation split: a fraction of the training rows held out (by seed), or "
+        "a data file of its own. 0 disables it.",
+    )
+    seed: int = Field(0, description="Seed of the validation split and of source subsampling.")
+    on_error: Literal["stop", "skip"] = Field(
+        "stop",
+        description="stop: the first bad row is an error. skip: bad rows are skipped, counted, "
+        "and listed with their reasons in the run's skipped_rows.jsonl.",
+    )
+    packing: bool = Field(
+        False,
+        description="Pack rows into sequences of max_length (best fit; attention never crosses "
+        "rows); train.batch_size then counts packed sequences. Off: length-grouped batches.",
+    )
     mask: Literal["assistant", "last_assistant", "all"] = Field(
         "assistant",
         description="Which tokens carry loss: every assistant reply (default), only the last "
@@ -106,6 +126,8 @@ class DataConfig(_Section):
     def _has_data(self) -> DataConfig:
         if self.builtin is None and not self.sources:
             raise ValueError("no training data: set data.builtin or add data.sources")
+        if isinstance(self.validation, float) and not 0.0 <= self.validation < 1.0:
+            raise ValueError("data.validation: a fraction must be in [0, 1)")
         return self
 
 
@@ -130,6 +152,12 @@ class TrainConfig(_Section):
     )
     seed: int = Field(0, description="Seed for weights init, adapters, shuffling and dropout.")
     log_every: int = Field(5, gt=0, description="Write metrics every N optimiser steps.")
+    eval_every: int | None = Field(
+        None,
+        gt=0,
+        description="Validation loss every N steps (always once at the end when there is a "
+        "validation split).",
+    )
     save_every: int | None = Field(
         None, gt=0, description="Write a checkpoint every N steps (always one at the end)."
     )

@@ -111,7 +111,7 @@ class Family:
 
 # --- generators: rng -> (fields, answer) -------------------------------------
 def _addition(rng):
-    a, b = rng.randint(1, 50), rng.randint(1, 50)
+    a, b = rng.randint(1, 20), rng.randint(1, 20)
     return {"a": a, "b": b}, str(a + b)
 
 
@@ -127,12 +127,12 @@ def _unit_conversion(rng):
 
 
 def _count_items(rng):
-    items = rng.sample(NOUNS, rng.randint(2, 7))
+    items = rng.sample(NOUNS, rng.randint(2, 5))
     return {"items": ", ".join(items)}, str(len(items))
 
 
 def _sort_numbers(rng):
-    nums = rng.sample(range(1, 100), rng.randint(3, 5))
+    nums = rng.sample(range(1, 100), rng.randint(3, 4))
     return {"numbers": ", ".join(map(str, nums))}, ", ".join(map(str, sorted(nums)))
 
 

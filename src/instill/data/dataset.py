@@ -14,7 +14,7 @@ from instill.config import DataConfig
 from instill.data import builtin
 from instill.data.formats import Conversation, detect_format, to_conversations
 from instill.data.render import render_batch
-from instill.data.sources import read_rows
+from instill.data.sources import read_source
 from instill.errors import InstillError
 
 
@@ -37,53 +37,115 @@ class DataStats:
     trained_tokens: int = 0
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0
+    validation_rows: int = 0
     formats: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], dict[str, int]]:
-    """Every training conversation the recipe names, mixed by weight (deterministic)."""
+@dataclass
+class Data:
+    train: list[Row]
+    validation: list[Row]
+    stats: DataStats
+    skipped: list[dict]  # {"where": file:line, "reason": ...} for every row skipped on error
+
+
+def _split(convs: list[Conversation], fraction: float, seed: int, key: str):
+    """Hold out `fraction` of a source's conversations, chosen by (seed, source)."""
+    if fraction <= 0 or not convs:
+        return convs, []
+    order = list(range(len(convs)))
+    random.Random(f"{seed}:{key}").shuffle(order)
+    n_val = max(1, round(fraction * len(convs)))
+    held = set(order[:n_val])
+    return [c for i, c in enumerate(convs) if i not in held], [convs[i] for i in sorted(held)]
+
+
+def _weighted(convs: list[Conversation], weight: float, seed: int, key: str):
+    whole, part = divmod(weight, 1.0)
+    mixed = convs * int(whole)
+    if part:
+        mixed += random.Random(f"{seed}:{key}:{weight}").sample(convs, round(part * len(convs)))
+    return mixed
+
+
+def read_conversations(path: str, fmt: str, split: str, skipped: list[dict] | None):
+    """Conversations of one source; with `skipped`, bad rows are recorded there, not raised."""
     convs: list[Conversation] = []
-    formats: dict[str, int] = {}
-    if cfg.builtin is not None and cfg.builtin.train_per_family > 0:
-        b = cfg.builtin
-        for ex in builtin.generate("train", b.train_per_family, b.seed, b.families):
-            convs.append(
-                Conversation(
-                    ex.messages, f"builtin:{ex.family}", {"task": ex.family, "cluster": ex.cluster}
-                )
-            )
-        formats["builtin"] = len(convs)
-    for src in cfg.sources:
-        these: list[Conversation] = []
-        fmt = src.format
-        for raw in read_rows(src.path):
+    for raw in read_source(path, split, skipped):
+        try:
             if fmt == "auto":
                 try:
                     fmt = detect_format(raw.data)
                 except InstillError as exc:
                     raise InstillError(f"{raw.where}: {exc}") from None
-            these.extend(to_conversations(raw, fmt))
-        formats[f"{src.path} ({fmt})"] = len(these)
-        whole, part = divmod(src.weight, 1.0)
-        mixed = these * int(whole)
-        if part:
-            rng = random.Random(f"{src.path}:{src.weight}")
-            mixed += rng.sample(these, round(part * len(these)))
-        convs.extend(mixed)
-    return convs, formats
+            convs.extend(to_conversations(raw, fmt))
+        except InstillError as exc:
+            if skipped is None:
+                raise
+            skipped.append({"where": raw.where, "reason": str(exc)})
+    return convs, fmt
 
 
-def tokenize(tokenizer, convs: list[Conversation], cfg: DataConfig) -> tuple[list[Row], DataStats]:
+def load_conversations(cfg: DataConfig, skipped: list[dict] | None = None):
+    """Training and validation conversations the recipe names, mixed by weight (deterministic).
+
+    Returns (train, validation, formats). The validation split is taken from each source before
+    weighting, so a repeated row can never sit on both sides.
+    """
+    train: list[Conversation] = []
+    val: list[Conversation] = []
+    formats: dict[str, int] = {}
+    fraction = cfg.validation if isinstance(cfg.validation, float) else 0.0
+    if cfg.builtin is not None and cfg.builtin.train_per_family > 0:
+        b = cfg.builtin
+        convs = [
+            Conversation(
+                ex.messages, f"builtin:{ex.family}", {"task": ex.family, "cluster": ex.cluster}
+            )
+            for ex in builtin.generate("train", b.train_per_family, b.seed, b.families)
+        ]
+        formats["builtin"] = len(convs)
+        t, v = _split(convs, fraction, cfg.seed, "builtin")
+        train, val = train + t, val + v
+    for src in cfg.sources:
+        convs, fmt = read_conversations(src.path, src.format, src.split, skipped)
+        formats[f"{src.path} ({fmt})"] = len(convs)
+        t, v = _split(convs, fraction, cfg.seed, src.path)
+        train += _weighted(t, src.weight, cfg.seed, src.path)
+        val += v
+    if isinstance(cfg.validation, str) and cfg.validation:
+        val, fmt = read_conversations(cfg.validation, "auto", "train", skipped)
+        formats[f"{cfg.validation} ({fmt}, validation)"] = len(val)
+    return train, val, formats
+
+
+def tokenize(
+    tokenizer, convs: list[Conversation], cfg: DataConfig, skipped: list[dict] | None = None
+) -> tuple[list[Row], DataStats]:
     """Render, then apply the length policy: truncate long rows, drop (and count) rows that would
     keep no trained token."""
     stats = DataStats(rows_in=len(convs))
     chats = [c for c in convs if c.messages[0]["role"] != "text"]
     texts = [c for c in convs if c.messages[0]["role"] == "text"]
-    rendered = render_batch(tokenizer, [c.messages for c in chats], cfg.mask) if chats else []
-    pairs = list(zip(chats, rendered, strict=True))
+    errors: list[tuple[int, str]] | None = [] if skipped is not None else None
+    rendered = (
+        render_batch(
+            tokenizer,
+            [c.messages for c in chats],
+            cfg.mask,
+            where=[c.source for c in chats],
+            errors=errors,
+        )
+        if chats
+        else []
+    )
+    for i, reason in errors or []:
+        skipped.append({"where": chats[i].source, "reason": reason})
+    pairs = [(c, r) for c, r in zip(chats, rendered, strict=True) if r is not None]
     if texts:
         enc = tokenizer([c.messages[0]["content"] for c in texts], add_special_tokens=True)[
             "input_ids"
@@ -108,19 +170,24 @@ def tokenize(tokenizer, convs: list[Conversation], cfg: DataConfig) -> tuple[lis
     stats.rows = len(rows)
     stats.tokens = sum(len(r.input_ids) for r in rows)
     stats.trained_tokens = sum(r.trained for r in rows)
+    return rows, stats
+
+
+def build_data(tokenizer, cfg: DataConfig) -> Data:
+    """Everything the loop trains and validates on, with counts of what was dropped or skipped."""
+    skipped: list[dict] | None = [] if cfg.on_error == "skip" else None
+    train_convs, val_convs, formats = load_conversations(cfg, skipped)
+    rows, stats = tokenize(tokenizer, train_convs, cfg, skipped)
+    val_rows, _ = tokenize(tokenizer, val_convs, cfg, skipped) if val_convs else ([], None)
+    stats.formats = formats
+    stats.validation_rows = len(val_rows)
+    stats.skipped = len(skipped or [])
     if not rows:
         raise InstillError(
-            f"no training rows left out of {stats.rows_in} after the length policy "
-            f"({stats.dropped}); raise data.max_length"
+            f"no training rows left out of {stats.rows_in} (dropped: {stats.dropped}, "
+            f"skipped: {stats.skipped}); raise data.max_length or fix the data"
         )
-    return rows, stats
-
-
-def build_training_rows(tokenizer, cfg: DataConfig) -> tuple[list[Row], DataStats]:
-    convs, formats = load_conversations(cfg)
-    rows, stats = tokenize(tokenizer, convs, cfg)
-    stats.formats = formats
-    return rows, stats
+    return Data(rows, val_rows, stats, skipped or [])
 
 
 def length_grouped_batches(
@@ -152,4 +219,4 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
         attn[i, :n] = 1
         m = torch.tensor(r.mask, dtype=torch.bool)
         labels[i, :n] = torch.where(m, ids[i, :n], torch.tensor(-100))
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "real_tokens": attn.sum()}

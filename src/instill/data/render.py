@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from enum import StrEnum
 
+from jinja2 import TemplateError
+
 from instill.errors import InstillError
 
 # End-of-turn markers used by common chat templates, besides the tokenizer's eos token.
@@ -56,31 +58,61 @@ def _trained_turns(messages: Sequence[dict], policy: MaskPolicy) -> list[int]:
 
 
 def render_batch(
-    tokenizer, conversations: Sequence[Sequence[dict]], policy: MaskPolicy | str
-) -> list[tuple[list[int], list[int]]]:
+    tokenizer,
+    conversations: Sequence[Sequence[dict]],
+    policy: MaskPolicy | str,
+    *,
+    where: Sequence[str] | None = None,
+    errors: list[tuple[int, str]] | None = None,
+) -> list[tuple[list[int], list[int]] | None]:
     """Render many conversations; returns (input_ids, mask) per conversation, mask 1 = trained.
 
     A trained assistant span is everything the template adds after the generation prompt up to
     and including the end-of-turn token; what the template writes after that token (a newline)
     is not trained, since generation stops at the token.
+
+    `where` names each conversation (file:line) in error messages. With `errors`, a
+    conversation the template refuses is recorded there as (index, message) and its result is
+    None; without it, the first such conversation raises InstillError.
     """
     policy = MaskPolicy(policy)
     texts: list[str] = []
-    plan: list[tuple[int, list[tuple[int, int, int]]]] = []  # (full idx, [(turn, pre, upto)])
-    for messages in conversations:
-        full = len(texts)
-        texts.append(render_text(tokenizer, messages))
-        spans = []
-        if policy != MaskPolicy.ALL:
-            for turn in _trained_turns(messages, policy):
-                spans.append((turn, len(texts), len(texts) + 1))
-                texts.append(render_text(tokenizer, messages[:turn], generation_prompt=True))
-                texts.append(render_text(tokenizer, messages[: turn + 1]))
-        plan.append((full, spans))
+    plan: list[tuple[int, list[tuple[int, int, int]]] | None] = []  # (full, [(turn, pre, upto)])
+
+    def fail(i: int, message: str) -> None:
+        name = where[i] if where is not None else f"conversation {i}"
+        if errors is None:
+            raise InstillError(f"{name}: {message}")
+        errors.append((i, f"{name}: {message}"))
+
+    for i, messages in enumerate(conversations):
+        try:
+            these = [render_text(tokenizer, messages)]
+            spans = []
+            if policy != MaskPolicy.ALL:
+                for turn in _trained_turns(messages, policy):
+                    at = len(texts) + len(these)
+                    spans.append((turn, at, at + 1))
+                    these.append(render_text(tokenizer, messages[:turn], generation_prompt=True))
+                    these.append(render_text(tokenizer, messages[: turn + 1]))
+        except TemplateError as exc:
+            fail(
+                i,
+                f"the chat template refused this conversation ({exc}); fix the row or "
+                "supply a template that accepts it (model.chat_template)",
+            )
+            plan.append(None)
+            continue
+        plan.append((len(texts), spans))
+        texts.extend(these)
     encoded = _encode(tokenizer, texts)
     eot = set(end_of_turn_ids(tokenizer))
     results = []
-    for full, spans in plan:
+    for i, item in enumerate(plan):
+        if item is None:
+            results.append(None)
+            continue
+        full, spans = item
         ids = encoded[full]
         if policy == MaskPolicy.ALL:
             results.append((ids, [1] * len(ids)))
@@ -89,12 +121,15 @@ def render_batch(
         for turn, pre_i, upto_i in spans:
             pre, upto = encoded[pre_i], encoded[upto_i]
             if ids[: len(pre)] != pre or ids[: len(upto)] != upto:
-                raise InstillError(
+                fail(
+                    i,
                     f"chat template is not prefix-stable at message {turn}: rendering the "
-                    "conversation up to that reply gives different tokens than the same part of "
-                    "the whole conversation, so the loss mask cannot be derived; supply a "
-                    "template that renders earlier turns unchanged (model.chat_template)"
+                    "conversation up to that reply gives different tokens than the same part "
+                    "of the whole conversation, so the loss mask cannot be derived; supply a "
+                    "template that renders earlier turns unchanged (model.chat_template)",
                 )
+                mask = None
+                break
             end = len(upto)
             for j in range(len(pre), len(upto)):
                 if ids[j] in eot:
@@ -102,7 +137,7 @@ def render_batch(
                     break
             for j in range(len(pre), end):
                 mask[j] = 1
-        results.append((ids, mask))
+        results.append((ids, mask) if mask is not None else None)
     return results
 
 

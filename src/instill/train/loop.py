@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import resource
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ import torch
 from instill.config import TrainConfig
 from instill.console import console
 from instill.data.dataset import Row, collate, length_grouped_batches
+from instill.data.packing import collate_packed, pack_best_fit
 from instill.errors import InstillError
 from instill.train.checkpoint import prune, save_model_dir
 from instill.train.loss import IGNORE, SupervisedLM
@@ -37,6 +39,7 @@ class TrainResult:
     tokens: int = 0  # real (non-padding) tokens processed
     trained_tokens: int = 0  # supervised tokens
     losses: list[float] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     peak_mem_mb: float = 0.0
 
     @property
@@ -52,6 +55,7 @@ class TrainResult:
             "tokens_per_s": round(self.tokens_per_s, 2),
             "first_loss": self.losses[0] if self.losses else None,
             "final_loss": self.losses[-1] if self.losses else None,
+            "final_val_loss": self.val_losses[-1][1] if self.val_losses else None,
             "peak_mem_mb": round(self.peak_mem_mb, 1),
         }
 
@@ -62,27 +66,58 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def micro_batches(rows: list[Row], cfg: TrainConfig, rank: int, world: int) -> Iterator[list[Row]]:
-    """Endless stream of this process's micro-batches, epoch after epoch (reshuffled each)."""
-    epoch = 0
-    while True:
-        batches = length_grouped_batches(rows, cfg.batch_size, cfg.seed, epoch)
-        usable = len(batches) - len(batches) % world  # every process takes the same count
-        for idx in batches[rank:usable:world]:
-            yield [rows[i] for i in idx]
-        epoch += 1
+class Batcher:
+    """This process's micro-batches, epoch after epoch, reshuffled each epoch by (seed, epoch).
 
+    Units are rows (length-grouped batches) or, with packing, packed sequences of pack_length.
+    """
 
-def total_steps(n_rows: int, cfg: TrainConfig, world: int) -> int:
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    per_epoch = math.ceil(n_rows / cfg.batch_size) // world
-    if per_epoch == 0:
-        raise InstillError(
-            f"{n_rows} training rows cannot fill one batch per process "
-            f"(train.batch_size={cfg.batch_size}, {world} processes); lower train.batch_size"
-        )
-    return max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+    def __init__(
+        self,
+        rows: list[Row],
+        cfg: TrainConfig,
+        pad_id: int,
+        rank: int = 0,
+        world: int = 1,
+        pack_length: int | None = None,
+    ):
+        self.rows, self.cfg, self.pad_id = rows, cfg, pad_id
+        self.rank, self.world = rank, world
+        self.bins = pack_best_fit(rows, pack_length) if pack_length else None
+        units = len(self.bins) if self.bins is not None else len(rows)
+        self.per_epoch = math.ceil(units / cfg.batch_size) // world
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        if self.bins is None:
+            return length_grouped_batches(self.rows, self.cfg.batch_size, self.cfg.seed, epoch)
+        order = list(range(len(self.bins)))
+        random.Random(f"{self.cfg.seed}:{epoch}").shuffle(order)
+        bs = self.cfg.batch_size
+        return [order[i : i + bs] for i in range(0, len(order), bs)]
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch = 0
+        while True:
+            batches = self._epoch(epoch)
+            usable = len(batches) - len(batches) % self.world  # same count on every process
+            for idx in batches[self.rank : usable : self.world]:
+                if self.bins is None:
+                    yield collate([self.rows[i] for i in idx], self.pad_id)
+                else:
+                    yield collate_packed(self.rows, [self.bins[i] for i in idx], self.pad_id)
+            epoch += 1
+
+    def total_steps(self) -> int:
+        cfg = self.cfg
+        if cfg.max_steps is not None:
+            return cfg.max_steps
+        if self.per_epoch == 0:
+            raise InstillError(
+                f"{len(self.rows)} training rows cannot fill one batch per process "
+                f"(train.batch_size={cfg.batch_size}, {self.world} processes); lower "
+                "train.batch_size"
+            )
+        return max(1, math.ceil(cfg.epochs * self.per_epoch / cfg.grad_accum))
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, steps: int):
@@ -103,6 +138,21 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, rows: list[Row], batch_size: int, pad_id: int) -> float:
+    """Mean token loss over `rows` (the same supervised positions as training)."""
+    was_training = model.training
+    model.eval()
+    lm, device = SupervisedLM(model), next(model.parameters()).device
+    total, count = 0.0, 0
+    for idx in length_grouped_batches(rows, batch_size, seed=0):
+        batch = collate([rows[i] for i in idx], pad_id)
+        loss_sum, n = lm(**{k: v.to(device) for k, v in batch.items() if k != "real_tokens"})
+        total, count = total + float(loss_sum), count + int(n)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
 def accumulate(acc, wrapped, micro: list[dict]) -> tuple[float, int, int]:
     """Forward and backward over the micro-batches of one optimiser step.
 
@@ -113,14 +163,14 @@ def accumulate(acc, wrapped, micro: list[dict]) -> tuple[float, int, int]:
     local = torch.tensor(
         [
             sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro),
-            sum(int(b["attention_mask"].sum()) for b in micro),
+            sum(int(b["real_tokens"]) for b in micro),
         ],
         device=acc.device,
     )
     global_tokens, global_real = (int(x) for x in acc.reduce(local, reduction="sum"))
     loss_total = torch.zeros((), device=acc.device)
     for i, batch in enumerate(micro):
-        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        batch = {k: v.to(acc.device) for k, v in batch.items() if k != "real_tokens"}
         last = i == len(micro) - 1
         with acc.no_sync(wrapped) if not last else contextlib.nullcontext():
             loss_sum, _ = wrapped(**batch)
@@ -138,8 +188,13 @@ def train(
     cfg: TrainConfig,
     run_dir: Path | None,
     accelerator=None,
+    pack_length: int | None = None,
+    validation: list[Row] | None = None,
 ) -> TrainResult:
-    """Train `model` in place on `rows`. Returns throughput and losses; logs to run_dir."""
+    """Train `model` in place on `rows`. Returns throughput and losses; logs to run_dir.
+
+    `pack_length`: pack rows into sequences of that many tokens instead of padding batches.
+    """
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator(cpu=next(model.parameters()).device.type == "cpu")
@@ -149,14 +204,16 @@ def train(
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     model.train()
-    steps = total_steps(len(rows), cfg, acc.num_processes)
+    batcher = Batcher(
+        rows, cfg, tokenizer.pad_token_id, acc.process_index, acc.num_processes, pack_length
+    )
+    steps = batcher.total_steps()
     optimizer = make_optimizer(model, cfg, acc.device)
     scheduler = make_scheduler(optimizer, cfg, steps)
     # The scheduler is stepped by us once per optimiser step; accelerate's wrapper would step it
     # once per process.
     wrapped, optimizer = acc.prepare(SupervisedLM(model), optimizer)
-    stream = micro_batches(rows, cfg, acc.process_index, acc.num_processes)
-    pad_id = tokenizer.pad_token_id
+    stream = iter(batcher)
     metrics = open(run_dir / "metrics.jsonl", "a") if run_dir and acc.is_main_process else None
     result = TrainResult()
     start = time.perf_counter()
@@ -164,7 +221,7 @@ def train(
     task = progress.add_task("train", total=steps, loss=float("nan"), lr=0.0, tps=0.0)
     with progress:
         for step in range(1, steps + 1):
-            micro = [collate(next(stream), pad_id) for _ in range(cfg.grad_accum)]
+            micro = [next(stream) for _ in range(cfg.grad_accum)]
             loss, global_tokens, global_real = accumulate(acc, wrapped, micro)
             grad_norm = None
             if cfg.max_grad_norm is not None:
@@ -193,6 +250,12 @@ def train(
                 }
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+            if validation and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
+                val = validation_loss(model, validation, cfg.batch_size, tokenizer.pad_token_id)
+                result.val_losses.append((step, val))
+                if metrics:
+                    metrics.write(json.dumps({"step": step, "val_loss": round(val, 6)}) + "\n")
+                    metrics.flush()
             if run_dir and cfg.save_every and step % cfg.save_every == 0 and step != steps:
                 _checkpoint(acc, model, tokenizer, optimizer, scheduler, run_dir, step, cfg)
     result.wall_s = time.perf_counter() - start

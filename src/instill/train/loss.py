@@ -69,7 +69,7 @@ class SupervisedLM(torch.nn.Module):
         get_base = getattr(self.model, "get_base_model", None)
         return get_base() if get_base is not None else self.model
 
-    def forward(self, input_ids, attention_mask, labels, position_ids=None):
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
         base = self._base()
         body = getattr(base, base.base_model_prefix)
         head = base.get_output_embeddings()
