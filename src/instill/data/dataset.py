@@ -51,6 +51,7 @@ class Data:
     validation: list[Row]
     stats: DataStats
     skipped: list[dict]  # {"where": file:line, "reason": ...} for every row skipped on error
+    from_cache: bool = False
 
 
 def _split(convs: list[Conversation], fraction: float, seed: int, key: str):
@@ -173,8 +174,27 @@ def tokenize(
     return rows, stats
 
 
-def build_data(tokenizer, cfg: DataConfig) -> Data:
-    """Everything the loop trains and validates on, with counts of what was dropped or skipped."""
+def build_data(tokenizer, cfg: DataConfig, *, cache: bool = True) -> Data:
+    """Everything the loop trains and validates on, with counts of what was dropped or skipped.
+
+    The result is cached under $INSTILL_HOME/data-cache, keyed by the data, tokenizer and config.
+    """
+    from instill.data import cache as data_cache
+    from instill.models.resolve import instill_home
+
+    key = data_cache.cache_key(cfg, tokenizer) if cache else None
+    folder = instill_home() / "data-cache"
+    if key is not None:
+        hit = data_cache.load(folder, key, Row, DataStats, Data)
+        if hit is not None:
+            return hit
+    data = _build_data(tokenizer, cfg)
+    if key is not None:
+        data_cache.save(folder, key, data)
+    return data
+
+
+def _build_data(tokenizer, cfg: DataConfig) -> Data:
     skipped: list[dict] | None = [] if cfg.on_error == "skip" else None
     train_convs, val_convs, formats = load_conversations(cfg, skipped)
     rows, stats = tokenize(tokenizer, train_convs, cfg, skipped)
