@@ -6,7 +6,6 @@ User mistakes raise InstillError anywhere below; `main` prints them as one line 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -32,7 +31,6 @@ OVERRIDES = typer.Argument(None, help="Dotted overrides such as train.lr=1e-4 ad
 
 
 def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
 
     transformers.logging.set_verbosity_error()

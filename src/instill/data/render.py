@@ -91,10 +91,14 @@ def render_batch(
             spans = []
             if policy != MaskPolicy.ALL:
                 for turn in _trained_turns(messages, policy):
-                    at = len(texts) + len(these)
-                    spans.append((turn, at, at + 1))
+                    pre = len(texts) + len(these)
                     these.append(render_text(tokenizer, messages[:turn], generation_prompt=True))
-                    these.append(render_text(tokenizer, messages[: turn + 1]))
+                    upto = render_text(tokenizer, messages[: turn + 1])
+                    if upto == these[0]:  # the last reply: same text as the whole conversation
+                        spans.append((turn, pre, len(texts)))
+                    else:
+                        spans.append((turn, pre, len(texts) + len(these)))
+                        these.append(upto)
         except TemplateError as exc:
             fail(
                 i,
