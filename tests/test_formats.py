@@ -250,3 +250,45 @@ def test_validation_file(tokenizer, tmp_path):
     data = build_data(tokenizer, DataConfig(sources=[SourceConfig(path=str(f))], validation=str(v)))
     assert len(data.train) == 4 and len(data.validation) == 2
     assert data.stats.validation_rows == 2
+
+
+def test_column_mapping_renames_before_detection(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
+    src = SourceConfig(path=str(f), columns={"question": "prompt", "answer": "completion"})
+    (conv,), _, formats = load_conversations(DataConfig(sources=[src]))
+    assert conv.messages[-1]["content"] == "a" and "prompt_completion" in next(iter(formats))
+
+
+def test_missing_required_field_with_explicit_format(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q"}])
+    src = SourceConfig(path=str(f), format="prompt_completion")
+    with pytest.raises(InstillError, match=r"d\.jsonl:1: missing field 'completion'"):
+        load_conversations(DataConfig(sources=[src]))
+
+
+def test_templates_render_in_a_sandbox(tokenizer, tmp_path):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a"}])
+    with pytest.raises(InstillError, match=r"d\.jsonl:1: the chat template refused.*unsafe"):
+        build_data(tok, DataConfig(sources=[SourceConfig(path=str(f))]), cache=False)
+
+
+def test_inspect_counts(tokenizer, tmp_path, monkeypatch):
+    from instill import inspect as inspect_mod
+
+    rows = [{"prompt": "word " * 300, "completion": "yes"}] + [
+        {"prompt": f"p{i}", "completion": "c"} for i in range(5)
+    ]
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    monkeypatch.setattr(inspect_mod, "load_tokenizer", lambda path, cfg: tokenizer)
+    report = inspect_mod.inspect_data(
+        str(f), model="smollm2-135m-instruct", show_rows=0, max_length=64
+    )
+    assert report["rows_in"] == 6 and report["rows"] == 5
+    assert report["dropped"] == {"no trained tokens within max_length=64": 1}
+    assert report["trained_tokens"] == 5 * 2  # "c" and <|im_end|> per row
+    assert sum(c for _, _, c in report["histogram"]) == 5
+    assert 0 < report["packing_efficiency"] <= 1 and report["rows_per_s"] > 0

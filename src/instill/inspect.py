@@ -11,6 +11,7 @@ from rich.text import Text
 from instill.config import DataConfig, ModelConfig, SourceConfig, load_recipe
 from instill.console import out
 from instill.data.dataset import Row, build_data, length_grouped_batches
+from instill.data.packing import pack_best_fit, packing_efficiency
 from instill.models import load_tokenizer, resolve_model
 
 
@@ -73,6 +74,10 @@ def inspect_data(source: str, *, model: str, show_rows: int, max_length: int) ->
         "trained_tokens": stats.trained_tokens,
         "trained_fraction": round(stats.trained_tokens / max(stats.tokens, 1), 4),
         "padding_efficiency_batch8": round(padding_efficiency(rows), 4),
+        "packing_efficiency": round(
+            packing_efficiency(rows, pack_best_fit(rows, data_cfg.max_length), data_cfg.max_length),
+            4,
+        ),
         "length": {
             "min": min(lengths),
             "mean": round(sum(lengths) / len(lengths), 1),
@@ -96,6 +101,7 @@ def inspect_data(source: str, *, model: str, show_rows: int, max_length: int) ->
             "trained_tokens",
             "trained_fraction",
             "padding_efficiency_batch8",
+            "packing_efficiency",
             "length",
             "rows_per_s",
         ):

@@ -82,6 +82,11 @@ class SourceConfig(_Section):
         "name (needs network)."
     )
     split: str = Field("train", description="Split to read from a hub dataset.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename columns before the format is detected, e.g. {question: prompt, "
+        "answer: completion}.",
+    )
     format: Literal[
         "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "selfinstruct", "text"
     ] = Field("auto", description="Row format; auto detects it from the keys of the first row.")

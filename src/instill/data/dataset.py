@@ -14,7 +14,7 @@ from instill.config import DataConfig
 from instill.data import builtin
 from instill.data.formats import Conversation, detect_format, to_conversations
 from instill.data.render import render_batch
-from instill.data.sources import read_source
+from instill.data.sources import RawRow, read_source
 from instill.errors import InstillError
 
 
@@ -73,10 +73,20 @@ def _weighted(convs: list[Conversation], weight: float, seed: int, key: str):
     return mixed
 
 
-def read_conversations(path: str, fmt: str, split: str, skipped: list[dict] | None):
-    """Conversations of one source; with `skipped`, bad rows are recorded there, not raised."""
+def read_conversations(
+    path: str,
+    fmt: str,
+    split: str,
+    skipped: list[dict] | None,
+    columns: dict[str, str] | None = None,
+):
+    """Conversations of one source; with `skipped`, bad rows are recorded there, not raised.
+
+    `columns` renames a row's keys (old -> new) before its format is detected."""
     convs: list[Conversation] = []
     for raw in read_source(path, split, skipped):
+        if columns:
+            raw = RawRow({columns.get(k, k): v for k, v in raw.data.items()}, raw.file, raw.line)
         try:
             if fmt == "auto":
                 try:
@@ -113,7 +123,7 @@ def load_conversations(cfg: DataConfig, skipped: list[dict] | None = None):
         t, v = _split(convs, fraction, cfg.seed, "builtin")
         train, val = train + t, val + v
     for src in cfg.sources:
-        convs, fmt = read_conversations(src.path, src.format, src.split, skipped)
+        convs, fmt = read_conversations(src.path, src.format, src.split, skipped, src.columns)
         formats[f"{src.path} ({fmt})"] = len(convs)
         t, v = _split(convs, fraction, cfg.seed, src.path)
         train += _weighted(t, src.weight, cfg.seed, src.path)
