@@ -104,3 +104,61 @@ def test_validation_loss_is_logged_every_n_steps_and_at_the_end(tiny, tokenizer,
     assert result.val_losses[-1][1] < before
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "val_loss" in r] == [2, 4, 5]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tokenizer, rows, tmp_path, method):
+    from conftest import build_tiny
+
+    # 4 rows at batch 1 x 1: 4 steps an epoch; the checkpoint at step 3 is mid-epoch.
+    cfg = TrainConfig(lr=1e-2, max_steps=6, batch_size=1, save_every=3, warmup_ratio=0.2)
+    adapter = AdapterConfig(method=method, r=4, dropout=0.1)  # dropout: RNG state matters
+    fingerprint = {"adapter": adapter.model_dump()}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole, _ = attach_adapter(build_tiny(tokenizer), adapter)
+    uninterrupted = train(whole, tokenizer, rows, cfg, tmp_path / "a", fingerprint=fingerprint)
+    checkpoint = tmp_path / "a" / "checkpoints" / "step-3"
+    assert (checkpoint / ".complete").is_file()
+
+    # Start from other weights wherever the checkpoint holds them: the whole model for full
+    # fine-tuning; for LoRA the adapter (the base is the same pretrained model by definition).
+    base = build_tiny(tokenizer, seed=1 if method == "full" else 0)
+    torch.manual_seed(99)
+    resumed_model, _ = attach_adapter(base, adapter)
+    resumed = train(
+        resumed_model,
+        tokenizer,
+        rows,
+        cfg,
+        tmp_path / "b",
+        resume_from=checkpoint,
+        fingerprint=fingerprint,
+    )
+    assert resumed.losses == uninterrupted.losses  # steps 1-3 restored, 4-6 recomputed
+    assert resumed.tokens == uninterrupted.tokens
+    for (name, a), (_, b) in zip(
+        whole.named_parameters(), resumed_model.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_resume_with_a_different_adapter_names_the_field(tokenizer, rows, tmp_path):
+    from conftest import build_tiny
+
+    cfg = TrainConfig(max_steps=2, batch_size=2, save_every=1)
+    a = AdapterConfig(r=4)
+    model, _ = attach_adapter(build_tiny(tokenizer), a)
+    train(model, tokenizer, rows, cfg, tmp_path, fingerprint={"adapter": a.model_dump()})
+    b = AdapterConfig(r=8)
+    other, _ = attach_adapter(build_tiny(tokenizer), b)
+    with pytest.raises(InstillError, match=r"adapter\.r: checkpoint has 4, this run has 8"):
+        train(
+            other,
+            tokenizer,
+            rows,
+            cfg,
+            None,
+            resume_from=tmp_path / "checkpoints" / "step-1",
+            fingerprint={"adapter": b.model_dump()},
+        )

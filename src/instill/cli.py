@@ -82,6 +82,8 @@ def _run(recipe_file: Path, overrides: list[str] | None, overwrite: bool) -> Non
     recipe = load_recipe(recipe_file, overrides or [])
     _quiet_libraries()
     summary = run_recipe(recipe, overwrite=overwrite)
+    if summary.train.interrupted:
+        sys.exit(130)
     _print_before_after(summary)
     out.print(f"chat with it: instill chat {summary.run_dir / 'final'}")
 

@@ -18,10 +18,10 @@ from instill.config import Recipe
 from instill.console import console
 from instill.data.dataset import build_data
 from instill.errors import InstillError
-from instill.eval import SuiteResult, evaluate_builtin, write_result
+from instill.eval import SuiteResult, evaluate_builtin, load_result, write_result
 from instill.models import attach_adapter, load_model
 from instill.train import TrainResult, train
-from instill.train.checkpoint import save_model_dir
+from instill.train.checkpoint import complete_checkpoints, save_model_dir
 
 
 @dataclass
@@ -35,16 +35,32 @@ class RunSummary:
     tokenizer: object = None
 
 
-def prepare_run_dir(recipe: Recipe, overwrite: bool) -> Path:
+def prepare_run_dir(recipe: Recipe, overwrite: bool) -> tuple[Path, Path | None, bool]:
+    """The run directory, the checkpoint to resume from (if any), and whether the directory is
+    new (so a failed set-up may remove it)."""
     run_dir = Path(recipe.train.output_dir) / recipe.name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
+    resume = recipe.train.resume
+    checkpoint = None
+    if resume is not None and not overwrite:
+        if (run_dir / "final").exists():
+            raise InstillError(f"{run_dir} holds a finished run; nothing to resume")
+        if resume == "auto":
+            found = complete_checkpoints(run_dir / "checkpoints")
+            checkpoint = found[-1] if found else None
+        else:
+            checkpoint = Path(resume)
+            if not (checkpoint / ".complete").is_file():
+                raise InstillError(f"train.resume: {checkpoint} is not a complete checkpoint")
+    existed = run_dir.exists() and any(run_dir.iterdir())
+    if existed and checkpoint is None:
+        if not overwrite and resume is None:
             state = "a finished run" if (run_dir / "final").exists() else "an unfinished run"
             raise InstillError(
-                f"{run_dir} already holds {state}; pass --overwrite to replace it or choose "
-                "another name (name=...)"
+                f"{run_dir} already holds {state}; pass --overwrite to replace it, "
+                "train.resume=auto to continue it, or choose another name (name=...)"
             )
-        shutil.rmtree(run_dir)
+        shutil.rmtree(run_dir)  # --overwrite, or resume=auto with nothing to resume from
+        existed = False
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -55,7 +71,30 @@ def prepare_run_dir(recipe: Recipe, overwrite: bool) -> Path:
             f"run directory {run_dir} is not writable ({exc.strerror}); set train.output_dir "
             "to a folder you can write"
         ) from None
-    return run_dir
+    return run_dir, checkpoint, not existed
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop records logged after `step` (the resumed run logs those steps again)."""
+    if path.is_file():
+        keep = [x for x in path.read_text().splitlines() if x and json.loads(x)["step"] <= step]
+        path.write_text("".join(x + "\n" for x in keep))
+
+
+def fingerprint(recipe: Recipe) -> dict:
+    """What a checkpoint and the run resuming from it must agree on."""
+    t, d = recipe.train, recipe.data
+    return {
+        "model": recipe.model.model_dump(mode="json"),
+        "adapter": recipe.adapter.model_dump(mode="json"),
+        "batching": {
+            "batch_size": t.batch_size,
+            "grad_accum": t.grad_accum,
+            "seed": t.seed,
+            "packing": d.packing,
+            "max_length": d.max_length,
+        },
+    }
 
 
 def _write_yaml(path: Path, data: dict) -> None:
@@ -66,13 +105,14 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
     from instill.report import write_report
 
     t0 = time.perf_counter()
-    run_dir = prepare_run_dir(recipe, overwrite)
+    run_dir, checkpoint, new = prepare_run_dir(recipe, overwrite)
     try:  # a mistake found while setting up leaves no half-made run directory behind
         _write_yaml(run_dir / "config.yaml", recipe.model_dump(mode="json"))
         loaded = load_model(recipe.model, seed=recipe.train.seed)
         data = build_data(loaded.tokenizer, recipe.data)
     except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if new:
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise
     console.print(
         f"[bold]run[/bold] {run_dir}: model {recipe.model.name} ({loaded.source.kind}) on "
@@ -96,12 +136,19 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
     evaluate = suite_data is not None and "builtin" in recipe.eval.suites
     before = after = None
     if evaluate and recipe.eval.before:
-        console.print("evaluating the base model...")
-        before = evaluate_builtin(loaded.model, loaded.tokenizer, suite_data, recipe.eval, "base")
-        write_result(before, run_dir / "eval", "base-builtin")
+        before = load_result(run_dir / "eval", "base-builtin") if checkpoint else None
+        if before is None:
+            console.print("evaluating the base model...")
+            before = evaluate_builtin(
+                loaded.model, loaded.tokenizer, suite_data, recipe.eval, "base"
+            )
+            write_result(before, run_dir / "eval", "base-builtin")
     model, report = attach_adapter(loaded.model, recipe.adapter)
     console.print(str(report))
     pack = recipe.data.max_length if recipe.data.packing else None
+    if checkpoint is not None:
+        console.print(f"resuming from {checkpoint}")
+        _trim_metrics(run_dir / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
     result = train(
         model,
         loaded.tokenizer,
@@ -110,7 +157,17 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
         run_dir,
         pack_length=pack,
         validation=data.validation,
+        resume_from=checkpoint,
+        fingerprint=fingerprint(recipe),
     )
+    if result.interrupted:
+        console.print(
+            f"[yellow]interrupted[/yellow] after step {result.steps}; checkpoint written to "
+            f"{run_dir / 'checkpoints'}; continue with train.resume=auto"
+        )
+        return RunSummary(
+            run_dir, result, before, None, time.perf_counter() - t0, model, loaded.tokenizer
+        )
     save_model_dir(model, loaded.tokenizer, run_dir / "final")
     if evaluate and recipe.eval.after:
         console.print("evaluating the tuned model...")

@@ -167,6 +167,12 @@ class TrainConfig(_Section):
         None, gt=0, description="Write a checkpoint every N steps (always one at the end)."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Keep the last N step checkpoints.")
+    resume: str | None = Field(
+        None,
+        description="auto: continue from the run directory's last complete checkpoint (start "
+        "afresh when there is none); or the path of a checkpoint. Weights, optimiser, "
+        "scheduler, RNG and data position are restored.",
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
     )

@@ -1,5 +1,11 @@
 """Evaluation: a task is examples plus a scorer; results are written per example and summarised."""
 
-from instill.eval.runner import SuiteResult, bootstrap_ci, evaluate_builtin, write_result
+from instill.eval.runner import (
+    SuiteResult,
+    bootstrap_ci,
+    evaluate_builtin,
+    load_result,
+    write_result,
+)
 
-__all__ = ["SuiteResult", "bootstrap_ci", "evaluate_builtin", "write_result"]
+__all__ = ["SuiteResult", "bootstrap_ci", "evaluate_builtin", "load_result", "write_result"]

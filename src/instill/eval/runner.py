@@ -93,6 +93,19 @@ def evaluate_builtin(
     return result
 
 
+def load_result(folder: Path, stem: str) -> SuiteResult | None:
+    """A result written by write_result, or None when it is not there."""
+    records_file, summary_file = folder / f"{stem}.jsonl", folder / f"{stem}.json"
+    if not (records_file.is_file() and summary_file.is_file()):
+        return None
+    summary = json.loads(summary_file.read_text())
+    records = [json.loads(x) for x in records_file.read_text().splitlines() if x]
+    result = SuiteResult(summary["suite"], summary["model"], records, summary["wall_s"])
+    result.by_family = _group_means(records, "family")
+    result.by_cluster = _group_means(records, "cluster")
+    return result
+
+
 def write_result(result: SuiteResult, folder: Path, stem: str | None = None) -> Path:
     """eval/<stem>.jsonl (one record per example) and eval/<stem>.json (the summary)."""
     folder.mkdir(parents=True, exist_ok=True)

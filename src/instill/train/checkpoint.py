@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from instill.errors import InstillError
+
 COMPLETE = ".complete"
 
 
@@ -60,3 +62,77 @@ def complete_checkpoints(folder: Path) -> list[Path]:
 def prune(folder: Path, keep: int) -> None:
     for old in complete_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+STATE = "trainer_state.pt"
+
+
+def save_checkpoint(
+    folder: Path, model, tokenizer, optimizer, scheduler, result, fingerprint: dict, keep: int
+) -> Path:
+    """checkpoints/step-N: weights (or adapter), tokenizer, and everything resume needs."""
+    state = {
+        "step": result.steps,
+        "tokens": result.tokens,
+        "trained_tokens": result.trained_tokens,
+        "losses": list(result.losses),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "fingerprint": fingerprint,
+    }
+    target = folder / f"step-{result.steps}"
+    save_model_dir(model, tokenizer, target, extra={STATE: state})
+    prune(folder, keep)
+    return target
+
+
+def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: checkpoint has {a!r}, this run has {b!r}")
+    return out
+
+
+def _load_weights(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    if (path / "adapter_model.safetensors").is_file():
+        from peft import set_peft_model_state_dict
+
+        if not hasattr(model, "peft_config"):
+            raise InstillError(f"{path} holds an adapter but this run trains the full model")
+        set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+        return
+    if hasattr(model, "peft_config"):
+        raise InstillError(f"{path} holds a full model but this run trains an adapter")
+    state: dict = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        state.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k}  # tied to the embeddings, not saved twice
+    if unexpected or set(missing) - tied:
+        raise InstillError(f"{path}: weights do not fit this model (missing {sorted(missing)[:3]})")
+
+
+def restore_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: dict) -> dict:
+    """Load a checkpoint into model, optimiser and scheduler; return its trainer state."""
+    path = Path(path)
+    if not (path / COMPLETE).is_file() or not (path / STATE).is_file():
+        raise InstillError(f"{path}: not a complete instill checkpoint (no {COMPLETE} or {STATE})")
+    state = torch.load(path / STATE, weights_only=True)
+    diffs = _differences(state.get("fingerprint", {}), fingerprint)
+    if diffs:
+        raise InstillError(f"cannot resume from {path}: {'; '.join(diffs)}")
+    _load_weights(model, path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state

@@ -16,6 +16,8 @@ import json
 import math
 import random
 import resource
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from instill.console import console
 from instill.data.dataset import Row, collate, length_grouped_batches
 from instill.data.packing import collate_packed, pack_best_fit
 from instill.errors import InstillError
-from instill.train.checkpoint import prune, save_model_dir
+from instill.train.checkpoint import restore_checkpoint, save_checkpoint
 from instill.train.loss import IGNORE, SupervisedLM
 
 
@@ -40,6 +42,7 @@ class TrainResult:
     trained_tokens: int = 0  # supervised tokens
     losses: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    interrupted: bool = False  # stopped by SIGINT/SIGTERM after writing a checkpoint
     peak_mem_mb: float = 0.0
 
     @property
@@ -95,12 +98,17 @@ class Batcher:
         bs = self.cfg.batch_size
         return [order[i : i + bs] for i in range(0, len(order), bs)]
 
-    def __iter__(self) -> Iterator[dict]:
+    def stream(self, skip: int = 0) -> Iterator[dict]:
+        """Collated micro-batches; the first `skip` are passed over without collating (resume
+        lands on the exact micro-batch where the interrupted run stopped, mid-epoch too)."""
         epoch = 0
         while True:
             batches = self._epoch(epoch)
             usable = len(batches) - len(batches) % self.world  # same count on every process
             for idx in batches[self.rank : usable : self.world]:
+                if skip:
+                    skip -= 1
+                    continue
                 if self.bins is None:
                     yield collate([self.rows[i] for i in idx], self.pad_id)
                 else:
@@ -190,10 +198,15 @@ def train(
     accelerator=None,
     pack_length: int | None = None,
     validation: list[Row] | None = None,
+    resume_from: Path | None = None,
+    fingerprint: dict | None = None,
 ) -> TrainResult:
     """Train `model` in place on `rows`. Returns throughput and losses; logs to run_dir.
 
     `pack_length`: pack rows into sequences of that many tokens instead of padding batches.
+    `resume_from`: a checkpoint directory; weights, optimiser, scheduler, RNG and the data
+    position are restored, so the run continues exactly as if it had not stopped.
+    `fingerprint`: what must match between a checkpoint and this run (model and adapter config).
     """
     from accelerate import Accelerator
 
@@ -210,17 +223,25 @@ def train(
     steps = batcher.total_steps()
     optimizer = make_optimizer(model, cfg, acc.device)
     scheduler = make_scheduler(optimizer, cfg, steps)
+    result = TrainResult()
+    if resume_from is not None:
+        state = restore_checkpoint(resume_from, model, optimizer, scheduler, fingerprint or {})
+        result.steps, result.tokens = state["step"], state["tokens"]
+        result.trained_tokens, result.losses = state["trained_tokens"], list(state["losses"])
     # The scheduler is stepped by us once per optimiser step; accelerate's wrapper would step it
     # once per process.
     wrapped, optimizer = acc.prepare(SupervisedLM(model), optimizer)
-    stream = iter(batcher)
+    stream = batcher.stream(skip=result.steps * cfg.grad_accum)
     metrics = open(run_dir / "metrics.jsonl", "a") if run_dir and acc.is_main_process else None
-    result = TrainResult()
     start = time.perf_counter()
+    done_before, tokens_before = result.steps, result.tokens
     progress = _progress(acc.is_main_process)
-    task = progress.add_task("train", total=steps, loss=float("nan"), lr=0.0, tps=0.0)
-    with progress:
-        for step in range(1, steps + 1):
+    task = progress.add_task(
+        "train", total=steps, completed=done_before, loss=float("nan"), lr=0.0, tps=0.0
+    )
+    stop = _StopFlag()
+    with progress, stop:
+        for step in range(done_before + 1, steps + 1):
             micro = [next(stream) for _ in range(cfg.grad_accum)]
             loss, global_tokens, global_real = accumulate(acc, wrapped, micro)
             grad_norm = None
@@ -234,8 +255,9 @@ def train(
             result.tokens += global_real
             result.trained_tokens += global_tokens
             elapsed = time.perf_counter() - start
+            tps = (result.tokens - tokens_before) / elapsed
             lr = scheduler.get_last_lr()[0]
-            progress.update(task, advance=1, loss=loss, lr=lr, tps=result.tokens / elapsed)
+            progress.update(task, advance=1, loss=loss, lr=lr, tps=tps)
             if metrics and (step % cfg.log_every == 0 or step == steps):
                 record = {
                     "step": step,
@@ -244,7 +266,7 @@ def train(
                     "grad_norm": grad_norm,
                     "tokens": result.tokens,
                     "supervised_tokens": result.trained_tokens,
-                    "tokens_per_s": round(result.tokens / elapsed, 2),
+                    "tokens_per_s": round(tps, 2),
                     "elapsed_s": round(elapsed, 2),
                     "peak_mem_mb": round(peak_memory_mb(acc.device), 1),
                 }
@@ -256,8 +278,25 @@ def train(
                 if metrics:
                     metrics.write(json.dumps({"step": step, "val_loss": round(val, 6)}) + "\n")
                     metrics.flush()
-            if run_dir and cfg.save_every and step % cfg.save_every == 0 and step != steps:
-                _checkpoint(acc, model, tokenizer, optimizer, scheduler, run_dir, step, cfg)
+            interrupted = stop.requested and step != steps
+            periodic = cfg.save_every and step % cfg.save_every == 0 and step != steps
+            if run_dir and (periodic or interrupted):
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    save_checkpoint(
+                        run_dir / "checkpoints",
+                        acc.unwrap_model(wrapped).model,
+                        tokenizer,
+                        optimizer,
+                        scheduler,
+                        result,
+                        fingerprint or {},
+                        cfg.keep_checkpoints,
+                    )
+                acc.wait_for_everyone()
+            if interrupted:
+                result.interrupted = True
+                break
     result.wall_s = time.perf_counter() - start
     result.peak_mem_mb = peak_memory_mb(acc.device)
     if metrics:
@@ -266,24 +305,29 @@ def train(
     return result
 
 
-def _checkpoint(acc, model, tokenizer, optimizer, scheduler, run_dir, step, cfg) -> None:
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        folder = run_dir / "checkpoints"
-        save_model_dir(
-            acc.unwrap_model(model),
-            tokenizer,
-            folder / f"step-{step}",
-            extra={
-                "trainer_state.pt": {
-                    "step": step,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                }
-            },
-        )
-        prune(folder, cfg.keep_checkpoints)
-    acc.wait_for_everyone()
+class _StopFlag:
+    """While active, SIGINT and SIGTERM ask the loop to finish its step, checkpoint and stop
+    (a second SIGINT interrupts at once)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
 
 
 def _progress(enabled: bool):
