@@ -72,7 +72,10 @@ def peak_memory_mb(device: torch.device) -> float:
 class Batcher:
     """This process's micro-batches, epoch after epoch, reshuffled each epoch by (seed, epoch).
 
-    Units are rows (length-grouped batches) or, with packing, packed sequences of pack_length.
+    Units are rows (length-grouped) or, with packing, packed sequences of pack_length. Global
+    batches of batch_size x processes units are formed exactly as one process would form them
+    with that batch size, then dealt out across processes, so N processes at batch B see the
+    same data in the same steps as one process at batch N x B.
     """
 
     def __init__(
@@ -87,28 +90,30 @@ class Batcher:
         self.rows, self.cfg, self.pad_id = rows, cfg, pad_id
         self.rank, self.world = rank, world
         self.bins = pack_best_fit(rows, pack_length) if pack_length else None
-        units = len(self.bins) if self.bins is not None else len(rows)
-        self.per_epoch = math.ceil(units / cfg.batch_size) // world
+        self.per_epoch = len(self._epoch(0))
 
     def _epoch(self, epoch: int) -> list[list[int]]:
+        """Global batches of one epoch; a last batch too small to give every process a unit
+        is dropped."""
+        size = self.cfg.batch_size * self.world
         if self.bins is None:
-            return length_grouped_batches(self.rows, self.cfg.batch_size, self.cfg.seed, epoch)
-        order = list(range(len(self.bins)))
-        random.Random(f"{self.cfg.seed}:{epoch}").shuffle(order)
-        bs = self.cfg.batch_size
-        return [order[i : i + bs] for i in range(0, len(order), bs)]
+            batches = length_grouped_batches(self.rows, size, self.cfg.seed, epoch)
+        else:
+            order = list(range(len(self.bins)))
+            random.Random(f"{self.cfg.seed}:{epoch}").shuffle(order)
+            batches = [order[i : i + size] for i in range(0, len(order), size)]
+        return [b for b in batches if len(b) >= self.world]
 
     def stream(self, skip: int = 0) -> Iterator[dict]:
         """Collated micro-batches; the first `skip` are passed over without collating (resume
         lands on the exact micro-batch where the interrupted run stopped, mid-epoch too)."""
         epoch = 0
         while True:
-            batches = self._epoch(epoch)
-            usable = len(batches) - len(batches) % self.world  # same count on every process
-            for idx in batches[self.rank : usable : self.world]:
+            for batch in self._epoch(epoch):
                 if skip:
                     skip -= 1
                     continue
+                idx = batch[self.rank :: self.world]
                 if self.bins is None:
                     yield collate([self.rows[i] for i in idx], self.pad_id)
                 else:
@@ -121,9 +126,8 @@ class Batcher:
             return cfg.max_steps
         if self.per_epoch == 0:
             raise InstillError(
-                f"{len(self.rows)} training rows cannot fill one batch per process "
-                f"(train.batch_size={cfg.batch_size}, {self.world} processes); lower "
-                "train.batch_size"
+                f"{len(self.rows)} training rows cannot give each of {self.world} processes a "
+                f"row; use fewer processes"
             )
         return max(1, math.ceil(cfg.epochs * self.per_epoch / cfg.grad_accum))
 
