@@ -39,6 +39,7 @@ def test_loss_falls_and_metrics_are_written(tiny, tokenizer, rows, tmp_path, met
     assert [r["step"] for r in records] == [4, 8, 12]
     assert records[-1]["tokens"] == result.tokens > 0
     assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in records)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # tensorboard installed
 
 
 def test_lora_final_reloads_with_plain_peft(tiny, tokenizer, rows, tmp_path, tiny_dir):
@@ -162,3 +163,40 @@ def test_resume_with_a_different_adapter_names_the_field(tokenizer, rows, tmp_pa
             resume_from=tmp_path / "checkpoints" / "step-1",
             fingerprint={"adapter": b.model_dump()},
         )
+
+
+def test_early_stopping_and_best_selection(tiny, tokenizer, rows, tmp_path, monkeypatch):
+    from instill.train import loop
+
+    scripted = iter([5.0, 4.0, 4.5, 4.6, 4.7, 4.8])  # best at step 2, then worse
+    snapshots = {}
+
+    def fake_validation_loss(model, rows, batch_size, pad_id):
+        step = len(snapshots) + 1
+        snapshots[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return next(scripted)
+
+    monkeypatch.setattr(loop, "validation_loss", fake_validation_loss)
+    model, _ = attach_adapter(tiny, AdapterConfig(method="full"))
+    cfg = TrainConfig(
+        lr=1e-2,
+        max_steps=6,
+        batch_size=2,
+        eval_every=1,
+        early_stopping_patience=2,
+        select_best=True,
+    )
+    result = train(model, tokenizer, rows, cfg, tmp_path, validation=rows[:1])
+    assert result.stopped_early and result.steps == 4
+    assert result.best == (2, 4.0)
+    assert (tmp_path / "checkpoints" / "best" / ".complete").is_file()
+    for name, p in model.named_parameters():  # final weights are the step-2 weights
+        assert torch.equal(p, snapshots[2][name]), name
+    assert not all(torch.equal(p, snapshots[4][n]) for n, p in model.named_parameters())
+
+
+def test_early_stopping_needs_a_validation_split():
+    from instill.config import load_recipe
+
+    with pytest.raises(InstillError, match="need a validation split: set data.validation"):
+        load_recipe(None, ["train.early_stopping_patience=2"])

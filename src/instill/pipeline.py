@@ -102,7 +102,7 @@ def _write_yaml(path: Path, data: dict) -> None:
 
 
 def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
-    from instill.report import write_report
+    from instill.report import training_curves, write_report
 
     t0 = time.perf_counter()
     run_dir, checkpoint, new = prepare_run_dir(recipe, overwrite)
@@ -199,5 +199,6 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
         )
         + "\n"
     )
+    training_curves(run_dir)
     write_report(run_dir)
     return summary

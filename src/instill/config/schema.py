@@ -163,6 +163,16 @@ class TrainConfig(_Section):
         description="Validation loss every N steps (always once at the end when there is a "
         "validation split).",
     )
+    early_stopping_patience: int | None = Field(
+        None,
+        gt=0,
+        description="Stop when validation loss has not improved for this many evaluations.",
+    )
+    select_best: bool = Field(
+        False,
+        description="final/ gets the weights with the lowest validation loss "
+        "(checkpoints/best) instead of the last ones.",
+    )
     save_every: int | None = Field(
         None, gt=0, description="Write a checkpoint every N steps (always one at the end)."
     )
@@ -203,3 +213,15 @@ class Recipe(_Section):
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+
+    @model_validator(mode="after")
+    def _validation_needed(self) -> Recipe:
+        t = self.train
+        if (
+            t.early_stopping_patience or t.select_best or t.eval_every
+        ) and not self.data.validation:
+            raise ValueError(
+                "train.eval_every, train.early_stopping_patience and train.select_best need a "
+                "validation split: set data.validation (a fraction such as 0.05, or a file)"
+            )
+        return self

@@ -60,7 +60,12 @@ def write_report(run_dir: Path) -> Path:
         f"- steps: {tr['steps']}, wall time: {tr['wall_s']:.1f} s",
         f"- tokens: {tr['tokens']:,} ({tr['trained_tokens']:,} supervised), "
         f"{tr['tokens_per_s']:.1f} tokens/s",
-        f"- loss: {tr['first_loss']:.4f} (first step) → {tr['final_loss']:.4f} (last step)",
+        f"- loss: {tr['first_loss']:.4f} (first step) → {tr['final_loss']:.4f} (last step)"
+        + (
+            f"; validation {tr['final_val_loss']:.4f}"
+            if tr.get("final_val_loss") is not None
+            else ""
+        ),
         f"- peak memory: {tr['peak_mem_mb']:.0f} MiB",
         "",
         "## Data",
@@ -70,6 +75,8 @@ def write_report(run_dir: Path) -> Path:
         f"- tokens: {run['data']['tokens']:,}, trained: {run['data']['trained_tokens']:,}",
         "",
     ]
+    if (run_dir / "loss_curve.png").is_file():
+        lines += ["## Training curves", "", "![loss, tokens and learning rate](loss_curve.png)", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -76,6 +76,8 @@ def save_checkpoint(
         "tokens": result.tokens,
         "trained_tokens": result.trained_tokens,
         "losses": list(result.losses),
+        "val_losses": [list(v) for v in result.val_losses],
+        "best": list(result.best) if result.best else None,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
@@ -99,7 +101,8 @@ def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _load_weights(model, path: Path) -> None:
+def load_weights(model, path: Path) -> None:
+    """Load the weights (or adapter) of a checkpoint or model directory into `model`."""
     from safetensors.torch import load_file
 
     if (path / "adapter_model.safetensors").is_file():
@@ -129,7 +132,7 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: dic
     diffs = _differences(state.get("fingerprint", {}), fingerprint)
     if diffs:
         raise InstillError(f"cannot resume from {path}: {'; '.join(diffs)}")
-    _load_weights(model, path)
+    load_weights(model, path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])

@@ -30,7 +30,12 @@ from instill.console import console
 from instill.data.dataset import Row, collate, length_grouped_batches
 from instill.data.packing import collate_packed, pack_best_fit
 from instill.errors import InstillError
-from instill.train.checkpoint import restore_checkpoint, save_checkpoint
+from instill.train.checkpoint import (
+    load_weights,
+    restore_checkpoint,
+    save_checkpoint,
+    save_model_dir,
+)
 from instill.train.loss import IGNORE, SupervisedLM
 
 
@@ -43,6 +48,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     interrupted: bool = False  # stopped by SIGINT/SIGTERM after writing a checkpoint
+    stopped_early: bool = False  # validation loss stopped improving (early_stopping_patience)
+    best: tuple[int, float] | None = None  # (step, validation loss) of checkpoints/best
     peak_mem_mb: float = 0.0
 
     @property
@@ -59,6 +66,9 @@ class TrainResult:
             "first_loss": self.losses[0] if self.losses else None,
             "final_loss": self.losses[-1] if self.losses else None,
             "final_val_loss": self.val_losses[-1][1] if self.val_losses else None,
+            "best_step": self.best[0] if self.best else None,
+            "best_val_loss": self.best[1] if self.best else None,
+            "stopped_early": self.stopped_early,
             "peak_mem_mb": round(self.peak_mem_mb, 1),
         }
 
@@ -232,11 +242,14 @@ def train(
         state = restore_checkpoint(resume_from, model, optimizer, scheduler, fingerprint or {})
         result.steps, result.tokens = state["step"], state["tokens"]
         result.trained_tokens, result.losses = state["trained_tokens"], list(state["losses"])
+        result.val_losses = [tuple(v) for v in state.get("val_losses", [])]
+        result.best = tuple(state["best"]) if state.get("best") else None
     # The scheduler is stepped by us once per optimiser step; accelerate's wrapper would step it
     # once per process.
     wrapped, optimizer = acc.prepare(SupervisedLM(model), optimizer)
     stream = batcher.stream(skip=result.steps * cfg.grad_accum)
     metrics = open(run_dir / "metrics.jsonl", "a") if run_dir and acc.is_main_process else None
+    board = _tensorboard(run_dir) if metrics else None
     start = time.perf_counter()
     done_before, tokens_before = result.steps, result.tokens
     progress = _progress(acc.is_main_process)
@@ -276,12 +289,27 @@ def train(
                 }
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+                if board:
+                    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                        if record[key] is not None:
+                            board.add_scalar(f"train/{key}", record[key], step)
             if validation and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
                 val = validation_loss(model, validation, cfg.batch_size, tokenizer.pad_token_id)
                 result.val_losses.append((step, val))
                 if metrics:
                     metrics.write(json.dumps({"step": step, "val_loss": round(val, 6)}) + "\n")
                     metrics.flush()
+                if board:
+                    board.add_scalar("validation/loss", val, step)
+                if result.best is None or val < result.best[1]:
+                    result.best = (step, val)
+                    if run_dir and acc.is_main_process:
+                        best_dir = run_dir / "checkpoints" / "best"
+                        save_model_dir(acc.unwrap_model(wrapped).model, tokenizer, best_dir)
+                patience = cfg.early_stopping_patience
+                since_best = sum(1 for s, _ in result.val_losses if s > result.best[0])
+                if patience and since_best >= patience and step != steps:
+                    result.stopped_early = True
             interrupted = stop.requested and step != steps
             periodic = cfg.save_every and step % cfg.save_every == 0 and step != steps
             if run_dir and (periodic or interrupted):
@@ -301,12 +329,28 @@ def train(
             if interrupted:
                 result.interrupted = True
                 break
+            if result.stopped_early:
+                break
+    if cfg.select_best and result.best and run_dir and not result.interrupted:
+        acc.wait_for_everyone()
+        load_weights(model, run_dir / "checkpoints" / "best")
     result.wall_s = time.perf_counter() - start
     result.peak_mem_mb = peak_memory_mb(acc.device)
     if metrics:
         metrics.close()
+    if board:
+        board.close()
     model.eval()
     return result
+
+
+def _tensorboard(run_dir: Path):
+    """A SummaryWriter on <run>/tensorboard when the tensorboard package is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
 class _StopFlag:
