@@ -96,3 +96,18 @@ def test_train_help_shows_recipe_field_docs(capsys, monkeypatch):
     out = " ".join(capsys.readouterr().out.split())
     assert "train.lr [default: 0.0002]: Peak learning rate." in out
     assert "adapter.target_modules" in out
+
+
+def test_qlora_without_cuda_is_a_clear_error(capsys, monkeypatch, tmp_path):
+    code, _, err = run(
+        ["train", "quickstart", "model.quantize=4bit", f"train.output_dir={tmp_path}"],
+        capsys,
+        monkeypatch,
+    )
+    assert_user_error(code, err, "model.quantize: 4bit (QLoRA) needs a CUDA GPU", "on cpu")
+    assert not (tmp_path / "quickstart").exists()
+
+
+def test_qlora_with_full_fine_tuning_is_refused(capsys, monkeypatch):
+    code, _, err = run(["train", "full", "model.quantize=4bit"], capsys, monkeypatch)
+    assert_user_error(code, err, "a 4-bit base cannot be fully fine-tuned")

@@ -84,3 +84,13 @@ def test_help_text_comes_from_field_descriptions():
     text = recipe_help()
     assert TrainConfig.model_fields["lr"].description in text
     assert "train.lr [default: 0.0002]" in text
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_accelerate_configs_parse(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 2

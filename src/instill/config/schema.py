@@ -35,6 +35,11 @@ class ModelConfig(_Section):
         description="Path to a Jinja chat template file; replaces the tokenizer's own template "
         "(required when the model has none).",
     )
+    quantize: Literal["none", "4bit"] = Field(
+        "none",
+        description="4bit: load the frozen base in 4-bit NF4 through bitsandbytes and train "
+        "LoRA adapters on it (QLoRA). CUDA GPUs only.",
+    )
     init: Literal["pretrained", "scratch"] = Field(
         "pretrained",
         description="pretrained: start from the model's weights. scratch: same architecture, "
@@ -213,6 +218,15 @@ class Recipe(_Section):
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+
+    @model_validator(mode="after")
+    def _quantized_base_trains_adapters(self) -> Recipe:
+        if self.model.quantize != "none" and self.adapter.method != "lora":
+            raise ValueError(
+                "model.quantize: a 4-bit base cannot be fully fine-tuned; use adapter.method: "
+                "lora (QLoRA) or model.quantize: none"
+            )
+        return self
 
     @model_validator(mode="after")
     def _validation_needed(self) -> Recipe:

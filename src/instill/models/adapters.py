@@ -73,7 +73,10 @@ def attach_adapter(
         return model, report
     if cfg.freeze:
         raise InstillError("adapter.freeze applies to adapter.method: full only; remove it")
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):  # QLoRA: norms in fp32, input grads on
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
     lora = LoraConfig(
         r=cfg.r,

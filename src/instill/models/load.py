@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ class LoadedModel:
 def pick_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            # one GPU per process under accelerate launch / torchrun
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -91,6 +93,8 @@ def load_model(cfg: ModelConfig, *, seed: int = 0) -> LoadedModel:
     dtype = pick_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(source.path, cfg)
     kwargs = dict(trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+    if cfg.quantize == "4bit":
+        kwargs.update(_four_bit(device, dtype))
     try:
         if cfg.init == "scratch":
             config = AutoConfig.from_pretrained(
@@ -102,8 +106,33 @@ def load_model(cfg: ModelConfig, *, seed: int = 0) -> LoadedModel:
             model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError) as exc:
         raise InstillError(f"model '{cfg.name}': cannot load ({exc})") from None
-    model.to(device)
+    if cfg.quantize == "none":
+        model.to(device)  # a quantised model is placed by device_map
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=device, dtype=dtype)
+
+
+def _four_bit(device: torch.device, dtype: torch.dtype) -> dict:
+    """from_pretrained arguments for a 4-bit NF4 base (QLoRA)."""
+    if device.type != "cuda":
+        raise InstillError(
+            f"model.quantize: 4bit (QLoRA) needs a CUDA GPU (bitsandbytes' 4-bit kernels); this "
+            f"run is on {device.type}. Use model.quantize: none and LoRA in {dtype} instead"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise InstillError(
+            "model.quantize: 4bit needs bitsandbytes: pip install bitsandbytes"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    return {"quantization_config": quant, "device_map": {"": device}}
 
 
 def _final_dir(path: Path) -> Path:
