@@ -42,3 +42,43 @@ def test_two_processes_match_one(default_source, tmp_path):
     assert two["losses"] == pytest.approx(one["losses"], abs=1e-4)
     for name, value in one["params"].items():
         assert two["params"][name] == pytest.approx(value, rel=1e-4, abs=1e-4), name
+
+
+def test_instill_train_under_torchrun(tiny_dir, tmp_path):
+    """The CLI path in 2 processes: one run directory, written once, evaluated once."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "instill",
+            "train",
+            "quickstart",
+            f"model.name={tiny_dir}",
+            f"train.output_dir={tmp_path}",
+            "train.max_steps=4",
+            "train.batch_size=2",
+            "train.log_every=1",
+            "data.builtin.train_per_family=4",
+            "data.builtin.eval_per_family=1",
+            "data.builtin.families=[addition,uppercase]",
+            "eval.max_new_tokens=4",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "quickstart"
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # one writer
+    assert (run / "final" / "adapter_model.safetensors").is_file()
+    for name in ("base-builtin", "builtin"):
+        assert json.loads((run / "eval" / f"{name}.json").read_text())["n"] == 2
+    assert proc.stdout.count("held-out built-in tasks") == 1  # one table, from the main process

@@ -84,6 +84,8 @@ def _run(recipe_file: Path, overrides: list[str] | None, overwrite: bool) -> Non
     summary = run_recipe(recipe, overwrite=overwrite)
     if summary.train.interrupted:
         sys.exit(130)
+    if not summary.main:
+        return
     _print_before_after(summary)
     out.print(f"chat with it: instill chat {summary.run_dir / 'final'}")
 

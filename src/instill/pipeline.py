@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from accelerate import Accelerator
 
 from instill.config import Recipe
 from instill.console import console
 from instill.data.dataset import build_data
 from instill.errors import InstillError
 from instill.eval import SuiteResult, evaluate_builtin, load_result, write_result
-from instill.models import attach_adapter, load_model
+from instill.models import attach_adapter, load_model, pick_device
 from instill.train import TrainResult, train
 from instill.train.checkpoint import complete_checkpoints, save_model_dir
 
@@ -33,11 +34,15 @@ class RunSummary:
     wall_s: float
     model: object = None  # the tuned model, still in memory (peft-wrapped for adapters)
     tokenizer: object = None
+    main: bool = True  # False in the non-main processes of a multi-process run
 
 
-def prepare_run_dir(recipe: Recipe, overwrite: bool) -> tuple[Path, Path | None, bool]:
+def prepare_run_dir(
+    recipe: Recipe, overwrite: bool, mutate: bool = True
+) -> tuple[Path, Path | None, bool]:
     """The run directory, the checkpoint to resume from (if any), and whether the directory is
-    new (so a failed set-up may remove it)."""
+    new (so a failed set-up may remove it). Every process checks; only the one with `mutate`
+    (the main process) clears or creates the directory."""
     run_dir = Path(recipe.train.output_dir) / recipe.name
     resume = recipe.train.resume
     checkpoint = None
@@ -59,8 +64,11 @@ def prepare_run_dir(recipe: Recipe, overwrite: bool) -> tuple[Path, Path | None,
                 f"{run_dir} already holds {state}; pass --overwrite to replace it, "
                 "train.resume=auto to continue it, or choose another name (name=...)"
             )
-        shutil.rmtree(run_dir)  # --overwrite, or resume=auto with nothing to resume from
+        if mutate:
+            shutil.rmtree(run_dir)  # --overwrite, or resume=auto with nothing to resume from
         existed = False
+    if not mutate:
+        return run_dir, checkpoint, not existed
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -97,6 +105,33 @@ def fingerprint(recipe: Recipe) -> dict:
     }
 
 
+def _train(acc, recipe: Recipe, model, loaded, data, run_dir: Path, checkpoint: Path | None):
+    return train(
+        model,
+        loaded.tokenizer,
+        data.train,
+        recipe.train,
+        run_dir,
+        accelerator=acc,
+        pack_length=recipe.data.max_length if recipe.data.packing else None,
+        validation=data.validation,
+        resume_from=checkpoint,
+        fingerprint=fingerprint(recipe),
+    )
+
+
+def _follow(acc, recipe: Recipe, loaded, data, run_dir: Path, checkpoint, t0: float) -> RunSummary:
+    """A non-main process: wait out the main process's evaluation, train, wait for the save."""
+    model, _ = attach_adapter(loaded.model, recipe.adapter)
+    acc.wait_for_everyone()
+    result = _train(acc, recipe, model, loaded, data, run_dir, checkpoint)
+    if not result.interrupted:
+        acc.wait_for_everyone()
+    return RunSummary(
+        run_dir, result, None, None, time.perf_counter() - t0, model, loaded.tokenizer, main=False
+    )
+
+
 def _write_yaml(path: Path, data: dict) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
@@ -105,15 +140,23 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
     from instill.report import training_curves, write_report
 
     t0 = time.perf_counter()
-    run_dir, checkpoint, new = prepare_run_dir(recipe, overwrite)
+    # One process, or one of many under accelerate launch / torchrun: every process trains; only
+    # the main one writes files and evaluates.
+    acc = Accelerator(cpu=pick_device(recipe.model.device).type == "cpu")
+    main = acc.is_main_process
+    run_dir, checkpoint, new = prepare_run_dir(recipe, overwrite, mutate=main)
     try:  # a mistake found while setting up leaves no half-made run directory behind
-        _write_yaml(run_dir / "config.yaml", recipe.model_dump(mode="json"))
-        loaded = load_model(recipe.model, seed=recipe.train.seed)
-        data = build_data(loaded.tokenizer, recipe.data)
+        if main:
+            _write_yaml(run_dir / "config.yaml", recipe.model_dump(mode="json"))
+        with acc.main_process_first():  # the main process fills the caches first
+            loaded = load_model(recipe.model, seed=recipe.train.seed)
+            data = build_data(loaded.tokenizer, recipe.data)
     except BaseException:
-        if new:
+        if new and main:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    if not main:
+        return _follow(acc, recipe, loaded, data, run_dir, checkpoint, t0)
     console.print(
         f"[bold]run[/bold] {run_dir}: model {recipe.model.name} ({loaded.source.kind}) on "
         f"{loaded.device}, {loaded.dtype}"
@@ -135,7 +178,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
     suite_data = recipe.data.builtin
     evaluate = suite_data is not None and "builtin" in recipe.eval.suites
     before = after = None
-    if evaluate and recipe.eval.before:
+    if evaluate and recipe.eval.before:  # main process only (the others wait in _follow)
         before = load_result(run_dir / "eval", "base-builtin") if checkpoint else None
         if before is None:
             console.print("evaluating the base model...")
@@ -145,21 +188,11 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
             write_result(before, run_dir / "eval", "base-builtin")
     model, report = attach_adapter(loaded.model, recipe.adapter)
     console.print(str(report))
-    pack = recipe.data.max_length if recipe.data.packing else None
     if checkpoint is not None:
         console.print(f"resuming from {checkpoint}")
         _trim_metrics(run_dir / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
-    result = train(
-        model,
-        loaded.tokenizer,
-        data.train,
-        recipe.train,
-        run_dir,
-        pack_length=pack,
-        validation=data.validation,
-        resume_from=checkpoint,
-        fingerprint=fingerprint(recipe),
-    )
+    acc.wait_for_everyone()  # the others waited here while the base model was evaluated
+    result = _train(acc, recipe, model, loaded, data, run_dir, checkpoint)
     if result.interrupted:
         console.print(
             f"[yellow]interrupted[/yellow] after step {result.steps}; checkpoint written to "
@@ -169,6 +202,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
             run_dir, result, before, None, time.perf_counter() - t0, model, loaded.tokenizer
         )
     save_model_dir(model, loaded.tokenizer, run_dir / "final")
+    acc.wait_for_everyone()
     if evaluate and recipe.eval.after:
         console.print("evaluating the tuned model...")
         after = evaluate_builtin(model, loaded.tokenizer, suite_data, recipe.eval, "tuned")
