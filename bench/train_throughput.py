@@ -244,7 +244,7 @@ def main() -> None:
         "(forward + backward through frozen linear layers, LM head excluded)"
     )
     print(
-        f"{'config':<16}{'tokens/s':>10}{'peak RSS MB':>13}{'final loss':>12}{'mean loss':>11}"
+        f"{'config':<16}{'tokens/s':>10}{'peak RSS MB':>13}{'logged loss':>12}{'loss after':>11}"
         f"{'MFU':>7}{'x TRL packed':>14}{'RSS / TRL packed':>18}"
     )
     for name, r in results.items():
@@ -253,7 +253,7 @@ def main() -> None:
         mem = f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}" if ref else "-"
         print(
             f"{name:<16}{r['tokens_per_s']:>10.1f}{r['peak_rss_mb']:>13.0f}"
-            f"{r['final_loss']:>12.4f}{r['mean_loss']:>11.4f}{100 * mfu:>6.1f}%{speed:>14}{mem:>18}"
+            f"{r['final_loss']:>12.4f}{r['after_loss']:>11.4f}{100 * mfu:>6.1f}%{speed:>14}{mem:>18}"
         )
 
 

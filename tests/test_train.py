@@ -200,3 +200,31 @@ def test_early_stopping_needs_a_validation_split():
 
     with pytest.raises(InstillError, match="need a validation split: set data.validation"):
         load_recipe(None, ["train.early_stopping_patience=2"])
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_last_complete_one(tmp_path, tiny_dir):
+    """A process killed (SIGKILL) half way through writing step-2 leaves step-1 as the last
+    complete checkpoint, which is what resume=auto picks."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from instill.train.checkpoint import save_model_dir
+        model = AutoModelForCausalLM.from_pretrained({str(tiny_dir)!r})
+        tok = AutoTokenizer.from_pretrained({str(tiny_dir)!r})
+        folder = Path({str(tmp_path)!r}) / "checkpoints"
+        save_model_dir(model, tok, folder / "step-1")
+        tok.save_pretrained = lambda path: os.kill(os.getpid(), signal.SIGKILL)  # mid-write
+        save_model_dir(model, tok, folder / "step-2")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert proc.returncode == -9
+    folder = tmp_path / "checkpoints"
+    assert not (folder / "step-2").exists()
+    assert [p.name for p in complete_checkpoints(folder)] == ["step-1"]
+    leftovers = [p.name for p in folder.iterdir() if p.name.startswith(".step-2.tmp-")]
+    assert len(leftovers) == 1  # the half-written folder is hidden and never counted

@@ -13,11 +13,10 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from instill.atomic import atomic_directory
 from instill.errors import InstillError
 
 GGUF_MAGIC = b"GGUF"
@@ -157,18 +156,9 @@ def convert_gguf(gguf: Path, target: Path, digest: str) -> None:
     clean.load_state_dict(loaded.state_dict(), assign=True, strict=False)
     clean.tie_weights()
     clean.generation_config = loaded.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         clean.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "instill_source.json").write_text(
             json.dumps({"gguf": str(gguf.resolve()), "sha256": digest}, indent=2)
         )
-        (tmp / ".complete").write_text("ok\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

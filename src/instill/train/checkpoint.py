@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from instill.atomic import COMPLETE, atomic_directory
 from instill.errors import InstillError
-
-COMPLETE = ".complete"
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_model_dir(
@@ -33,22 +18,11 @@ def save_model_dir(
 
     `extra` maps file names to tensors/objects saved with torch.save (optimizer state, RNG...).
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for name, obj in (extra or {}).items():
             torch.save(obj, tmp / name)
-        (tmp / COMPLETE).write_text("ok\n")
-        _fsync_tree(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
