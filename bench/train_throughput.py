@@ -104,6 +104,7 @@ def run_instill(rows_file: Path, packing: bool) -> dict:
         "final_loss": result.losses[-1],
         "mean_loss": sum(result.losses) / len(result.losses),
         "steps": result.steps,
+        "after_loss": after_loss(model, loaded.tokenizer, rows_file),
     }
 
 
@@ -161,6 +162,7 @@ def run_trl(rows_file: Path, packing: bool) -> dict:
         "final_loss": losses[-1],
         "mean_loss": sum(losses) / len(losses),
         "steps": trainer.state.global_step,
+        "after_loss": after_loss(trainer.model, loaded.tokenizer, rows_file),
     }
 
 
@@ -228,6 +230,7 @@ def main() -> None:
             continue
         results[which] = json.loads(line[7:])
         results[which]["tokens_per_s"] = results[which]["tokens"] / results[which]["wall_s"]
+        print(f"{which}: {json.dumps(results[which])}", flush=True)
     from transformers import AutoConfig
 
     from instill.models import resolve_model
@@ -253,7 +256,8 @@ def main() -> None:
         mem = f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}" if ref else "-"
         print(
             f"{name:<16}{r['tokens_per_s']:>10.1f}{r['peak_rss_mb']:>13.0f}"
-            f"{r['final_loss']:>12.4f}{r['after_loss']:>11.4f}{100 * mfu:>6.1f}%{speed:>14}{mem:>18}"
+            f"{r['final_loss']:>12.4f}{r['after_loss']:>11.4f}{100 * mfu:>6.1f}%"
+            f"{speed:>14}{mem:>18}"
         )
 
 
