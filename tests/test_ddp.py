@@ -13,26 +13,30 @@ from ddp_worker import run
 HERE = Path(__file__).resolve().parent
 
 
-def test_two_processes_match_one(default_source, tmp_path):
-    out = tmp_path / "ddp.json"
-    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(HERE / "ddp_worker.py"),
-            default_source.path,
-            "2",
-            str(out),
-        ],
+def torchrun(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """Two CPU processes (one thread each, so they do not fight over the 2 cores)."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        *args,
+    ]
+    return subprocess.run(
+        command,
         capture_output=True,
         text=True,
-        env=env,
         timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+    )
+
+
+def test_two_processes_match_one(default_source, tmp_path):
+    out = tmp_path / "ddp.json"
+    proc = torchrun(
+        str(HERE / "ddp_worker.py"), default_source.path, "2", str(out), PYTHONPATH=str(HERE)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(out.read_text())
@@ -46,33 +50,20 @@ def test_two_processes_match_one(default_source, tmp_path):
 
 def test_instill_train_under_torchrun(tiny_dir, tmp_path):
     """The CLI path in 2 processes: one run directory, written once, evaluated once."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "instill",
-            "train",
-            "quickstart",
-            f"model.name={tiny_dir}",
-            f"train.output_dir={tmp_path}",
-            "train.max_steps=4",
-            "train.batch_size=2",
-            "train.log_every=1",
-            "data.builtin.train_per_family=4",
-            "data.builtin.eval_per_family=1",
-            "data.builtin.families=[addition,uppercase]",
-            "eval.max_new_tokens=4",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
+    proc = torchrun(
+        "-m",
+        "instill",
+        "train",
+        "quickstart",
+        f"model.name={tiny_dir}",
+        f"train.output_dir={tmp_path}",
+        "train.max_steps=4",
+        "train.batch_size=2",
+        "train.log_every=1",
+        "data.builtin.train_per_family=4",
+        "data.builtin.eval_per_family=1",
+        "data.builtin.families=[addition,uppercase]",
+        "eval.max_new_tokens=4",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "quickstart"

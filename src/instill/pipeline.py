@@ -1,6 +1,6 @@
 """A run, start to end: load, evaluate the base, tune, save, evaluate again, report.
 
-prepare_run_dir -> load_model -> build_data -> evaluate (before)
+plan_run_dir + make_run_dir -> load_model -> build_data -> evaluate (before)
   -> attach_adapter -> train -> save final/ -> evaluate (after) -> report
 """
 
@@ -37,12 +37,10 @@ class RunSummary:
     main: bool = True  # False in the non-main processes of a multi-process run
 
 
-def prepare_run_dir(
-    recipe: Recipe, overwrite: bool, mutate: bool = True
-) -> tuple[Path, Path | None, bool]:
-    """The run directory, the checkpoint to resume from (if any), and whether the directory is
-    new (so a failed set-up may remove it). Every process checks; only the one with `mutate`
-    (the main process) clears or creates the directory."""
+def plan_run_dir(recipe: Recipe, overwrite: bool) -> tuple[Path, Path | None, bool]:
+    """Check the run directory without touching it: (run directory, checkpoint to resume from,
+    whether an existing directory must be cleared). Raises for a run that must not be replaced.
+    Every process of a multi-process run calls this before any of them changes anything."""
     run_dir = Path(recipe.train.output_dir) / recipe.name
     resume = recipe.train.resume
     checkpoint = None
@@ -57,18 +55,20 @@ def prepare_run_dir(
             if not (checkpoint / ".complete").is_file():
                 raise InstillError(f"train.resume: {checkpoint} is not a complete checkpoint")
     existed = run_dir.exists() and any(run_dir.iterdir())
-    if existed and checkpoint is None:
-        if not overwrite and resume is None:
-            state = "a finished run" if (run_dir / "final").exists() else "an unfinished run"
-            raise InstillError(
-                f"{run_dir} already holds {state}; pass --overwrite to replace it, "
-                "train.resume=auto to continue it, or choose another name (name=...)"
-            )
-        if mutate:
-            shutil.rmtree(run_dir)  # --overwrite, or resume=auto with nothing to resume from
-        existed = False
-    if not mutate:
-        return run_dir, checkpoint, not existed
+    if existed and checkpoint is None and not overwrite and resume is None:
+        state = "a finished run" if (run_dir / "final").exists() else "an unfinished run"
+        raise InstillError(
+            f"{run_dir} already holds {state}; pass --overwrite to replace it, "
+            "train.resume=auto to continue it, or choose another name (name=...)"
+        )
+    # --overwrite, or resume=auto with nothing to resume from: start afresh
+    return run_dir, checkpoint, existed and checkpoint is None
+
+
+def make_run_dir(run_dir: Path, clear: bool) -> None:
+    """Clear (when asked) and create the run directory, checking that it is writable."""
+    if clear:
+        shutil.rmtree(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -79,7 +79,6 @@ def prepare_run_dir(
             f"run directory {run_dir} is not writable ({exc.strerror}); set train.output_dir "
             "to a folder you can write"
         ) from None
-    return run_dir, checkpoint, not existed
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -144,7 +143,12 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
     # the main one writes files and evaluates.
     acc = Accelerator(cpu=pick_device(recipe.model.device).type == "cpu")
     main = acc.is_main_process
-    run_dir, checkpoint, new = prepare_run_dir(recipe, overwrite, mutate=main)
+    run_dir, checkpoint, clear = plan_run_dir(recipe, overwrite)
+    new = clear or not run_dir.exists() or not any(run_dir.iterdir())
+    acc.wait_for_everyone()  # every process has looked before the main one changes anything
+    if main:
+        make_run_dir(run_dir, clear)
+    acc.wait_for_everyone()
     try:  # a mistake found while setting up leaves no half-made run directory behind
         if main:
             _write_yaml(run_dir / "config.yaml", recipe.model_dump(mode="json"))

@@ -15,6 +15,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from unittest.mock import patch
 
 from instill.atomic import atomic_directory
 from instill.errors import InstillError
@@ -139,11 +140,13 @@ def convert_gguf(gguf: Path, target: Path, digest: str) -> None:
     from instill.console import console
 
     console.print(f"[dim]converting {gguf.name} to a cached safetensors model (once)...[/dim]")
+    # transformers' GGUF reader draws its own tqdm bar; TQDM_DISABLE silences it.
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
+        with patch.dict(os.environ, {"TQDM_DISABLE": "1"}):
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
     except Exception as exc:  # transformers raises many types for unsupported GGUF content
         raise InstillError(f"{gguf}: transformers could not load this GGUF file ({exc})") from None
     config = loaded.config
