@@ -4,11 +4,12 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 
 from instill.data.dataset import Row, collate
 from instill.train.loop import accumulate
-from instill.train.loss import SupervisedLM, reference_loss
+from instill.train.loss import SupervisedLM
 
 
 def make_rows(n=8, seed=0, vocab=49152):
@@ -21,6 +22,17 @@ def make_rows(n=8, seed=0, vocab=49152):
         mask = [0] * start + [1] * (length - start)
         rows.append(Row(ids, mask, "test"))
     return rows
+
+
+def reference_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Summed token loss through the model's own forward (full-vocabulary logits): the check."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        batch["labels"][:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
 
 
 def inputs(batch):

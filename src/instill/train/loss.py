@@ -86,14 +86,3 @@ class SupervisedLM(torch.nn.Module):
             head, hidden[:, :-1][keep], targets[keep], self.chunk, softcap
         )
         return loss_sum, keep.sum()
-
-
-def reference_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Mean token loss through the model's own forward (full logits); used by tests as a check."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-        batch["labels"][:, 1:].reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
-    )
