@@ -142,4 +142,4 @@ def test_eval_command_writes_records(run):
     assert set(summary["by_family"]) == set(FAMILIES)
     lines = (run.run_dir / "eval-cli" / "builtin.jsonl").read_text().splitlines()
     assert len(lines) == len(FAMILIES)
-    assert "exact match" in proc.stdout
+    assert "builtin: builtin" in proc.stdout and "95% CI" in proc.stdout

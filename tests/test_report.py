@@ -36,16 +36,22 @@ RUN = {
         "trained_tokens": 40,
     },
     "eval_before": {
-        "exact_match": 0.25,
-        "ci95": [0.0, 0.5],
-        "n": 4,
-        "by_family": {"addition": 0.5, "uppercase": 0.0},
+        "builtin": {
+            "metric": "builtin",
+            "score": 0.25,
+            "ci95": [0.0, 0.5],
+            "n": 4,
+            "by_family": {"addition": 0.5, "uppercase": 0.0},
+        }
     },
     "eval_after": {
-        "exact_match": 0.75,
-        "ci95": [0.5, 1.0],
-        "n": 4,
-        "by_family": {"addition": 1.0, "uppercase": 0.5},
+        "builtin": {
+            "metric": "builtin",
+            "score": 0.75,
+            "ci95": [0.5, 1.0],
+            "n": 4,
+            "by_family": {"addition": 1.0, "uppercase": 0.5},
+        }
     },
 }
 METRICS = [

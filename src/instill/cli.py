@@ -52,22 +52,17 @@ def recipe_path(name: str) -> Path:
 
 
 def _print_before_after(summary) -> None:
-    from rich.table import Table
+    from instill.eval.compare import compare, print_tables
 
-    from instill.report import before_after_rows
-
-    b = summary.before.summary() if summary.before else None
-    a = summary.after.summary() if summary.after else None
-    if b or a:
-        table = Table(title="held-out built-in tasks: exact match (%)")
-        for col in ("task family", "base", "tuned", "delta"):
-            table.add_column(col, justify="left" if col == "task family" else "right")
-        for label, x, y in before_after_rows(b, a):
-            fmt = lambda v: "—" if v is None else f"{100 * v:.1f}"  # noqa: E731
-            delta = "—" if x is None or y is None else f"{100 * (y - x):+.1f}"
-            style = "bold" if label == "overall" else None
-            table.add_row(label, fmt(x), fmt(y), delta, style=style)
-        out.print(table)
+    if summary.before and summary.after:
+        print_tables(*compare(str(summary.run_dir)), out)
+    else:
+        for name, result in {**summary.before, **summary.after}.items():
+            s = result.summary()
+            out.print(
+                f"{name} ({result.model}): {s['metric']} {100 * s['score']:.1f}% "
+                f"(95% CI {100 * s['ci95'][0]:.1f}–{100 * s['ci95'][1]:.1f}, n={s['n']})"
+            )
     t = summary.train
     out.print(
         f"training: {t.steps} steps, {t.wall_s:.0f} s, {t.tokens:,} tokens at "
@@ -109,37 +104,85 @@ def quickstart(
     _run(RECIPES / "quickstart.yaml", overrides, overwrite)
 
 
+SUITES = typer.Option(
+    ["builtin"],
+    "--suite",
+    help="builtin, general, or a file of rows with references (repeat for several).",
+)
+
+
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="A run directory, a final/ directory, or a model name."),
+    suite: list[str] = SUITES,
     output: Path = typer.Option(None, help="Folder for results (default: <run>/eval)."),
-    per_family: int = typer.Option(12, help="Held-out examples per task family."),
-    seed: int = typer.Option(0, help="Seed of the built-in task generator."),
+    metric: str = typer.Option("auto", help="Primary metric of file suites."),
+    holdout: list[str] = typer.Option(
+        [], "--holdout", help="A cluster the model was not tuned on (reported as unseen)."
+    ),
+    per_family: int = typer.Option(12, help="Built-in suite: held-out examples per family."),
+    max_examples: int = typer.Option(None, help="File suites: at most N examples per cluster."),
+    seed: int = typer.Option(0, help="Seed of the built-in task generator and of sampling."),
     batch_size: int = typer.Option(32, help="Prompts generated together."),
     max_new_tokens: int = typer.Option(32, help="Longest generated answer."),
 ) -> None:
-    """Score a model on the held-out built-in tasks; write per-example records and a summary."""
-    from instill.config import BuiltinDataConfig, EvalConfig
-    from instill.eval import evaluate_builtin, write_result
+    """Score a model on evaluation suites; write per-example records and summaries with 95%
+    confidence intervals to <output>/<suite>.jsonl and <suite>.json."""
+    from pydantic import ValidationError
+
+    from instill.config import EvalConfig, SuiteConfig
+    from instill.eval.suites import run_tasks, suite_file_task
+    from instill.eval.tasks import builtin_task, check_metric, general_task
     from instill.models import load_for_inference
 
+    check_metric(metric, "--metric") if metric != "auto" else None
+    tasks = []
+    for name in suite:
+        if name == "builtin":
+            tasks.append(builtin_task(per_family, seed, None, holdout))
+        elif name == "general":
+            tasks.append(general_task())
+        else:
+            try:
+                spec = SuiteConfig(
+                    name=Path(name).stem, path=name, metric=metric, max_examples=max_examples
+                )
+            except ValidationError as exc:
+                raise InstillError(f"--suite {name}: {exc.errors()[0]['msg']}") from None
+            task = suite_file_task(spec, seed)
+            task.holdout = frozenset(holdout)
+            tasks.append(task)
     _quiet_libraries()
     loaded = load_for_inference(model)
     path = Path(model)
     folder = output or (path / "eval" if (path / "final").is_dir() else Path("runs") / "eval")
-    result = evaluate_builtin(
-        loaded.model,
-        loaded.tokenizer,
-        BuiltinDataConfig(eval_per_family=per_family, seed=seed),
-        EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens),
-        model,
-    )
-    written = write_result(result, folder)
-    s = result.summary()
-    out.print(
-        f"exact match {100 * s['exact_match']:.1f}% (95% CI {100 * s['ci95'][0]:.1f}–"
-        f"{100 * s['ci95'][1]:.1f}, n={s['n']}); written to {written}"
-    )
+    cfg = EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    results = run_tasks(loaded.model, loaded.tokenizer, tasks, cfg, model, folder)
+    for name, result in results.items():
+        s = result.summary()
+        out.print(
+            f"{name}: {s['metric']} {100 * s['score']:.1f}% (95% CI {100 * s['ci95'][0]:.1f}–"
+            f"{100 * s['ci95'][1]:.1f}, n={s['n']}); written to {folder / name}.json"
+        )
+
+
+@app.command()
+def compare(
+    a: str = typer.Argument(..., help="Results folder or run directory (the baseline)."),
+    b: str = typer.Argument(None, help="Results folder or run directory (default: A's base)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+) -> None:
+    """Per suite and cluster: A, B, the delta and its 95% interval (seen and unseen clusters
+    apart). With one run directory: its base model against its tuned model."""
+    from instill.eval.compare import as_json as to_json
+    from instill.eval.compare import compare as run_compare
+    from instill.eval.compare import print_tables
+
+    sa, sb, tables = run_compare(a, b)
+    if as_json:
+        print(json.dumps(to_json(sa, sb, tables), indent=2))
+    else:
+        print_tables(sa, sb, tables, out)
 
 
 @app.command()

@@ -19,7 +19,8 @@ from instill.config import Recipe
 from instill.console import console
 from instill.data.dataset import build_data
 from instill.errors import InstillError
-from instill.eval import SuiteResult, evaluate_builtin, load_result, write_result
+from instill.eval import SuiteResult
+from instill.eval.suites import build_tasks, run_tasks
 from instill.models import attach_adapter, load_model, pick_device
 from instill.train import TrainResult, train
 from instill.train.checkpoint import complete_checkpoints, save_model_dir
@@ -29,8 +30,8 @@ from instill.train.checkpoint import complete_checkpoints, save_model_dir
 class RunSummary:
     run_dir: Path
     train: TrainResult
-    before: SuiteResult | None
-    after: SuiteResult | None
+    before: dict[str, SuiteResult]  # suite name -> result of the untuned model
+    after: dict[str, SuiteResult]
     wall_s: float
     model: object = None  # the tuned model, still in memory (peft-wrapped for adapters)
     tokenizer: object = None
@@ -127,7 +128,7 @@ def _follow(acc, recipe: Recipe, loaded, data, run_dir: Path, checkpoint, t0: fl
     if not result.interrupted:
         acc.wait_for_everyone()
     return RunSummary(
-        run_dir, result, None, None, time.perf_counter() - t0, model, loaded.tokenizer, main=False
+        run_dir, result, {}, {}, time.perf_counter() - t0, model, loaded.tokenizer, main=False
     )
 
 
@@ -154,7 +155,10 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
             _write_yaml(run_dir / "config.yaml", recipe.model_dump(mode="json"))
         with acc.main_process_first():  # the main process fills the caches first
             loaded = load_model(recipe.model, seed=recipe.train.seed)
-            data = build_data(loaded.tokenizer, recipe.data)
+            data = build_data(
+                loaded.tokenizer, recipe.data, holdout=frozenset(recipe.eval.holdout_clusters)
+            )
+            tasks = build_tasks(recipe)
     except BaseException:
         if new and main:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -179,17 +183,19 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
         f"{stats.validation_rows} validation rows"
         + (f", dropped {stats.dropped}" if stats.dropped else "")
     )
-    suite_data = recipe.data.builtin
-    evaluate = suite_data is not None and "builtin" in recipe.eval.suites
-    before = after = None
-    if evaluate and recipe.eval.before:  # main process only (the others wait in _follow)
-        before = load_result(run_dir / "eval", "base-builtin") if checkpoint else None
-        if before is None:
-            console.print("evaluating the base model...")
-            before = evaluate_builtin(
-                loaded.model, loaded.tokenizer, suite_data, recipe.eval, "base"
-            )
-            write_result(before, run_dir / "eval", "base-builtin")
+    before: dict[str, SuiteResult] = {}
+    after: dict[str, SuiteResult] = {}
+    if tasks and recipe.eval.before:  # main process only (the others wait in _follow)
+        before = run_tasks(
+            loaded.model,
+            loaded.tokenizer,
+            tasks,
+            recipe.eval,
+            "base",
+            run_dir / "eval",
+            prefix="base-",
+            reuse=checkpoint is not None,
+        )
     model, report = attach_adapter(loaded.model, recipe.adapter)
     console.print(str(report))
     if checkpoint is not None:
@@ -203,14 +209,12 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
             f"{run_dir / 'checkpoints'}; continue with train.resume=auto"
         )
         return RunSummary(
-            run_dir, result, before, None, time.perf_counter() - t0, model, loaded.tokenizer
+            run_dir, result, before, {}, time.perf_counter() - t0, model, loaded.tokenizer
         )
     save_model_dir(model, loaded.tokenizer, run_dir / "final")
     acc.wait_for_everyone()
-    if evaluate and recipe.eval.after:
-        console.print("evaluating the tuned model...")
-        after = evaluate_builtin(model, loaded.tokenizer, suite_data, recipe.eval, "tuned")
-        write_result(after, run_dir / "eval", "builtin")
+    if tasks and recipe.eval.after:
+        after = run_tasks(model, loaded.tokenizer, tasks, recipe.eval, "tuned", run_dir / "eval")
     summary = RunSummary(
         run_dir, result, before, after, time.perf_counter() - t0, model, loaded.tokenizer
     )
@@ -229,8 +233,8 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
                 "params": {"trainable": report.trainable, "total": report.total},
                 "train": result.as_dict(),
                 "data": stats.as_dict(),
-                "eval_before": before.summary() if before else None,
-                "eval_after": after.summary() if after else None,
+                "eval_before": {k: v.summary() for k, v in before.items()},
+                "eval_after": {k: v.summary() for k, v in after.items()},
                 "wall_s": round(summary.wall_s, 2),
             },
             indent=2,

@@ -9,6 +9,7 @@ from instill.config.schema import (
     ModelConfig,
     Recipe,
     SourceConfig,
+    SuiteConfig,
     TrainConfig,
 )
 
@@ -20,6 +21,7 @@ __all__ = [
     "ModelConfig",
     "Recipe",
     "SourceConfig",
+    "SuiteConfig",
     "TrainConfig",
     "load_recipe",
     "recipe_help",

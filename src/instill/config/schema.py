@@ -193,15 +193,77 @@ class TrainConfig(_Section):
     )
 
 
+METRIC_NAMES = Literal["auto", "exact_match", "contains", "token_f1", "rouge_l", "choice"]
+
+
+class SuiteConfig(_Section):
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Suite name; results go to eval/<name>.json and eval/<name>.jsonl.",
+    )
+    path: str = Field(
+        description="A file of evaluation rows in any format the data pipeline reads; the "
+        "reference is the row's reference (or references, a list) field, else its last "
+        "assistant reply. Rows with choices (a list) and answer (text or index) are scored by "
+        "log-likelihood."
+    )
+    metric: METRIC_NAMES = Field(
+        "auto", description="Primary metric. auto: choice when rows have choices, else exact_match."
+    )
+    format: Literal[
+        "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "selfinstruct"
+    ] = Field("auto", description="Row format; auto detects it from each row's keys.")
+    max_examples: int | None = Field(
+        None, gt=0, description="At most this many examples per cluster (sampled by seed)."
+    )
+    max_new_tokens: int | None = Field(
+        None, gt=0, description="Longest generated answer (default: eval.max_new_tokens)."
+    )
+
+
+SUITE_NAMES = ("builtin", "general", "data")
+
+
 class EvalConfig(_Section):
-    suites: list[Literal["builtin"]] = Field(
+    suites: list[str | SuiteConfig] = Field(
         default_factory=lambda: ["builtin"],
-        description="Evaluation suites; builtin is the held-out split of the built-in tasks.",
+        description="Evaluation suites. builtin: the held-out split of the built-in tasks; "
+        "general: everyday knowledge outside the tuning data, a forgetting guard; data: the "
+        "recipe's validation rows and the rows of held-out clusters; or {name, path, ...} "
+        "for a file of your own.",
     )
     before: bool = Field(True, description="Evaluate the untuned model before training.")
     after: bool = Field(True, description="Evaluate the tuned model after training.")
     max_new_tokens: int = Field(32, gt=0, description="Longest generated answer.")
     batch_size: int = Field(32, gt=0, description="Prompts generated together.")
+    holdout_clusters: list[str] = Field(
+        default_factory=list,
+        description="Task clusters kept out of training entirely (the FLAN/T0 protocol) and "
+        "reported apart as unseen. Matches the built-in clusters and a data row's cluster "
+        "(or task) field.",
+    )
+    data_metric: METRIC_NAMES = Field(
+        "auto",
+        description="Primary metric of the data suite. auto: rouge_l (rows are free text).",
+    )
+    max_per_cluster: int = Field(
+        40, gt=0, description="Data suite: at most this many rows per cluster (by seed)."
+    )
+
+    @model_validator(mode="after")
+    def _known_suites(self) -> EvalConfig:
+        names = []
+        for s in self.suites:
+            if isinstance(s, str) and s not in SUITE_NAMES:
+                raise ValueError(
+                    f"eval.suites: unknown suite '{s}'; use one of {', '.join(SUITE_NAMES)} or "
+                    "{name: ..., path: FILE} for a file of your own"
+                )
+            names.append(s if isinstance(s, str) else s.name)
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"eval.suites: suite name(s) used twice: {', '.join(dupes)}")
+        return self
 
 
 class Recipe(_Section):

@@ -31,13 +31,14 @@ def _hash_path(h, path: Path) -> bool:
     return True
 
 
-def cache_key(cfg: DataConfig, tokenizer) -> str | None:
+def cache_key(cfg: DataConfig, tokenizer, holdout=frozenset()) -> str | None:
     """None when an input cannot be hashed cheaply (a hub dataset): no caching then."""
     h = hashlib.sha256()
     here = Path(__file__).parent
     for name in _CODE:
         h.update((here / name).read_bytes())
     h.update(cfg.model_dump_json().encode())
+    h.update(repr(sorted(holdout)).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update(
         backend.to_str().encode()

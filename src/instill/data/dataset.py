@@ -101,12 +101,37 @@ def read_conversations(
     return convs, fmt
 
 
-def load_conversations(cfg: DataConfig, skipped: list[dict] | None = None):
+def held_out(conv: Conversation, holdout) -> bool:
+    """Whether a conversation belongs to a held-out task cluster (its cluster or task field)."""
+    return bool(holdout) and (
+        conv.meta.get("cluster") in holdout or conv.meta.get("task") in holdout
+    )
+
+
+def _drop_heldout(convs, holdout, heldout: list | None, seen: set):
+    for c in convs:
+        seen.update(str(c.meta[k]) for k in ("cluster", "task") if c.meta.get(k))
+    if not holdout:
+        return convs
+    if heldout is not None:
+        heldout.extend(c for c in convs if held_out(c, holdout))
+    return [c for c in convs if not held_out(c, holdout)]
+
+
+def load_conversations(
+    cfg: DataConfig,
+    skipped: list[dict] | None = None,
+    holdout: frozenset[str] = frozenset(),
+    heldout: list[Conversation] | None = None,
+):
     """Training and validation conversations the recipe names, mixed by weight (deterministic).
 
     Returns (train, validation, formats). The validation split is taken from each source before
-    weighting, so a repeated row can never sit on both sides.
+    weighting, so a repeated row can never sit on both sides. Rows of `holdout` clusters are
+    removed from both (after the split, so the split does not depend on the holdout) and, when
+    `heldout` is a list, collected there.
     """
+    clusters: set[str] = set()
     train: list[Conversation] = []
     val: list[Conversation] = []
     formats: dict[str, int] = {}
@@ -121,16 +146,25 @@ def load_conversations(cfg: DataConfig, skipped: list[dict] | None = None):
         ]
         formats["builtin"] = len(convs)
         t, v = _split(convs, fraction, cfg.seed, "builtin")
+        t, v = (_drop_heldout(x, holdout, heldout, clusters) for x in (t, v))
         train, val = train + t, val + v
     for src in cfg.sources:
         convs, fmt = read_conversations(src.path, src.format, src.split, skipped, src.columns)
         formats[f"{src.path} ({fmt})"] = len(convs)
         t, v = _split(convs, fraction, cfg.seed, src.path)
+        t, v = (_drop_heldout(x, holdout, heldout, clusters) for x in (t, v))
         train += _weighted(t, src.weight, cfg.seed, src.path)
         val += v
     if isinstance(cfg.validation, str) and cfg.validation:
         val, fmt = read_conversations(cfg.validation, "auto", "train", skipped)
+        val = _drop_heldout(val, holdout, heldout, clusters)
         formats[f"{cfg.validation} ({fmt}, validation)"] = len(val)
+    unknown = sorted(set(holdout) - clusters)
+    if unknown:
+        raise InstillError(
+            f"eval.holdout_clusters: {', '.join(unknown)} match(es) no training row's cluster or "
+            f"task; the data has: {', '.join(sorted(clusters)) or 'no cluster fields'}"
+        )
     return train, val, formats
 
 
@@ -184,7 +218,9 @@ def tokenize(
     return rows, stats
 
 
-def build_data(tokenizer, cfg: DataConfig, *, cache: bool = True) -> Data:
+def build_data(
+    tokenizer, cfg: DataConfig, *, cache: bool = True, holdout: frozenset[str] = frozenset()
+) -> Data:
     """Everything the loop trains and validates on, with counts of what was dropped or skipped.
 
     The result is cached under $INSTILL_HOME/data-cache, keyed by the data, tokenizer and config.
@@ -192,21 +228,21 @@ def build_data(tokenizer, cfg: DataConfig, *, cache: bool = True) -> Data:
     from instill.data import cache as data_cache
     from instill.models.resolve import instill_home
 
-    key = data_cache.cache_key(cfg, tokenizer) if cache else None
+    key = data_cache.cache_key(cfg, tokenizer, holdout) if cache else None
     folder = instill_home() / "data-cache"
     if key is not None:
         hit = data_cache.load(folder, key, Row, DataStats, Data)
         if hit is not None:
             return hit
-    data = _build_data(tokenizer, cfg)
+    data = _build_data(tokenizer, cfg, holdout)
     if key is not None:
         data_cache.save(folder, key, data)
     return data
 
 
-def _build_data(tokenizer, cfg: DataConfig) -> Data:
+def _build_data(tokenizer, cfg: DataConfig, holdout: frozenset[str] = frozenset()) -> Data:
     skipped: list[dict] | None = [] if cfg.on_error == "skip" else None
-    train_convs, val_convs, formats = load_conversations(cfg, skipped)
+    train_convs, val_convs, formats = load_conversations(cfg, skipped, frozenset(holdout))
     rows, stats = tokenize(tokenizer, train_convs, cfg, skipped)
     val_rows, _ = tokenize(tokenizer, val_convs, cfg, skipped) if val_convs else ([], None)
     stats.formats = formats

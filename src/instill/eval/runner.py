@@ -1,26 +1,30 @@
-"""Run a suite: generate answers greedily in batches, score each, summarise with a 95% CI."""
+"""Run a task: generate answers greedily in batches (or rank given choices by log-likelihood),
+score every example with every applicable metric, and summarise with 95% confidence intervals,
+per family and per cluster, seen and held-out clusters apart.
+
+eval/<suite>.jsonl holds one record per example; eval/<suite>.json the summary.
+"""
 
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from instill.config import BuiltinDataConfig, EvalConfig
 from instill.data import builtin
+from instill.errors import InstillError
+from instill.eval.likelihood import choose, perplexity, reply_logprobs
+from instill.eval.metrics import bootstrap_ci, text_scores
+from instill.eval.tasks import Task, builtin_task
 from instill.infer import GenParams, generate
 
 
-def bootstrap_ci(scores: list[float], n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap 95% confidence interval of the mean."""
-    if not scores:
-        return (0.0, 0.0)
-    rng = random.Random(seed)
-    n = len(scores)
-    means = sorted(sum(rng.choices(scores, k=n)) / n for _ in range(n_boot))
-    return means[int(0.025 * n_boot)], means[int(0.975 * n_boot) - 1]
+def _stat(scores: list[float]) -> dict:
+    lo, hi = bootstrap_ci(scores)
+    mean = sum(scores) / len(scores) if scores else 0.0
+    return {"score": round(mean, 4), "ci95": [round(lo, 4), round(hi, 4)], "n": len(scores)}
 
 
 @dataclass
@@ -29,8 +33,9 @@ class SuiteResult:
     model: str
     records: list[dict]
     wall_s: float
-    by_family: dict[str, float] = field(default_factory=dict)
-    by_cluster: dict[str, float] = field(default_factory=dict)
+    metric: str = "exact_match"
+    holdout: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # loss / perplexity when measured
 
     @property
     def scores(self) -> list[float]:
@@ -40,57 +45,165 @@ class SuiteResult:
     def mean(self) -> float:
         return sum(self.scores) / len(self.scores) if self.records else 0.0
 
+    def _groups(self, key: str) -> dict[str, list[float]]:
+        groups: dict[str, list[float]] = {}
+        for r in self.records:
+            groups.setdefault(r.get(key) or "", []).append(r["score"])
+        return dict(sorted(groups.items()))
+
+    @property
+    def by_family(self) -> dict[str, float]:
+        return {k: _stat(v)["score"] for k, v in self._groups("family").items()}
+
+    @property
+    def by_cluster(self) -> dict[str, float]:
+        return {k: _stat(v)["score"] for k, v in self._groups("cluster").items()}
+
     def summary(self) -> dict:
-        lo, hi = bootstrap_ci(self.scores)
-        return {
+        metrics: dict[str, list[float]] = {}
+        for r in self.records:
+            for name, value in r.get("scores", {}).items():
+                metrics.setdefault(name, []).append(value)
+        clusters = {
+            k: {**_stat(v), "seen": k not in self.holdout}
+            for k, v in self._groups("cluster").items()
+        }
+        out = {
             "suite": self.suite,
             "model": self.model,
-            "metric": "exact_match",
-            "n": len(self.records),
-            "exact_match": round(self.mean, 4),
-            "ci95": [round(lo, 4), round(hi, 4)],
+            "metric": self.metric,
+            **_stat(self.scores),
+            "metrics": {k: round(sum(v) / len(v), 4) for k, v in sorted(metrics.items())},
             "by_family": self.by_family,
-            "by_cluster": self.by_cluster,
+            "by_cluster": clusters,
+            "holdout_clusters": sorted(self.holdout),
             "wall_s": round(self.wall_s, 2),
+            **self.extra,
         }
+        if self.holdout:
+            for side, seen in (("seen", True), ("unseen", False)):
+                scores = [r["score"] for r in self.records if r.get("seen", True) is seen]
+                out[side] = _stat(scores)
+        return out
 
 
-def _group_means(records: list[dict], key: str) -> dict[str, float]:
-    groups: dict[str, list[float]] = {}
-    for r in records:
-        groups.setdefault(r[key], []).append(r["score"])
-    return {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items())}
+def _primary(metric: str, scores: dict[str, float]) -> float:
+    return scores[metric]
+
+
+def _generation_records(model, tokenizer, task: Task, cfg: EvalConfig) -> list[dict]:
+    params = GenParams(max_new_tokens=task.max_new_tokens or cfg.max_new_tokens)
+    gens = generate(
+        model,
+        tokenizer,
+        [list(ex.prompt) for ex in task.examples],
+        params,
+        batch_size=cfg.batch_size,
+    )
+    records = []
+    for ex, gen in zip(task.examples, gens, strict=True):
+        scores = text_scores(gen.text, ex.reference)
+        if task.metric == "builtin":
+            scores["builtin"] = builtin.score(ex.scorer, gen.text, ex.reference)
+        records.append(
+            {
+                "id": ex.id,
+                "family": ex.family,
+                "cluster": ex.cluster,
+                "seen": ex.cluster not in task.holdout,
+                "prompt": ex.prompt[-1]["content"],
+                "prediction": gen.text,
+                "reference": ex.reference,
+                "finish_reason": gen.finish_reason,
+                "score": _primary(task.metric, scores),
+                "scores": scores,
+            }
+        )
+    return records
+
+
+def _choice_records(model, tokenizer, task: Task, cfg: EvalConfig) -> list[dict]:
+    picks = choose(
+        model,
+        tokenizer,
+        [list(ex.prompt) for ex in task.examples],
+        [list(ex.choices or ()) for ex in task.examples],
+        batch_size=max(1, cfg.batch_size // 4),
+    )
+    records = []
+    for ex, (best, option_scores) in zip(task.examples, picks, strict=True):
+        prediction = ex.choices[best]
+        score = float(prediction == ex.reference)
+        records.append(
+            {
+                "id": ex.id,
+                "family": ex.family,
+                "cluster": ex.cluster,
+                "seen": ex.cluster not in task.holdout,
+                "prompt": ex.prompt[-1]["content"],
+                "choices": list(ex.choices),
+                "choice_logprobs": [round(s, 4) for s in option_scores],
+                "prediction": prediction,
+                "reference": ex.reference,
+                "score": score,
+                "scores": {"choice": score},
+            }
+        )
+    return records
+
+
+def evaluate(
+    model, tokenizer, task: Task, cfg: EvalConfig, model_name: str, *, loss: bool = False
+) -> SuiteResult:
+    """Score a model on a task. loss: also the reference replies' loss and perplexity."""
+    if not task.examples:
+        raise InstillError(f"suite {task.name}: no examples to evaluate")
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        if task.metric == "choice":
+            records = _choice_records(model, tokenizer, task, cfg)
+        else:
+            records = _generation_records(model, tokenizer, task, cfg)
+        extra = {}
+        if loss:
+            convs = [
+                [*ex.prompt, {"role": "assistant", "content": _first(ex.reference)}]
+                for ex in task.examples
+            ]
+            per_row = reply_logprobs(
+                model, tokenizer, convs, batch_size=max(1, cfg.batch_size // 4)
+            )
+            for r, s in zip(records, per_row, strict=True):
+                r["loss"] = round(-s.logprob / s.tokens, 4) if s.tokens else None
+            mean_loss, ppl = perplexity(per_row)
+            extra = {"loss": round(mean_loss, 4), "perplexity": round(ppl, 3)}
+    finally:
+        model.train(was_training)
+    return SuiteResult(
+        task.name,
+        model_name,
+        records,
+        time.perf_counter() - start,
+        metric=task.metric,
+        holdout=sorted(task.holdout),
+        extra=extra,
+    )
+
+
+def _first(reference) -> str:
+    return reference if isinstance(reference, str) else reference[0]
 
 
 def evaluate_builtin(
     model, tokenizer, data: BuiltinDataConfig, cfg: EvalConfig, model_name: str
 ) -> SuiteResult:
-    """Score a model on the held-out split of the built-in tasks (exact match per family)."""
-    examples = builtin.generate("eval", data.eval_per_family, data.seed, data.families)
-    start = time.perf_counter()
-    gens = generate(
-        model,
-        tokenizer,
-        [ex.prompt_messages for ex in examples],
-        GenParams(max_new_tokens=cfg.max_new_tokens),
-        batch_size=cfg.batch_size,
+    """Score a model on the held-out split of the built-in tasks."""
+    task = builtin_task(
+        data.eval_per_family, data.seed, data.families, holdout=cfg.holdout_clusters
     )
-    records = []
-    for ex, gen in zip(examples, gens, strict=True):
-        records.append(
-            {
-                "family": ex.family,
-                "cluster": ex.cluster,
-                "prompt": ex.prompt_messages[-1]["content"],
-                "prediction": gen.text,
-                "reference": ex.reference,
-                "score": builtin.score(ex, gen.text, ex.reference),
-            }
-        )
-    result = SuiteResult("builtin", model_name, records, time.perf_counter() - start)
-    result.by_family = _group_means(records, "family")
-    result.by_cluster = _group_means(records, "cluster")
-    return result
+    return evaluate(model, tokenizer, task, cfg, model_name)
 
 
 def load_result(folder: Path, stem: str) -> SuiteResult | None:
@@ -100,14 +213,20 @@ def load_result(folder: Path, stem: str) -> SuiteResult | None:
         return None
     summary = json.loads(summary_file.read_text())
     records = [json.loads(x) for x in records_file.read_text().splitlines() if x]
-    result = SuiteResult(summary["suite"], summary["model"], records, summary["wall_s"])
-    result.by_family = _group_means(records, "family")
-    result.by_cluster = _group_means(records, "cluster")
-    return result
+    extra = {k: summary[k] for k in ("loss", "perplexity") if k in summary}
+    return SuiteResult(
+        summary["suite"],
+        summary["model"],
+        records,
+        summary["wall_s"],
+        metric=summary.get("metric", "exact_match"),
+        holdout=summary.get("holdout_clusters", []),
+        extra=extra,
+    )
 
 
 def write_result(result: SuiteResult, folder: Path, stem: str | None = None) -> Path:
-    """eval/<stem>.jsonl (one record per example) and eval/<stem>.json (the summary)."""
+    """<folder>/<stem>.jsonl (one record per example) and <folder>/<stem>.json (the summary)."""
     folder.mkdir(parents=True, exist_ok=True)
     stem = stem or result.suite
     with open(folder / f"{stem}.jsonl", "w") as f:

@@ -9,15 +9,10 @@ from pathlib import Path
 def before_after_rows(
     before: dict | None, after: dict | None
 ) -> list[tuple[str, float | None, float | None]]:
-    """(label, base score, tuned score) per task family, then overall."""
-    fams = sorted(
-        set((before or {}).get("by_family", {})) | set((after or {}).get("by_family", {}))
-    )
-    rows = [
-        (f, (before or {}).get("by_family", {}).get(f), (after or {}).get("by_family", {}).get(f))
-        for f in fams
-    ]
-    rows.append(("overall", (before or {}).get("exact_match"), (after or {}).get("exact_match")))
+    """(label, base score, tuned score) per task family, then overall, for one suite."""
+    fb, fa = (before or {}).get("by_family", {}), (after or {}).get("by_family", {})
+    rows = [(f, fb.get(f), fa.get(f)) for f in sorted(set(fb) | set(fa))]
+    rows.append(("overall", (before or {}).get("score"), (after or {}).get("score")))
     return rows
 
 
@@ -36,22 +31,24 @@ def write_report(run_dir: Path) -> Path:
         f"Trainable parameters: {run['params']['trainable']:,} of {run['params']['total']:,}.",
         "",
     ]
-    if before or after:
+    for suite in sorted(set(before or {}) | set(after or {})):
+        b, a = (before or {}).get(suite), (after or {}).get(suite)
+        metric = (a or b)["metric"]
         lines += [
-            "## Held-out built-in tasks: exact match (%)",
+            f"## Suite `{suite}`: {metric} (%)",
             "",
             "| task family | base | tuned | delta |",
             "|---|---:|---:|---:|",
         ]
-        for label, b, a in before_after_rows(before, after):
-            delta = "—" if a is None or b is None else f"{100 * (a - b):+.1f}"
+        for label, x, y in before_after_rows(b, a):
+            delta = "—" if x is None or y is None else f"{100 * (y - x):+.1f}"
             name = f"**{label}**" if label == "overall" else label
-            lines.append(f"| {name} | {_pct(b)} | {_pct(a)} | {delta} |")
-        for tag, s in (("base", before), ("tuned", after)):
+            lines.append(f"| {name} | {_pct(x)} | {_pct(y)} | {delta} |")
+        for tag, s in (("base", b), ("tuned", a)):
             if s:
                 lo, hi = s["ci95"]
                 lines.append(
-                    f"\n{tag}: {_pct(s['exact_match'])}% (95% CI {_pct(lo)}–{_pct(hi)}, n={s['n']})"
+                    f"\n{tag}: {_pct(s['score'])}% (95% CI {_pct(lo)}–{_pct(hi)}, n={s['n']})"
                 )
         lines.append("")
     lines += [

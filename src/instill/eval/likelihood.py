@@ -1,0 +1,125 @@
+"""Log-likelihood of a reply given its prompt: accuracy over given choices, and validation loss.
+
+A reply is scored exactly as it would be trained: the conversation (prompt + reply) is rendered
+through the chat template and the reply's tokens are the ones the training mask marks, so a
+choice is judged in the same form the model is tuned to produce. Only reply positions go
+through the output projection.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from instill.data.render import end_of_turn_ids, render_batch
+
+
+@dataclass(frozen=True)
+class ReplyScore:
+    logprob: float  # sum of the reply tokens' log-probabilities
+    tokens: int  # how many reply tokens were scored
+
+    @property
+    def mean(self) -> float:
+        return self.logprob / self.tokens if self.tokens else float("-inf")
+
+
+def _base(model):
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base is not None else model
+
+
+@torch.inference_mode()
+def reply_logprobs(
+    model,
+    tokenizer,
+    conversations: Sequence[Sequence[dict]],
+    *,
+    include_end: bool = True,
+    batch_size: int = 8,
+) -> list[ReplyScore]:
+    """The log-probability of each conversation's last assistant reply given everything before it.
+
+    include_end: count the end-of-turn token that closes the reply (right for a validation loss:
+    it is trained; wrong for comparing choices, where it would reward the shorter one).
+    """
+    rendered = render_batch(tokenizer, [list(c) for c in conversations], "last_assistant")
+    eot = set(end_of_turn_ids(tokenizer))
+    base = _base(model)
+    body, head = getattr(base, base.base_model_prefix), base.get_output_embeddings()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    rows = []
+    for ids, mask in rendered:
+        mask = list(mask)
+        if not include_end:
+            # drop the closing end-of-turn token(s) and whatever the template puts after them
+            last = max(i for i, m in enumerate(mask) if m)
+            while last >= 0 and mask[last] and ids[last] in eot:
+                mask[last] = 0
+                last -= 1
+        rows.append((ids, mask))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    out: list[ReplyScore | None] = [None] * len(rows)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(rows[i][0]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(idx), width), dtype=torch.long)
+        target_mask = torch.zeros((len(idx), width), dtype=torch.bool)
+        for r, i in enumerate(idx):
+            n = len(rows[i][0])
+            ids[r, :n] = torch.tensor(rows[i][0])
+            attn[r, :n] = 1
+            target_mask[r, :n] = torch.tensor(rows[i][1], dtype=torch.bool)
+        ids, attn, target_mask = ids.to(device), attn.to(device), target_mask.to(device)
+        hidden = body(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        keep = target_mask[:, 1:]
+        logits = head(hidden[:, :-1][keep]).float()
+        lp = F.log_softmax(logits, dim=-1).gather(1, ids[:, 1:][keep].unsqueeze(1)).squeeze(1)
+        counts = keep.sum(dim=1).tolist()
+        sums = torch.zeros(len(idx), dtype=torch.float64, device=lp.device)
+        row_of = torch.arange(len(idx), device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+        sums.index_add_(0, row_of, lp.double())
+        for r, i in enumerate(idx):
+            out[i] = ReplyScore(float(sums[r]), int(counts[r]))
+    return out  # type: ignore[return-value]
+
+
+def choose(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[dict]],
+    choices: Sequence[Sequence[str]],
+    *,
+    batch_size: int = 8,
+) -> list[tuple[int, list[float]]]:
+    """For each prompt, the index of the most likely choice and every choice's score.
+
+    The score is the mean log-probability per reply token (length-normalised, so a longer choice
+    is not penalised for having more tokens)."""
+    flat = [
+        [*prompt, {"role": "assistant", "content": choice}]
+        for prompt, options in zip(prompts, choices, strict=True)
+        for choice in options
+    ]
+    scores = reply_logprobs(model, tokenizer, flat, include_end=False, batch_size=batch_size)
+    result, k = [], 0
+    for options in choices:
+        mine = [s.mean for s in scores[k : k + len(options)]]
+        k += len(options)
+        result.append((max(range(len(mine)), key=mine.__getitem__), mine))
+    return result
+
+
+def perplexity(scores: Sequence[ReplyScore]) -> tuple[float, float]:
+    """(mean loss per token, perplexity) over all scored tokens."""
+    tokens = sum(s.tokens for s in scores)
+    if not tokens:
+        return float("nan"), float("nan")
+    loss = -sum(s.logprob for s in scores) / tokens
+    return loss, math.exp(loss)

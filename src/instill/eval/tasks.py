@@ -1,0 +1,236 @@
+"""A task is examples plus a scorer. One form serves the built-in suite, the general suite, a user's
+file with references, and the rows of a recipe's own data (validation rows and held-out clusters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from instill.data import builtin
+from instill.data.formats import Conversation, detect_format, to_conversations
+from instill.data.sources import RawRow, read_source
+from instill.errors import InstillError
+from instill.eval.metrics import METRICS
+
+GENERAL_FILE = Path(__file__).parent / "suites" / "general.jsonl"
+
+
+@dataclass(frozen=True)
+class EvalExample:
+    id: str
+    prompt: tuple[dict, ...]  # the conversation up to the reply to produce
+    reference: str | tuple[str, ...]  # one reference, or several acceptable ones
+    family: str = ""
+    cluster: str = ""
+    choices: tuple[str, ...] | None = None  # for the choice metric: the answers to rank
+    scorer: object = None  # the built-in task's own scorer (metric "builtin")
+
+
+@dataclass
+class Task:
+    name: str
+    examples: list[EvalExample]
+    metric: str  # the primary metric, one of metrics.METRICS
+    max_new_tokens: int | None = None  # None: the eval config's value
+    holdout: frozenset[str] = field(default_factory=frozenset)  # clusters kept out of training
+
+
+def _id(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:12]
+
+
+def builtin_task(
+    per_family: int, seed: int, families: list[str] | None = None, holdout=frozenset()
+) -> Task:
+    """The eval split of the built-in tasks, each scored by its own family's scorer."""
+    examples = [
+        EvalExample(
+            id=_id(ex.family, json.dumps(ex.messages)),
+            prompt=tuple(ex.prompt_messages),
+            reference=ex.reference,
+            family=ex.family,
+            cluster=ex.cluster,
+            scorer=ex,
+        )
+        for ex in builtin.generate("eval", per_family, seed, families)
+    ]
+    return Task("builtin", examples, "builtin", holdout=frozenset(holdout))
+
+
+def _choices(raw: RawRow) -> tuple[tuple[str, ...] | None, str | None]:
+    """(choices, answer) of a row that has them; the answer may be the text or an index."""
+    choices = raw.data.get("choices")
+    if choices is None:
+        return None, None
+    if (
+        not isinstance(choices, list)
+        or len(choices) < 2
+        or not all(isinstance(c, str) and c.strip() for c in choices)
+    ):
+        raise InstillError(f"{raw.where}: 'choices' must be a list of two or more strings")
+    answer = raw.data.get("answer", raw.data.get("reference"))
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        if not 0 <= answer < len(choices):
+            raise InstillError(f"{raw.where}: 'answer' index {answer} is outside 'choices'")
+        answer = choices[answer]
+    if not isinstance(answer, str) or answer not in choices:
+        raise InstillError(
+            f"{raw.where}: 'answer' must be one of 'choices' (its text or its index); "
+            f"got {answer!r}"
+        )
+    return tuple(choices), answer
+
+
+def _prompt_only(raw: RawRow) -> list[dict] | None:
+    """The user turn of a prompt or instruction row that has no reply (its reference is given
+    in a separate field)."""
+    d = raw.data
+    if isinstance(d.get("prompt"), str) and "completion" not in d:
+        return [{"role": "user", "content": d["prompt"]}]
+    if isinstance(d.get("instruction"), str) and "output" not in d and "instances" not in d:
+        extra = d.get("input") or ""
+        text = f"{d['instruction']}\n\n{extra}" if str(extra).strip() else d["instruction"]
+        return [{"role": "user", "content": text}]
+    return None
+
+
+def _reference(raw: RawRow, explicit) -> str | tuple[str, ...]:
+    if isinstance(explicit, list):
+        if not explicit or not all(isinstance(r, str) for r in explicit):
+            raise InstillError(f"{raw.where}: 'references' must be a non-empty list of strings")
+        return tuple(explicit)
+    if not isinstance(explicit, str):
+        raise InstillError(f"{raw.where}: 'reference' must be a string")
+    return explicit
+
+
+def _from_row(raw: RawRow, fmt: str) -> list[EvalExample]:
+    """The examples of one row of a suite file (any format the data pipeline reads). The
+    reference is the row's `reference`/`references` field (or `answer` among `choices`), else
+    the conversation's last assistant reply."""
+    choices, answer = _choices(raw)
+    explicit = (
+        answer if choices is not None else raw.data.get("references", raw.data.get("reference"))
+    )
+    prompt_only = _prompt_only(raw) if fmt in ("auto", "prompt_completion", "alpaca") else None
+    if prompt_only is not None:
+        meta = {k: raw.data[k] for k in ("task", "cluster", "dataset", "template") if k in raw.data}
+        convs = [Conversation(tuple(prompt_only), raw.where, meta)]
+    else:
+        convs = to_conversations(raw, detect_format(raw.data) if fmt == "auto" else fmt)
+    out = []
+    for conv in convs:
+        msgs = list(conv.messages)
+        if explicit is not None:
+            reference = _reference(raw, explicit)
+            prompt = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
+        elif msgs[-1]["role"] == "assistant":
+            reference, prompt = msgs[-1]["content"], msgs[:-1]
+        else:
+            raise InstillError(
+                f"{raw.where}: no reference answer; give the row a 'reference' field (or "
+                "'references', a list of acceptable answers), or end its conversation with the "
+                "assistant's answer"
+            )
+        if not prompt or prompt[-1]["role"] != "user":
+            raise InstillError(f"{raw.where}: the prompt must end with a user message")
+        meta = conv.meta
+        out.append(
+            EvalExample(
+                id=_id(conv.source, json.dumps(prompt)),
+                prompt=tuple(prompt),
+                reference=reference,
+                family=str(meta.get("task") or meta.get("template") or meta.get("dataset") or ""),
+                cluster=str(meta.get("cluster") or meta.get("task") or ""),
+                choices=choices,
+            )
+        )
+    return out
+
+
+def file_task(
+    name: str,
+    path: str | Path,
+    *,
+    metric: str = "auto",
+    fmt: str = "auto",
+    max_examples: int | None = None,
+    seed: int = 0,
+) -> Task:
+    """A user's suite file. metric auto: choice when rows carry choices, else exact_match."""
+    if not Path(path).exists():
+        raise InstillError(f"suite {name}: file not found: {path}")
+    examples = [ex for raw in read_source(str(path), "train", None) for ex in _from_row(raw, fmt)]
+    if not examples:
+        raise InstillError(f"{path}: the suite file holds no rows")
+    has_choices = {ex.choices is not None for ex in examples}
+    if len(has_choices) > 1:
+        raise InstillError(f"{path}: some rows have 'choices' and some do not; split the file")
+    if metric == "auto":
+        metric = "choice" if has_choices == {True} else "exact_match"
+    check_metric(metric, f"suite {name}")
+    if metric == "choice" and has_choices != {True}:
+        raise InstillError(f"suite {name}: metric choice needs a 'choices' list in every row")
+    if max_examples is not None and len(examples) > max_examples:
+        examples = sample_per_cluster(examples, max_examples, seed)
+    return Task(name, examples, metric)
+
+
+def general_task() -> Task:
+    """Everyday knowledge, science, geography and word sense, outside every tuning set instill
+    ships: a forgetting guard, scored by choice log-likelihood (no generation needed)."""
+    return file_task("general", GENERAL_FILE, metric="choice")
+
+
+def conversations_task(
+    name: str,
+    conversations: list[Conversation],
+    *,
+    metric: str,
+    holdout=frozenset(),
+    max_per_cluster: int | None = None,
+    seed: int = 0,
+) -> Task:
+    """Rows of a recipe's own data (validation rows, rows of held-out clusters): the prompt is
+    everything before the last assistant reply, the reference is that reply."""
+    examples = []
+    for conv in conversations:
+        msgs = list(conv.messages)
+        if msgs[-1]["role"] != "assistant":
+            continue  # plain text rows have no reply to score
+        meta = conv.meta
+        examples.append(
+            EvalExample(
+                id=_id(conv.source, json.dumps(msgs)),
+                prompt=tuple(msgs[:-1]),
+                reference=msgs[-1]["content"],
+                family=str(meta.get("task") or meta.get("template") or meta.get("dataset") or ""),
+                cluster=str(meta.get("cluster") or meta.get("task") or ""),
+            )
+        )
+    if max_per_cluster is not None:
+        examples = sample_per_cluster(examples, max_per_cluster, seed)
+    check_metric(metric, f"suite {name}")
+    return Task(name, examples, metric, holdout=frozenset(holdout))
+
+
+def sample_per_cluster(examples: list[EvalExample], n: int, seed: int) -> list[EvalExample]:
+    """At most n examples of each cluster, chosen by seed, in their original order."""
+    by_cluster: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_cluster.setdefault(ex.cluster, []).append(i)
+    keep: set[int] = set()
+    for cluster, idx in by_cluster.items():
+        keep.update(random.Random(f"{seed}:{cluster}").sample(idx, min(n, len(idx))))
+    return [ex for i, ex in enumerate(examples) if i in keep]
+
+
+def check_metric(metric: str, where: str) -> None:
+    if metric not in METRICS:
+        raise InstillError(
+            f"{where}: unknown metric '{metric}'; choose one of {', '.join(METRICS)}"
+        )
