@@ -141,14 +141,14 @@ def test_reply_logprobs_match_full_logits(tiny, tokenizer):
             assert score.logprob == pytest.approx(want, abs=1e-4)
 
 
-def test_choose_picks_the_highest_mean_logprob(tiny, tokenizer):
+def test_choose_picks_the_highest_logprob_per_byte(tiny, tokenizer):
     prompt = [{"role": "user", "content": "Pick one."}]
     options = ["apple", "a small red car", "zebra"]
     ((best, scores),) = choose(tiny, tokenizer, [prompt], [options])
     means = []
     for o in options:
-        lp, n = _manual_reply_logprob(tiny, tokenizer, prompt, o, with_end=False)
-        means.append(lp / n)
+        lp, _ = _manual_reply_logprob(tiny, tokenizer, prompt, o, with_end=False)
+        means.append(lp / len(o.encode()))
     assert scores == pytest.approx(means, abs=1e-4)
     assert best == max(range(3), key=means.__getitem__)
 

@@ -1,85 +1,137 @@
-"""report.md and loss_curve.png from a small recorded run directory."""
+"""Reports built from a recorded run directory (tests/fixtures/run: the files of a real 6-step
+quickstart-style run on the default model, final/ left out), checked against its own records."""
+
+from __future__ import annotations
 
 import json
+import re
+import shutil
+from pathlib import Path
 
-from instill.report import training_curves, write_report
+import pytest
+
+from instill.eval.metrics import bootstrap_ci
+from instill.report import training_curves, write_run_report
+from instill.report.experiment_report import steps_saved, val_curve, write_transfer_report
 from instill.report.plots import read_metrics
 
-RUN = {
-    "name": "recorded",
-    "model": {
-        "name": "smollm2-135m-instruct",
-        "kind": "gguf",
-        "path": "/x",
-        "sha256": "ab" * 32,
-        "device": "cpu",
-        "dtype": "float32",
-    },
-    "params": {"trainable": 100, "total": 1000},
-    "train": {
-        "steps": 4,
-        "wall_s": 2.0,
-        "tokens": 400,
-        "trained_tokens": 40,
-        "tokens_per_s": 200.0,
-        "first_loss": 3.0,
-        "final_loss": 1.0,
-        "final_val_loss": 1.5,
-        "peak_mem_mb": 10.0,
-    },
-    "data": {
-        "rows": 8,
-        "rows_in": 9,
-        "truncated": 0,
-        "dropped": {"x": 1},
-        "tokens": 400,
-        "trained_tokens": 40,
-    },
-    "eval_before": {
-        "builtin": {
-            "metric": "builtin",
-            "score": 0.25,
-            "ci95": [0.0, 0.5],
-            "n": 4,
-            "by_family": {"addition": 0.5, "uppercase": 0.0},
-        }
-    },
-    "eval_after": {
-        "builtin": {
-            "metric": "builtin",
-            "score": 0.75,
-            "ci95": [0.5, 1.0],
-            "n": 4,
-            "by_family": {"addition": 1.0, "uppercase": 0.5},
-        }
-    },
-}
-METRICS = [
-    {"step": 2, "loss": 2.0, "lr": 1e-3, "grad_norm": 1.0, "tokens": 200, "tokens_per_s": 200.0},
-    {"step": 2, "val_loss": 2.5},
-    {"step": 4, "loss": 1.0, "lr": 5e-4, "grad_norm": 0.5, "tokens": 400, "tokens_per_s": 200.0},
-    {"step": 4, "val_loss": 1.5},
-]
+FIXTURE = Path(__file__).parent / "fixtures" / "run"
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def make_run(tmp_path):
-    (tmp_path / "run.json").write_text(json.dumps(RUN))
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in METRICS))
-    return tmp_path
+@pytest.fixture
+def run(tmp_path):
+    return Path(shutil.copytree(FIXTURE, tmp_path / "run"))
 
 
-def test_report_figures_match_the_recorded_run(tmp_path):
-    run = make_run(tmp_path)
-    assert training_curves(run).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    text = write_report(run).read_text()
-    assert "| addition | 50.0 | 100.0 | +50.0 |" in text
-    assert "| uppercase | 0.0 | 50.0 | +50.0 |" in text
-    assert "| **overall** | 25.0 | 75.0 | +50.0 |" in text
-    assert "tuned: 75.0% (95% CI 50.0–100.0, n=4)" in text
-    assert "3.0000 (first step) → 1.0000 (last step); validation 1.5000" in text
-    assert "200.0 tokens/s" in text and "![loss, tokens and learning rate](loss_curve.png)" in text
+def records(run, stem):
+    return [json.loads(x) for x in (run / "eval" / f"{stem}.jsonl").read_text().splitlines()]
 
 
-def test_metrics_split_into_training_and_validation(tmp_path):
-    train, val = read_metrics(make_run(tmp_path) / "metrics.jsonl")
-    assert [r["step"] for r in train] == [2, 4] and [r["val_loss"] for r in val] == [2.5, 1.5]
+def mean(rs):
+    return sum(r["score"] for r in rs) / len(rs)
+
+
+def test_report_figures_match_the_recorded_run(run):
+    md, page = write_run_report(run, price_per_hour=2.0)
+    text = md.read_text()
+    recorded = json.loads((run / "run.json").read_text())
+    for suite in ("builtin", "general", "data"):
+        base, tuned = records(run, f"base-{suite}"), records(run, suite)
+        a, b = mean(base), mean(tuned)
+        row = f"| **overall** | {100 * a:.1f} | {100 * b:.1f} | {100 * (b - a):+.1f}"
+        assert row in text, (suite, row)
+    # per-cluster rows of the built-in suite, held-out cluster marked
+    tuned = records(run, "builtin")
+    for cluster in {r["cluster"] for r in tuned}:
+        rs = [r for r in tuned if r["cluster"] == cluster]
+        label = cluster + (" (unseen)" if rs[0]["seen"] is False else "")
+        assert f"| {label} | " in text and f"| {100 * mean(rs):.1f} |" in text
+    # time and cost from run.json
+    cost = recorded["wall_s"] / 3600 * 2.0
+    assert f"cost at 2 per device-hour | {cost:.4f}" in text
+    assert f"{recorded['train']['tokens']:,} (" in text
+    # data section
+    assert f"| rows trained on | {recorded['data']['rows']:,} |" in text
+    # plots exist, are PNGs, and the HTML carries them inline (self-contained)
+    for name in ("performance.png", "generalisation.png", "loss_curve.png"):
+        assert (run / name).read_bytes()[:8] == PNG
+        assert f"]({name})" in text
+    html = page.read_text()
+    assert html.count("src='data:image/png;base64,") == 3
+    assert not re.search(r"src='(?!data:)", html)  # nothing loaded from elsewhere
+
+
+def test_verdicts_follow_the_intervals(run):
+    text = write_run_report(run)[0].read_text()
+    supported = True
+    for suite in ("builtin", "data"):  # the task suites (general is the forgetting guard)
+        base, tuned = records(run, f"base-{suite}"), records(run, suite)
+        by_id = {r["id"]: r["score"] for r in tuned}
+        diffs = [by_id[r["id"]] - r["score"] for r in base]  # paired, in base order
+        lo, _ = bootstrap_ci(diffs)
+        supported &= lo > 0 and sum(diffs) > 0
+    verdict = "supported" if supported else "not supported"
+    assert f"**Better answers to prompts: {verdict}.**" in text
+
+
+def test_no_gain_is_said_plainly(run):
+    # negative control: make the tuned results a copy of the base ones
+    for suite in ("builtin", "data", "general"):
+        shutil.copy(run / "eval" / f"base-{suite}.jsonl", run / "eval" / f"{suite}.jsonl")
+    text = write_run_report(run)[0].read_text()
+    assert "**Better answers to prompts: not supported.**" in text
+    assert "does not show an improvement" in text
+    assert "**Generalisation to unseen task kinds: not supported.**" in text
+    assert "**No forgetting: supported.**" in text
+
+
+def test_forgetting_larger_than_the_gain_is_flagged(run):
+    general = records(run, "base-general")
+    for r in general:
+        r["score"] = 1.0
+    (run / "eval" / "base-general.jsonl").write_text("".join(json.dumps(r) + "\n" for r in general))
+    worse = [{**r, "score": 0.0} for r in general]
+    (run / "eval" / "general.jsonl").write_text("".join(json.dumps(r) + "\n" for r in worse))
+    text = write_run_report(run)[0].read_text()
+    assert "**No forgetting: not supported.**" in text
+    assert "larger than the gain on the tuned tasks" in text
+
+
+def test_metrics_split_into_training_and_validation(run):
+    train, val = read_metrics(run / "metrics.jsonl")
+    assert train and val and all("val_loss" in r for r in val)
+    assert val[0]["step"] == 0  # the base model's validation loss starts the curve
+    assert training_curves(run).read_bytes()[:8] == PNG
+
+
+def test_transfer_report_counts_the_steps_saved(run, tmp_path):
+    folder = tmp_path / "exp-transfer"
+    pre = Path(shutil.copytree(run, folder / "pretrained"))
+    scratch = Path(shutil.copytree(run, folder / "scratch"))
+    # the scratch start: validation loss 9, 8, 7, ... falling below nothing the pretrained run saw
+    train, val = read_metrics(scratch / "metrics.jsonl")
+    val = [{**v, "val_loss": 9.0 - i} for i, v in enumerate(val)]
+    (scratch / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train + val))
+    for p in (scratch / "eval").glob("base-*"):
+        p.unlink()
+    pre_curve, scratch_curve = val_curve(pre), val_curve(scratch)
+    best = min(scratch_curve, key=lambda p: p[3])
+    reached = next(p for p in pre_curve if p[3] <= best[3])
+    saved = steps_saved(pre_curve, scratch_curve)
+    assert saved["steps_saved"] == best[0] - reached[0]
+    page = write_transfer_report(folder)
+    text = (folder / "report.md").read_text()
+    assert f"**{best[0] - reached[0]} steps, {best[1] - reached[1]:,} tokens" in text
+    for name in ("transfer_performance.png", "transfer_curves.png", "transfer_cost.png"):
+        assert (folder / name).read_bytes()[:8] == PNG
+    assert page.read_text().count("data:image/png;base64,") >= 3
+    for claim in ("1. Tuning a pretrained", "2. It takes less", "3. It generalises", "4. It costs"):
+        assert claim in text
+
+
+def test_report_of_a_directory_without_a_run_is_a_clear_error(tmp_path):
+    from instill.errors import InstillError
+
+    with pytest.raises(InstillError, match="no run.json"):
+        write_run_report(tmp_path)

@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(no_args_is_help=True, help="Look at training data before training on it.")
 app.add_typer(data_app, name="data")
+experiment_app = typer.Typer(no_args_is_help=True, help="Experiments that answer a question.")
+app.add_typer(experiment_app, name="experiment")
 
 RECIPES = Path(__file__).parent / "recipes"
 OVERRIDES = typer.Argument(None, help="Dotted overrides such as train.lr=1e-4 adapter.r=8.")
@@ -183,6 +185,46 @@ def compare(
         print(json.dumps(to_json(sa, sb, tables), indent=2))
     else:
         print_tables(sa, sb, tables, out)
+
+
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="A run directory (runs/<name>)."),
+    price_per_hour: float = typer.Option(
+        None, help="Price of a device-hour for the cost estimate (default: the recipe's)."
+    ),
+) -> None:
+    """Write report.md and a self-contained report.html (with PNG plots) for a finished run."""
+    import yaml
+
+    from instill.report import write_run_report
+
+    if not run.is_dir():
+        raise InstillError(f"{run}: not a run directory")
+    if price_per_hour is None:
+        config = run / "config.yaml"
+        recipe = yaml.safe_load(config.read_text()) if config.is_file() else {}
+        price_per_hour = ((recipe or {}).get("report") or {}).get("price_per_hour", 0.10)
+    md, page = write_run_report(run, price_per_hour)
+    out.print(f"written {md} and {page}")
+
+
+@experiment_app.command("transfer")
+def experiment_transfer(
+    recipe: str = typer.Argument(..., help="Recipe YAML file, or a shipped recipe name."),
+    overrides: list[str] = OVERRIDES,
+    max_steps: int = typer.Option(None, help="Training steps of both starts (the budget)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing experiment folder."),
+) -> None:
+    """Run a recipe three ways (pretrained tuned, scratch tuned, pretrained untuned) and write
+    one report on what the pretrained start bought: answers, training time, generalisation,
+    cost. Results go to <train.output_dir>/<name>-transfer/."""
+    from instill.experiment import transfer
+
+    loaded = load_recipe(recipe_path(recipe), overrides or [])
+    _quiet_libraries()
+    page = transfer(loaded, max_steps=max_steps, overwrite=overwrite)
+    out.print(f"report: {page} (and report.md beside it)")
 
 
 @app.command()

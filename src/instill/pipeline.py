@@ -132,12 +132,37 @@ def _follow(acc, recipe: Recipe, loaded, data, run_dir: Path, checkpoint, t0: fl
     )
 
 
+def _base_validation(run_dir: Path, loaded, data, recipe: Recipe) -> float:
+    """The untuned model's validation loss, logged as step 0 so curves start where tuning did."""
+    import torch
+
+    from instill.train.loop import validation_loss
+
+    with torch.no_grad():
+        val = validation_loss(
+            loaded.model, data.validation, recipe.train.batch_size, loaded.tokenizer.pad_token_id
+        )
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        record = {"step": 0, "val_loss": round(val, 6), "tokens": 0, "elapsed_s": 0.0}
+        f.write(json.dumps(record) + "\n")
+    return round(val, 6)
+
+
+def _packing_efficiency(recipe: Recipe, data) -> float | None:
+    if not recipe.data.packing:
+        return None
+    from instill.data.packing import pack_best_fit, packing_efficiency
+
+    bins = pack_best_fit(data.train, recipe.data.max_length)
+    return round(packing_efficiency(data.train, bins, recipe.data.max_length), 4)
+
+
 def _write_yaml(path: Path, data: dict) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
-    from instill.report import training_curves, write_report
+    from instill.report import write_run_report
 
     t0 = time.perf_counter()
     # One process, or one of many under accelerate launch / torchrun: every process trains; only
@@ -185,6 +210,9 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
     )
     before: dict[str, SuiteResult] = {}
     after: dict[str, SuiteResult] = {}
+    base_val_loss = None
+    if data.validation and recipe.eval.before and checkpoint is None:
+        base_val_loss = _base_validation(run_dir, loaded, data, recipe)
     if tasks and recipe.eval.before:  # main process only (the others wait in _follow)
         before = run_tasks(
             loaded.model,
@@ -231,6 +259,9 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
                     "dtype": str(loaded.dtype).removeprefix("torch."),
                 },
                 "params": {"trainable": report.trainable, "total": report.total},
+                "holdout_clusters": list(recipe.eval.holdout_clusters),
+                "base_val_loss": base_val_loss,
+                "packing_efficiency": _packing_efficiency(recipe, data),
                 "train": result.as_dict(),
                 "data": stats.as_dict(),
                 "eval_before": {k: v.summary() for k, v in before.items()},
@@ -241,6 +272,5 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
         )
         + "\n"
     )
-    training_curves(run_dir)
-    write_report(run_dir)
+    write_run_report(run_dir, recipe.report.price_per_hour)
     return summary

@@ -266,6 +266,15 @@ class EvalConfig(_Section):
         return self
 
 
+class ReportConfig(_Section):
+    price_per_hour: float = Field(
+        0.10,
+        ge=0,
+        description="Price of one device-hour (this machine, a GPU, ...) for the report's cost "
+        "estimate, in your currency.",
+    )
+
+
 class Recipe(_Section):
     name: str = Field(
         "run",
@@ -280,6 +289,7 @@ class Recipe(_Section):
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    report: ReportConfig = Field(default_factory=ReportConfig, description="The run's report.")
 
     @model_validator(mode="after")
     def _quantized_base_trains_adapters(self) -> Recipe:

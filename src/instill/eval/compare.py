@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from instill.errors import InstillError
-from instill.eval.metrics import bootstrap_delta_ci
+from instill.eval.metrics import bootstrap_ci, bootstrap_delta_ci
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,8 @@ class Row:
     delta: float | None
     ci: tuple[float, float] | None
     paired: bool
+    ci_a: tuple[float, float] | None = None  # each side's own 95% interval
+    ci_b: tuple[float, float] | None = None
 
     @property
     def significant(self) -> bool:
@@ -79,8 +81,10 @@ class Row:
 def _row(label: str, ra: list[dict], rb: list[dict]) -> Row:
     mean = lambda rs: sum(r["score"] for r in rs) / len(rs) if rs else None  # noqa: E731
     a, b = mean(ra), mean(rb)
+    ci_a = bootstrap_ci([r["score"] for r in ra]) if ra else None
+    ci_b = bootstrap_ci([r["score"] for r in rb]) if rb else None
     if a is None or b is None:
-        return Row(label, a, b, len(ra), len(rb), None, None, False)
+        return Row(label, a, b, len(ra), len(rb), None, None, False, ci_a, ci_b)
     ida, idb = [r.get("id") for r in ra], [r.get("id") for r in rb]
     paired = None not in ida and sorted(ida) == sorted(idb) and len(set(ida)) == len(ida)
     if paired:
@@ -90,7 +94,7 @@ def _row(label: str, ra: list[dict], rb: list[dict]) -> Row:
         ci = bootstrap_delta_ci(xs, ys, paired=True)
     else:
         ci = bootstrap_delta_ci([r["score"] for r in ra], [r["score"] for r in rb], paired=False)
-    return Row(label, a, b, len(ra), len(rb), b - a, ci, paired)
+    return Row(label, a, b, len(ra), len(rb), b - a, ci, paired, ci_a, ci_b)
 
 
 def compare_suite(sa: Side, sb: Side, suite: str) -> dict:

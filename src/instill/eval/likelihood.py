@@ -100,8 +100,11 @@ def choose(
 ) -> list[tuple[int, list[float]]]:
     """For each prompt, the index of the most likely choice and every choice's score.
 
-    The score is the mean log-probability per reply token (length-normalised, so a longer choice
-    is not penalised for having more tokens)."""
+    The score is the choice's log-probability divided by its length in UTF-8 bytes (what
+    lm-evaluation-harness calls acc_norm): a longer choice is not penalised for its length, and
+    unlike a per-token mean the score does not depend on how the tokenizer splits the words
+    (a per-token mean favours words split into many easy pieces; on the general suite it
+    scored SmolLM2-135M-Instruct at chance, 27%, against 47% per byte)."""
     flat = [
         [*prompt, {"role": "assistant", "content": choice}]
         for prompt, options in zip(prompts, choices, strict=True)
@@ -110,7 +113,10 @@ def choose(
     scores = reply_logprobs(model, tokenizer, flat, include_end=False, batch_size=batch_size)
     result, k = [], 0
     for options in choices:
-        mine = [s.mean for s in scores[k : k + len(options)]]
+        mine = [
+            s.logprob / max(1, len(o.encode()))
+            for s, o in zip(scores[k : k + len(options)], options, strict=True)
+        ]
         k += len(options)
         result.append((max(range(len(mine)), key=mine.__getitem__), mine))
     return result

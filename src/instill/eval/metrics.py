@@ -85,7 +85,9 @@ SCORERS = {
 def text_scores(prediction: str, reference: str | list[str]) -> dict[str, float]:
     """Every text metric; with several references, the best score for each metric."""
     refs = [reference] if isinstance(reference, str) else list(reference)
-    return {name: round(float(max(f(prediction, r) for r in refs)), 6) for name, f in SCORERS.items()}
+    return {
+        name: round(float(max(f(prediction, r) for r in refs)), 6) for name, f in SCORERS.items()
+    }
 
 
 def bootstrap_ci(scores: list[float], n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:

@@ -297,7 +297,10 @@ def train(
                 val = validation_loss(model, validation, cfg.batch_size, tokenizer.pad_token_id)
                 result.val_losses.append((step, val))
                 if metrics:
-                    metrics.write(json.dumps({"step": step, "val_loss": round(val, 6)}) + "\n")
+                    at = round(time.perf_counter() - start, 2)
+                    val_record = {"step": step, "val_loss": round(val, 6)}
+                    val_record.update(tokens=result.tokens, elapsed_s=at)
+                    metrics.write(json.dumps(val_record) + "\n")
                     metrics.flush()
                 if board:
                     board.add_scalar("validation/loss", val, step)

@@ -1,0 +1,294 @@
+"""The transfer experiment's report: pretrained+tuned vs scratch+tuned vs pretrained untuned,
+answering the four claims (better answers, less training, generalisation, cost) with a number
+and a plot each, and saying plainly when a number does not support its claim."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from instill.eval.compare import Side, compare_suite
+from instill.report import plots
+from instill.report.document import Document, Heading, Image, Para, Table, Verdict, write
+from instill.report.run_report import (
+    GENERAL,
+    interval,
+    load_run,
+    pct,
+    signed,
+    training_flops,
+)
+
+WAYS = ("pretrained, untuned", "scratch, tuned", "pretrained, tuned")
+
+
+def _summary(folder: Path, stem: str) -> dict | None:
+    path = folder / "eval" / f"{stem}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    from instill.report.plots import read_metrics
+
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
+def val_curve(run_dir: Path) -> list[tuple[int, int, float, float]]:
+    """(step, tokens seen, seconds of training, validation loss), step 0 included."""
+    train, val = _metrics(run_dir)
+    out = []
+    for v in sorted(val, key=lambda r: r["step"]):
+        if "tokens" in v and "elapsed_s" in v:  # logged with the validation loss itself
+            tokens, elapsed = v["tokens"], v["elapsed_s"]
+        elif v["step"] == 0:
+            tokens, elapsed = 0, 0.0
+        else:  # older runs: the last training record at or before this step
+            before = [r for r in train if r["step"] <= v["step"]]
+            last = before[-1] if before else {"tokens": 0, "elapsed_s": 0.0}
+            tokens, elapsed = last.get("tokens", 0), last.get("elapsed_s", 0.0)
+        out.append((v["step"], tokens, elapsed, v["val_loss"]))
+    return out
+
+
+def steps_saved(pre: list, scratch: list) -> dict | None:
+    """Where the pretrained start first reached the scratch model's best validation loss."""
+    if not pre or not scratch:
+        return None
+    best = min(scratch, key=lambda p: p[3])
+    reached = next((p for p in pre if p[3] <= best[3]), None)
+    return {
+        "scratch_best": best,
+        "pretrained_reached": reached,
+        "steps_saved": None if reached is None else best[0] - reached[0],
+        "tokens_saved": None if reached is None else best[1] - reached[1],
+        "seconds_saved": None if reached is None else best[2] - reached[2],
+    }
+
+
+def _suites(pre: Path, scratch: Path) -> list[str]:
+    names = Side("t", pre / "eval").suites()
+    return [s for s in names if (scratch / "eval" / f"{s}.json").is_file()]
+
+
+def _score_cell(s: dict | None, key: str = "") -> str:
+    if s is None:
+        return "—"
+    part = s.get(key) if key else s
+    if part is None:
+        return "—"
+    lo, hi = part["ci95"]
+    return f"{pct(part['score'])} ({pct(lo)}–{pct(hi)})"
+
+
+def build_transfer_report(folder: Path, price_per_hour: float = 0.10) -> Document:
+    pre_dir, scratch_dir = folder / "pretrained", folder / "scratch"
+    pre, scratch = load_run(pre_dir), load_run(scratch_dir)
+    suites = _suites(pre_dir, scratch_dir)
+    ways = {
+        s: (
+            _summary(pre_dir, f"base-{s}"),
+            _summary(scratch_dir, s),
+            _summary(pre_dir, s),
+        )
+        for s in suites
+    }
+    vs_untuned = {
+        s: compare_suite(
+            Side("untuned", pre_dir / "eval", "base-"), Side("tuned", pre_dir / "eval"), s
+        )
+        for s in suites
+    }
+    vs_scratch = {
+        s: compare_suite(Side("scratch", scratch_dir / "eval"), Side("tuned", pre_dir / "eval"), s)
+        for s in suites
+    }
+    doc = Document(f"instill transfer experiment: {folder.name}")
+    doc.add(
+        Para(
+            f"Model **{pre['model']['name']}** ({pre['params']['total']:,} parameters). The same "
+            f"recipe three ways: the pretrained model untuned; tuned from the pretrained weights "
+            f"({pre['train']['steps']} steps, {pre['params']['trainable']:,} trainable "
+            f"parameters); and the same architecture from random weights, tuned with the same "
+            f"data, steps, batch and learning rate ({scratch['train']['steps']} steps, all "
+            f"{scratch['params']['trainable']:,} parameters trained). Intervals are 95% "
+            f"bootstrap intervals; a delta marked * excludes 0."
+        )
+    )
+    doc.add(Heading("The four claims"))
+    task_suites = [s for s in suites if s != GENERAL]
+
+    # 1. better answers
+    parts, ok = [], True
+    for s in task_suites:
+        u, sc = vs_untuned[s]["rows"][0], vs_scratch[s]["rows"][0]
+        ok &= u.significant and u.delta > 0
+        parts.append(
+            f"{s}: untuned {pct(u.a)}%, scratch-tuned {pct(sc.a)}%, pretrained-tuned {pct(u.b)}% "
+            f"({signed(u.delta)} points over untuned, CI {interval(u.ci)}; {signed(sc.delta)} over "
+            f"scratch, CI {interval(sc.ci)})"
+        )
+    claim1 = Verdict(
+        "1. Tuning a pretrained model answers prompts better",
+        (ok and bool(task_suites)) if task_suites else None,
+        ("; ".join(parts) + ".") if parts else "no task suite evaluated",
+    )
+    # 2. less training time
+    pre_curve, scratch_curve = val_curve(pre_dir), val_curve(scratch_dir)
+    saved = steps_saved(pre_curve, scratch_curve)
+    if saved is None:
+        claim2 = Verdict(
+            "2. It takes less training than starting from scratch",
+            None,
+            "no validation curves were logged",
+        )
+    elif saved["pretrained_reached"] is None:
+        b = saved["scratch_best"]
+        claim2 = Verdict(
+            "2. It takes less training than starting from scratch",
+            False,
+            f"the scratch model's best validation loss ({b[3]:.3f} at step {b[0]}) was never "
+            "reached by the pretrained start within the budget",
+        )
+    else:
+        b, r = saved["scratch_best"], saved["pretrained_reached"]
+        claim2 = Verdict(
+            "2. It takes less training than starting from scratch",
+            saved["steps_saved"] > 0,
+            f"the scratch model's best validation loss was {b[3]:.3f}, at step {b[0]} after "
+            f"{b[1]:,} tokens; the pretrained start was already at {r[3]:.3f} at step {r[0]} "
+            f"({r[1]:,} tokens): **{saved['steps_saved']} steps, {saved['tokens_saved']:,} tokens "
+            f"and {saved['seconds_saved']:.0f} s of training saved**"
+            + (" (before any tuning: the pretrained weights alone beat it)" if r[0] == 0 else ""),
+        )
+    # 3. generalisation
+    held = [
+        s for s in task_suites if any(r.label == "unseen clusters" for r in vs_untuned[s]["rows"])
+    ]
+    if not held:
+        claim3 = Verdict(
+            "3. It generalises to unseen task kinds",
+            None,
+            "no task cluster was held out (eval.holdout_clusters)",
+        )
+    else:
+        parts, ok = [], True
+        for s in held:
+            u = next(r for r in vs_untuned[s]["rows"] if r.label == "unseen clusters")
+            sc = next(r for r in vs_scratch[s]["rows"] if r.label == "unseen clusters")
+            ok &= u.significant and u.delta > 0
+            parts.append(
+                f"{s}, held-out clusters: untuned {pct(u.a)}%, scratch-tuned {pct(sc.a)}%, "
+                f"pretrained-tuned {pct(u.b)}% ({signed(u.delta)} over untuned, CI "
+                f"{interval(u.ci)}, n={u.n_b})"
+            )
+        text = "; ".join(parts) + "."
+        if not ok:
+            text += " The gain on held-out clusters is not distinguishable from zero."
+        claim3 = Verdict("3. It generalises to unseen task kinds", ok, text)
+    # 4. cost
+    costs = {}
+    for label, run in (
+        ("pretrained, tuned", pre),
+        ("scratch, tuned", scratch),
+    ):
+        tr, p = run["train"], run["params"]
+        costs[label] = {
+            "train_s": tr["wall_s"],
+            "tokens": tr["tokens"],
+            "flops": training_flops(p["total"], p["trainable"], tr["tokens"]),
+            "cost": tr["wall_s"] / 3600 * price_per_hour,
+            "peak_mb": tr["peak_mem_mb"],
+        }
+    cp, cs = costs["pretrained, tuned"], costs["scratch, tuned"]
+    text = (
+        f"training cost {cp['cost']:.4f} (pretrained start, {cp['train_s']:.0f} s, "
+        f"{cp['flops']:.3g} FLOPs) vs {cs['cost']:.4f} (scratch, {cs['train_s']:.0f} s, "
+        f"{cs['flops']:.3g} FLOPs) at {price_per_hour:g} per device-hour"
+    )
+    cheaper = cp["flops"] < cs["flops"]
+    if saved and saved["pretrained_reached"] is not None:
+        r = saved["pretrained_reached"]
+        reach_cost = r[2] / 3600 * price_per_hour
+        scratch_cost = saved["scratch_best"][2] / 3600 * price_per_hour
+        text += (
+            f"; reaching the scratch model's best validation loss cost {reach_cost:.4f} from the "
+            f"pretrained start vs {scratch_cost:.4f} from scratch"
+        )
+        cheaper = r[2] < saved["scratch_best"][2]
+    claim4 = Verdict("4. It costs less", cheaper, text + ".")
+    doc.add(claim1, claim2, claim3, claim4)
+
+    # sections with numbers and plots
+    doc.add(Heading("1. Better answers"))
+    perf = plots.three_way(folder, ways, "transfer_performance.png")
+    doc.add(Image(perf, "three ways per suite") if perf else None)
+    rows = [[s, *(_score_cell(w) for w in ways[s])] for s in suites]
+    doc.add(Table(["suite", *WAYS], rows))
+    doc.add(Heading("2. Training time: validation loss from each start"))
+    curves = plots.transfer_curves(folder, pre_curve, scratch_curve)
+    doc.add(Image(curves, "validation loss against tokens for both starts") if curves else None)
+    doc.add(
+        Table(
+            ["step", "tokens", "pretrained start", "scratch start"],
+            _curve_rows(pre_curve, scratch_curve),
+        )
+    )
+    doc.add(Heading("3. Generalisation: seen vs held-out clusters"))
+    if held:
+        gen = plots.three_way_seen(folder, {s: ways[s] for s in held})
+        doc.add(Image(gen, "seen and unseen clusters, three ways") if gen else None)
+        rows = []
+        for s in held:
+            for side in ("seen", "unseen"):
+                rows.append([f"{s}, {side} clusters", *(_score_cell(w, side) for w in ways[s])])
+        doc.add(Table(["", *WAYS], rows))
+    else:
+        doc.add(Para("No cluster was held out; set eval.holdout_clusters in the recipe."))
+    if GENERAL in suites:
+        g = vs_untuned[GENERAL]["rows"][0]
+        doc.add(
+            Para(
+                f"Forgetting guard (general suite): untuned {pct(g.a)}% → tuned {pct(g.b)}% "
+                f"({signed(g.delta)} points, CI {interval(g.ci)})"
+                + (
+                    " — **tuning lost general knowledge**."
+                    if g.significant and g.delta < 0
+                    else "."
+                )
+            )
+        )
+    doc.add(Heading("4. Cost"))
+    cost_png = plots.cost_bars(folder, costs)
+    doc.add(Image(cost_png, "training time and estimated FLOPs per start"))
+    doc.add(
+        Table(
+            ["", "training s", "tokens", "est. FLOPs", f"cost @ {price_per_hour:g}/h", "peak MiB"],
+            [
+                [
+                    k,
+                    f"{v['train_s']:.0f}",
+                    f"{v['tokens']:,}",
+                    f"{v['flops']:.3g}",
+                    f"{v['cost']:.4f}",
+                    f"{v['peak_mb']:.0f}",
+                ]
+                for k, v in costs.items()
+            ],
+        )
+    )
+    doc.add(Para("Per-run reports: pretrained/report.html and scratch/report.html."))
+    return doc
+
+
+def _curve_rows(pre, scratch) -> list[list[str]]:
+    by_step_s = {p[0]: p for p in scratch}
+    rows = []
+    for p in pre:
+        s = by_step_s.get(p[0])
+        rows.append([str(p[0]), f"{p[1]:,}", f"{p[3]:.3f}", f"{s[3]:.3f}" if s else "—"])
+    return rows
+
+
+def write_transfer_report(folder: Path, price_per_hour: float = 0.10) -> Path:
+    md, page = write(build_transfer_report(folder, price_per_hour), folder)
+    return page

@@ -1,0 +1,298 @@
+"""report.md and report.html for one run directory, from its files only (run.json,
+metrics.jsonl, eval/): performance, generalisation, forgetting, time and cost, curves, data.
+Every claim is stated with its number and whether the number supports it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from instill.eval.compare import Side, compare_suite
+from instill.report import plots
+from instill.report.document import Document, Heading, Image, Para, Table, Verdict, write
+
+GENERAL = "general"  # the forgetting-guard suite
+
+
+def pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def signed(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:+.1f}"
+
+
+def interval(ci) -> str:
+    return "—" if ci is None else f"{100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}"
+
+
+def training_flops(params_total: int, params_trainable: int, tokens: int) -> float:
+    """Estimated training FLOPs: forward 2N per token, backward 2N for the activation gradients
+    plus 2 per trainable parameter for the weight gradients (a frozen base needs no weight
+    gradients, which is most of what an adapter saves)."""
+    return tokens * (4 * params_total + 2 * params_trainable)
+
+
+def load_run(run_dir: Path) -> dict:
+    path = run_dir / "run.json"
+    if not path.is_file():
+        from instill.errors import InstillError
+
+        raise InstillError(
+            f"{run_dir}: no run.json; report needs a finished run directory (instill train)"
+        )
+    return json.loads(path.read_text())
+
+
+def suite_tables(run_dir: Path) -> list[dict]:
+    """compare_suite tables (base vs tuned) for every suite evaluated both ways."""
+    folder = run_dir / "eval"
+    if not folder.is_dir():
+        return []
+    base, tuned = Side("base", folder, "base-"), Side("tuned", folder)
+    common = [s for s in base.suites() if s in set(tuned.suites())]
+    return [compare_suite(base, tuned, s) for s in common]
+
+
+def table_block(t: dict, first: str = "") -> Table:
+    rows = []
+    for r in t["rows"]:
+        label = r.label.strip() if r.label.startswith(" ") else f"**{r.label}**"
+        sig = " *" if r.significant else ""
+        rows.append([label, pct(r.a), pct(r.b), signed(r.delta) + sig, interval(r.ci), str(r.n_b)])
+    return Table([first or "cluster", "base", "tuned", "delta", "delta 95% CI", "n"], rows)
+
+
+def _records(run_dir: Path, stem: str) -> dict[str, dict]:
+    path = run_dir / "eval" / f"{stem}.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return {r["id"]: r for r in rows if "id" in r}
+
+
+def _short(text, n: int = 160) -> str:
+    text = text if isinstance(text, str) else " | ".join(text)
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def examples_block(run_dir: Path, suite: str, k: int = 4) -> Table | None:
+    """A few prompts with both answers side by side: gains first, then losses."""
+    base, tuned = _records(run_dir, f"base-{suite}"), _records(run_dir, suite)
+    both = [i for i in tuned if i in base]
+    gains = [i for i in both if tuned[i]["score"] > base[i]["score"]]
+    losses = [i for i in both if tuned[i]["score"] < base[i]["score"]]
+    same = [i for i in both if tuned[i]["score"] == base[i]["score"]]
+    pick = gains[: k - 1] + losses[:1]
+    pick += same[: k - len(pick)]
+    if not pick:
+        return None
+    rows = [
+        [
+            _short(tuned[i]["prompt"]),
+            _short(tuned[i]["reference"], 60),
+            _short(base[i]["prediction"], 80) + f" ({pct(base[i]['score'])})",
+            _short(tuned[i]["prediction"], 80) + f" ({pct(tuned[i]['score'])})",
+        ]
+        for i in pick
+    ]
+    return Table(
+        ["prompt", "reference", "base answer (score)", "tuned answer (score)"], rows, "llll"
+    )
+
+
+def _row(t: dict, label: str):
+    return next((r for r in t["rows"] if r.label.strip() == label), None)
+
+
+def performance_verdict(tables: list[dict]) -> Verdict:
+    tuned = [t for t in tables if t["suite"] != GENERAL]
+    if not tuned:
+        return Verdict(
+            "Better answers to prompts", None, "no task suite was evaluated before and after"
+        )
+    parts, ok = [], []
+    for t in tuned:
+        r = _row(t, "overall")
+        ok.append(r.significant and r.delta > 0)
+        parts.append(
+            f"{t['suite']} {pct(r.a)}% → {pct(r.b)}% ({signed(r.delta)} points, 95% CI "
+            f"{interval(r.ci)}, n={r.n_b})"
+        )
+    text = "; ".join(parts) + "."
+    if not all(ok):
+        text += " A delta whose interval includes 0 (or is negative) does not show an improvement."
+    return Verdict("Better answers to prompts", all(ok), text)
+
+
+def generalisation_verdict(tables: list[dict]) -> Verdict:
+    held = [t for t in tables if _row(t, "unseen clusters") is not None]
+    if not held:
+        return Verdict(
+            "Generalisation to unseen task kinds",
+            None,
+            "no task cluster was held out of training; set eval.holdout_clusters to measure it",
+        )
+    parts, ok = [], []
+    for t in held:
+        seen, unseen = _row(t, "seen clusters"), _row(t, "unseen clusters")
+        ok.append(unseen.significant and unseen.delta > 0)
+        parts.append(
+            f"{t['suite']}: seen clusters {signed(seen.delta)} points, unseen (held-out) clusters "
+            f"{pct(unseen.a)}% → {pct(unseen.b)}% ({signed(unseen.delta)}, 95% CI "
+            f"{interval(unseen.ci)}, n={unseen.n_b})"
+        )
+    text = "; ".join(parts) + "."
+    if not all(ok):
+        text += " The gain on held-out clusters is not distinguishable from zero."
+    return Verdict("Generalisation to unseen task kinds", all(ok), text)
+
+
+def forgetting_verdict(tables: list[dict]) -> Verdict:
+    general = next((t for t in tables if t["suite"] == GENERAL), None)
+    if general is None:
+        return Verdict(
+            "No forgetting", None, "the general suite was not evaluated (add it to eval.suites)"
+        )
+    r = _row(general, "overall")
+    gains = [
+        _row(t, "overall").delta
+        for t in tables
+        if t["suite"] != GENERAL and _row(t, "overall").delta is not None
+    ]
+    gain = max(gains) if gains else 0.0
+    text = (
+        f"general suite {pct(r.a)}% → {pct(r.b)}% ({signed(r.delta)} points, 95% CI "
+        f"{interval(r.ci)}, n={r.n_b})."
+    )
+    forgot = r.significant and r.delta < 0
+    if forgot and -r.delta > gain:
+        text += " The loss on general knowledge is larger than the gain on the tuned tasks."
+    elif forgot:
+        text += " Measurable forgetting, smaller than the gain on the tuned tasks."
+    else:
+        text += " No loss outside the interval."
+    return Verdict("No forgetting", not forgot, text)
+
+
+def cost_lines(run: dict, price_per_hour: float) -> tuple[list[list[str]], float]:
+    tr, params = run["train"], run["params"]
+    flops = training_flops(params["total"], params["trainable"], tr["tokens"])
+    eval_s = sum(
+        s.get("wall_s", 0) for k in ("eval_before", "eval_after") for s in run.get(k, {}).values()
+    )
+    cost = run["wall_s"] / 3600 * price_per_hour
+    rows = [
+        ["wall time, whole run", f"{run['wall_s']:.0f} s"],
+        ["training", f"{tr['wall_s']:.0f} s, {tr['steps']} steps"],
+        ["evaluation (base and tuned)", f"{eval_s:.0f} s"],
+        ["tokens trained on", f"{tr['tokens']:,} ({tr['trained_tokens']:,} supervised)"],
+        ["throughput", f"{tr['tokens_per_s']:.0f} tokens/s"],
+        ["estimated training FLOPs", f"{flops:.3g}"],
+        ["peak memory", f"{tr['peak_mem_mb']:.0f} MiB"],
+        [
+            "trainable parameters",
+            f"{params['trainable']:,} of {params['total']:,} "
+            f"({100 * params['trainable'] / params['total']:.2f}%)",
+        ],
+        [f"cost at {price_per_hour:g} per device-hour", f"{cost:.4f}"],
+    ]
+    return rows, cost
+
+
+def data_rows(run: dict) -> list[list[str]]:
+    d = run["data"]
+    dropped = ", ".join(f"{k}: {v}" for k, v in (d.get("dropped") or {}).items()) or "none"
+    rows = [
+        ["rows read", f"{d['rows_in']:,}"],
+        ["rows trained on", f"{d['rows']:,}"],
+        ["validation rows", f"{d.get('validation_rows', 0):,}"],
+        ["tokens", f"{d['tokens']:,} ({d['trained_tokens']:,} trained)"],
+        ["truncated rows", f"{d['truncated']:,}"],
+        ["dropped rows (reason: count)", dropped],
+        ["bad rows skipped", f"{d.get('skipped', 0):,}"],
+    ]
+    if run.get("packing_efficiency") is not None:
+        rows.append(["packing efficiency", f"{100 * run['packing_efficiency']:.1f}%"])
+    for name, n in (d.get("formats") or {}).items():
+        rows.append([f"source {name}", f"{n:,} rows"])
+    return rows
+
+
+def build_run_report(run_dir: Path, price_per_hour: float = 0.10) -> Document:
+    run = load_run(run_dir)
+    tables = suite_tables(run_dir)
+    holdout = set(run.get("holdout_clusters") or [])
+    for p in (run_dir / "eval").glob("*.json"):
+        holdout.update(json.loads(p.read_text()).get("holdout_clusters") or [])
+    doc = Document(f"instill run {run['name']}: what tuning bought")
+    m = run["model"]
+    doc.add(
+        Para(
+            f"Base model **{m['name']}** ({m['kind']}, sha256 {(m.get('sha256') or 'n/a')[:16]}), "
+            f"tuned on {m['device']} in {m['dtype']}; held-out clusters: "
+            f"{', '.join(sorted(holdout)) or 'none'}."
+        ),
+        Heading("Claims and what the numbers say"),
+        performance_verdict(tables),
+        generalisation_verdict(tables),
+        forgetting_verdict(tables),
+    )
+    cost_table, cost = cost_lines(run, price_per_hour)
+    doc.add(
+        Para(
+            f"**Time and cost:** {run['train']['wall_s']:.0f} s of training "
+            f"({run['wall_s']:.0f} s in all), cost {cost:.4f} at {price_per_hour:g} per "
+            "device-hour. What the pretrained start saved against training from scratch is "
+            "measured by instill experiment transfer."
+        )
+    )
+    doc.add(Heading("Performance"))
+    perf = plots.performance(run_dir, tables)
+    if perf:
+        doc.add(Image(perf, "base vs tuned per suite and cluster, with 95% intervals"))
+    for t in tables:
+        doc.add(Heading(f"Suite {t['suite']} ({t['metric']}, %)", 3), table_block(t))
+        doc.add(examples_block(run_dir, t["suite"]))
+    if not tables:
+        doc.add(Para("No suite was evaluated both before and after tuning."))
+    doc.add(Para("* the delta's 95% interval (paired bootstrap) excludes 0."))
+    doc.add(Heading("Generalisation: seen vs held-out clusters"))
+    gen = plots.generalisation(run_dir, tables)
+    doc.add(
+        Image(gen, "seen vs unseen clusters before and after")
+        if gen
+        else Para("No cluster was held out (eval.holdout_clusters).")
+    )
+    doc.add(Heading("Forgetting: the general suite"))
+    general = next((t for t in tables if t["suite"] == GENERAL), None)
+    doc.add(table_block(general) if general else Para("The general suite was not evaluated."))
+    doc.add(Heading("Training time and cost"), Table(["", ""], cost_table, "lr"))
+    doc.add(Heading("Training curves"))
+    curve = plots.training_curves(run_dir)
+    doc.add(Image(curve, "loss against step and tokens, and the learning rate") if curve else None)
+    if run["train"].get("first_loss") is not None:
+        tr = run["train"]
+        doc.add(
+            Para(
+                f"Loss {tr['first_loss']:.4f} (first step) → {tr['final_loss']:.4f} (last step)"
+                + (
+                    f"; validation {tr['final_val_loss']:.4f}"
+                    if tr.get("final_val_loss") is not None
+                    else ""
+                )
+                + (
+                    f"; base model's validation loss {run['base_val_loss']:.4f}"
+                    if run.get("base_val_loss") is not None
+                    else ""
+                )
+                + "."
+            )
+        )
+    doc.add(Heading("Data"), Table(["", ""], data_rows(run), "lr"))
+    return doc
+
+
+def write_run_report(run_dir: Path, price_per_hour: float = 0.10) -> tuple[Path, Path]:
+    return write(build_run_report(run_dir, price_per_hour), run_dir)
