@@ -228,3 +228,38 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_last_complete_one(tmp_path
     assert [p.name for p in complete_checkpoints(folder)] == ["step-1"]
     leftovers = [p.name for p in folder.iterdir() if p.name.startswith(".step-2.tmp-")]
     assert len(leftovers) == 1  # the half-written folder is hidden and never counted
+
+
+def test_an_evaluator_score_chooses_the_best_checkpoint(tiny, tokenizer, rows, tmp_path):
+    """eval.during_training: the best checkpoint follows the score (higher is better), not the
+    validation loss, which keeps falling here."""
+    scripted = iter([0.2, 0.9, 0.4, 0.3, 0.1])  # best score at step 2
+    snapshots = {}
+
+    def evaluator(model):
+        snapshots[len(snapshots) + 1] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return next(scripted)
+
+    model, _ = attach_adapter(tiny, AdapterConfig(method="full"))
+    cfg = TrainConfig(
+        lr=3e-2, max_steps=5, batch_size=2, eval_every=1, select_best=True, warmup_ratio=0
+    )
+    result = train(model, tokenizer, rows, cfg, tmp_path, validation=rows[:2], evaluator=evaluator)
+    assert result.best_score == (2, 0.9)
+    assert result.best[0] != 2  # the validation loss alone would have chosen another step
+    for name, p in model.named_parameters():  # final weights are the step-2 weights
+        assert torch.equal(p, snapshots[2][name]), name
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval_score"] for r in logged if "eval_score" in r] == [0.2, 0.9, 0.4, 0.3, 0.1]
+
+
+def test_during_training_suite_must_be_evaluated_and_needs_eval_every():
+    from instill.config import load_recipe
+
+    with pytest.raises(InstillError, match="'general' is not one of eval.suites"):
+        load_recipe(None, ["eval.during_training=general"])
+    with pytest.raises(InstillError, match="set train.eval_every"):
+        load_recipe(
+            None,
+            ["eval.during_training=builtin", "data.validation=0.1", "data.builtin.seed=0"],
+        )

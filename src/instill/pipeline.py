@@ -105,7 +105,36 @@ def fingerprint(recipe: Recipe) -> dict:
     }
 
 
-def _train(acc, recipe: Recipe, model, loaded, data, run_dir: Path, checkpoint: Path | None):
+def during_training(recipe: Recipe, tasks, tokenizer):
+    """The evaluator of eval.during_training: its suite's primary score on a fixed sample."""
+    name = recipe.eval.during_training
+    if name is None:
+        return None
+    import random
+
+    from instill.eval.runner import evaluate
+    from instill.eval.tasks import Task
+
+    task = next((t for t in tasks if t.name == name), None)
+    if task is None:
+        raise InstillError(f"eval.during_training: suite '{name}' has no examples in this run")
+    n = min(recipe.eval.during_training_sample, len(task.examples))
+    pick = sorted(random.Random(recipe.train.seed).sample(range(len(task.examples)), n))
+    sample = Task(
+        task.name,
+        [task.examples[i] for i in pick],
+        task.metric,
+        task.max_new_tokens,
+        task.holdout,
+    )
+
+    def evaluator(model) -> float:
+        return evaluate(model, tokenizer, sample, recipe.eval, "training").mean
+
+    return evaluator
+
+
+def _train(acc, recipe: Recipe, model, loaded, data, tasks, run_dir: Path, checkpoint):
     return train(
         model,
         loaded.tokenizer,
@@ -117,14 +146,15 @@ def _train(acc, recipe: Recipe, model, loaded, data, run_dir: Path, checkpoint: 
         validation=data.validation,
         resume_from=checkpoint,
         fingerprint=fingerprint(recipe),
+        evaluator=during_training(recipe, tasks, loaded.tokenizer),
     )
 
 
-def _follow(acc, recipe: Recipe, loaded, data, run_dir: Path, checkpoint, t0: float) -> RunSummary:
+def _follow(acc, recipe: Recipe, loaded, data, tasks, run_dir: Path, checkpoint, t0) -> RunSummary:
     """A non-main process: wait out the main process's evaluation, train, wait for the save."""
     model, _ = attach_adapter(loaded.model, recipe.adapter)
     acc.wait_for_everyone()
-    result = _train(acc, recipe, model, loaded, data, run_dir, checkpoint)
+    result = _train(acc, recipe, model, loaded, data, tasks, run_dir, checkpoint)
     if not result.interrupted:
         acc.wait_for_everyone()
     return RunSummary(
@@ -189,7 +219,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     if not main:
-        return _follow(acc, recipe, loaded, data, run_dir, checkpoint, t0)
+        return _follow(acc, recipe, loaded, data, tasks, run_dir, checkpoint, t0)
     console.print(
         f"[bold]run[/bold] {run_dir}: model {recipe.model.name} ({loaded.source.kind}) on "
         f"{loaded.device}, {loaded.dtype}"
@@ -230,7 +260,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
         console.print(f"resuming from {checkpoint}")
         _trim_metrics(run_dir / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
     acc.wait_for_everyone()  # the others waited here while the base model was evaluated
-    result = _train(acc, recipe, model, loaded, data, run_dir, checkpoint)
+    result = _train(acc, recipe, model, loaded, data, tasks, run_dir, checkpoint)
     if result.interrupted:
         console.print(
             f"[yellow]interrupted[/yellow] after step {result.steps}; checkpoint written to "

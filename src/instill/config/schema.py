@@ -250,6 +250,16 @@ class EvalConfig(_Section):
         40, gt=0, description="Data suite: at most this many rows per cluster (by seed)."
     )
 
+    during_training: str | None = Field(
+        None,
+        description="A suite (one of eval.suites) scored on a sample at every validation point "
+        "(train.eval_every); checkpoints/best, train.select_best and early stopping then "
+        "follow its score instead of the validation loss.",
+    )
+    during_training_sample: int = Field(
+        32, gt=0, description="Examples of the during_training suite scored each time."
+    )
+
     @model_validator(mode="after")
     def _known_suites(self) -> EvalConfig:
         names = []
@@ -260,6 +270,11 @@ class EvalConfig(_Section):
                     "{name: ..., path: FILE} for a file of your own"
                 )
             names.append(s if isinstance(s, str) else s.name)
+        if self.during_training is not None and self.during_training not in names:
+            raise ValueError(
+                f"eval.during_training: '{self.during_training}' is not one of eval.suites "
+                f"({', '.join(names)})"
+            )
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"eval.suites: suite name(s) used twice: {', '.join(dupes)}")
@@ -309,5 +324,10 @@ class Recipe(_Section):
             raise ValueError(
                 "train.eval_every, train.early_stopping_patience and train.select_best need a "
                 "validation split: set data.validation (a fraction such as 0.05, or a file)"
+            )
+        if self.eval.during_training is not None and not t.eval_every:
+            raise ValueError(
+                "eval.during_training scores the model at every validation point: set "
+                "train.eval_every (and data.validation)"
             )
         return self

@@ -12,7 +12,10 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     for line in path.read_text().splitlines():
         if line.strip():
             record = json.loads(line)
-            (val if "val_loss" in record else train).append(record)
+            if "val_loss" in record:
+                val.append(record)
+            elif "loss" in record:  # (eval_score records are read by the report directly)
+                train.append(record)
     return train, val
 
 

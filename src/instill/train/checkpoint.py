@@ -52,6 +52,7 @@ def save_checkpoint(
         "losses": list(result.losses),
         "val_losses": [list(v) for v in result.val_losses],
         "best": list(result.best) if result.best else None,
+        "best_score": list(result.best_score) if result.best_score else None,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),

@@ -19,7 +19,7 @@ import resource
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +49,8 @@ class TrainResult:
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     interrupted: bool = False  # stopped by SIGINT/SIGTERM after writing a checkpoint
     stopped_early: bool = False  # validation loss stopped improving (early_stopping_patience)
-    best: tuple[int, float] | None = None  # (step, validation loss) of checkpoints/best
+    best: tuple[int, float] | None = None  # (step, validation loss) of the lowest loss
+    best_score: tuple[int, float] | None = None  # (step, score) with an evaluator: checkpoints/best
     peak_mem_mb: float = 0.0
 
     @property
@@ -68,6 +69,8 @@ class TrainResult:
             "final_val_loss": self.val_losses[-1][1] if self.val_losses else None,
             "best_step": self.best[0] if self.best else None,
             "best_val_loss": self.best[1] if self.best else None,
+            "best_score_step": self.best_score[0] if self.best_score else None,
+            "best_score": self.best_score[1] if self.best_score else None,
             "stopped_early": self.stopped_early,
             "peak_mem_mb": round(self.peak_mem_mb, 1),
         }
@@ -214,6 +217,7 @@ def train(
     validation: list[Row] | None = None,
     resume_from: Path | None = None,
     fingerprint: dict | None = None,
+    evaluator: Callable[[torch.nn.Module], float] | None = None,
 ) -> TrainResult:
     """Train `model` in place on `rows`. Returns throughput and losses; logs to run_dir.
 
@@ -221,6 +225,9 @@ def train(
     `resume_from`: a checkpoint directory; weights, optimiser, scheduler, RNG and the data
     position are restored, so the run continues exactly as if it had not stopped.
     `fingerprint`: what must match between a checkpoint and this run (model and adapter config).
+    `evaluator`: scores the model at every validation point (higher is better; run on the main
+    process, shared with the others); checkpoints/best, select_best and early stopping then
+    follow that score instead of the validation loss.
     """
     from accelerate import Accelerator
 
@@ -244,6 +251,7 @@ def train(
         result.trained_tokens, result.losses = state["trained_tokens"], list(state["losses"])
         result.val_losses = [tuple(v) for v in state.get("val_losses", [])]
         result.best = tuple(state["best"]) if state.get("best") else None
+        result.best_score = tuple(state["best_score"]) if state.get("best_score") else None
     # The scheduler is stepped by us once per optimiser step; accelerate's wrapper would step it
     # once per process.
     wrapped, optimizer = acc.prepare(SupervisedLM(model), optimizer)
@@ -304,13 +312,23 @@ def train(
                     metrics.flush()
                 if board:
                     board.add_scalar("validation/loss", val, step)
-                if result.best is None or val < result.best[1]:
+                improved = result.best is None or val < result.best[1]
+                if improved:
                     result.best = (step, val)
-                    if run_dir and acc.is_main_process:
-                        best_dir = run_dir / "checkpoints" / "best"
-                        save_model_dir(acc.unwrap_model(wrapped).model, tokenizer, best_dir)
+                if evaluator is not None:
+                    score = _shared(acc, evaluator(model) if acc.is_main_process else None)
+                    if metrics:
+                        metrics.write(json.dumps({"step": step, "eval_score": score}) + "\n")
+                        metrics.flush()
+                    improved = result.best_score is None or score > result.best_score[1]
+                    if improved:
+                        result.best_score = (step, score)
+                if improved and run_dir and acc.is_main_process:
+                    best_dir = run_dir / "checkpoints" / "best"
+                    save_model_dir(acc.unwrap_model(wrapped).model, tokenizer, best_dir)
                 patience = cfg.early_stopping_patience
-                since_best = sum(1 for s, _ in result.val_losses if s > result.best[0])
+                best_step = (result.best_score or result.best)[0]
+                since_best = sum(1 for s, _ in result.val_losses if s > best_step)
                 if patience and since_best >= patience and step != steps:
                     result.stopped_early = True
             interrupted = stop.requested and step != steps
@@ -345,6 +363,15 @@ def train(
         board.close()
     model.eval()
     return result
+
+
+def _shared(acc, value: float | None) -> float:
+    """The main process's value, on every process (so all of them take the same decisions)."""
+    if acc.num_processes == 1:
+        return float(value)
+    from accelerate.utils import broadcast_object_list
+
+    return float(broadcast_object_list([value], from_process=0)[0])
 
 
 def _tensorboard(run_dir: Path):
