@@ -277,3 +277,31 @@ def test_builtin_scorer_is_the_primary_metric(tiny, tokenizer):
     result = evaluate(tiny, tokenizer, task, EvalConfig(max_new_tokens=2), "tiny")
     for r in result.records:
         assert r["score"] == r["scores"]["builtin"]
+
+
+def test_a_template_that_cannot_render_a_prompt_names_the_row(tiny, tokenizer, tmp_path):
+    import copy
+
+    strict = copy.copy(tokenizer)
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('system messages are not supported') }}{% endif %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    f = write_jsonl(
+        tmp_path / "s.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "hi"}], "reference": "hello"},
+            {
+                "messages": [
+                    {"role": "system", "content": "Be terse."},
+                    {"role": "user", "content": "hi"},
+                ],
+                "reference": "hello",
+            },
+        ],
+    )
+    task = file_task("s", f)
+    with pytest.raises(InstillError, match=r"suite s, .*s.jsonl:2: the model's chat template"):
+        evaluate(tiny, strict, task, EvalConfig(max_new_tokens=2), "tiny")

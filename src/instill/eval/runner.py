@@ -152,12 +152,30 @@ def _choice_records(model, tokenizer, task: Task, cfg: EvalConfig) -> list[dict]
     return records
 
 
+def check_renders(tokenizer, task: Task) -> None:
+    """Every prompt must render through the model's chat template; say which one does not."""
+    from jinja2 import TemplateError
+
+    from instill.data.render import render_text
+
+    for ex in task.examples:
+        try:
+            render_text(tokenizer, ex.prompt, generation_prompt=True)
+        except TemplateError as exc:
+            where = ex.source or f"example {ex.id}"
+            raise InstillError(
+                f"suite {task.name}, {where}: the model's chat template cannot render this "
+                f"prompt ({exc}); change the prompt's messages or set model.chat_template"
+            ) from None
+
+
 def evaluate(
     model, tokenizer, task: Task, cfg: EvalConfig, model_name: str, *, loss: bool = False
 ) -> SuiteResult:
     """Score a model on a task. loss: also the reference replies' loss and perplexity."""
     if not task.examples:
         raise InstillError(f"suite {task.name}: no examples to evaluate")
+    check_renders(tokenizer, task)
     start = time.perf_counter()
     was_training = model.training
     model.eval()

@@ -28,6 +28,7 @@ class EvalExample:
     cluster: str = ""
     choices: tuple[str, ...] | None = None  # for the choice metric: the answers to rank
     scorer: object = None  # the built-in task's own scorer (metric "builtin")
+    source: str = ""  # file:line (or the generator) the example came from, for error messages
 
 
 @dataclass
@@ -121,7 +122,21 @@ def _from_row(raw: RawRow, fmt: str) -> list[EvalExample]:
         meta = {k: raw.data[k] for k in ("task", "cluster", "dataset", "template") if k in raw.data}
         convs = [Conversation(tuple(prompt_only), raw.where, meta)]
     else:
-        convs = to_conversations(raw, detect_format(raw.data) if fmt == "auto" else fmt)
+        fmt = detect_format(raw.data) if fmt == "auto" else fmt
+        msgs = raw.data.get("messages")
+        open_end = (
+            explicit is not None
+            and fmt == "messages"
+            and isinstance(msgs, list)
+            and msgs
+            and isinstance(msgs[-1], dict)
+            and msgs[-1].get("role") == "user"
+        )
+        if open_end:  # a prompt ending on the user's turn; the reference is a field of its own
+            data = {**raw.data, "messages": [*msgs, {"role": "assistant", "content": "-"}]}
+            convs = to_conversations(RawRow(data, raw.file, raw.line), fmt)
+        else:
+            convs = to_conversations(raw, fmt)
     out = []
     for conv in convs:
         msgs = list(conv.messages)
@@ -147,6 +162,7 @@ def _from_row(raw: RawRow, fmt: str) -> list[EvalExample]:
                 family=str(meta.get("task") or meta.get("template") or meta.get("dataset") or ""),
                 cluster=str(meta.get("cluster") or meta.get("task") or ""),
                 choices=choices,
+                source=conv.source,
             )
         )
     return out
@@ -210,6 +226,7 @@ def conversations_task(
                 reference=msgs[-1]["content"],
                 family=str(meta.get("task") or meta.get("template") or meta.get("dataset") or ""),
                 cluster=str(meta.get("cluster") or meta.get("task") or ""),
+                source=conv.source,
             )
         )
     if max_per_cluster is not None:
