@@ -76,3 +76,19 @@ def test_training_with_packing_runs_and_counts_real_tokens(tiny, tokenizer):
     bins = pack_best_fit(rows, 128)
     assert result.steps == -(-len(bins) // 2)
     assert result.tokens == sum(len(r.input_ids) for r in rows)  # one epoch, no padding counted
+
+
+def test_row_longer_than_packing_length_is_a_named_error():
+    import pytest
+
+    from instill.config import TrainConfig
+    from instill.errors import InstillError
+    from instill.train.loop import Batcher
+
+    rows = make_rows(10, seed=3)
+    longest = max(len(r.input_ids) for r in rows)
+    i = max(range(10), key=lambda k: len(rows[k].input_ids))
+    with pytest.raises(InstillError, match=rf"row {i} has {longest} tokens .*data\.max_length"):
+        Batcher(rows, TrainConfig(batch_size=2), pad_id=2, pack_length=longest - 1)
+    # negative control: at the longest row's length every row fits
+    assert Batcher(rows, TrainConfig(batch_size=2), pad_id=2, pack_length=longest).per_epoch > 0

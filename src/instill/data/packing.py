@@ -14,6 +14,7 @@ import bisect
 import torch
 
 from instill.data.dataset import Row
+from instill.errors import InstillError
 
 
 def pack_best_fit(rows: list[Row], max_length: int) -> list[list[int]]:
@@ -25,7 +26,13 @@ def pack_best_fit(rows: list[Row], max_length: int) -> list[list[int]]:
     for i in order:
         n = len(rows[i].input_ids)
         if n > max_length:
-            raise ValueError(f"row {i} has {n} tokens > max_length {max_length}")
+            # Rows are truncated to data.max_length when tokenised, so this means rows built
+            # with one max_length are being packed at a smaller one (library use, stale rows).
+            raise InstillError(
+                f"row {i} has {n} tokens and cannot fit a packed sequence of max_length="
+                f"{max_length}; tokenise the rows with data.max_length <= {max_length} or "
+                f"raise the packing length (data.max_length) to at least {n}"
+            )
         k = bisect.bisect_left(free, (n, -1))
         if k < len(free):
             room, b = free.pop(k)
