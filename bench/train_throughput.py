@@ -4,7 +4,9 @@
     python bench/train_throughput.py --data ../shared/data/t0-train-mix.jsonl [--rows 64]
 
 Each configuration runs in its own process, one after another (so peak RSS is its own):
-instill with length-grouped batches, instill with packing, TRL padded, TRL packed. All in fp32
+instill with length-grouped batches, instill with packing, both again with gradient
+checkpointing (-ckpt: recomputes the decoder's forward in backward, for memory), TRL padded,
+TRL packed. All in fp32
 on the CPU, SmolLM2-135M-Instruct, LoRA r=16 alpha=32 on all linear layers, batch 8, max length
 512, lr 2e-4 linear, one epoch over the same rows (the first --rows rows whose rendered
 conversation fits max_length, so neither tool truncates). Prints real (non-padding) tokens per
@@ -77,7 +79,7 @@ def after_loss(model, tokenizer, rows_file: Path) -> float:
     return validation_loss(model, rows, BATCH, tokenizer.pad_token_id)
 
 
-def run_instill(rows_file: Path, packing: bool) -> dict:
+def run_instill(rows_file: Path, packing: bool, checkpointing: bool = False) -> dict:
     from instill.config import AdapterConfig, DataConfig, SourceConfig, TrainConfig
     from instill.data.dataset import build_data
     from instill.models import attach_adapter
@@ -93,7 +95,13 @@ def run_instill(rows_file: Path, packing: bool) -> dict:
     )
     model, _ = attach_adapter(loaded.model, AdapterConfig(r=R, alpha=ALPHA))
     cfg = TrainConfig(
-        lr=LR, epochs=1, batch_size=BATCH, warmup_ratio=0, schedule="linear", log_every=1
+        lr=LR,
+        epochs=1,
+        batch_size=BATCH,
+        warmup_ratio=0,
+        schedule="linear",
+        log_every=1,
+        gradient_checkpointing=checkpointing,
     )
     result = train(
         model, loaded.tokenizer, data.train, cfg, None, pack_length=MAX_LEN if packing else None
@@ -181,6 +189,8 @@ def worker(which: str, rows_file: Path) -> None:
     fn = {
         "instill": lambda: run_instill(rows_file, False),
         "instill-packed": lambda: run_instill(rows_file, True),
+        "instill-ckpt": lambda: run_instill(rows_file, False, True),
+        "instill-pk-ckpt": lambda: run_instill(rows_file, True, True),
         "trl-padded": lambda: run_trl(rows_file, False),
         "trl-packed": lambda: run_trl(rows_file, True),
     }[which]
@@ -194,7 +204,16 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument(
-        "--only", nargs="*", default=["instill", "instill-packed", "trl-padded", "trl-packed"]
+        "--only",
+        nargs="*",
+        default=[
+            "instill",
+            "instill-packed",
+            "instill-ckpt",
+            "instill-pk-ckpt",
+            "trl-padded",
+            "trl-packed",
+        ],
     )
     parser.add_argument("--worker")
     parser.add_argument("--rows-file", type=Path)

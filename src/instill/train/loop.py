@@ -37,6 +37,7 @@ from instill.train.checkpoint import (
     save_model_dir,
 )
 from instill.train.loss import IGNORE, SupervisedLM
+from instill.train.memory import fix_mmap_threshold
 
 
 @dataclass
@@ -232,6 +233,7 @@ def train(
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator(cpu=next(model.parameters()).device.type == "cpu")
+    fix_mmap_threshold()  # activations' host memory is given back, not kept as a fragmented heap
     torch.manual_seed(cfg.seed)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
