@@ -251,6 +251,57 @@ def chat(
     session.run(sys.stdin, interactive=sys.stdin.isatty())
 
 
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="A run directory, a final/ directory, or a model name."),
+    input: Path = typer.Option(..., help="JSONL: rows with 'messages' or 'prompt'."),
+    output: Path = typer.Option(..., help="JSONL written row by row; rerun to resume."),
+    max_new_tokens: int = typer.Option(256, help="Longest reply."),
+    temperature: float = typer.Option(0.0, help="0 is greedy."),
+    seed: int = typer.Option(None, help="Sampling seed."),
+    batch_size: int = typer.Option(8, help="Rows generated together."),
+) -> None:
+    """Batch generation: one output row per input row, in order; rows already in --output are
+    skipped, so an interrupted job continues where it stopped."""
+    from instill.infer import GenParams
+    from instill.infer.batch import generate_file
+    from instill.models import load_for_inference
+
+    _quiet_libraries()
+    params = GenParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    loaded = load_for_inference(model)
+    made, skipped = generate_file(
+        loaded.model, loaded.tokenizer, input, output, params, batch_size=batch_size
+    )
+    out.print(f"{output}: {made} rows generated, {skipped} already there")
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="A run directory, a final/ directory, or a model name."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    api_key: str = typer.Option(
+        None, envvar="INSTILL_API_KEY", help="Required bearer key (env INSTILL_API_KEY)."
+    ),
+    max_batch: int = typer.Option(8, help="Requests decoded together."),
+    max_concurrent: int = typer.Option(64, help="Requests in flight before 429."),
+    max_tokens_cap: int = typer.Option(1024, help="Largest max_tokens a request may ask."),
+) -> None:
+    """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health)
+    with a web chat page at /."""
+    from instill.serve import ServeConfig, run_server
+
+    _quiet_libraries()
+    cfg = ServeConfig(
+        api_key=api_key,
+        max_batch=max_batch,
+        max_concurrent=max_concurrent,
+        max_tokens_cap=max_tokens_cap,
+    )
+    run_server(model, cfg, host=host, port=port)
+
+
 @data_app.command("inspect")
 def data_inspect(
     source: str = typer.Argument(..., help="A recipe (its data section) or a data file."),
@@ -268,6 +319,31 @@ def data_inspect(
     )
     if as_json:
         print(json.dumps(report, indent=2))
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="A run directory (with final/)."),
+    fmt: str = typer.Option("hf", "--format", help="hf or gguf."),
+    quant: str = typer.Option(
+        None, help="GGUF type: f32, f16, q8_0, q4_0, q4_1 (default: the GGUF base's own)."
+    ),
+    dtype: str = typer.Option("fp32", help="HF weights dtype: fp32, fp16, bf16."),
+    parts: str = typer.Option("merged", help="HF: merged, adapter or both."),
+    output: Path = typer.Option(None, help="Output directory (default RUN/export/FORMAT-TYPE)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+    dequantize: bool = typer.Option(
+        False, help="Merge an adapter trained on a 4-bit base into the full-precision base."
+    ),
+) -> None:
+    """Export a tuned model (HF directory or GGUF), verified by reloading, with instill.json."""
+    from instill.export import export_run
+
+    _quiet_libraries()
+    export_run(
+        run, fmt=fmt, quant=quant, dtype=dtype, parts=parts, output=output,
+        overwrite=overwrite, dequantize=dequantize,
+    )
 
 
 def main() -> None:

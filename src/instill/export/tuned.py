@@ -1,0 +1,73 @@
+"""Load a run's tuned model twice over: as trained (base + adapter) and merged for export."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from instill.config import ModelConfig
+from instill.errors import InstillError
+from instill.models import load_model, load_tokenizer
+from instill.models.resolve import ModelSource
+
+
+@dataclass
+class Tuned:
+    reference: torch.nn.Module  # what was trained: base + unmerged adapter, or the full model
+    merged: torch.nn.Module  # plain transformers model to write out
+    tokenizer: object
+    source: ModelSource
+    adapter: object | None  # the PeftModel, for the adapter-only export
+    run_config: dict
+
+
+def run_config(run: Path) -> dict:
+    path = run / "config.yaml"
+    if not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def final_dir(run: Path) -> Path:
+    final = run / "final"
+    if not final.is_dir():
+        raise InstillError(
+            f"{run}: no final/ directory, so there is no tuned model to export; finish the run "
+            "(instill train ...) or point at a run directory that has final/"
+        )
+    return final
+
+
+def load_tuned(run: Path, *, dequantize: bool = False) -> Tuned:
+    final = final_dir(run)
+    cfg = run_config(run)
+    quantize = (cfg.get("model") or {}).get("quantize", "none")
+    adapter_file = final / "adapter_config.json"
+    if adapter_file.is_file() and quantize == "4bit" and not dequantize:
+        raise InstillError(
+            f"{run}/config.yaml: model.quantize is 4bit, so the adapter was trained against a "
+            "4-bit NF4 base; merging it into that base would round the merged weights to 4 bits "
+            "again and lose the adapter's update. Pass --dequantize to merge into the base "
+            "dequantised to full precision, or export the adapter alone (--parts adapter)"
+        )
+    model_cfg = ModelConfig(name=str(final), dtype="float32", device="cpu")
+    if not adapter_file.is_file():
+        loaded = load_model(model_cfg)
+        loaded.model.eval()
+        return Tuned(loaded.model, loaded.model, loaded.tokenizer, loaded.source, None, cfg)
+    from peft import PeftModel
+
+    base_name = json.loads(adapter_file.read_text()).get("base_model_name_or_path")
+    if not base_name:
+        raise InstillError(f"{adapter_file}: no base_model_name_or_path; cannot find the base")
+    # quantize none: on request we merge into the full-precision base (the dequantised weights)
+    base = load_model(model_cfg.model_copy(update={"name": base_name, "quantize": "none"}))
+    tokenizer = load_tokenizer(str(final), model_cfg)
+    reference = PeftModel.from_pretrained(base.model, str(final)).eval()
+    merged = copy.deepcopy(reference).merge_and_unload().eval()
+    return Tuned(reference, merged, tokenizer, base.source, reference, cfg)

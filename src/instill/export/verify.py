@@ -1,0 +1,97 @@
+"""Reload an export with an independent loader and compare it with the tuned model in memory.
+
+Tolerances (max |logit diff| over every prompt and generated position; greedy agreement is the
+share of positions where both models pick the same next token, teacher-forced on the tuned
+model's own greedy continuation):
+
+    fp32 / f32   1e-4   agreement 1.00
+    fp16 / f16   0.25   agreement 0.95
+    bf16         1.0    agreement 0.90
+    q8_0         1.0    agreement 0.90
+    q4_0 / q4_1  report only   agreement 0.50  (4-bit rounding moves logits by whole units)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from instill.data.render import end_of_turn_ids, render_prompt
+from instill.errors import InstillError
+
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Answer briefly."},
+     {"role": "user", "content": "Name three primary colours."}],
+    [{"role": "user", "content": "Write one sentence about the sea."}],
+]
+
+TOLERANCE = {  # format -> (max |logit diff| or None, minimum greedy agreement)
+    "fp32": (1e-4, 1.0), "f32": (1e-4, 1.0),
+    "fp16": (0.25, 0.95), "f16": (0.25, 0.95),
+    "bf16": (1.0, 0.90),
+    "q8_0": (1.0, 0.90),
+    "q4_0": (None, 0.50), "q4_1": (None, 0.50),
+}
+
+
+@dataclass
+class Figures:
+    max_logit_diff: float
+    greedy_agreement: float
+    positions: int
+    prompt_tokens_identical: bool
+    end_of_turn_survived: bool
+    logit_tolerance: float | None
+    agreement_tolerance: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def _greedy(model, ids: list[int], new_tokens: int) -> list[int]:
+    out = model.generate(
+        torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, pad_token_id=0,
+    )
+    return out[0, len(ids):].tolist()
+
+
+@torch.no_grad()
+def compare(reference, ref_tok, exported, exp_tok, kind: str, new_tokens: int = 16) -> Figures:
+    diff, agree, total, same_prompt = 0.0, 0, 0, True
+    for messages in PROMPTS:
+        ids = render_prompt(ref_tok, messages)
+        same_prompt &= render_prompt(exp_tok, messages) == ids
+        seq = ids + _greedy(reference, ids, new_tokens)
+        x = torch.tensor([seq])
+        a = reference(input_ids=x).logits[0, len(ids) - 1:].float()
+        b = exported(input_ids=x).logits[0, len(ids) - 1:].float()
+        diff = max(diff, (a - b).abs().max().item())
+        agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+        total += a.shape[0]
+    ref_eot = set(end_of_turn_ids(ref_tok))
+    eot_ok = ref_eot <= set(end_of_turn_ids(exp_tok)) and exp_tok.eos_token == ref_tok.eos_token
+    logit_tol, agree_tol = TOLERANCE[kind]
+    return Figures(diff, agree / total, total, same_prompt, eot_ok, logit_tol, agree_tol)
+
+
+def check(figures: Figures, what: str) -> None:
+    """Raise (so the atomic output directory is dropped) when the export is not faithful."""
+    problems = []
+    if not figures.prompt_tokens_identical:
+        problems.append("the chat template renders different prompt tokens after reload")
+    if not figures.end_of_turn_survived:
+        problems.append("the end-of-turn / eos token did not survive")
+    if figures.logit_tolerance is not None and figures.max_logit_diff > figures.logit_tolerance:
+        problems.append(
+            f"max |logit diff| {figures.max_logit_diff:.3g} > {figures.logit_tolerance:g}"
+        )
+    if figures.greedy_agreement < figures.agreement_tolerance:
+        problems.append(
+            f"greedy agreement {figures.greedy_agreement:.3f} < {figures.agreement_tolerance}"
+        )
+    if problems:
+        raise InstillError(f"export verification failed for {what}: " + "; ".join(problems))

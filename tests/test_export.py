@@ -1,0 +1,92 @@
+"""Export: merges equal base + adapter, HF and GGUF exports reload to the tuned model's logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from instill.errors import InstillError
+from instill.export import export_run
+from instill.export.tuned import load_tuned
+from tests.conftest import build_tiny
+
+
+def _fake_run(tmp_path, tokenizer, quantize="none"):
+    from peft import LoraConfig, get_peft_model
+
+    base_dir = tmp_path / "base"
+    base = build_tiny(tokenizer)
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                  "o_proj", "up_proj"]))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: perturb it so the merge changes weights
+            p.data.normal_(0, 0.05)
+    run = tmp_path / "run"
+    model.save_pretrained(run / "final")
+    tokenizer.save_pretrained(run / "final")
+    cfg = json.loads((run / "final" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(base_dir)
+    (run / "final" / "adapter_config.json").write_text(json.dumps(cfg))
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"quantize": quantize}}))
+    (run / "data_stats.json").write_text(json.dumps({"rows": 3}))
+    return run
+
+
+@pytest.fixture
+def run(tmp_path, tokenizer):
+    return _fake_run(tmp_path, tokenizer)
+
+
+def test_merged_equals_base_plus_adapter(run, tokenizer):
+    tuned = load_tuned(run)
+    x = torch.tensor([tokenizer.encode("hello there, how are you")])
+    with torch.no_grad():
+        ref = tuned.reference(input_ids=x).logits
+        merged = tuned.merged(input_ids=x).logits
+        base = tuned.reference.get_base_model()
+        with tuned.reference.disable_adapter():
+            plain = tuned.reference(input_ids=x).logits
+    assert (ref - merged).abs().max().item() < 1e-5
+    assert (ref - plain).abs().max().item() > 1e-3  # negative control: the adapter matters
+    assert base is not tuned.merged
+
+
+def test_hf_export_reloads_to_same_logits(run, tokenizer):
+    result = export_run(run, fmt="hf", parts="both")
+    assert result.figures.max_logit_diff < 1e-4
+    assert result.figures.greedy_agreement == 1.0
+    assert result.figures.prompt_tokens_identical and result.figures.end_of_turn_survived
+    gen = json.loads((result.path / "generation_config.json").read_text())
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in gen["eos_token_id"]
+    assert (result.path / "adapter" / "adapter_config.json").is_file()
+    manifest = json.loads((result.path / "instill.json").read_text())
+    assert manifest["data"] == {"rows": 3}
+    assert manifest["verification"]["positions"] == result.figures.positions
+
+
+@pytest.mark.parametrize("quant,tol", [("f32", 1e-4), ("q8_0", 1.0)])
+def test_gguf_reloads_via_transformers(run, quant, tol):
+    result = export_run(run, fmt="gguf", quant=quant)
+    assert result.figures.max_logit_diff < tol
+    assert result.figures.prompt_tokens_identical
+    assert result.figures.end_of_turn_survived
+    assert list(result.path.glob("*.gguf"))
+
+
+def test_bad_inputs(tmp_path, run, tokenizer):
+    with pytest.raises(InstillError, match="no final/"):
+        export_run(tmp_path)
+    with pytest.raises(InstillError, match="q4_1"):
+        export_run(run, fmt="gguf", quant="q3_k")
+    (run / "export" / "hf-fp32").mkdir(parents=True)
+    with pytest.raises(InstillError, match="--overwrite"):
+        export_run(run, fmt="hf")
+    q = _fake_run(tmp_path / "q", tokenizer, quantize="4bit")
+    with pytest.raises(InstillError, match="--dequantize"):
+        export_run(q, fmt="hf")
