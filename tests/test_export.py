@@ -90,3 +90,59 @@ def test_bad_inputs(tmp_path, run, tokenizer):
     q = _fake_run(tmp_path / "q", tokenizer, quantize="4bit")
     with pytest.raises(InstillError, match="--dequantize"):
         export_run(q, fmt="hf")
+
+
+def test_unsupported_arch_names_supported(tmp_path, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    run = tmp_path / "gpt2run"
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2))
+    model.save_pretrained(run / "final")
+    tokenizer.save_pretrained(run / "final")
+    with pytest.raises(InstillError, match="'gpt2' is not supported.*llama"):
+        export_run(run, fmt="gguf", quant="f32")
+    assert not (run / "export").exists()
+
+
+def test_changed_template_fails_and_leaves_nothing(run, monkeypatch):
+    from instill.export import run as export_module
+
+    real = export_module.load_tuned
+
+    def tampered(*args, **kwargs):
+        tuned = real(*args, **kwargs)
+        # the export writes this template; the reference tokenizer keeps the trained one
+        saved = tuned.tokenizer.chat_template
+        copy_tok = type(tuned.tokenizer).from_pretrained(str(run / "final"))
+        copy_tok.chat_template = saved.replace("<|im_start|>assistant", "<|im_start|>bot")
+        tuned_ref_tok = tuned.tokenizer
+        tuned.tokenizer = copy_tok
+        monkeypatch.setattr(export_module, "compare", _compare_against(tuned_ref_tok))
+        return tuned
+
+    monkeypatch.setattr(export_module, "load_tuned", tampered)
+    with pytest.raises(InstillError, match="chat template renders different"):
+        export_run(run, fmt="gguf", quant="f32")
+    assert not (run / "export" / "gguf-f32").exists()
+
+
+def _compare_against(ref_tok):
+    from instill.export.verify import compare
+
+    def _compare(reference, _tok, exported, exp_tok, kind):
+        return compare(reference, ref_tok, exported, exp_tok, kind)
+
+    return _compare
+
+
+def test_cli_error_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "instill", "export", str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and "no final/" in proc.stderr
+    assert "Traceback" not in proc.stderr
