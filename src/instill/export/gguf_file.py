@@ -7,7 +7,9 @@ rotary row order (pairs interleaved per head); transformers' GGUF reader undoes 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from unittest.mock import patch
 
 import gguf
 import numpy as np
@@ -106,6 +108,15 @@ def _add_tensor(writer, name: str, w: np.ndarray, qtype) -> None:
         writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
 
 
+def _tensor_type(name: str, qtype):
+    """4-bit files keep the embedding (also the output layer when tied) at q8_0, as llama.cpp's
+    own Q4 files do (SmolLM2's Q4_1 file among them): 4-bit logits would drift by whole units."""
+    four_bit = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1)
+    if qtype in four_bit and name in ("token_embd.weight", "output.weight"):
+        return gguf.GGMLQuantizationType.Q8_0
+    return qtype
+
+
 def _merges(tokenizer) -> list[str]:
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
@@ -171,7 +182,7 @@ def write_gguf(model, tokenizer, path: Path, quant: str, *, name: str, base_gguf
     writer.add_file_type(int(file_type))
     _add_tokenizer(writer, tokenizer, _source_pre(base_gguf))
     for tname, w in _tensors(model, config):
-        _add_tensor(writer, tname, w, qtype)
+        _add_tensor(writer, tname, w, _tensor_type(tname, qtype))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -182,8 +193,10 @@ def load_gguf(path: Path):
     """transformers' own GGUF reader: an independent loader for verification."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    ).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    # the reader draws its own tqdm bar; TQDM_DISABLE silences it
+    with patch.dict(os.environ, {"TQDM_DISABLE": "1"}):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        ).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model, tokenizer

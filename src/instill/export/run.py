@@ -124,15 +124,16 @@ def export_run(
         raise InstillError(f"--parts {parts}: choose one of {', '.join(PARTS)}")
     if quant is not None:
         gguf_file.check_quant(quant)
-    if output is None:
-        label = dtype if fmt == "hf" else quant or "default"
-        output = run / "export" / f"{fmt}-{label}"
-    if output.exists() and not overwrite:
+    if output is not None and output.exists() and not overwrite:
         raise InstillError(f"{output}: already exists; pass --overwrite to replace it")
     tuned = load_tuned(run, dequantize=dequantize)
     if fmt == "gguf":
         gguf_file.check_arch(tuned.merged.config)
         quant = quant or gguf_file.source_quant(tuned.source.gguf_path) or "f16"
+    if output is None:
+        output = run / "export" / f"{fmt}-{dtype if fmt == 'hf' else quant}"
+        if output.exists() and not overwrite:
+            raise InstillError(f"{output}: already exists; pass --overwrite to replace it")
     with atomic_directory(output) as tmp:
         if fmt == "hf":
             figures = _write_hf(tuned, tmp, dtype, parts)

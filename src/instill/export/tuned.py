@@ -13,7 +13,7 @@ import yaml
 from instill.config import ModelConfig
 from instill.errors import InstillError
 from instill.models import load_model, load_tokenizer
-from instill.models.resolve import ModelSource
+from instill.models.resolve import ModelSource, resolve_model
 
 
 @dataclass
@@ -70,4 +70,17 @@ def load_tuned(run: Path, *, dequantize: bool = False) -> Tuned:
     tokenizer = load_tokenizer(str(final), model_cfg)
     reference = PeftModel.from_pretrained(base.model, str(final)).eval()
     merged = copy.deepcopy(reference).merge_and_unload().eval()
-    return Tuned(reference, merged, tokenizer, base.source, reference, cfg)
+    return Tuned(reference, merged, tokenizer, _run_source(run, base.source), reference, cfg)
+
+
+def _run_source(run: Path, loaded: ModelSource) -> ModelSource:
+    """The base as the run recorded it: a GGUF base loads from its cached conversion, but its
+    provenance (and the default export type) is the original .gguf file."""
+    path = run / "run.json"
+    record = (json.loads(path.read_text()) if path.is_file() else {}).get("model") or {}
+    if record.get("kind") != "gguf" or record.get("path") != loaded.path:
+        return loaded
+    try:
+        return resolve_model(record["name"])
+    except InstillError:
+        return loaded
