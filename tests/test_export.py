@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -33,7 +34,11 @@ def _fake_run(tmp_path, tokenizer, quantize="none"):
     cfg = json.loads((run / "final" / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = str(base_dir)
     (run / "final" / "adapter_config.json").write_text(json.dumps(cfg))
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"quantize": quantize}}))
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    (run / "config.yaml").write_text(yaml.safe_dump(
+        {"model": {"quantize": quantize}, "data": {"sources": [{"path": str(data)}]}}
+    ))
     (run / "data_stats.json").write_text(json.dumps({"rows": 3}))
     return run
 
@@ -67,6 +72,9 @@ def test_hf_export_reloads_to_same_logits(run, tokenizer):
     assert (result.path / "adapter" / "adapter_config.json").is_file()
     manifest = json.loads((result.path / "instill.json").read_text())
     assert manifest["data"] == {"rows": 3}
+    [source] = manifest["data_sources"]
+    digest = hashlib.sha256(b'{"prompt": "a", "response": "b"}\n').hexdigest()
+    assert list(source["files"].values()) == [digest]
     assert manifest["verification"]["positions"] == result.figures.positions
 
 

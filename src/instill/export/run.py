@@ -44,6 +44,21 @@ def _versions() -> dict:
     return found
 
 
+def _data_sources(config: dict) -> list[dict]:
+    """Each data source the run read, with a sha256 per file (folders: every file in it)."""
+    from instill.models.resolve import sha256_file
+
+    found = []
+    for src in (config.get("data") or {}).get("sources") or []:
+        path = Path(src.get("path", ""))
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        found.append({
+            "path": str(path),
+            "files": {str(f): sha256_file(f) if f.is_file() else None for f in files},
+        })
+    return found
+
+
 def _manifest(run: Path, tuned: Tuned, export: dict, figures: Figures | None) -> dict:
     template = tuned.tokenizer.chat_template or ""
     source = tuned.source
@@ -53,6 +68,7 @@ def _manifest(run: Path, tuned: Tuned, export: dict, figures: Figures | None) ->
         "base_model": {"kind": source.kind, "name": source.name, "path": source.path,
                        "gguf_path": source.gguf_path, "sha256": source.sha256},
         "data": _read_json(run / "data_stats.json"),
+        "data_sources": _data_sources(tuned.run_config),
         "config": tuned.run_config,
         "run_record": _read_json(run / "run.json"),
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
