@@ -1,0 +1,95 @@
+"""`instill generate`: a JSONL file of prompts -> a JSONL file of replies, one output row per
+input row in the same order, resumable (rows already in the output are skipped)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from instill.errors import InstillError
+from instill.infer.generate import GenParams, generate
+
+ROLES = ("system", "user", "assistant")
+
+
+def row_messages(row: object, where: str) -> list[dict]:
+    """A row is {"messages": [...]} or {"prompt": "..."} (or a bare JSON string)."""
+    if isinstance(row, str):
+        return [{"role": "user", "content": row}]
+    if not isinstance(row, dict):
+        raise InstillError(f"{where}: expected a JSON object with 'messages' or 'prompt'")
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise InstillError(f"{where}: 'messages' must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                raise InstillError(f"{where}: messages[{i}] needs a role in {', '.join(ROLES)}")
+            if not isinstance(m.get("content"), str):
+                raise InstillError(f"{where}: messages[{i}].content must be a string")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    if isinstance(row.get("prompt"), str):
+        return [{"role": "user", "content": row["prompt"]}]
+    raise InstillError(f"{where}: expected a 'messages' list or a 'prompt' string")
+
+
+def read_inputs(path: Path) -> list[tuple[object, list[dict]]]:
+    if not path.is_file():
+        raise InstillError(f"{path}: input file not found")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InstillError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+        rows.append((row, row_messages(row, f"{path}:{n}")))
+    return rows
+
+
+def done_rows(path: Path) -> int:
+    """Complete rows already written; a partial last line (a crash mid-write) is cut off."""
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    keep = data[: data.rfind(b"\n") + 1]
+    if len(keep) != len(data):
+        path.write_bytes(keep)
+    return keep.count(b"\n")
+
+
+def generate_file(
+    model, tokenizer, inputs: Path, output: Path, params: GenParams, batch_size: int = 8
+) -> tuple[int, int]:
+    """Returns (rows generated now, rows skipped because already in the output)."""
+    from rich.progress import Progress
+
+    from instill.console import console
+
+    rows = read_inputs(inputs)
+    skip = done_rows(output)
+    if skip > len(rows):
+        raise InstillError(
+            f"{output}: has {skip} rows but {inputs} has only {len(rows)}; "
+            "choose a new --output for a different input"
+        )
+    todo = rows[skip:]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "a", encoding="utf-8") as f, Progress(console=console) as bar:
+        task = bar.add_task("generating", total=len(rows), completed=skip)
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            gens = generate(model, tokenizer, [m for _, m in chunk], params, batch_size=batch_size)
+            for (row, _), gen in zip(chunk, gens, strict=True):
+                record = dict(row) if isinstance(row, dict) else {"prompt": row}
+                record.update(
+                    output=gen.text,
+                    finish_reason=gen.finish_reason,
+                    prompt_tokens=gen.prompt_tokens,
+                    completion_tokens=gen.completion_tokens,
+                )
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()  # whole batches reach the disk, so a resume loses at most one batch
+            bar.advance(task, len(chunk))
+    return len(todo), skip

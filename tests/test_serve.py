@@ -1,0 +1,201 @@
+"""The server driven by the official openai client on loopback, with the tiny model."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from instill.serve import ServeConfig, Server, build_app
+
+KEY = "sk-test-key"
+MSG = [{"role": "user", "content": "Say something."}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(model, tokenizer, cfg: ServeConfig):
+    """uvicorn in a thread on a free loopback port; returns (base url, Server, stop)."""
+    import uvicorn
+
+    server = Server(model, tokenizer, ["tiny"], cfg)
+    port = _free_port()
+    uv = uvicorn.Server(uvicorn.Config(build_app(server), port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.01)
+
+    def stop():
+        uv.should_exit = True
+        thread.join(10)
+        server.scheduler.close()
+
+    return f"http://127.0.0.1:{port}", server, stop
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer):
+    from conftest import build_tiny
+
+    base, server, stop = start(
+        build_tiny(tokenizer), tokenizer, ServeConfig(api_key=KEY, max_tokens_cap=64)
+    )
+    yield base, server
+    stop()
+
+
+def client(base, key=KEY):
+    return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+
+
+def test_chat_matches_generate_and_usage_is_exact(served, tokenizer):
+    from instill.data.render import render_prompt
+    from instill.infer import GenParams, generate
+
+    base, server = served
+    reply = client(base).chat.completions.create(model="tiny", messages=MSG, max_tokens=12)
+    want = generate(server.model, tokenizer, [MSG], GenParams(max_new_tokens=12))[0]
+    assert reply.choices[0].message.content == want.text
+    assert reply.choices[0].finish_reason == want.finish_reason
+    assert reply.usage.prompt_tokens == len(render_prompt(tokenizer, MSG)) == want.prompt_tokens
+    assert reply.usage.completion_tokens == want.completion_tokens == 12  # random weights: no EOT
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 12
+
+
+def test_streaming_equals_non_streaming(served):
+    base, _ = served
+    c = client(base)
+    whole = c.chat.completions.create(model="tiny", messages=MSG, max_tokens=10)
+    chunks = list(
+        c.chat.completions.create(
+            model="tiny", messages=MSG, max_tokens=10, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole.choices[0].message.content
+    assert sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content) > 1
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_and_models(served, tokenizer):
+    base, _ = served
+    c = client(base)
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    r = c.completions.create(model="tiny", prompt="The capital of France is", max_tokens=5)
+    assert r.usage.prompt_tokens == len(tokenizer("The capital of France is")["input_ids"])
+    assert r.usage.completion_tokens == 5
+
+
+def test_auth(served):
+    base, _ = served
+    with pytest.raises(openai.AuthenticationError) as err:
+        client(base, key="wrong").chat.completions.create(model="tiny", messages=MSG)
+    assert err.value.status_code == 401
+    assert err.value.body["type"] == "invalid_api_key"
+    assert httpx.get(base + "/v1/models").status_code == 401
+    assert httpx.get(base + "/health").status_code == 200  # /health is open
+
+
+def test_concurrent_greedy_equals_sequential(served):
+    base, server = served
+    c = client(base)
+    prompts = [[{"role": "user", "content": f"Tell me about {w}."}] for w in
+               ("cats", "the sea in winter and summer", "x", "numbers and letters together")]
+    one_by_one = [c.chat.completions.create(model="tiny", messages=m, max_tokens=16)
+                  .choices[0].message.content for m in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda m: c.chat.completions.create(
+            model="tiny", messages=m, max_tokens=16).choices[0].message.content, prompts))
+    assert together == one_by_one
+
+
+def test_disconnect_frees_the_slot(served):
+    base, server = served
+    body = {"model": "tiny", "messages": MSG, "max_tokens": 64, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, headers=headers) as r:
+        next(r.iter_lines())  # the first event, then hang up
+    deadline = time.monotonic() + 10
+    while server.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.active == 0
+    reply = client(base).chat.completions.create(model="tiny", messages=MSG, max_tokens=3)
+    assert reply.usage.completion_tokens == 3
+
+
+BAD = [
+    (b"{not json", 400, None),
+    (json.dumps({"model": "tiny"}).encode(), 400, "messages"),
+    (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(), 400, "messages"),
+    (json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), 400, "messages"),
+    (json.dumps({"messages": MSG, "max_tokens": -1}).encode(), 400, "max_tokens"),
+    (json.dumps({"messages": MSG, "max_tokens": 65}).encode(), 400, "max_tokens"),
+    (json.dumps({"messages": MSG, "temperature": 3}).encode(), 400, "temperature"),
+    (json.dumps({"messages": MSG, "top_p": 0}).encode(), 400, "top_p"),
+    (json.dumps({"messages": MSG, "n": 2}).encode(), 400, "n"),
+    (json.dumps({"messages": MSG, "model": "/etc/passwd"}).encode(), 404, "model"),
+    (json.dumps({"messages": [{"role": "user", "content": "word " * 1100}]}).encode(), 400,
+     "messages"),
+    (json.dumps({"messages": [{"role": "user", "content": "a" * 1_100_000}]}).encode(), 413,
+     None),
+]
+
+
+@pytest.mark.parametrize("raw,status,param", BAD)
+def test_bad_input_is_4xx_and_server_keeps_serving(served, raw, status, param):
+    base, _ = served
+    r = httpx.post(base + "/v1/chat/completions", content=raw,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"]
+    if param == "messages" and "word" in raw.decode()[:40]:
+        assert "context length of 1024" in err["message"]
+    ok = client(base).chat.completions.create(model="tiny", messages=MSG, max_tokens=2)
+    assert ok.usage.completion_tokens == 2
+
+
+def test_too_many_concurrent_requests_get_429(tokenizer):
+    from conftest import build_tiny
+
+    from instill.infer import GenParams
+    from instill.serve.scheduler import Job
+
+    base, server, stop = start(build_tiny(tokenizer), tokenizer, ServeConfig(max_concurrent=1))
+    gate = threading.Event()
+
+    class Blocking(threading.Event):
+        def is_set(self):  # the decode thread asks this before and during the job
+            gate.wait(10)
+            return False
+
+    # A job that holds the decode thread until the gate opens: the HTTP request below is then
+    # in flight (queued) for as long as the test needs.
+    server.scheduler.submit(Job([1, 2, 3], GenParams(max_new_tokens=2), cancelled=Blocking()))
+    try:
+        body = {"messages": MSG, "max_tokens": 2, "stream": True}
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body) as held:
+            lines = held.iter_lines()  # kept referenced: a collected iterator hangs up
+            next(lines)
+            assert server.active == 1
+            r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 1})
+            assert r.status_code == 429
+            assert r.json()["error"]["type"] == "rate_limit_exceeded"
+            gate.set()
+        r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 1})
+        assert r.status_code == 200  # the slot came back
+    finally:
+        gate.set()
+        stop()
