@@ -269,6 +269,8 @@ def generate(
 
     _quiet_libraries()
     params = GenParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    if not input.is_file():  # before the slow model load
+        raise InstillError(f"{input}: input file not found (--input)")
     loaded = load_for_inference(model)
     made, skipped = generate_file(
         loaded.model, loaded.tokenizer, input, output, params, batch_size=batch_size
