@@ -2,7 +2,7 @@
 
 Tolerances (max |logit diff| over every prompt and generated position; greedy agreement is the
 share of positions where both models pick the same next token, teacher-forced on the tuned
-model's own greedy continuation):
+model's own greedy reply of up to 16 tokens, end-of-turn included):
 
     fp32 / f32   1e-4   agreement 1.00
     fp16 / f16   0.25   agreement 0.95
@@ -51,10 +51,11 @@ class Figures:
 
 
 @torch.no_grad()
-def _greedy(model, ids: list[int], new_tokens: int) -> list[int]:
+def _greedy(model, ids: list[int], new_tokens: int, eot: list[int]) -> list[int]:
+    # stop at end-of-turn: logits past it score text no one serves, and drift most
     out = model.generate(
-        torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, pad_token_id=0,
+        torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=eot,
+        pad_token_id=eot[0],
     )
     return out[0, len(ids):].tolist()
 
@@ -65,7 +66,7 @@ def compare(reference, ref_tok, exported, exp_tok, kind: str, new_tokens: int = 
     for messages in PROMPTS:
         ids = render_prompt(ref_tok, messages)
         same_prompt &= render_prompt(exp_tok, messages) == ids
-        seq = ids + _greedy(reference, ids, new_tokens)
+        seq = ids + _greedy(reference, ids, new_tokens, end_of_turn_ids(ref_tok))
         x = torch.tensor([seq])
         a = reference(input_ids=x).logits[0, len(ids) - 1:].float()
         b = exported(input_ids=x).logits[0, len(ids) - 1:].float()
