@@ -121,18 +121,29 @@ def test_concurrent_greedy_equals_sequential(served):
     assert together == one_by_one
 
 
-def test_disconnect_frees_the_slot(served):
-    base, server = served
-    body = {"model": "tiny", "messages": MSG, "max_tokens": 64, "stream": True}
-    headers = {"Authorization": f"Bearer {KEY}"}
-    with httpx.stream("POST", base + "/v1/chat/completions", json=body, headers=headers) as r:
-        next(r.iter_lines())  # the first event, then hang up
-    deadline = time.monotonic() + 10
-    while server.active and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.active == 0
-    reply = client(base).chat.completions.create(model="tiny", messages=MSG, max_tokens=3)
-    assert reply.usage.completion_tokens == 3
+def test_disconnect_stops_generation_and_frees_the_slot(tokenizer):
+    from conftest import build_tiny
+
+    base, server, stop = start(build_tiny(tokenizer), tokenizer, ServeConfig(max_concurrent=1))
+    jobs = []
+    submit = server.scheduler.submit
+    server.scheduler.submit = lambda job: jobs.append(job) or submit(job)
+    try:
+        body = {"messages": MSG, "max_tokens": 900, "stream": True}
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            while '"content": ""' in next(lines) or not jobs or not jobs[0].ids:
+                pass  # until some generated text has arrived; then hang up
+        assert jobs[0].done.wait(30)
+        assert jobs[0].cancelled.is_set() and len(jobs[0].ids) < 900  # stopped early
+        deadline = time.monotonic() + 10
+        while server.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.active == 0
+        reply = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 3})
+        assert reply.json()["usage"]["completion_tokens"] == 3  # the one slot is free again
+    finally:
+        stop()
 
 
 BAD = [
