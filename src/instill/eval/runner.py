@@ -91,6 +91,18 @@ def _primary(metric: str, scores: dict[str, float]) -> float:
     return scores[metric]
 
 
+def _record(ex, task: Task, **fields) -> dict:
+    """The fields every record carries, then the scorer's own."""
+    return {
+        "id": ex.id,
+        "family": ex.family,
+        "cluster": ex.cluster,
+        "seen": ex.cluster not in task.holdout,
+        "prompt": ex.prompt[-1]["content"],
+        **fields,
+    }
+
+
 def _generation_records(model, tokenizer, task: Task, cfg: EvalConfig) -> list[dict]:
     params = GenParams(max_new_tokens=task.max_new_tokens or cfg.max_new_tokens)
     gens = generate(
@@ -106,18 +118,15 @@ def _generation_records(model, tokenizer, task: Task, cfg: EvalConfig) -> list[d
         if task.metric == "builtin":
             scores["builtin"] = builtin.score(ex.scorer, gen.text, ex.reference)
         records.append(
-            {
-                "id": ex.id,
-                "family": ex.family,
-                "cluster": ex.cluster,
-                "seen": ex.cluster not in task.holdout,
-                "prompt": ex.prompt[-1]["content"],
-                "prediction": gen.text,
-                "reference": ex.reference,
-                "finish_reason": gen.finish_reason,
-                "score": _primary(task.metric, scores),
-                "scores": scores,
-            }
+            _record(
+                ex,
+                task,
+                prediction=gen.text,
+                reference=ex.reference,
+                finish_reason=gen.finish_reason,
+                score=_primary(task.metric, scores),
+                scores=scores,
+            )
         )
     return records
 
@@ -135,19 +144,16 @@ def _choice_records(model, tokenizer, task: Task, cfg: EvalConfig) -> list[dict]
         prediction = ex.choices[best]
         score = float(prediction == ex.reference)
         records.append(
-            {
-                "id": ex.id,
-                "family": ex.family,
-                "cluster": ex.cluster,
-                "seen": ex.cluster not in task.holdout,
-                "prompt": ex.prompt[-1]["content"],
-                "choices": list(ex.choices),
-                "choice_logprobs": [round(s, 4) for s in option_scores],
-                "prediction": prediction,
-                "reference": ex.reference,
-                "score": score,
-                "scores": {"choice": score},
-            }
+            _record(
+                ex,
+                task,
+                choices=list(ex.choices),
+                choice_logprobs=[round(s, 4) for s in option_scores],
+                prediction=prediction,
+                reference=ex.reference,
+                score=score,
+                scores={"choice": score},
+            )
         )
     return records
 
