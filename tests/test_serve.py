@@ -1,4 +1,5 @@
-"""The server driven by the official openai client on loopback, with the tiny model."""
+"""The server driven by the official openai client on loopback, with the tiny model; the
+continuous-batching scheduler driven directly."""
 
 from __future__ import annotations
 
@@ -79,7 +80,10 @@ def test_streaming_equals_non_streaming(served):
     whole = c.chat.completions.create(model="tiny", messages=MSG, max_tokens=10)
     chunks = list(
         c.chat.completions.create(
-            model="tiny", messages=MSG, max_tokens=10, stream=True,
+            model="tiny",
+            messages=MSG,
+            max_tokens=10,
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -111,13 +115,27 @@ def test_auth(served):
 def test_concurrent_greedy_equals_sequential(served):
     base, server = served
     c = client(base)
-    prompts = [[{"role": "user", "content": f"Tell me about {w}."}] for w in
-               ("cats", "the sea in winter and summer", "x", "numbers and letters together")]
-    one_by_one = [c.chat.completions.create(model="tiny", messages=m, max_tokens=16)
-                  .choices[0].message.content for m in prompts]
+    prompts = [
+        [{"role": "user", "content": f"Tell me about {w}."}]
+        for w in ("cats", "the sea in winter and summer", "x", "numbers and letters together")
+    ]
+    one_by_one = [
+        c.chat.completions.create(model="tiny", messages=m, max_tokens=16)
+        .choices[0]
+        .message.content
+        for m in prompts
+    ]
     with ThreadPoolExecutor(len(prompts)) as pool:
-        together = list(pool.map(lambda m: c.chat.completions.create(
-            model="tiny", messages=m, max_tokens=16).choices[0].message.content, prompts))
+        together = list(
+            pool.map(
+                lambda m: (
+                    c.chat.completions.create(model="tiny", messages=m, max_tokens=16)
+                    .choices[0]
+                    .message.content
+                ),
+                prompts,
+            )
+        )
     assert together == one_by_one
 
 
@@ -146,6 +164,114 @@ def test_disconnect_stops_generation_and_frees_the_slot(tokenizer):
         stop()
 
 
+def _run(scheduler, tokenizer, msgs, params, **kw):
+    from instill.data.render import render_prompt
+    from instill.serve.scheduler import Job
+
+    return scheduler.submit(Job(render_prompt(tokenizer, msgs), params, **kw))
+
+
+def test_a_new_request_streams_while_a_long_one_is_mid_generation(served, tokenizer):
+    from instill.data.render import render_prompt
+    from instill.infer import GenParams
+    from instill.serve.scheduler import Job
+
+    _, server = served
+    sched, seen = server.scheduler, {}
+    short_msgs = [{"role": "user", "content": "Tell me about the sea in winter and summer."}]
+    alone = _run(sched, tokenizer, short_msgs, GenParams(max_new_tokens=8))
+    assert alone.done.wait(30)
+
+    def on_short(text):  # runs on the decode thread: a snapshot of the long job right now
+        seen.setdefault("long_done", long.done.is_set())
+        seen.setdefault("long_ids", len(long.ids))
+
+    def on_long(text):  # the long job is streaming: submit the short one now
+        if "short" not in seen:
+            seen["short"] = _run(
+                sched, tokenizer, short_msgs, GenParams(max_new_tokens=8), on_text=on_short
+            )
+
+    long = Job(render_prompt(tokenizer, MSG), GenParams(max_new_tokens=600), on_text=on_long)
+    sched.submit(long)  # bound before the decode thread can call on_short
+    assert long.done.wait(120) and seen["short"].done.wait(30)
+    assert seen["long_done"] is False and 0 < seen["long_ids"] < len(long.ids) == 600
+    assert seen["short"].text == alone.text and seen["short"].finish_reason == "length"
+
+
+class _Gate(threading.Event):
+    """A `cancelled` flag whose first check holds the decode thread until `opened` is set."""
+
+    def __init__(self, opened: threading.Event):
+        super().__init__()
+        self.opened = opened
+
+    def is_set(self):
+        self.opened.wait(30)
+        return super().is_set()
+
+
+def test_mixed_params_share_a_batch_and_match_alone(served, tokenizer):
+    from instill.infer import GenParams, generate
+
+    _, server = served
+    sched = server.scheduler
+    convs = [
+        [{"role": "user", "content": w}]
+        for w in ("cats", "the sea in winter and summer", "x", "numbers and letters together")
+    ]
+    full = generate(server.model, tokenizer, [convs[3]], GenParams(max_new_tokens=12))[0]
+    greedy = [
+        GenParams(max_new_tokens=16),
+        GenParams(max_new_tokens=5, repetition_penalty=1.3),
+        GenParams(max_new_tokens=9, top_k=3),
+        GenParams(max_new_tokens=12, stop=(full.text[4:7],)),
+    ]
+    want = [
+        generate(server.model, tokenizer, [c], p)[0] for c, p in zip(convs, greedy, strict=True)
+    ]
+    stop = greedy[3].stop[0]
+    assert want[3].finish_reason == "stop" and want[3].text == full.text[: full.text.index(stop)]
+    sampled = GenParams(max_new_tokens=14, temperature=0.9, top_p=0.9, top_k=40, seed=11)
+    first = _run(sched, tokenizer, convs[0], sampled)
+    assert first.done.wait(30)
+
+    opened, rows, pieces = threading.Event(), [], [[] for _ in range(5)]
+
+    def collect(i):
+        def on_text(text):  # on the decode thread: how many rows share the batch right now
+            rows.append(len(sched.rows))
+            pieces[i].append(text)
+
+        return on_text
+
+    _run(sched, tokenizer, MSG, GenParams(max_new_tokens=20), cancelled=_Gate(opened))
+    params = greedy + [sampled]
+    jobs = [
+        _run(sched, tokenizer, c, p, on_text=collect(i))
+        for i, (c, p) in enumerate(zip(convs + convs[:1], params, strict=True))
+    ]
+    opened.set()
+    assert all(j.done.wait(60) for j in jobs)
+    assert max(rows) == len(jobs) + 1  # all of them ran in one batch beside the gate job
+    assert [j.text for j in jobs[:4]] == [w.text for w in want]
+    assert [j.finish_reason for j in jobs[:4]] == [w.finish_reason for w in want]
+    assert [len(j.ids) for j in jobs[:4]] == [w.completion_tokens for w in want]
+    assert jobs[4].text == first.text and len(jobs[4].ids) == 14  # seeded: same beside others
+    assert ["".join(p) for p in pieces] == [j.text for j in jobs]  # stop string held back
+
+
+def test_a_failing_batch_fails_its_jobs_and_the_thread_goes_on(served, tokenizer):
+    from instill.infer import GenParams
+    from instill.serve.scheduler import Job
+
+    _, server = served
+    bad = server.scheduler.submit(Job([len(tokenizer) + 5], GenParams(max_new_tokens=3)))
+    assert bad.done.wait(30) and "generation failed" in bad.error
+    ok = _run(server.scheduler, tokenizer, MSG, GenParams(max_new_tokens=3))
+    assert ok.done.wait(30) and ok.error is None and len(ok.ids) == 3
+
+
 BAD = [
     (b"{not json", 400, None),
     (json.dumps({"model": "tiny"}).encode(), 400, "messages"),
@@ -157,18 +283,23 @@ BAD = [
     (json.dumps({"messages": MSG, "top_p": 0}).encode(), 400, "top_p"),
     (json.dumps({"messages": MSG, "n": 2}).encode(), 400, "n"),
     (json.dumps({"messages": MSG, "model": "/etc/passwd"}).encode(), 404, "model"),
-    (json.dumps({"messages": [{"role": "user", "content": "word " * 1100}]}).encode(), 400,
-     "messages"),
-    (json.dumps({"messages": [{"role": "user", "content": "a" * 1_100_000}]}).encode(), 413,
-     None),
+    (
+        json.dumps({"messages": [{"role": "user", "content": "word " * 1100}]}).encode(),
+        400,
+        "messages",
+    ),
+    (json.dumps({"messages": [{"role": "user", "content": "a" * 1_100_000}]}).encode(), 413, None),
 ]
 
 
 @pytest.mark.parametrize("raw,status,param", BAD)
 def test_bad_input_is_4xx_and_server_keeps_serving(served, raw, status, param):
     base, _ = served
-    r = httpx.post(base + "/v1/chat/completions", content=raw,
-                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    r = httpx.post(
+        base + "/v1/chat/completions",
+        content=raw,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"]
