@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from instill.data.builtin import FAMILIES, Example, generate, normalize, score
+from instill.data.builtin import (
+    CONSTRAINTS,
+    FAMILIES,
+    Example,
+    clusters,
+    generate,
+    normalize,
+    score,
+)
+from instill.data.constraints import check_all
 
 
 def _prompt(ex: Example) -> str:
@@ -24,9 +33,10 @@ def test_interface_shape():
 
 
 def test_enough_families_and_clusters():
-    assert len(FAMILIES) >= 10
-    assert len({f.cluster for f in FAMILIES.values()}) >= 5
-    assert {f.scorer for f in FAMILIES.values()} <= {"exact", "json"}
+    assert len(FAMILIES) >= 20
+    assert len(clusters()) >= 5 and all(len(f) >= 1 for f in clusters().values())
+    assert sorted(sum(clusters().values(), [])) == sorted(FAMILIES)
+    assert {f.scorer for f in FAMILIES.values()} == {"exact", "json", "constraints"}
 
 
 def test_deterministic_in_process():
@@ -89,7 +99,7 @@ def test_impossible_request_raises():
 def test_phrasings_all_used():
     exs = generate("train", 200)
     for name, fam in FAMILIES.items():
-        assert len(set(fam.phrasings)) >= 6, name
+        assert len(set(fam.phrasings)) >= 8, name
         prompts = [_prompt(e) for e in exs if e.family == name]
         for phrasing in fam.phrasings:
             pattern = re.escape(phrasing)
@@ -147,6 +157,45 @@ def _check(name: str, fields: dict, answer: str) -> None:
         assert answer in ("positive", "negative")
     elif name == "json_person":
         assert json.loads(answer) == {"name": fields["name"], "age": fields["age"]}
+    elif name in ("table_lookup", "table_oldest", "table_city"):
+        rows = [r.split(" | ") for r in fields["table"].splitlines()]
+        assert rows[0] == ["name", "age", "city"] and 3 <= len(rows) - 1 <= 4
+        people = {n: (int(a), c) for n, a, c in rows[1:]}
+        ages = [a for a, _ in people.values()]
+        assert len(set(ages)) == len(ages)
+        if name == "table_lookup":
+            assert answer == str(people[fields["name"]][0])
+        elif name == "table_city":
+            assert answer == people[fields["name"]][1]
+        else:
+            assert people[answer][0] == max(ages)
+    elif name == "lowercase_answer":
+        assert answer.islower() and answer.capitalize() in fields["sentence"]
+    elif name == "word_limit":
+        assert answer == f"A {fields['adj']} {fields['noun']}." and 3 <= fields["n"]
+    elif name == "json_keys":
+        keys = re.findall(r'"(\w+)"', fields["keys"])
+        obj = json.loads(answer)
+        assert sorted(obj) == sorted(keys) and all(
+            str(v) in fields["sentence"] for v in obj.values()
+        )
+    elif name == "bullet_list":
+        items = _words(fields["items"])
+        lines = answer.split("\n")
+        assert len(lines) == fields["n"] < len(items)
+        assert [ln.removeprefix("- ") for ln in lines] == items[: fields["n"]]
+    elif name == "include_word":
+        assert answer == f"The {fields['noun']} is {fields['word']}."
+    elif name == "avoid_word":
+        words = fields["sentence"].rstrip(".").split()
+        assert fields["word"] in words and answer.rstrip(".").split() == [
+            w for w in words if w != fields["word"]
+        ]
+    elif name == "end_phrase":
+        assert answer.endswith(" " + fields["phrase"]) and fields["name"] in answer
+    elif name == "lowercase_bullets":
+        items = [w.lower() for w in _words(fields["items"])]
+        assert answer == "\n".join(f"- {w}" for w in items) and len(items) == fields["n"]
     else:  # pragma: no cover - a new family must get a check here
         raise AssertionError(f"no answer check for family {name}")
 
@@ -158,6 +207,8 @@ def test_answers_correct(name):
     for _ in range(25):
         fields, answer = fam.make(rng)
         _check(name, fields, answer)
+        if name in CONSTRAINTS:  # the reference obeys the constraints its prompt states
+            assert all(check_all(CONSTRAINTS[name](fields), answer).values()), (name, answer)
         prompt = fam.phrasings[0].format(**fields)
         assert all(str(v) in prompt for v in fields.values())
 

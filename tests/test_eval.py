@@ -305,3 +305,27 @@ def test_a_template_that_cannot_render_a_prompt_names_the_row(tiny, tokenizer, t
     task = file_task("s", f)
     with pytest.raises(InstillError, match=r"suite s, .*s.jsonl:2: the model's chat template"):
         evaluate(tiny, strict, task, EvalConfig(max_new_tokens=2), "tiny")
+
+
+def test_constraint_records_and_instruction_level_summary(tiny, tokenizer):
+    from instill.data.constraints import check_all
+    from instill.eval.tasks import builtin_task
+
+    task = builtin_task(2, 0, ["lowercase_bullets", "word_limit"])
+    result = evaluate(tiny, tokenizer, task, EvalConfig(max_new_tokens=4), "tiny")
+    for r, ex in zip(result.records, task.examples, strict=True):
+        assert r["constraints"] == check_all(ex.scorer.constraints, r["prediction"])
+        assert r["score"] == float(all(r["constraints"].values()))
+    # hand-made records: two prompts with two and one constraints
+    result.records = [
+        {"cluster": "c", "family": "f", "score": 0.0, "scores": {},
+         "constraints": {"bullets(n=2)": True, "lowercase": False}},
+        {"cluster": "c", "family": "g", "score": 1.0, "scores": {},
+         "constraints": {"max_words(n=3)": True}},
+    ]  # fmt: skip
+    s = result.summary()
+    assert s["score"] == 0.5  # prompt level: both constraints of a prompt must hold
+    assert s["constraints"]["instruction_level"]["score"] == pytest.approx(2 / 3, abs=1e-4)
+    assert s["constraints"]["instruction_level"]["n"] == 3
+    by_kind = {k: v["score"] for k, v in s["constraints"]["by_kind"].items()}
+    assert by_kind == {"bullets": 1.0, "lowercase": 0.0, "max_words": 1.0}

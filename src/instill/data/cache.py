@@ -18,7 +18,7 @@ import numpy as np
 from instill.config import DataConfig
 from instill.data.sources import SUFFIXES
 
-_CODE = ("builtin.py", "formats.py", "render.py", "sources.py", "dataset.py")
+_CODE = ("builtin.py", "constraints.py", "formats.py", "render.py", "sources.py", "dataset.py")
 
 
 def _hash_path(h, path: Path) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from instill.config import BuiltinDataConfig, EvalConfig
 from instill.data import builtin
+from instill.data.constraints import check_all
 from instill.errors import InstillError
 from instill.eval.likelihood import choose, perplexity, reply_logprobs
 from instill.eval.metrics import bootstrap_ci, text_scores
@@ -80,6 +81,19 @@ class SuiteResult:
             "wall_s": round(self.wall_s, 2),
             **self.extra,
         }
+        checks = [
+            (name.split("(")[0], ok)
+            for r in self.records
+            for name, ok in r.get("constraints", {}).items()
+        ]
+        if checks:  # IFEval's instruction level: each constraint on its own, by kind
+            kinds: dict[str, list[float]] = {}
+            for kind, ok in checks:
+                kinds.setdefault(kind, []).append(float(ok))
+            out["constraints"] = {
+                "instruction_level": _stat([float(ok) for _, ok in checks]),
+                "by_kind": {k: _stat(v) for k, v in sorted(kinds.items())},
+            }
         if self.holdout:
             for side, seen in (("seen", True), ("unseen", False)):
                 scores = [r["score"] for r in self.records if r.get("seen", True) is seen]
@@ -115,8 +129,11 @@ def _generation_records(model, tokenizer, task: Task, cfg: EvalConfig) -> list[d
     records = []
     for ex, gen in zip(task.examples, gens, strict=True):
         scores = text_scores(gen.text, ex.reference)
+        extra = {}
         if task.metric == "builtin":
             scores["builtin"] = builtin.score(ex.scorer, gen.text, ex.reference)
+            if ex.scorer.constraints:  # which of the prompt's constraints the reply obeyed
+                extra["constraints"] = check_all(ex.scorer.constraints, gen.text)
         records.append(
             _record(
                 ex,
@@ -126,6 +143,7 @@ def _generation_records(model, tokenizer, task: Task, cfg: EvalConfig) -> list[d
                 finish_reason=gen.finish_reason,
                 score=_primary(task.metric, scores),
                 scores=scores,
+                **extra,
             )
         )
     return records
