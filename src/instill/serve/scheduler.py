@@ -78,8 +78,9 @@ class _Row:
 
     def choose(self, scores: torch.Tensor) -> int:
         """The next token from this row's logits, shape [1, vocab]."""
-        history = torch.tensor([self.job.prompt + self.job.ids], device=scores.device)
-        scores = self.procs(history, scores)
+        penalty = self.job.params.repetition_penalty != 1.0  # the only one that reads the ids
+        history = self.job.prompt + self.job.ids if penalty else []
+        scores = self.procs(torch.tensor([history], device=scores.device), scores)
         if self.gen is None:
             return int(scores.argmax(-1))
         probs = torch.softmax(scores, dim=-1)
@@ -109,9 +110,10 @@ class Scheduler:
         self.queue.put(job)
         return job
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
         """Finish the running rows and the jobs submitted before this call, then stop."""
         self.queue.put(None)
+        self.thread.join(timeout)
 
     def _loop(self) -> None:
         closing = False
