@@ -63,6 +63,7 @@ def test_instill_train_under_torchrun(tiny_dir, tmp_path):
         "data.builtin.train_per_family=4",
         "data.builtin.eval_per_family=1",
         "data.builtin.families=[addition,uppercase]",
+        "eval.holdout_clusters=[]",
         "eval.max_new_tokens=4",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
