@@ -24,7 +24,7 @@ def rss_mb() -> float:
 def step(variant: str, batch: int, length: int, dynamic_heap: bool) -> dict:
     import torch
 
-    from instill.train.memory import fix_mmap_threshold
+    from instill.train.memory import enable_checkpointing, fix_mmap_threshold
 
     if not dynamic_heap:
         fix_mmap_threshold()  # as instill.train.train does
@@ -39,14 +39,8 @@ def step(variant: str, batch: int, length: int, dynamic_heap: bool) -> dict:
     loaded = load_model(ModelConfig(dtype="float32", device="cpu"))
     out["loaded_mb"] = rss_mb()
     model, _ = attach_adapter(loaded.model, AdapterConfig(r=16, alpha=32))
-    if variant in ("checkpointing", "ckpt-2of3"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    if variant == "ckpt-2of3":
-        # every third decoder layer keeps its activations: 2/3 of the recomputation cost
-        layers = model.get_base_model().model.layers
-        for layer in layers[::3]:
-            layer.gradient_checkpointing = False
+    # ckpt-2of3: two decoder layers in three recompute, as train.gradient_checkpointing: 0.67
+    enable_checkpointing(model, {"checkpointing": True, "ckpt-2of3": 2 / 3}.get(variant, False))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     out["adapter_mb"] = rss_mb()

@@ -5,7 +5,8 @@
 
 Each configuration runs in its own process, one after another (so peak RSS is its own):
 instill with length-grouped batches, instill with packing, both again with gradient
-checkpointing (-ckpt: recomputes the decoder's forward in backward, for memory), TRL padded,
+checkpointing (-ckpt: recomputes the decoder's forward in backward, for memory), packed with
+two layers in three checkpointed (-ckpt2/3, `train.gradient_checkpointing: 0.67`), TRL padded,
 TRL packed. All in fp32
 on the CPU, SmolLM2-135M-Instruct, LoRA r=16 alpha=32 on all linear layers, batch 8, max length
 512, lr 2e-4 linear, one epoch over the same rows (the first --rows rows whose rendered
@@ -79,7 +80,7 @@ def after_loss(model, tokenizer, rows_file: Path) -> float:
     return validation_loss(model, rows, BATCH, tokenizer.pad_token_id)
 
 
-def run_instill(rows_file: Path, packing: bool, checkpointing: bool = False) -> dict:
+def run_instill(rows_file: Path, packing: bool, checkpointing: bool | float = False) -> dict:
     from instill.config import AdapterConfig, DataConfig, SourceConfig, TrainConfig
     from instill.data.dataset import build_data
     from instill.models import attach_adapter
@@ -191,6 +192,7 @@ def worker(which: str, rows_file: Path) -> None:
         "instill-packed": lambda: run_instill(rows_file, True),
         "instill-ckpt": lambda: run_instill(rows_file, False, True),
         "instill-pk-ckpt": lambda: run_instill(rows_file, True, True),
+        "instill-pk-ckpt2/3": lambda: run_instill(rows_file, True, 2 / 3),
         "trl-padded": lambda: run_trl(rows_file, False),
         "trl-packed": lambda: run_trl(rows_file, True),
     }[which]
@@ -211,6 +213,7 @@ def main() -> None:
             "instill-packed",
             "instill-ckpt",
             "instill-pk-ckpt",
+            "instill-pk-ckpt2/3",
             "trl-padded",
             "trl-packed",
         ],
@@ -266,7 +269,7 @@ def main() -> None:
         "(forward + backward through frozen linear layers, LM head excluded)"
     )
     print(
-        f"{'config':<16}{'tokens/s':>10}{'peak RSS MB':>13}{'logged loss':>12}{'loss after':>11}"
+        f"{'config':<20}{'tokens/s':>10}{'peak RSS MB':>13}{'logged loss':>12}{'loss after':>11}"
         f"{'MFU':>7}{'x TRL packed':>14}{'RSS / TRL packed':>18}"
     )
     for name, r in results.items():
@@ -274,7 +277,7 @@ def main() -> None:
         speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
         mem = f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}" if ref else "-"
         print(
-            f"{name:<16}{r['tokens_per_s']:>10.1f}{r['peak_rss_mb']:>13.0f}"
+            f"{name:<20}{r['tokens_per_s']:>10.1f}{r['peak_rss_mb']:>13.0f}"
             f"{r['final_loss']:>12.4f}{r['after_loss']:>11.4f}{100 * mfu:>6.1f}%"
             f"{speed:>14}{mem:>18}"
         )

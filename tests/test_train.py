@@ -263,3 +263,40 @@ def test_during_training_suite_must_be_evaluated_and_needs_eval_every():
             None,
             ["eval.during_training=builtin", "data.validation=0.1", "data.builtin.seed=0"],
         )
+
+
+def test_partial_gradient_checkpointing_recomputes_only_chosen_layers(tokenizer, rows):
+    from conftest import build_tiny
+
+    from instill.train.loss import SupervisedLM
+    from instill.train.memory import checkpointed_layers, enable_checkpointing
+
+    assert checkpointed_layers(30, 1.0) == list(range(30))
+    assert len(checkpointed_layers(30, 2 / 3)) == 20 and checkpointed_layers(3, 2 / 3) == [1, 2]
+    assert checkpointed_layers(2, 0.5) == [1]
+    assert TrainConfig(gradient_checkpointing="0.67").gradient_checkpointing == 0.67
+    assert TrainConfig(gradient_checkpointing=1).gradient_checkpointing is True
+    assert TrainConfig(gradient_checkpointing=0).gradient_checkpointing is False
+    with pytest.raises(ValueError, match=r"fraction of layers must be in \(0, 1\]"):
+        TrainConfig(gradient_checkpointing=1.5)
+    losses, grads = {}, {}
+    for setting in (False, True, 0.5):
+        model, _ = attach_adapter(build_tiny(tokenizer), AdapterConfig(r=8, dropout=0.0))
+        assert enable_checkpointing(model, setting) == {False: [], True: [0, 1], 0.5: [1]}[setting]
+        model.train()
+        layers = model.get_base_model().model.layers
+        calls = [0] * len(layers)
+        for i, layer in enumerate(layers):  # a recomputed layer runs its MLP twice per step
+            layer.mlp.register_forward_hook(lambda *a, i=i, c=calls: c.__setitem__(i, c[i] + 1))
+        ids = torch.tensor([rows[0].input_ids])
+        labels = torch.where(torch.tensor([rows[0].mask]).bool(), ids, -100)
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):  # recompute whole layers
+            loss, n = SupervisedLM(model)(input_ids=ids, labels=labels)
+            (loss / n).backward()
+        assert calls == {False: [1, 1], True: [2, 2], 0.5: [1, 2]}[setting]
+        losses[setting] = loss.item()
+        grads[setting] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    for setting in (True, 0.5):  # the same numbers, only memory and time differ
+        assert losses[setting] == pytest.approx(losses[False], rel=1e-6)
+        for a, b in zip(grads[setting], grads[False], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

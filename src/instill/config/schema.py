@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -188,9 +188,23 @@ class TrainConfig(_Section):
         "afresh when there is none); or the path of a checkpoint. Weights, optimiser, "
         "scheduler, RNG and data position are restored.",
     )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward to save memory."
+    gradient_checkpointing: bool | float = Field(
+        False,
+        description="Recompute activations in backward to save memory: true for every decoder "
+        "layer, or a fraction in (0, 1] of the layers (spread evenly; e.g. 0.67 recomputes two "
+        "layers in three), trading less memory saved for less recomputation.",
     )
+
+    @field_validator("gradient_checkpointing")
+    @classmethod
+    def _checkpoint_fraction(cls, v):
+        if isinstance(v, bool):
+            return v
+        if v == 0.0:  # none of the layers
+            return False
+        if not 0.0 < v <= 1.0:
+            raise ValueError("a fraction of layers must be in (0, 1]; or use true / false")
+        return True if v == 1.0 else v
 
 
 METRIC_NAMES = Literal["auto", "exact_match", "contains", "token_f1", "rouge_l", "choice"]

@@ -37,7 +37,7 @@ from instill.train.checkpoint import (
     save_model_dir,
 )
 from instill.train.loss import IGNORE, SupervisedLM
-from instill.train.memory import fix_mmap_threshold
+from instill.train.memory import enable_checkpointing, fix_mmap_threshold
 
 
 @dataclass
@@ -235,10 +235,7 @@ def train(
     acc = accelerator or Accelerator(cpu=next(model.parameters()).device.type == "cpu")
     fix_mmap_threshold()  # activations' host memory is given back, not kept as a fragmented heap
     torch.manual_seed(cfg.seed)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+    enable_checkpointing(model, cfg.gradient_checkpointing)
     model.train()
     batcher = Batcher(
         rows, cfg, tokenizer.pad_token_id, acc.process_index, acc.num_processes, pack_length

@@ -32,3 +32,33 @@ def fix_mmap_threshold(threshold: int = THRESHOLD) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return mallopt(M_MMAP_THRESHOLD, threshold) == 1
+
+
+def checkpointed_layers(n: int, fraction: float) -> list[int]:
+    """Which of n decoder layers recompute their activations in backward: round(n * fraction)
+    of them, spread evenly (layer i when floor((i + 1) f) > floor(i f))."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    return [i for i in range(n) if int((i + 1) * fraction + 1e-9) > int(i * fraction + 1e-9)]
+
+
+def enable_checkpointing(model, setting: bool | float) -> list[int]:
+    """Turn on gradient checkpointing for all decoder layers (True) or a fraction of them, and
+    return the indices of the checkpointed layers. The others keep their activations: each
+    layer left out costs its activation memory and saves one recomputed forward."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if setting is False:
+        return []
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    keep = checkpointed_layers(len(layers), 1.0 if setting is True else float(setting))
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i in keep
+    return keep
