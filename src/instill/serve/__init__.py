@@ -1,4 +1,4 @@
-"""OpenAI-compatible server: FastAPI app, dynamic-batching scheduler, web chat page."""
+"""OpenAI-compatible server: FastAPI app, continuous-batching scheduler, web chat page."""
 
 from __future__ import annotations
 
