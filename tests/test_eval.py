@@ -167,6 +167,10 @@ def test_holdout_cluster_never_reaches_training_rows(tokenizer):
     families = {r.source.split(":", 1)[1] for r in data.train + data.validation}
     held_families = {f for f, fam in builtin.FAMILIES.items() if fam.cluster == held}
     assert families and not families & held_families
+    assert data.stats.held_out == 4 * len(held_families)  # counted, for the report's data table
+    assert data.stats.held_out + data.stats.rows_in + data.stats.validation_rows == 4 * len(
+        builtin.FAMILIES
+    )
     full = build_data(tokenizer, cfg, cache=False)
     assert {r.source.split(":", 1)[1] for r in full.train} >= held_families  # control
     # the data suite evaluates the held-out cluster's rows, flagged unseen

@@ -39,6 +39,7 @@ class DataStats:
     dropped: dict[str, int] = field(default_factory=dict)
     skipped: int = 0
     validation_rows: int = 0
+    held_out: int = 0  # rows of eval.holdout_clusters, kept out of training and validation
     formats: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -242,11 +243,13 @@ def build_data(
 
 def _build_data(tokenizer, cfg: DataConfig, holdout: frozenset[str] = frozenset()) -> Data:
     skipped: list[dict] | None = [] if cfg.on_error == "skip" else None
-    train_convs, val_convs, formats = load_conversations(cfg, skipped, frozenset(holdout))
+    heldout: list[Conversation] = []
+    train_convs, val_convs, formats = load_conversations(cfg, skipped, frozenset(holdout), heldout)
     rows, stats = tokenize(tokenizer, train_convs, cfg, skipped)
     val_rows, _ = tokenize(tokenizer, val_convs, cfg, skipped) if val_convs else ([], None)
     stats.formats = formats
     stats.validation_rows = len(val_rows)
+    stats.held_out = len(heldout)
     stats.skipped = len(skipped or [])
     if not rows:
         raise InstillError(

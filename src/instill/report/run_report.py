@@ -208,6 +208,10 @@ def data_rows(run: dict) -> list[list[str]]:
         ["rows read", f"{d['rows_in']:,}"],
         ["rows trained on", f"{d['rows']:,}"],
         ["validation rows", f"{d.get('validation_rows', 0):,}"],
+        [
+            "rows of held-out clusters (never trained on)",
+            "not recorded" if d.get("held_out") is None else f"{d['held_out']:,}",
+        ],
         ["tokens", f"{d['tokens']:,} ({d['trained_tokens']:,} trained)"],
         ["truncated rows", f"{d['truncated']:,}"],
         ["dropped rows (reason: count)", dropped],
@@ -216,7 +220,7 @@ def data_rows(run: dict) -> list[list[str]]:
     if run.get("packing_efficiency") is not None:
         rows.append(["packing efficiency", f"{100 * run['packing_efficiency']:.1f}%"])
     for name, n in (d.get("formats") or {}).items():
-        rows.append([f"source {name}", f"{n:,} rows"])
+        rows.append([f"source {name}", f"{n:,} rows (before validation and held-out splits)"])
     return rows
 
 
