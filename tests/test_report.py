@@ -135,3 +135,25 @@ def test_report_of_a_directory_without_a_run_is_a_clear_error(tmp_path):
 
     with pytest.raises(InstillError, match="no run.json"):
         write_run_report(tmp_path)
+
+
+def test_constraints_table_reads_the_summaries(run):
+    from instill.eval.runner import SuiteResult
+
+    def summary_with(stem, oks):  # the runner's own summary of records with constraint results
+        recs = [
+            {"cluster": "constraints", "family": "f", "score": float(all(ok.values())),
+             "constraints": ok}
+            for ok in oks
+        ]  # fmt: skip
+        path = run / "eval" / f"{stem}.json"
+        data = json.loads(path.read_text())
+        data["constraints"] = SuiteResult(stem, "m", recs, 1.0).summary()["constraints"]
+        path.write_text(json.dumps(data))
+
+    summary_with("base-builtin", [{"lowercase": False}, {"bullets(n=2)": True, "lowercase": False}])
+    summary_with("builtin", [{"lowercase": True}, {"bullets(n=2)": True, "lowercase": True}])
+    text = write_run_report(run)[0].read_text()
+    assert "| constraint obeyed (%) | base | tuned | n |" in text
+    assert "| **every constraint** | 33.3 | 100.0 | 3 |" in text
+    assert "| lowercase | 0.0 | 100.0 | 2 |" in text and "| bullets | 100.0 | 100.0 | 1 |" in text

@@ -102,6 +102,31 @@ def examples_block(run_dir: Path, suite: str, k: int = 4) -> Table | None:
     )
 
 
+def _summary(run_dir: Path, stem: str) -> dict:
+    path = run_dir / "eval" / f"{stem}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def constraints_block(run_dir: Path, suite: str) -> Table | None:
+    """Verifiable constraints obeyed one by one (IFEval's instruction level), base vs tuned."""
+    base = _summary(run_dir, f"base-{suite}").get("constraints")
+    tuned = _summary(run_dir, suite).get("constraints")
+    if not base or not tuned:
+        return None
+    rows = [
+        [
+            "**every constraint**",
+            pct(base["instruction_level"]["score"]),
+            pct(tuned["instruction_level"]["score"]),
+            str(tuned["instruction_level"]["n"]),
+        ]
+    ]
+    for kind, stat in tuned["by_kind"].items():
+        before = base["by_kind"].get(kind, {}).get("score")
+        rows.append([kind, pct(before), pct(stat["score"]), str(stat["n"])])
+    return Table(["constraint obeyed (%)", "base", "tuned", "n"], rows)
+
+
 def _row(t: dict, label: str):
     return next((r for r in t["rows"] if r.label.strip() == label), None)
 
@@ -258,6 +283,7 @@ def build_run_report(run_dir: Path, price_per_hour: float = 0.10) -> Document:
         doc.add(Image(perf, "base vs tuned per suite and cluster, with 95% intervals"))
     for t in tables:
         doc.add(Heading(f"Suite {t['suite']} ({t['metric']}, %)", 3), table_block(t))
+        doc.add(constraints_block(run_dir, t["suite"]))
         doc.add(examples_block(run_dir, t["suite"]))
     if not tables:
         doc.add(Para("No suite was evaluated both before and after tuning."))
@@ -272,7 +298,7 @@ def build_run_report(run_dir: Path, price_per_hour: float = 0.10) -> Document:
     doc.add(Heading("Forgetting: the general suite"))
     general = next((t for t in tables if t["suite"] == GENERAL), None)
     doc.add(table_block(general) if general else Para("The general suite was not evaluated."))
-    doc.add(Heading("Training time and cost"), Table(["", ""], cost_table, "lr"))
+    doc.add(Heading("Training time and cost"), Table(["measure", "value"], cost_table, "lr"))
     doc.add(Heading("Training curves"))
     curve = plots.training_curves(run_dir)
     doc.add(Image(curve, "loss against step and tokens, and the learning rate") if curve else None)
@@ -294,7 +320,7 @@ def build_run_report(run_dir: Path, price_per_hour: float = 0.10) -> Document:
                 + "."
             )
         )
-    doc.add(Heading("Data"), Table(["", ""], data_rows(run), "lr"))
+    doc.add(Heading("Data"), Table(["measure", "value"], data_rows(run), "lr"))
     return doc
 
 
