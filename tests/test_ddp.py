@@ -64,6 +64,7 @@ def test_instill_train_under_torchrun(tiny_dir, tmp_path):
         "data.builtin.eval_per_family=1",
         "data.builtin.families=[addition,uppercase]",
         "eval.holdout_clusters=[]",
+        "eval.suites=[builtin]",
         "eval.max_new_tokens=4",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

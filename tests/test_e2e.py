@@ -26,6 +26,7 @@ def run(tmp_path_factory, default_source):
             f"train.output_dir={out}",
             "data.builtin.families=[addition,uppercase]",
             "eval.holdout_clusters=[]",
+            "eval.suites=[builtin]",
             "data.builtin.train_per_family=4",  # 8 rows = one batch: every step sees the same rows
             "data.builtin.eval_per_family=2",
             "train.max_steps=4",

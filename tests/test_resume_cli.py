@@ -25,6 +25,7 @@ def test_sigterm_checkpoints_and_resume_auto_finishes(tiny_dir, tmp_path):
         "data.builtin.train_per_family=4",
         "data.builtin.families=[addition,uppercase]",
         "eval.holdout_clusters=[]",
+        "eval.suites=[builtin]",
     ]
     run = tmp_path / "quickstart"
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
