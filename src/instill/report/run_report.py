@@ -77,10 +77,23 @@ def _short(text, n: int = 160) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _spread(ids: list[str], records: dict[str, dict]) -> list[str]:
+    """Round-robin over clusters (then families), so the examples shown are not all one kind."""
+    groups: dict[str, list[str]] = {}
+    for i in ids:
+        r = records[i]
+        groups.setdefault(r.get("cluster") or r.get("family") or "", []).append(i)
+    out: list[str] = []
+    for k in range(max((len(g) for g in groups.values()), default=0)):
+        out += [g[k] for g in groups.values() if k < len(g)]
+    return out
+
+
 def examples_block(run_dir: Path, suite: str, k: int = 4) -> Table | None:
     """A few prompts with both answers side by side: gains first, then losses."""
     base, tuned = _records(run_dir, f"base-{suite}"), _records(run_dir, suite)
     both = [i for i in tuned if i in base]
+    both = _spread(both, tuned)
     gains = [i for i in both if tuned[i]["score"] > base[i]["score"]]
     losses = [i for i in both if tuned[i]["score"] < base[i]["score"]]
     same = [i for i in both if tuned[i]["score"] == base[i]["score"]]
