@@ -154,3 +154,17 @@ def test_cli_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "no final/" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_four_bit_drift_fails_with_advice_unless_accepted(run):
+    from instill.export.verify import Figures, check
+
+    drifted = Figures(29.5, 0.579, 19, True, True, None, 0.8)  # the quickstart's q4_1 figures
+    with pytest.raises(InstillError, match=r"0\.579 < 0\.8.*--quant q8_0.*--min-agreement"):
+        check(drifted, "gguf q4_1")
+    check(Figures(29.5, 0.579, 19, True, True, None, 0.5), "gguf q4_1")  # a floor the user set
+    with pytest.raises(InstillError, match="between 0 and 1"):
+        export_run(run, fmt="gguf", quant="q4_1", min_agreement=2.0)
+    result = export_run(run, fmt="gguf", quant="q4_1", min_agreement=0.0)
+    manifest = json.loads((result.path / "instill.json").read_text())
+    assert manifest["verification"]["agreement_tolerance"] == 0.0

@@ -337,6 +337,9 @@ def export(
     dequantize: bool = typer.Option(
         False, help="Merge an adapter trained on a 4-bit base into the full-precision base."
     ),
+    min_agreement: float = typer.Option(
+        None, help="Replace the verification's greedy-agreement floor (accept more drift)."
+    ),
 ) -> None:
     """Export a tuned model (HF directory or GGUF), verified by reloading, with instill.json."""
     from instill.export import export_run
@@ -344,7 +347,7 @@ def export(
     _quiet_libraries()
     export_run(
         run, fmt=fmt, quant=quant, dtype=dtype, parts=parts, output=output,
-        overwrite=overwrite, dequantize=dequantize,
+        overwrite=overwrite, dequantize=dequantize, min_agreement=min_agreement,
     )
 
 

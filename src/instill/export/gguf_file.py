@@ -7,9 +7,7 @@ rotary row order (pairs interleaved per head); transformers' GGUF reader undoes 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from unittest.mock import patch
 
 import gguf
 import numpy as np
@@ -26,9 +24,14 @@ QUANTS = {
     "q4_1": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
 }
 _LAYER = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
 
@@ -67,8 +70,8 @@ def source_quant(gguf_path: str | None) -> str | None:
 
 def _rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
     # HF keeps each head's rotary halves apart; llama.cpp interleaves them
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
-        w.shape
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
     )
 
 
@@ -130,8 +133,11 @@ def _add_tokenizer(writer, tokenizer, pre: str) -> None:
     special = set(tokenizer.all_special_ids)
     added = {t.content for t in tokenizer.added_tokens_decoder.values()}
     types = [
-        gguf.TokenType.CONTROL if i in special
-        else gguf.TokenType.USER_DEFINED if tok in added else gguf.TokenType.NORMAL
+        gguf.TokenType.CONTROL
+        if i in special
+        else gguf.TokenType.USER_DEFINED
+        if tok in added
+        else gguf.TokenType.NORMAL
         for tok, i in by_id
     ]
     writer.add_tokenizer_model("gpt2")
@@ -193,8 +199,9 @@ def load_gguf(path: Path):
     """transformers' own GGUF reader: an independent loader for verification."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # the reader draws its own tqdm bar; TQDM_DISABLE silences it
-    with patch.dict(os.environ, {"TQDM_DISABLE": "1"}):
+    from instill.models.resolve import quiet_gguf_reader
+
+    with quiet_gguf_reader():
         model = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32
         ).eval()

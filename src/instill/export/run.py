@@ -128,7 +128,7 @@ def _write_gguf(tuned: Tuned, tmp: Path, quant: str, run: Path) -> Figures:
 def export_run(
     run: Path, *, fmt: str = "hf", quant: str | None = None, dtype: str = "fp32",
     parts: str = "merged", output: Path | None = None, overwrite: bool = False,
-    dequantize: bool = False,
+    dequantize: bool = False, min_agreement: float | None = None,
 ) -> ExportResult:
     run = Path(run)
     final_dir(run)
@@ -140,6 +140,8 @@ def export_run(
         raise InstillError(f"--parts {parts}: choose one of {', '.join(PARTS)}")
     if quant is not None:
         gguf_file.check_quant(quant)
+    if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
+        raise InstillError(f"--min-agreement {min_agreement}: give a share between 0 and 1")
     if output is not None and output.exists() and not overwrite:
         raise InstillError(f"{output}: already exists; pass --overwrite to replace it")
     tuned = load_tuned(run, dequantize=dequantize)
@@ -158,6 +160,8 @@ def export_run(
             figures = _write_gguf(tuned, tmp, quant, run)
             what = f"gguf {quant}"
         if figures is not None:
+            if min_agreement is not None:  # the user's own floor, recorded in instill.json
+                figures.agreement_tolerance = min_agreement
             _print(figures, what)
             check(figures, what)
         export = {"format": fmt, "quant": quant, "dtype": dtype if fmt == "hf" else None,

@@ -8,7 +8,15 @@ model's own greedy reply of up to 16 tokens, end-of-turn included):
     fp16 / f16   0.25   agreement 0.95
     bf16         1.0    agreement 0.90
     q8_0         1.0    agreement 0.90
-    q4_0 / q4_1  report only   agreement 0.50  (4-bit rounding moves logits by whole units)
+    q4_0 / q4_1  report only   agreement 0.80  (4-bit rounding moves logits by whole units)
+
+`--min-agreement` replaces the agreement floor, for a user who accepts more drift knowingly.
+The 4-bit floor is there because rounding a tuned model to 4 bits can undo the tuning while
+the file still loads and talks: measured on the quickstart's tuned model, a q4_1 export agreed
+on 0.58 of positions and scored 14% on the built-in suite against the tuned model's 65% (the
+untuned base: 9%), where q8_0 agreed on every position. (The base alone re-exported to q4_1
+reloads with identical logits: its weights are already on the 4-bit grid, so the writer is
+exact and the drift is the rounding of the tuned weights.)
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ TOLERANCE = {  # format -> (max |logit diff| or None, minimum greedy agreement)
     "fp16": (0.25, 0.95), "f16": (0.25, 0.95),
     "bf16": (1.0, 0.90),
     "q8_0": (1.0, 0.90),
-    "q4_0": (None, 0.50), "q4_1": (None, 0.50),
+    "q4_0": (None, 0.80), "q4_1": (None, 0.80),
 }
 
 
@@ -94,5 +102,11 @@ def check(figures: Figures, what: str) -> None:
         problems.append(
             f"greedy agreement {figures.greedy_agreement:.3f} < {figures.agreement_tolerance}"
         )
+        if what.split()[-1] in ("q4_0", "q4_1"):
+            problems.append(
+                "rounding the tuned weights to 4 bits changed the model's answers (the tuning "
+                "may not survive it); export --quant q8_0 instead, or accept the drift "
+                "knowingly with --min-agreement"
+            )
     if problems:
         raise InstillError(f"export verification failed for {what}: " + "; ".join(problems))

@@ -8,6 +8,7 @@ hub id. A GGUF file is converted once into a safetensors HF directory under `$IN
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -132,6 +133,16 @@ def _gguf_source(name: str, gguf: Path, convert: bool) -> ModelSource:
     )
 
 
+@contextlib.contextmanager
+def quiet_gguf_reader():
+    """transformers' GGUF reader draws its own tqdm bar (tqdm reads TQDM_DISABLE only when it is
+    imported, so the environment cannot turn it off later): hand it a silent one."""
+    import transformers.modeling_gguf_pytorch_utils as reader
+
+    with patch.object(reader, "tqdm", lambda iterable, *args, **kwargs: iterable):
+        yield
+
+
 def convert_gguf(gguf: Path, target: Path, digest: str) -> None:
     """Dequantise a GGUF file to fp32 and save it as a safetensors HF directory, atomically."""
     import torch
@@ -140,9 +151,8 @@ def convert_gguf(gguf: Path, target: Path, digest: str) -> None:
     from instill.console import console
 
     console.print(f"[dim]converting {gguf.name} to a cached safetensors model (once)...[/dim]")
-    # transformers' GGUF reader draws its own tqdm bar; TQDM_DISABLE silences it.
     try:
-        with patch.dict(os.environ, {"TQDM_DISABLE": "1"}):
+        with quiet_gguf_reader():
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             loaded = AutoModelForCausalLM.from_pretrained(
                 str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
