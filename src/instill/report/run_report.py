@@ -144,47 +144,50 @@ def _row(t: dict, label: str):
     return next((r for r in t["rows"] if r.label.strip() == label), None)
 
 
+def _change(r) -> str:
+    return (
+        f"{pct(r.a)}% → {pct(r.b)}% ({signed(r.delta)} points, 95% CI {interval(r.ci)}, n={r.n_b})"
+    )
+
+
+def _gain_verdict(claim: str, items: list[tuple[str, object]], unsupported: str) -> Verdict:
+    """Supported when every (label, row) delta is positive with an interval that excludes 0."""
+    ok = all(r.significant and r.delta > 0 for _, r in items)
+    text = "; ".join(label + _change(r) for label, r in items) + "."
+    return Verdict(claim, ok, text if ok else f"{text} {unsupported}")
+
+
 def performance_verdict(tables: list[dict]) -> Verdict:
+    claim = "Better answers to prompts"
     tuned = [t for t in tables if t["suite"] != GENERAL]
     if not tuned:
-        return Verdict(
-            "Better answers to prompts", None, "no task suite was evaluated before and after"
-        )
-    parts, ok = [], []
-    for t in tuned:
-        r = _row(t, "overall")
-        ok.append(r.significant and r.delta > 0)
-        parts.append(
-            f"{t['suite']} {pct(r.a)}% → {pct(r.b)}% ({signed(r.delta)} points, 95% CI "
-            f"{interval(r.ci)}, n={r.n_b})"
-        )
-    text = "; ".join(parts) + "."
-    if not all(ok):
-        text += " A delta whose interval includes 0 (or is negative) does not show an improvement."
-    return Verdict("Better answers to prompts", all(ok), text)
+        return Verdict(claim, None, "no task suite was evaluated before and after")
+    return _gain_verdict(
+        claim,
+        [(f"{t['suite']} ", _row(t, "overall")) for t in tuned],
+        "A delta whose interval includes 0 (or is negative) does not show an improvement.",
+    )
 
 
 def generalisation_verdict(tables: list[dict]) -> Verdict:
+    claim = "Generalisation to unseen task kinds"
     held = [t for t in tables if _row(t, "unseen clusters") is not None]
     if not held:
         return Verdict(
-            "Generalisation to unseen task kinds",
-            None,
+            claim, None,
             "no task cluster was held out of training; set eval.holdout_clusters to measure it",
+        )  # fmt: skip
+    items = [
+        (
+            f"{t['suite']}: seen clusters {signed(_row(t, 'seen clusters').delta)} points, "
+            "unseen (held-out) clusters ",
+            _row(t, "unseen clusters"),
         )
-    parts, ok = [], []
-    for t in held:
-        seen, unseen = _row(t, "seen clusters"), _row(t, "unseen clusters")
-        ok.append(unseen.significant and unseen.delta > 0)
-        parts.append(
-            f"{t['suite']}: seen clusters {signed(seen.delta)} points, unseen (held-out) clusters "
-            f"{pct(unseen.a)}% → {pct(unseen.b)}% ({signed(unseen.delta)}, 95% CI "
-            f"{interval(unseen.ci)}, n={unseen.n_b})"
-        )
-    text = "; ".join(parts) + "."
-    if not all(ok):
-        text += " The gain on held-out clusters is not distinguishable from zero."
-    return Verdict("Generalisation to unseen task kinds", all(ok), text)
+        for t in held
+    ]
+    return _gain_verdict(
+        claim, items, "The gain on held-out clusters is not distinguishable from zero."
+    )
 
 
 def forgetting_verdict(tables: list[dict]) -> Verdict:
@@ -200,10 +203,7 @@ def forgetting_verdict(tables: list[dict]) -> Verdict:
         if t["suite"] != GENERAL and _row(t, "overall").delta is not None
     ]
     gain = max(gains) if gains else 0.0
-    text = (
-        f"general suite {pct(r.a)}% → {pct(r.b)}% ({signed(r.delta)} points, 95% CI "
-        f"{interval(r.ci)}, n={r.n_b})."
-    )
+    text = f"general suite {_change(r)}."
     forgot = r.significant and r.delta < 0
     if forgot and -r.delta > gain:
         text += " The loss on general knowledge is larger than the gain on the tuned tasks."
