@@ -25,7 +25,8 @@ from instill.infer import GenParams, generate
 def _stat(scores: list[float]) -> dict:
     lo, hi = bootstrap_ci(scores)
     mean = sum(scores) / len(scores) if scores else 0.0
-    return {"score": round(mean, 4), "ci95": [round(lo, 4), round(hi, 4)], "n": len(scores)}
+    # 6 decimals: a percentage printed to 0.1 from the summary agrees with one from the records
+    return {"score": round(mean, 6), "ci95": [round(lo, 6), round(hi, 6)], "n": len(scores)}
 
 
 @dataclass
