@@ -6,8 +6,10 @@
 Each configuration runs in its own process, one after another (so peak RSS is its own):
 instill with length-grouped batches, instill with packing, both again with gradient
 checkpointing (-ckpt: recomputes the decoder's forward in backward, for memory), packed with
-two layers in three checkpointed (-ckpt2/3, `train.gradient_checkpointing: 0.67`), TRL padded,
-TRL packed. All in fp32
+two layers in three checkpointed (-ckpt2/3, `train.gradient_checkpointing: 0.67`), packed and
+checkpointed with freed activations reused from the heap (-ckpt-16M,
+`train.mmap_threshold_mb: 16`), packed with the largest heap reuse (-32M), TRL padded, TRL
+packed. All in fp32
 on the CPU, SmolLM2-135M-Instruct, LoRA r=16 alpha=32 on all linear layers, batch 8, max length
 512, lr 2e-4 linear, one epoch over the same rows (the first --rows rows whose rendered
 conversation fits max_length, so neither tool truncates). Prints real (non-padding) tokens per
@@ -80,7 +82,9 @@ def after_loss(model, tokenizer, rows_file: Path) -> float:
     return validation_loss(model, rows, BATCH, tokenizer.pad_token_id)
 
 
-def run_instill(rows_file: Path, packing: bool, checkpointing: bool | float = False) -> dict:
+def run_instill(
+    rows_file: Path, packing: bool, checkpointing: bool | float = False, mmap_mb: float = 0.0625
+) -> dict:
     from instill.config import AdapterConfig, DataConfig, SourceConfig, TrainConfig
     from instill.data.dataset import build_data
     from instill.models import attach_adapter
@@ -103,6 +107,7 @@ def run_instill(rows_file: Path, packing: bool, checkpointing: bool | float = Fa
         schedule="linear",
         log_every=1,
         gradient_checkpointing=checkpointing,
+        mmap_threshold_mb=mmap_mb,
     )
     result = train(
         model, loaded.tokenizer, data.train, cfg, None, pack_length=MAX_LEN if packing else None
@@ -193,6 +198,8 @@ def worker(which: str, rows_file: Path) -> None:
         "instill-ckpt": lambda: run_instill(rows_file, False, True),
         "instill-pk-ckpt": lambda: run_instill(rows_file, True, True),
         "instill-pk-ckpt2/3": lambda: run_instill(rows_file, True, 2 / 3),
+        "instill-pk-ckpt-16M": lambda: run_instill(rows_file, True, True, 16),
+        "instill-pk-32M": lambda: run_instill(rows_file, True, False, 32),
         "trl-padded": lambda: run_trl(rows_file, False),
         "trl-packed": lambda: run_trl(rows_file, True),
     }[which]
@@ -214,6 +221,8 @@ def main() -> None:
             "instill-ckpt",
             "instill-pk-ckpt",
             "instill-pk-ckpt2/3",
+            "instill-pk-ckpt-16M",
+            "instill-pk-32M",
             "trl-padded",
             "trl-packed",
         ],

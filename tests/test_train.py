@@ -300,3 +300,16 @@ def test_partial_gradient_checkpointing_recomputes_only_chosen_layers(tokenizer,
         assert losses[setting] == pytest.approx(losses[False], rel=1e-6)
         for a, b in zip(grads[setting], grads[False], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_mmap_threshold_is_the_configured_one(tiny, tokenizer, rows, monkeypatch):
+    import instill.train.loop as loop
+
+    seen = []
+    monkeypatch.setattr(loop, "fix_mmap_threshold", lambda n: seen.append(n) or True)
+    model, _ = attach_adapter(tiny, AdapterConfig(r=4))
+    train(model, tokenizer, rows, TrainConfig(max_steps=1, mmap_threshold_mb=16), None)
+    assert seen == [16 * 2**20]
+    assert TrainConfig().mmap_threshold_mb * 2**20 == 64 * 1024  # the lean default
+    with pytest.raises(ValueError, match="32"):
+        TrainConfig(mmap_threshold_mb=64)  # above glibc's ceiling

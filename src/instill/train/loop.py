@@ -233,7 +233,8 @@ def train(
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator(cpu=next(model.parameters()).device.type == "cpu")
-    fix_mmap_threshold()  # activations' host memory is given back, not kept as a fragmented heap
+    # freed activation memory goes back to the system (train.mmap_threshold_mb moves the line)
+    fix_mmap_threshold(int(cfg.mmap_threshold_mb * 2**20))
     torch.manual_seed(cfg.seed)
     enable_checkpointing(model, cfg.gradient_checkpointing)
     model.train()
