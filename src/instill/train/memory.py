@@ -10,10 +10,9 @@ A fixed threshold puts every block of at least 64 KiB in its own mapping, given 
 
 That costs speed: every activation then comes as fresh pages the kernel must fault in and zero.
 `train.mmap_threshold_mb` moves the threshold. bench/train_throughput.py (64 T0 rows, packed,
-batch 8 at 512, LoRA r=16) measured: 64 KiB 107 tokens/s at 6.6 GB, 64 KiB with two layers in
-three checkpointed 111 tokens/s at 3.2 GB; 16 MiB with full checkpointing 135 tokens/s at
-4.5 GB; 32 MiB with full checkpointing 147 tokens/s at 5.6 GB; 32 MiB alone 190 tokens/s at
-10.7 GB; glibc's own dynamic threshold 175 tokens/s at 11.0 GB.
+batch 8 at 512, LoRA r=16, 2 cores) measured: 64 KiB 107 tokens/s at 6.6 GB; 64 KiB with two
+layers in three checkpointed 111 tokens/s at 3.2 GB; 16 MiB with full checkpointing 123 tokens/s
+at 4.5 GB; 32 MiB alone 174 tokens/s at 10.8 GB.
 """
 
 from __future__ import annotations
