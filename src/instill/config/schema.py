@@ -194,7 +194,7 @@ class TrainConfig(_Section):
         le=32,  # glibc's ceiling
         description="CPU (glibc): host allocations at least this large get their own memory "
         "mapping, given back when freed. The default (64 KiB) keeps peak memory lowest; 16 to "
-        "32 lets freed activations be reused from the heap, which measured 1.3x to 1.8x faster "
+        "32 lets freed activations be reused from the heap, which measured 1.3x to 1.6x faster "
         "training here at the cost of more memory (see bench/train_throughput.py).",
     )
     gradient_checkpointing: bool | float = Field(
