@@ -4,6 +4,9 @@ Every task family generates small problems from tiny in-module word lists and
 asks for an answer in a precise form ("the number only", "just the label",
 ...). A pretrained chat model usually knows *what* the answer is but replies
 verbosely ("2 + 3 = 5"); instruction tuning teaches it the requested form.
+The ``constraints`` cluster layers verifiable constraints (``data/constraints.py``:
+lowercase, word limit, JSON keys, bullets, include/avoid a word, end phrase) on
+small tasks; its examples carry the constraints and are scored strictly on them.
 
 Determinism: each (seed, split, family) gets its own ``random.Random`` seeded
 with a CRC32 of a string, so output is identical across processes.
