@@ -4,7 +4,6 @@ and a plot each, and saying plainly when a number does not support its claim."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from instill.eval.compare import Side, compare_suite
@@ -16,15 +15,11 @@ from instill.report.run_report import (
     load_run,
     pct,
     signed,
+    suite_summary,
     training_flops,
 )
 
 WAYS = ("pretrained, untuned", "scratch, tuned", "pretrained, tuned")
-
-
-def _summary(folder: Path, stem: str) -> dict | None:
-    path = folder / "eval" / f"{stem}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -86,9 +81,9 @@ def build_transfer_report(folder: Path, price_per_hour: float = 0.10) -> Documen
     suites = _suites(pre_dir, scratch_dir)
     ways = {
         s: (
-            _summary(pre_dir, f"base-{s}"),
-            _summary(scratch_dir, s),
-            _summary(pre_dir, s),
+            suite_summary(pre_dir, f"base-{s}"),
+            suite_summary(scratch_dir, s),
+            suite_summary(pre_dir, s),
         )
         for s in suites
     }

@@ -115,15 +115,16 @@ def examples_block(run_dir: Path, suite: str, k: int = 4) -> Table | None:
     )
 
 
-def _summary(run_dir: Path, stem: str) -> dict:
+def suite_summary(run_dir: Path, stem: str) -> dict | None:
+    """A run's eval/<stem>.json summary, or None when that suite was not evaluated."""
     path = run_dir / "eval" / f"{stem}.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def constraints_block(run_dir: Path, suite: str) -> Table | None:
     """Verifiable constraints obeyed one by one (IFEval's instruction level), base vs tuned."""
-    base = _summary(run_dir, f"base-{suite}").get("constraints")
-    tuned = _summary(run_dir, suite).get("constraints")
+    base = (suite_summary(run_dir, f"base-{suite}") or {}).get("constraints")
+    tuned = (suite_summary(run_dir, suite) or {}).get("constraints")
     if not base or not tuned:
         return None
     rows = [
