@@ -33,14 +33,16 @@ def torchrun(*args: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_two_processes_match_one(default_source, tmp_path):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_two_processes_match_one(default_source, tmp_path, compile):
+    """Compiled: each process compiles its own decoder layers inside DDP's wrapper, and the
+    gradients DDP averages are still those of one big batch."""
     out = tmp_path / "ddp.json"
-    proc = torchrun(
-        str(HERE / "ddp_worker.py"), default_source.path, "2", str(out), PYTHONPATH=str(HERE)
-    )
+    args = [str(HERE / "ddp_worker.py"), default_source.path, "2", str(out)]
+    proc = torchrun(*args, *(["compile"] if compile else []), PYTHONPATH=str(HERE))
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(out.read_text())
-    one = run(default_source.path, 4, None)
+    one = run(default_source.path, 4, None, compile=compile)
     assert two["world"] == 2 and one["world"] == 1
     assert two["tokens"] == one["tokens"]
     assert two["losses"] == pytest.approx(one["losses"], abs=1e-4)

@@ -204,6 +204,14 @@ class TrainConfig(_Section):
         "layers in three), trading less memory saved for less recomputation.",
     )
 
+    compile: bool = Field(
+        False,
+        description="Compile each decoder layer with torch.compile while training (needs a C++ "
+        "compiler on CPU, triton on CUDA). Fuses the pointwise work between matrix products: "
+        "measured 1.2x to 1.5x faster with less memory on 2 CPU cores, after a one-off compile "
+        "of about a minute (seconds once inductor's cache holds it).",
+    )
+
     @field_validator("gradient_checkpointing")
     @classmethod
     def _checkpoint_fraction(cls, v):

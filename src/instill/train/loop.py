@@ -36,6 +36,7 @@ from instill.train.checkpoint import (
     save_checkpoint,
     save_model_dir,
 )
+from instill.train.compiled import compile_error, compiled_layers, eager, is_compile_failure
 from instill.train.loss import IGNORE, SupervisedLM
 from instill.train.memory import enable_checkpointing, fix_mmap_threshold
 
@@ -265,10 +266,17 @@ def train(
         "train", total=steps, completed=done_before, loss=float("nan"), lr=0.0, tps=0.0
     )
     stop = _StopFlag()
-    with progress, stop:
+    # validation and in-training evaluation run eagerly (no graphs compiled for their shapes)
+    plain = eager if cfg.compile else contextlib.nullcontext
+    with progress, stop, compiled_layers(model, cfg.compile):
         for step in range(done_before + 1, steps + 1):
             micro = [next(stream) for _ in range(cfg.grad_accum)]
-            loss, global_tokens, global_real = accumulate(acc, wrapped, micro)
+            try:
+                loss, global_tokens, global_real = accumulate(acc, wrapped, micro)
+            except Exception as e:
+                if cfg.compile and is_compile_failure(e):
+                    raise compile_error(e) from e
+                raise
             grad_norm = None
             if cfg.max_grad_norm is not None:
                 grad_norm = float(acc.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm))
@@ -302,7 +310,8 @@ def train(
                         if record[key] is not None:
                             board.add_scalar(f"train/{key}", record[key], step)
             if validation and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
-                val = validation_loss(model, validation, cfg.batch_size, tokenizer.pad_token_id)
+                with plain():
+                    val = validation_loss(model, validation, cfg.batch_size, tokenizer.pad_token_id)
                 result.val_losses.append((step, val))
                 if metrics:
                     at = round(time.perf_counter() - start, 2)
@@ -316,7 +325,9 @@ def train(
                 if improved:
                     result.best = (step, val)
                 if evaluator is not None:
-                    score = _shared(acc, evaluator(model) if acc.is_main_process else None)
+                    with plain():
+                        score = evaluator(model) if acc.is_main_process else None
+                    score = _shared(acc, score)
                     if metrics:
                         metrics.write(json.dumps({"step": step, "eval_score": score}) + "\n")
                         metrics.flush()
