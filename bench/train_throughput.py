@@ -2,20 +2,24 @@
 
     pip install trl   # the peer, not an instill dependency
     python bench/train_throughput.py --data ../shared/data/t0-train-mix.jsonl [--rows 64]
+        [--only NAME ...] [--list]
 
-Each configuration runs in its own process, one after another (so peak RSS is its own):
-instill with length-grouped batches, instill with packing, both again with gradient
-checkpointing (-ckpt: recomputes the decoder's forward in backward, for memory), packed with
-two layers in three checkpointed (-ckpt2/3, `train.gradient_checkpointing: 0.67`), packed and
-checkpointed with freed activations reused from the heap (-ckpt-16M,
-`train.mmap_threshold_mb: 16`), packed with the largest heap reuse (-32M), TRL padded, TRL
-packed. All in fp32
-on the CPU, SmolLM2-135M-Instruct, LoRA r=16 alpha=32 on all linear layers, batch 8, max length
-512, lr 2e-4 linear, one epoch over the same rows (the first --rows rows whose rendered
-conversation fits max_length, so neither tool truncates). Prints real (non-padding) tokens per
-wall second of training, peak RSS, the last logged loss (each tool's own definition), the loss
-after training on the same rows measured the same way for both, the ratios to TRL packed, and
-model FLOPs utilisation against a measured fp32 matmul peak.
+Each configuration runs in its own process, one after another (so peak RSS is its own). The
+instill names say what differs from the defaults: -pk packed rows (`data.packing`), -ckpt every
+decoder layer recomputed in backward (`train.gradient_checkpointing`), -ckpt2/3 two layers in
+three, -16M / -32M freed activations reused from the heap (`train.mmap_threshold_mb`),
+-compile decoder layers compiled (`train.compile`; each such run starts from an empty inductor
+cache, so it pays a first compile, as a user's first run does). TRL runs padded and packed. All
+in fp32 on the CPU, SmolLM2-135M-Instruct, LoRA r=16 alpha=32 on all linear layers, batch 8, max
+length 512, lr 2e-4 linear, one epoch over the same rows (the first --rows rows whose rendered
+conversation fits max_length, so neither tool truncates).
+
+Prints, per configuration: real (non-padding) tokens per wall second of the whole training run,
+the same after the first optimiser step (steady state: without the first step's compile or
+warm-up, measured the same way for both tools), the first step's seconds, peak RSS, the last
+logged loss (each tool's own definition), the loss after training on the same rows measured the
+same way for both, model FLOPs utilisation against a measured fp32 matmul peak, and the ratios
+to TRL packed.
 """
 
 from __future__ import annotations
@@ -82,8 +86,23 @@ def after_loss(model, tokenizer, rows_file: Path) -> float:
     return validation_loss(model, rows, BATCH, tokenizer.pad_token_id)
 
 
+def steady(times: list[float], tokens: list[int]) -> dict:
+    """Throughput after the first optimiser step, from per-step end times (seconds since the
+    start of training) and cumulative real tokens."""
+    if len(times) < 2:
+        return {"first_step_s": times[0] if times else None, "steady_tokens_per_s": None}
+    return {
+        "first_step_s": times[0],
+        "steady_tokens_per_s": (tokens[-1] - tokens[0]) / (times[-1] - times[0]),
+    }
+
+
 def run_instill(
-    rows_file: Path, packing: bool, checkpointing: bool | float = False, mmap_mb: float = 0.0625
+    rows_file: Path,
+    packing: bool,
+    checkpointing: bool | float = False,
+    mmap_mb: float = 0.0625,
+    compile: bool = False,
 ) -> dict:
     from instill.config import AdapterConfig, DataConfig, SourceConfig, TrainConfig
     from instill.data.dataset import build_data
@@ -108,11 +127,21 @@ def run_instill(
         log_every=1,
         gradient_checkpointing=checkpointing,
         mmap_threshold_mb=mmap_mb,
+        compile=compile,
     )
-    result = train(
-        model, loaded.tokenizer, data.train, cfg, None, pack_length=MAX_LEN if packing else None
-    )
+    with tempfile.TemporaryDirectory() as run_dir:
+        result = train(
+            model,
+            loaded.tokenizer,
+            data.train,
+            cfg,
+            Path(run_dir),
+            pack_length=MAX_LEN if packing else None,
+        )
+        log = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    log = [r for r in log if "loss" in r]
     return {
+        **steady([r["elapsed_s"] for r in log], [r["tokens"] for r in log]),
         "tokens": result.tokens,
         "wall_s": result.wall_s,
         "final_loss": result.losses[-1],
@@ -125,7 +154,14 @@ def run_instill(
 def run_trl(rows_file: Path, packing: bool) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
+    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    step_ends: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            step_ends.append(time.perf_counter())
 
     loaded = _setup()
     rows = [json.loads(x) for x in rows_file.read_text().splitlines() if x]
@@ -164,13 +200,19 @@ def run_trl(rows_file: Path, packing: bool) -> dict:
             peft_config=LoraConfig(
                 r=R, lora_alpha=ALPHA, target_modules="all-linear", task_type="CAUSAL_LM"
             ),
+            callbacks=[StepClock()],
         )
         real = sum(len(x) for x in trainer.train_dataset["input_ids"])
         start = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - start
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    losses = [h["loss"] for h in logged]
+    # TRL logs tokens per step counting packing's padding; real tokens are shared out in the
+    # same proportions
+    counted = [h["num_tokens"] for h in logged]
     return {
+        **steady([t - start for t in step_ends], [round(real * c / counted[-1]) for c in counted]),
         "tokens": real,
         "wall_s": wall,
         "final_loss": losses[-1],
@@ -191,48 +233,59 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
+CONFIGS = {
+    "instill": lambda f: run_instill(f, False),
+    "instill-pk": lambda f: run_instill(f, True),
+    "instill-ckpt": lambda f: run_instill(f, False, True),
+    "instill-pk-ckpt": lambda f: run_instill(f, True, True),
+    "instill-pk-ckpt2/3": lambda f: run_instill(f, True, 2 / 3),
+    "instill-pk-ckpt-16M": lambda f: run_instill(f, True, True, 16),
+    "instill-pk-32M": lambda f: run_instill(f, True, False, 32),
+    "instill-pk-compile": lambda f: run_instill(f, True, compile=True),
+    "instill-pk-compile-ckpt": lambda f: run_instill(f, True, True, compile=True),
+    "instill-pk-compile-ckpt-32M": lambda f: run_instill(f, True, True, 32, compile=True),
+    "instill-pk-compile-32M": lambda f: run_instill(f, True, False, 32, compile=True),
+    "trl-padded": lambda f: run_trl(f, False),
+    "trl-packed": lambda f: run_trl(f, True),
+}
+DEFAULT = [
+    "instill",
+    "instill-pk",
+    "instill-pk-ckpt",
+    "instill-pk-32M",
+    "instill-pk-compile",
+    "instill-pk-compile-ckpt",
+    "instill-pk-compile-ckpt-32M",
+    "trl-padded",
+    "trl-packed",
+]
+
+
 def worker(which: str, rows_file: Path) -> None:
-    fn = {
-        "instill": lambda: run_instill(rows_file, False),
-        "instill-packed": lambda: run_instill(rows_file, True),
-        "instill-ckpt": lambda: run_instill(rows_file, False, True),
-        "instill-pk-ckpt": lambda: run_instill(rows_file, True, True),
-        "instill-pk-ckpt2/3": lambda: run_instill(rows_file, True, 2 / 3),
-        "instill-pk-ckpt-16M": lambda: run_instill(rows_file, True, True, 16),
-        "instill-pk-32M": lambda: run_instill(rows_file, True, False, 32),
-        "trl-padded": lambda: run_trl(rows_file, False),
-        "trl-packed": lambda: run_trl(rows_file, True),
-    }[which]
-    result = fn()
+    if "compile" in which:  # a first run's compile: no kernels cached by an earlier run
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+    result = CONFIGS[which](rows_file)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--data", type=Path, help="the T0 mix (required to run)")
     parser.add_argument("--rows", type=int, default=64)
-    parser.add_argument(
-        "--only",
-        nargs="*",
-        default=[
-            "instill",
-            "instill-packed",
-            "instill-ckpt",
-            "instill-pk-ckpt",
-            "instill-pk-ckpt2/3",
-            "instill-pk-ckpt-16M",
-            "instill-pk-32M",
-            "trl-padded",
-            "trl-packed",
-        ],
-    )
+    parser.add_argument("--only", nargs="*", default=DEFAULT, choices=sorted(CONFIGS))
+    parser.add_argument("--list", action="store_true", help="list the configurations and stop")
     parser.add_argument("--worker")
     parser.add_argument("--rows-file", type=Path)
     args = parser.parse_args()
+    if args.list:
+        print("\n".join(f"{k}{' (default)' if k in DEFAULT else ''}" for k in CONFIGS))
+        return
     if args.worker:
         worker(args.worker, args.rows_file)
         return
+    if args.data is None:
+        parser.error("--data is required")
     rows_file = Path(tempfile.mkdtemp()) / "rows.jsonl"
     tokens = pick_rows(args.data, args.rows, rows_file)
     print(
@@ -278,17 +331,24 @@ def main() -> None:
         "(forward + backward through frozen linear layers, LM head excluded)"
     )
     print(
-        f"{'config':<20}{'tokens/s':>10}{'peak RSS MB':>13}{'logged loss':>12}{'loss after':>11}"
-        f"{'MFU':>7}{'x TRL packed':>14}{'RSS / TRL packed':>18}"
+        f"{'config':<29}{'tokens/s':>9}{'steady':>8}{'1st step s':>11}{'peak RSS MB':>12}"
+        f"{'logged loss':>12}{'loss after':>11}{'MFU':>7}{'x TRL packed':>13}{'steady x':>9}"
+        f"{'RSS / TRL':>10}"
     )
+
+    def ratio(r: dict, key: str) -> str:
+        if not ref or not r.get(key) or not ref.get(key):
+            return "-"
+        return f"{r[key] / ref[key]:.2f}" + ("" if key == "peak_rss_mb" else "x")
+
     for name, r in results.items():
         mfu = r["tokens_per_s"] * flops_per_token / (peak * 1e9)
-        speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
-        mem = f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}" if ref else "-"
+        st = f"{r['steady_tokens_per_s']:.1f}" if r.get("steady_tokens_per_s") else "-"
         print(
-            f"{name:<20}{r['tokens_per_s']:>10.1f}{r['peak_rss_mb']:>13.0f}"
-            f"{r['final_loss']:>12.4f}{r['after_loss']:>11.4f}{100 * mfu:>6.1f}%"
-            f"{speed:>14}{mem:>18}"
+            f"{name:<29}{r['tokens_per_s']:>9.1f}{st:>8}{r['first_step_s']:>11.1f}"
+            f"{r['peak_rss_mb']:>12.0f}{r['final_loss']:>12.4f}{r['after_loss']:>11.4f}"
+            f"{100 * mfu:>6.1f}%{ratio(r, 'tokens_per_s'):>13}"
+            f"{ratio(r, 'steady_tokens_per_s'):>9}{ratio(r, 'peak_rss_mb'):>10}"
         )
 
 
