@@ -26,14 +26,12 @@ from collections.abc import Iterator
 import torch
 
 from instill.errors import InstillError
+from instill.train.memory import decoder_layers
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated decoder blocks of a transformers model (the unit of regional compilation and
-    of gradient checkpointing)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def check_compiler(device: torch.device) -> None:
@@ -48,7 +46,7 @@ def check_compiler(device: torch.device) -> None:
         except Exception as e:
             raise InstillError(
                 "train.compile: torch.compile needs a C++ compiler on the CPU and found none "
-                f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); install g++ "
+                f"({_first_line(e)}); install g++ "
                 "(or set CXX), or set train.compile: false"
             ) from None
     elif device.type == "cuda":
@@ -99,8 +97,7 @@ def is_compile_failure(e: Exception) -> bool:
 
 
 def compile_error(e: Exception) -> InstillError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return InstillError(
-        f"train.compile: torch.compile failed on this model ({first[:300]}); set "
+        f"train.compile: torch.compile failed on this model ({_first_line(e)[:300]}); set "
         "train.compile: false to train it eagerly"
     )

@@ -48,12 +48,18 @@ def checkpointed_layers(n: int, fraction: float) -> list[int]:
     return [i for i in range(n) if int((i + 1) * fraction + 1e-9) > int(i * fraction + 1e-9)]
 
 
+def decoder_layers(model) -> list:
+    """The repeated decoder blocks of a transformers model: the unit of gradient checkpointing
+    and of regional compilation (`train/compiled.py`)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 def enable_checkpointing(model, setting: bool | float) -> list[int]:
     """Turn on gradient checkpointing for all decoder layers (True) or a fraction of them, and
     return the indices of the checkpointed layers. The others keep their activations: each
     layer left out costs its activation memory and saves one recomputed forward."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     if setting is False:
         return []
     kwargs = {"use_reentrant": False}
@@ -63,7 +69,7 @@ def enable_checkpointing(model, setting: bool | float) -> list[int]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     keep = checkpointed_layers(len(layers), 1.0 if setting is True else float(setting))
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i in keep
