@@ -57,7 +57,9 @@ def _print_before_after(summary) -> None:
     from instill.eval.compare import compare, print_tables
 
     if summary.before and summary.after:
-        print_tables(*compare(str(summary.run_dir)), out)
+        sa, sb, tables = compare(str(summary.run_dir))
+        print_tables(sa, sb, tables, out)
+        print_forgetting(sa, sb, tables)
     else:
         for name, result in {**summary.before, **summary.after}.items():
             s = result.summary()
@@ -109,7 +111,8 @@ def quickstart(
 SUITES = typer.Option(
     ["builtin"],
     "--suite",
-    help="builtin, general, or a file of rows with references (repeat for several).",
+    help="builtin, general, general_gen, or a file of rows with references (repeat for "
+    "several; a file is scored against the base model's replies with --metric drift).",
 )
 
 
@@ -127,6 +130,14 @@ def eval_cmd(
     seed: int = typer.Option(0, help="Seed of the built-in task generator and of sampling."),
     batch_size: int = typer.Option(32, help="Prompts generated together."),
     max_new_tokens: int = typer.Option(32, help="Longest generated answer."),
+    general_gen_per_kind: int = typer.Option(
+        None, help="general_gen: at most N prompts of each kind (default: all 136)."
+    ),
+    base: str = typer.Option(
+        None,
+        help="Drift suites (general_gen, --metric drift): the base model whose replies the model "
+        "is scored against. Default: a run's own base model, else the model itself.",
+    ),
 ) -> None:
     """Score a model on evaluation suites; write per-example records and summaries with 95%
     confidence intervals to <output>/<suite>.jsonl and <suite>.json."""
@@ -134,7 +145,7 @@ def eval_cmd(
 
     from instill.config import EvalConfig, SuiteConfig
     from instill.eval.suites import run_tasks, suite_file_task
-    from instill.eval.tasks import builtin_task, check_metric, general_task
+    from instill.eval.tasks import builtin_task, check_metric, general_gen_task, general_task
     from instill.models import load_for_inference
 
     check_metric(metric, "--metric") if metric != "auto" else None
@@ -144,6 +155,8 @@ def eval_cmd(
             tasks.append(builtin_task(per_family, seed, None, holdout))
         elif name == "general":
             tasks.append(general_task())
+        elif name == "general_gen":
+            tasks.append(general_gen_task(general_gen_per_kind))
         else:
             try:
                 spec = SuiteConfig(
@@ -155,10 +168,18 @@ def eval_cmd(
             task.holdout = frozenset(holdout)
             tasks.append(task)
     _quiet_libraries()
+    cfg = EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    if any(t.metric == "drift" for t in tasks):
+        from instill.eval.suites import attach_anchors
+
+        base = base or run_base_model(model) or model
+        anchor_model = load_for_inference(base)
+        out.print(f"drift suites are scored against the replies of {base}")
+        attach_anchors(anchor_model.model, anchor_model.tokenizer, tasks, cfg)
+        del anchor_model
     loaded = load_for_inference(model)
     path = Path(model)
     folder = output or (path / "eval" if (path / "final").is_dir() else Path("runs") / "eval")
-    cfg = EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens)
     results = run_tasks(loaded.model, loaded.tokenizer, tasks, cfg, model, folder)
     for name, result in results.items():
         s = result.summary()
@@ -166,6 +187,20 @@ def eval_cmd(
             f"{name}: {s['metric']} {100 * s['score']:.1f}% (95% CI {100 * s['ci95'][0]:.1f}–"
             f"{100 * s['ci95'][1]:.1f}, n={s['n']}); written to {folder / name}.json"
         )
+
+
+def run_base_model(model: str) -> str | None:
+    """The base model a run (or its final/ adapter) was tuned from, if `model` is one."""
+    path = Path(model)
+    for config in (path / "config.yaml", path.parent / "config.yaml"):
+        if config.is_file() and (config.parent / "final").is_dir():
+            import yaml
+
+            recipe = yaml.safe_load(config.read_text()) or {}
+            name = (recipe.get("model") or {}).get("name")
+            if name and (recipe.get("model") or {}).get("init", "pretrained") == "pretrained":
+                return name
+    return None
 
 
 @app.command()
@@ -179,12 +214,32 @@ def compare(
     from instill.eval.compare import as_json as to_json
     from instill.eval.compare import compare as run_compare
     from instill.eval.compare import print_tables
+    from instill.report.run_report import forgetting_verdict
 
     sa, sb, tables = run_compare(a, b)
     if as_json:
-        print(json.dumps(to_json(sa, sb, tables), indent=2))
-    else:
-        print_tables(sa, sb, tables, out)
+        verdict = forgetting_verdict(tables, sb.label)
+        data = to_json(sa, sb, tables)
+        data["forgetting"] = {"supported": verdict.supported, "text": verdict.text}
+        print(json.dumps(data, indent=2))
+        return
+    print_tables(sa, sb, tables, out)
+    print_forgetting(sa, sb, tables)
+
+
+def print_forgetting(sa, sb, tables: list[dict]) -> None:
+    """The forgetting verdict and, when it found forgetting, the replies that moved most."""
+    from instill.report.run_report import forgetting_verdict, moved_block
+
+    verdict = forgetting_verdict(tables, sb.label)
+    mark = {True: "supported", False: "not supported", None: "not measured"}[verdict.supported]
+    out.print(f"[bold]No forgetting: {mark}[/bold]. {verdict.text}")
+    for t in tables:
+        moved = moved_block(t, sa.label, sb.label) if "generation" in t else None
+        if moved is not None and verdict.supported is False:
+            out.print(f"{t['suite']}: the replies that moved most")
+            for row in moved.rows:
+                out.print(f"  prompt: {row[0]}\n  {sa.label}: {row[1]}\n  {sb.label}: {row[2]}")
 
 
 @app.command()

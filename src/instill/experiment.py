@@ -53,13 +53,24 @@ def plan(recipe: Recipe, max_steps: int | None = None) -> tuple[Path, Recipe, Re
             "from scratch)"
         )
     pretrained = _with(recipe, name="pretrained", train=train, data=data)
+    # Drift suites measure a tuned model against its own base; random weights make no base to
+    # keep, and replay from them would teach noise: the scratch run has neither.
+    suites = [
+        s
+        for s in pretrained.model_dump(mode="json")["eval"]["suites"]
+        if s != "general_gen" and not (isinstance(s, dict) and s.get("metric") == "drift")
+    ]
     scratch = _with(
         pretrained,
         name="scratch",
         model={"init": "scratch"},
         adapter={"method": "full"},
-        eval={"before": False},
+        eval={"before": False, "suites": suites},
+        data={"replay": None},
+        train={"kl_to_base": 0.0},
     )
+    if len(suites) < len(recipe.eval.suites):
+        notes.append("scratch run: no drift suites (general_gen) and no replay (no base to keep)")
     return folder, pretrained, scratch, notes
 
 

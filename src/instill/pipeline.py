@@ -1,7 +1,8 @@
 """A run, start to end: load, evaluate the base, tune, save, evaluate again, report.
 
-plan_run_dir + make_run_dir -> load_model -> build_data -> evaluate (before)
-  -> attach_adapter -> train -> save final/ -> evaluate (after) -> report
+plan_run_dir + make_run_dir -> load_model -> build_data (+ replay rows: the base's own replies)
+  -> base replies for drift suites -> evaluate (before) -> attach_adapter -> train
+  -> save final/ -> evaluate (after) -> report
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from instill.console import console
 from instill.data.dataset import build_data
 from instill.errors import InstillError
 from instill.eval import SuiteResult
-from instill.eval.suites import build_tasks, run_tasks
+from instill.eval.suites import attach_anchors, build_tasks, run_tasks
 from instill.models import attach_adapter, load_model, pick_device
 from instill.train import TrainResult, train
 from instill.train.checkpoint import complete_checkpoints, save_model_dir
@@ -134,6 +135,34 @@ def during_training(recipe: Recipe, tasks, tokenizer):
     return evaluator
 
 
+def with_replay(recipe: Recipe, loaded, data, digest: str | None):
+    """data.replay: the base model answers general prompts (cached) and its replies join the
+    training rows at the set fraction."""
+    from instill.data.dataset import add_replay, replay_conversations, replay_picks
+    from instill.eval.drift import base_replies, prompt_file, shipped_prompts
+
+    cfg = recipe.data.replay
+    if cfg is None:
+        return data
+    prompts = (
+        shipped_prompts("replay")
+        if cfg.prompts is None
+        else prompt_file(cfg.prompts, "data.replay.prompts")
+    )
+    picks = replay_picks(prompts, cfg.fraction, len(data.train), recipe.data.seed)
+    unique = list({p.id: p for p in picks}.values())
+    anchor = base_replies(
+        loaded.model,
+        loaded.tokenizer,
+        unique,
+        cfg.max_new_tokens,
+        recipe.eval.batch_size,
+        digest=digest,
+    )
+    convs = replay_conversations(picks, anchor.replies)
+    return add_replay(loaded.tokenizer, data, convs, recipe.data)
+
+
 def _train(acc, recipe: Recipe, model, loaded, data, tasks, run_dir: Path, checkpoint):
     return train(
         model,
@@ -214,6 +243,12 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
                 loaded.tokenizer, recipe.data, holdout=frozenset(recipe.eval.holdout_clusters)
             )
             tasks = build_tasks(recipe)
+            digest = None
+            if recipe.data.replay is not None or any(t.metric == "drift" for t in tasks):
+                from instill.eval.drift import model_digest
+
+                digest = model_digest(loaded.model)
+            data = with_replay(recipe, loaded, data, digest)
     except BaseException:
         if new and main:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -236,6 +271,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
     console.print(
         f"data: {stats.rows} rows, {stats.tokens:,} tokens, {stats.trained_tokens:,} trained, "
         f"{stats.validation_rows} validation rows"
+        + (f", {stats.replay_rows} of them replay rows" if stats.replay_rows else "")
         + (f", dropped {stats.dropped}" if stats.dropped else "")
     )
     before: dict[str, SuiteResult] = {}
@@ -243,6 +279,8 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
     base_val_loss = None
     if data.validation and recipe.eval.before and checkpoint is None:
         base_val_loss = _base_validation(run_dir, loaded, data, recipe)
+    # drift suites score against the base model's replies: taken before any adapter is attached
+    attach_anchors(loaded.model, loaded.tokenizer, tasks, recipe.eval, digest)
     if tasks and recipe.eval.before:  # main process only (the others wait in _follow)
         before = run_tasks(
             loaded.model,

@@ -100,6 +100,24 @@ class SourceConfig(_Section):
     )
 
 
+class ReplayConfig(_Section):
+    fraction: float = Field(
+        gt=0,
+        lt=1,
+        description="Share of the training rows that are replay rows (0.1: one row in ten).",
+    )
+    prompts: str | None = Field(
+        None,
+        description="A file of general prompts (prompt, instruction or messages rows) for the "
+        "base model to answer. Default: instill's replay prompts, disjoint from general_gen's.",
+    )
+    max_new_tokens: int = Field(
+        64,
+        gt=0,
+        description="Longest base reply; a reply cut there is trained without its end of turn.",
+    )
+
+
 class DataConfig(_Section):
     builtin: BuiltinDataConfig | None = Field(
         None, description="Use instill's generated instruction tasks (train split)."
@@ -126,11 +144,24 @@ class DataConfig(_Section):
         description="Pack rows into sequences of max_length (best fit; attention never crosses "
         "rows); train.batch_size then counts packed sequences. Off: length-grouped batches.",
     )
+    replay: ReplayConfig | None = Field(
+        None,
+        description="Self-distillation replay: before training the base model answers general "
+        "prompts (cached) and its replies are mixed into the training rows at this fraction, "
+        "so tuning keeps its general behaviour. A number is the fraction: replay: 0.1.",
+    )
     mask: Literal["assistant", "last_assistant", "all"] = Field(
         "assistant",
         description="Which tokens carry loss: every assistant reply (default), only the last "
         "one, or every token.",
     )
+
+    @field_validator("replay", mode="before")
+    @classmethod
+    def _replay_fraction(cls, v):
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            return {"fraction": v}
+        return v
 
     @model_validator(mode="after")
     def _has_data(self) -> DataConfig:
@@ -204,6 +235,13 @@ class TrainConfig(_Section):
         "layers in three), trading less memory saved for less recomputation.",
     )
 
+    kl_to_base: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a KL(base || tuned) term on the replay rows (data.replay), added "
+        "to the loss per supervised token. LoRA takes the base's distribution from the same "
+        "model with its adapters switched off; full fine-tuning needs a frozen copy.",
+    )
     compile: bool = Field(
         False,
         description="Compile each decoder layer with torch.compile while training (needs a C++ "
@@ -224,7 +262,7 @@ class TrainConfig(_Section):
         return True if v == 1.0 else v
 
 
-METRIC_NAMES = Literal["auto", "exact_match", "contains", "token_f1", "rouge_l", "choice"]
+METRIC_NAMES = Literal["auto", "exact_match", "contains", "token_f1", "rouge_l", "choice", "drift"]
 
 
 class SuiteConfig(_Section):
@@ -236,10 +274,13 @@ class SuiteConfig(_Section):
         description="A file of evaluation rows in any format the data pipeline reads; the "
         "reference is the row's reference (or references, a list) field, else its last "
         "assistant reply. Rows with choices (a list) and answer (text or index) are scored by "
-        "log-likelihood."
+        "log-likelihood. With metric drift, rows need only a prompt: each is scored against "
+        "the base model's own reply (drift, reply length; ROUGE-L where a reference is given)."
     )
     metric: METRIC_NAMES = Field(
-        "auto", description="Primary metric. auto: choice when rows have choices, else exact_match."
+        "auto",
+        description="Primary metric. auto: choice when rows have choices, else exact_match. "
+        "drift: open prompts scored against the base model (see the general_gen suite).",
     )
     format: Literal[
         "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "selfinstruct"
@@ -252,20 +293,34 @@ class SuiteConfig(_Section):
     )
 
 
-SUITE_NAMES = ("builtin", "general", "data")
+SUITE_NAMES = ("builtin", "general", "general_gen", "data")
 
 
 class EvalConfig(_Section):
     suites: list[str | SuiteConfig] = Field(
         default_factory=lambda: ["builtin"],
         description="Evaluation suites. builtin: the held-out split of the built-in tasks; "
-        "general: everyday knowledge outside the tuning data, a forgetting guard; data: the "
+        "general: everyday knowledge outside the tuning data, scored by choice; general_gen: "
+        "open everyday requests scored by generation against the base model (drift, reply "
+        "length); both guard against forgetting. data: the "
         "recipe's validation rows and the rows of held-out clusters; or {name, path, ...} "
         "for a file of your own.",
     )
     before: bool = Field(True, description="Evaluate the untuned model before training.")
     after: bool = Field(True, description="Evaluate the tuned model after training.")
     max_new_tokens: int = Field(32, gt=0, description="Longest generated answer.")
+    gen_max_new_tokens: int = Field(
+        64,
+        gt=0,
+        description="Longest reply to an open prompt (general_gen, and file suites with metric "
+        "drift that set no max_new_tokens of their own).",
+    )
+    general_gen_per_kind: int | None = Field(
+        None,
+        gt=0,
+        description="general_gen: at most this many prompts of each of its 8 kinds (17 each, 136 "
+        "in all; the same ones every run). Fewer prompts evaluate faster, with wider intervals.",
+    )
     batch_size: int = Field(32, gt=0, description="Prompts generated together.")
     holdout_clusters: list[str] = Field(
         default_factory=list,
@@ -306,6 +361,14 @@ class EvalConfig(_Section):
                 f"eval.during_training: '{self.during_training}' is not one of eval.suites "
                 f"({', '.join(names)})"
             )
+        drift = ["general_gen"] + [
+            s.name for s in self.suites if isinstance(s, SuiteConfig) and s.metric == "drift"
+        ]
+        if self.during_training in drift:
+            raise ValueError(
+                f"eval.during_training: '{self.during_training}' measures drift from the base "
+                "model (lower is better), not a task score; pick a task suite"
+            )
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"eval.suites: suite name(s) used twice: {', '.join(dupes)}")
@@ -343,6 +406,15 @@ class Recipe(_Section):
             raise ValueError(
                 "model.quantize: a 4-bit base cannot be fully fine-tuned; use adapter.method: "
                 "lora (QLoRA) or model.quantize: none"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _kl_needs_replay(self) -> Recipe:
+        if self.train.kl_to_base > 0 and self.data.replay is None:
+            raise ValueError(
+                "train.kl_to_base: the KL term is taken on replay rows; set data.replay (a "
+                "fraction such as 0.1) or train.kl_to_base: 0"
             )
         return self
 

@@ -37,7 +37,7 @@ def cache_key(cfg: DataConfig, tokenizer, holdout=frozenset()) -> str | None:
     here = Path(__file__).parent
     for name in _CODE:
         h.update((here / name).read_bytes())
-    h.update(cfg.model_dump_json().encode())
+    h.update(cfg.model_dump_json(exclude={"replay"}).encode())  # replay rows are added after
     h.update(repr(sorted(holdout)).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update(

@@ -13,7 +13,7 @@ import torch
 from instill.config import DataConfig
 from instill.data import builtin
 from instill.data.formats import Conversation, detect_format, to_conversations
-from instill.data.render import render_batch
+from instill.data.render import end_of_turn_ids, render_batch
 from instill.data.sources import RawRow, read_source
 from instill.errors import InstillError
 
@@ -23,6 +23,7 @@ class Row:
     input_ids: list[int]
     mask: list[int]  # 1 where the token is trained on
     source: str
+    replay: bool = False  # a replay row (data.replay): the base model's own reply
 
     @property
     def trained(self) -> int:
@@ -40,6 +41,8 @@ class DataStats:
     skipped: int = 0
     validation_rows: int = 0
     held_out: int = 0  # rows of eval.holdout_clusters, kept out of training and validation
+    replay_rows: int = 0  # rows of data.replay mixed in (counted in rows and tokens too)
+    replay_tokens: int = 0
     formats: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -201,7 +204,14 @@ def tokenize(
             (c, (ids + eos, [1] * (len(ids) + len(eos)))) for c, ids in zip(texts, enc, strict=True)
         ]
     rows: list[Row] = []
+    eot = set(end_of_turn_ids(tokenizer))
     for conv, (ids, mask) in pairs:
+        if conv.meta.get("cut"):  # the reply was cut off, not ended: do not teach ending it there
+            mask = list(mask)
+            last = max((i for i, m in enumerate(mask) if m), default=-1)
+            while last >= 0 and mask[last] and ids[last] in eot:
+                mask[last] = 0
+                last -= 1
         if sum(mask) == 0:
             stats.dropped["no trained tokens"] = stats.dropped.get("no trained tokens", 0) + 1
             continue
@@ -212,7 +222,7 @@ def tokenize(
                 stats.dropped[key] = stats.dropped.get(key, 0) + 1
                 continue
             stats.truncated += 1
-        rows.append(Row(ids, mask, conv.source))
+        rows.append(Row(ids, mask, conv.source, bool(conv.meta.get("replay"))))
     stats.rows = len(rows)
     stats.tokens = sum(len(r.input_ids) for r in rows)
     stats.trained_tokens = sum(r.trained for r in rows)
@@ -259,6 +269,48 @@ def _build_data(tokenizer, cfg: DataConfig, holdout: frozenset[str] = frozenset(
     return Data(rows, val_rows, stats, skipped or [])
 
 
+def replay_picks(prompts: list, fraction: float, n_rows: int, seed: int) -> list:
+    """The prompts of the replay rows to mix into `n_rows` training rows so that they make up
+    `fraction` of the mix: taken in a seeded order, repeated when more rows are needed than
+    there are prompts."""
+    if not prompts:
+        return []
+    n = max(1, round(fraction / (1 - fraction) * n_rows))
+    order = list(range(len(prompts)))
+    random.Random(f"{seed}:replay").shuffle(order)
+    return [prompts[order[k % len(order)]] for k in range(n)]
+
+
+def replay_conversations(picks: list, replies: dict) -> list[Conversation]:
+    """Replay rows: each picked prompt with the base model's reply to it."""
+    out = []
+    for p in picks:
+        reply = replies[p.id]
+        msgs = (*p.prompt, {"role": "assistant", "content": reply.text.strip()})
+        meta = {"replay": True, "cluster": "replay", "cut": not reply.ended}
+        out.append(Conversation(msgs, f"replay:{p.source or p.id}", meta))
+    return out
+
+
+def add_replay(tokenizer, data: Data, convs: list[Conversation], cfg: DataConfig) -> Data:
+    """`data` with the replay rows appended to its training rows (never to validation). A
+    generated reply the chat template cannot render with a stable prefix is left out, and
+    counted among the dropped rows."""
+    unrenderable: list[dict] = []
+    rows, stats = tokenize(tokenizer, convs, cfg, unrenderable)
+    if unrenderable:
+        stats.dropped["cannot render"] = len(unrenderable)
+    data.train = data.train + rows
+    s = data.stats
+    s.replay_rows, s.replay_tokens = len(rows), stats.tokens
+    s.rows, s.tokens = s.rows + len(rows), s.tokens + stats.tokens
+    s.trained_tokens += stats.trained_tokens
+    s.truncated += stats.truncated
+    for reason, count in stats.dropped.items():
+        s.dropped[f"replay: {reason}"] = count
+    return data
+
+
 def length_grouped_batches(
     rows: list[Row], batch_size: int, seed: int, epoch: int = 0
 ) -> list[list[int]]:
@@ -288,4 +340,7 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
         attn[i, :n] = 1
         m = torch.tensor(r.mask, dtype=torch.bool)
         labels[i, :n] = torch.where(m, ids[i, :n], torch.tensor(-100))
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "real_tokens": attn.sum()}
+    batch = {"input_ids": ids, "attention_mask": attn, "labels": labels, "real_tokens": attn.sum()}
+    if any(r.replay for r in rows):  # the tokens of replay rows (train.kl_to_base)
+        batch["replay_mask"] = torch.tensor([r.replay for r in rows]).unsqueeze(1) & attn.bool()
+    return batch

@@ -55,6 +55,7 @@ def collate_packed(rows: list[Row], bins: list[list[int]], pad_id: int) -> dict[
     ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
     labels = torch.full((len(bins), width), -100, dtype=torch.long)
     pos = torch.zeros((len(bins), width), dtype=torch.long)
+    replay = torch.zeros((len(bins), width), dtype=torch.bool)
     for r, b in enumerate(bins):
         at = 0
         for i in b:
@@ -66,11 +67,15 @@ def collate_packed(rows: list[Row], bins: list[list[int]], pad_id: int) -> dict[
             m[0] = False  # the first token of a row is never a target across the boundary
             labels[r, at : at + n] = torch.where(m, t, torch.tensor(-100))
             pos[r, at : at + n] = torch.arange(n)
+            replay[r, at : at + n] = row.replay
             at += n
         pos[r, at:] = torch.arange(width - at)  # padding forms its own segment
-    return {
+    batch = {
         "input_ids": ids,
         "labels": labels,
         "position_ids": pos,
         "real_tokens": torch.tensor(sum(len(rows[i].input_ids) for b in bins for i in b)),
     }
+    if replay.any():  # the tokens of replay rows (train.kl_to_base)
+        batch["replay_mask"] = replay
+    return batch

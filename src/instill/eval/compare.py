@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from instill.errors import InstillError
-from instill.eval.metrics import bootstrap_ci, bootstrap_delta_ci
+from instill.eval.metrics import bootstrap_ci, bootstrap_delta_ci, bootstrap_ratio_ci
+from instill.jsonl import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,7 @@ class Side:
         return names
 
     def records(self, suite: str) -> list[dict]:
-        path = self.folder / f"{self.prefix}{suite}.jsonl"
-        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        return read_jsonl(self.folder / f"{self.prefix}{suite}.jsonl")
 
     def summary(self, suite: str) -> dict:
         return json.loads((self.folder / f"{self.prefix}{suite}.json").read_text())
@@ -97,9 +97,79 @@ def _row(label: str, ra: list[dict], rb: list[dict]) -> Row:
     return Row(label, a, b, len(ra), len(rb), b - a, ci, paired, ci_a, ci_b)
 
 
+def _paired(ra: list[dict], rb: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The records both sides have (by id), in A's order."""
+    by_id = {r.get("id"): r for r in rb}
+    both = [r for r in ra if r.get("id") in by_id]
+    return both, [by_id[r["id"]] for r in both]
+
+
+def generation_change(ra: list[dict], rb: list[dict], moved: int = 3) -> dict:
+    """A drift suite, A against B over the prompts both answered: drift from the base model,
+    reply length (ratio of tokens), share of short replies, ROUGE-L where there are references,
+    and the prompts whose drift grew most, with both replies."""
+    from instill.eval.drift import SHORT_WORDS
+
+    a, b = _paired(ra, rb)
+    toks_a, toks_b = [r["tokens"] for r in a], [r["tokens"] for r in b]
+    short_a = [float(r["words"] < SHORT_WORDS) for r in a]
+    short_b = [float(r["words"] < SHORT_WORDS) for r in b]
+    n = len(a)
+    out = {
+        "n": n,
+        "same_anchor": {r.get("anchor") for r in a + b} == {a[0].get("anchor")} if n else True,
+        "drift": _row("drift", a, b),
+        "tokens": (
+            sum(toks_a) / n if n else None,
+            sum(toks_b) / n if n else None,
+            sum(toks_b) / max(1, sum(toks_a)) if n else None,
+            bootstrap_ratio_ci(toks_b, toks_a) if n else None,
+        ),
+        "short": (
+            sum(short_a) / n if n else None,
+            sum(short_b) / n if n else None,
+            (sum(short_b) - sum(short_a)) / n if n else None,
+            bootstrap_delta_ci(short_a, short_b, paired=True) if n else None,
+        ),
+        "rouge_l": None,
+        "moved": [],
+    }
+    if n and all("rouge_l" in r.get("scores", {}) for r in a + b):
+        score = lambda rs: [{"id": r["id"], "score": r["scores"]["rouge_l"]} for r in rs]  # noqa: E731
+        out["rouge_l"] = _row("ROUGE-L", score(a), score(b))
+    order = sorted(range(n), key=lambda i: b[i]["score"] - a[i]["score"], reverse=True)
+    out["moved"] = [
+        {
+            "prompt": b[i]["prompt"],
+            "a": a[i]["prediction"],
+            "b": b[i]["prediction"],
+            "drift_change": b[i]["score"] - a[i]["score"],
+        }
+        for i in order[:moved]
+    ]
+    return out
+
+
 def compare_suite(sa: Side, sb: Side, suite: str) -> dict:
-    """Rows: overall, seen and unseen clusters (when some were held out), then each cluster."""
+    """Rows: overall, seen and unseen clusters (when some were held out), then each cluster.
+    A drift suite adds `generation` (generation_change) and its rows are drift per kind."""
     ra, rb = sa.records(suite), sb.records(suite)
+    if sb.summary(suite).get("metric") == "drift":
+        rows = [_row("overall", ra, rb)]
+        for c in sorted({r.get("cluster") or "" for r in ra + rb} - {""}):
+            rows.append(
+                _row(
+                    f"  {c}",
+                    [r for r in ra if r.get("cluster") == c],
+                    [r for r in rb if r.get("cluster") == c],
+                )
+            )
+        return {
+            "suite": suite,
+            "metric": "drift",
+            "rows": rows,
+            "generation": generation_change(ra, rb),
+        }
     rows = [_row("overall", ra, rb)]
     if any(r.get("seen") is False for r in ra + rb):
         for side, flag in (("seen clusters", True), ("unseen clusters", False)):
@@ -136,6 +206,26 @@ def compare(a: str, b: str | None = None) -> tuple[Side, Side, list[dict]]:
     return sa, sb, [compare_suite(sa, sb, s) for s in common]
 
 
+def _generation_json(gen: dict) -> dict:
+    from instill.eval.drift import generation_losses
+
+    d, r = gen["drift"], gen["rouge_l"]
+    ta, tb, ratio, ci = gen["tokens"]
+    sa, sb, delta, sci = gen["short"]
+    return {
+        "n": gen["n"],
+        "same_anchor": gen["same_anchor"],
+        "drift": {"a": d.a, "b": d.b, "delta": d.delta, "delta_ci95": list(d.ci or ())},
+        "tokens": {"a": ta, "b": tb, "ratio": ratio, "ratio_ci95": list(ci or ())},
+        "short_share": {"a": sa, "b": sb, "delta": delta, "delta_ci95": list(sci or ())},
+        "rouge_l": None
+        if r is None
+        else {"a": r.a, "b": r.b, "delta": r.delta, "delta_ci95": list(r.ci or ())},
+        "losses": generation_losses(gen),
+        "moved": gen["moved"],
+    }
+
+
 def as_json(sa: Side, sb: Side, tables: list[dict]) -> dict:
     return {
         "a": str(sa.folder / sa.prefix),
@@ -144,6 +234,7 @@ def as_json(sa: Side, sb: Side, tables: list[dict]) -> dict:
             {
                 "suite": t["suite"],
                 "metric": t["metric"],
+                **({"generation": _generation_json(t["generation"])} if "generation" in t else {}),
                 "rows": [
                     {
                         "label": r.label.strip(),
@@ -163,11 +254,52 @@ def as_json(sa: Side, sb: Side, tables: list[dict]) -> dict:
     }
 
 
+def _print_generation(sa: Side, sb: Side, t: dict, out) -> None:
+    from rich.table import Table
+
+    gen = t["generation"]
+    table = Table(title=f"{t['suite']}: against the base model's replies (n={gen['n']})")
+    for col in ("", sa.label, sb.label, "change", "95% CI"):
+        table.add_column(col, justify="left" if not col else "right")
+    for r in t["rows"]:
+        table.add_row(
+            f"drift, nats/token {r.label.strip()}" if r.label == "overall" else r.label,
+            f"{r.a:.3f}",
+            f"{r.b:.3f}",
+            f"{r.delta:+.3f}" + (" *" if r.significant else ""),
+            f"{r.ci[0]:+.3f} … {r.ci[1]:+.3f}",
+            style="bold" if not r.label.startswith(" ") else None,
+        )
+    ta, tb, ratio, ci = gen["tokens"]
+    table.add_row("reply tokens (mean)", f"{ta:.1f}", f"{tb:.1f}", f"x{ratio:.2f}",
+                  f"x{ci[0]:.2f} … x{ci[1]:.2f}", style="bold")  # fmt: skip
+    sa_, sb_, delta, sci = gen["short"]
+    table.add_row(
+        "replies under 10 words (%)",
+        f"{100 * sa_:.1f}",
+        f"{100 * sb_:.1f}",
+        f"{100 * delta:+.1f}",
+        f"{100 * sci[0]:+.1f} … {100 * sci[1]:+.1f}",
+        style="bold",
+    )
+    r = gen["rouge_l"]
+    if r is not None:
+        table.add_row("ROUGE-L vs references (%)", f"{100 * r.a:.1f}", f"{100 * r.b:.1f}",
+                      f"{100 * r.delta:+.1f}", f"{100 * r.ci[0]:+.1f} … {100 * r.ci[1]:+.1f}",
+                      style="bold")  # fmt: skip
+    out.print(table)
+    if not gen["same_anchor"]:
+        out.print("note: the two sides were scored against different base models' replies")
+
+
 def print_tables(sa: Side, sb: Side, tables: list[dict], out) -> None:
     from rich.table import Table
 
     pct = lambda v: "—" if v is None else f"{100 * v:.1f}"  # noqa: E731
     for t in tables:
+        if "generation" in t:
+            _print_generation(sa, sb, t, out)
+            continue
         table = Table(title=f"{t['suite']}: {t['metric']} (%)")
         for col in ("", sa.label, sb.label, "delta", "delta 95% CI", "n"):
             table.add_column(col, justify="left" if not col else "right")

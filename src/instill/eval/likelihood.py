@@ -49,10 +49,6 @@ def reply_logprobs(
     """
     rendered = render_batch(tokenizer, [list(c) for c in conversations], "last_assistant")
     eot = set(end_of_turn_ids(tokenizer))
-    base = _base(model)
-    body, head = getattr(base, base.base_model_prefix), base.get_output_embeddings()
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
     rows = []
     for ids, mask in rendered:
         mask = list(mask)
@@ -63,6 +59,18 @@ def reply_logprobs(
                 mask[last] = 0
                 last -= 1
         rows.append((ids, mask))
+    return masked_logprobs(model, rows, tokenizer.pad_token_id, batch_size=batch_size)
+
+
+@torch.inference_mode()
+def masked_logprobs(
+    model, rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad: int, *, batch_size: int = 8
+) -> list[ReplyScore]:
+    """For each (token ids, mask) row, the summed log-probability of the tokens where the mask
+    is 1, each given everything before it. Rows are length-sorted into padded batches."""
+    base = _base(model)
+    body, head = getattr(base, base.base_model_prefix), base.get_output_embeddings()
+    device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     out: list[ReplyScore | None] = [None] * len(rows)
     for start in range(0, len(order), batch_size):

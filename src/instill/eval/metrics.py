@@ -16,7 +16,7 @@ from functools import lru_cache
 
 TEXT_METRICS = ("exact_match", "contains", "token_f1", "rouge_l")
 # choice: accuracy over given choices by log-likelihood; constraints: built-in verifiable checks
-METRICS = (*TEXT_METRICS, "choice", "builtin")
+METRICS = (*TEXT_METRICS, "choice", "builtin", "drift")
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 _EDGES = " \t\n\r\"'`"
@@ -98,6 +98,22 @@ def bootstrap_ci(scores: list[float], n_boot: int = 1000, seed: int = 0) -> tupl
     n = len(scores)
     means = sorted(sum(rng.choices(scores, k=n)) / n for _ in range(n_boot))
     return means[int(0.025 * n_boot)], means[int(0.975 * n_boot) - 1]
+
+
+def bootstrap_ratio_ci(
+    num: list[float], den: list[float], n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of sum(num) / sum(den), pairs resampled together."""
+    if not num:
+        return (0.0, 0.0)
+    rng = random.Random(seed)
+    idx = range(len(num))
+    ratios = []
+    for _ in range(n_boot):
+        pick = rng.choices(idx, k=len(num))
+        ratios.append(sum(num[i] for i in pick) / max(1e-12, sum(den[i] for i in pick)))
+    ratios.sort()
+    return ratios[int(0.025 * n_boot)], ratios[int(0.975 * n_boot) - 1]
 
 
 def bootstrap_delta_ci(

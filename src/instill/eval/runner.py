@@ -20,6 +20,7 @@ from instill.eval.likelihood import choose, perplexity, reply_logprobs
 from instill.eval.metrics import bootstrap_ci, text_scores
 from instill.eval.tasks import Task, builtin_task
 from instill.infer import GenParams, generate
+from instill.jsonl import read_jsonl, write_jsonl
 
 
 def _stat(scores: list[float]) -> dict:
@@ -95,6 +96,10 @@ class SuiteResult:
                 "instruction_level": _stat([float(ok) for _, ok in checks]),
                 "by_kind": {k: _stat(v) for k, v in sorted(kinds.items())},
             }
+        if self.metric == "drift":  # drift, length and short replies against the base model
+            from instill.eval.drift import generation_summary
+
+            out["generation"] = generation_summary(self.records)
         if self.holdout:
             for side, seen in (("seen", True), ("unseen", False)):
                 scores = [r["score"] for r in self.records if r.get("seen", True) is seen]
@@ -207,6 +212,15 @@ def evaluate(
     try:
         if task.metric == "choice":
             records = _choice_records(model, tokenizer, task, cfg)
+        elif task.metric == "drift":
+            from instill.eval.drift import drift_records
+
+            if task.anchor is None:
+                raise InstillError(
+                    f"suite {task.name}: scored against a base model's replies, and none were "
+                    "given (instill eval: --base MODEL)"
+                )
+            records = drift_records(model, tokenizer, task.examples, task.anchor, cfg.batch_size)
         else:
             records = _generation_records(model, tokenizer, task, cfg)
         extra = {}
@@ -255,7 +269,7 @@ def load_result(folder: Path, stem: str) -> SuiteResult | None:
     if not (records_file.is_file() and summary_file.is_file()):
         return None
     summary = json.loads(summary_file.read_text())
-    records = [json.loads(x) for x in records_file.read_text().splitlines() if x]
+    records = read_jsonl(records_file)
     extra = {k: summary[k] for k in ("loss", "perplexity") if k in summary}
     return SuiteResult(
         summary["suite"],
@@ -272,9 +286,7 @@ def write_result(result: SuiteResult, folder: Path, stem: str | None = None) -> 
     """<folder>/<stem>.jsonl (one record per example) and <folder>/<stem>.json (the summary)."""
     folder.mkdir(parents=True, exist_ok=True)
     stem = stem or result.suite
-    with open(folder / f"{stem}.jsonl", "w") as f:
-        for r in result.records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_jsonl(folder / f"{stem}.jsonl", result.records)
     path = folder / f"{stem}.json"
     path.write_text(json.dumps(result.summary(), indent=2) + "\n")
     return path

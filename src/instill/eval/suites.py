@@ -9,7 +9,14 @@ from instill.console import console
 from instill.data.dataset import load_conversations
 from instill.errors import InstillError
 from instill.eval.runner import SuiteResult, evaluate, load_result, write_result
-from instill.eval.tasks import Task, builtin_task, conversations_task, file_task, general_task
+from instill.eval.tasks import (
+    Task,
+    builtin_task,
+    conversations_task,
+    file_task,
+    general_gen_task,
+    general_task,
+)
 
 
 def data_task(recipe: Recipe) -> Task:
@@ -45,6 +52,8 @@ def build_tasks(recipe: Recipe) -> list[Task]:
             tasks.append(builtin_task(b.eval_per_family, b.seed, b.families, cfg.holdout_clusters))
         elif suite == "general":
             tasks.append(general_task())
+        elif suite == "general_gen":
+            tasks.append(general_gen_task(cfg.general_gen_per_kind))
         elif suite == "data":
             tasks.append(data_task(recipe))
         else:
@@ -63,6 +72,25 @@ def suite_file_task(suite: SuiteConfig, seed: int = 0) -> Task:
     )
     task.max_new_tokens = suite.max_new_tokens
     return task
+
+
+def attach_anchors(model, tokenizer, tasks: list[Task], cfg: EvalConfig, digest=None) -> None:
+    """Give every drift-scored task the base model's replies to its prompts (generated once,
+    then read from the cache). `model` is the base model; call before it is tuned."""
+    from instill.eval.drift import base_replies, model_digest
+
+    drift = [t for t in tasks if t.metric == "drift"]
+    if drift and digest is None:
+        digest = model_digest(model)
+    for task in drift:
+        task.anchor = base_replies(
+            model,
+            tokenizer,
+            task.examples,
+            task.max_new_tokens or cfg.gen_max_new_tokens,
+            cfg.batch_size,
+            digest=digest,
+        )
 
 
 def run_tasks(
@@ -86,7 +114,12 @@ def run_tasks(
             continue
         console.print(f"evaluating {model_name} on {task.name} ({len(task.examples)} examples)...")
         result = evaluate(
-            model, tokenizer, task, cfg, model_name, loss=task.metric not in ("choice", "builtin")
+            model,
+            tokenizer,
+            task,
+            cfg,
+            model_name,
+            loss=task.metric not in ("choice", "builtin", "drift"),
         )
         write_result(result, folder, stem)
         results[task.name] = result

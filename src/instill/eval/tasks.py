@@ -38,6 +38,7 @@ class Task:
     metric: str  # the primary metric, one of metrics.METRICS
     max_new_tokens: int | None = None  # None: the eval config's value
     holdout: frozenset[str] = field(default_factory=frozenset)  # clusters kept out of training
+    anchor: object = None  # metric drift: the base model's replies (drift.Anchor) to score against
 
 
 def _id(*parts: str) -> str:
@@ -177,9 +178,18 @@ def file_task(
     max_examples: int | None = None,
     seed: int = 0,
 ) -> Task:
-    """A user's suite file. metric auto: choice when rows carry choices, else exact_match."""
+    """A user's suite file. metric auto: choice when rows carry choices, else exact_match.
+    metric drift: open prompts scored against the base model (eval/drift.py); references are
+    optional there."""
     if not Path(path).exists():
         raise InstillError(f"suite {name}: file not found: {path}")
+    if metric == "drift":
+        from instill.eval.drift import prompt_file
+
+        examples = prompt_file(path, f"suite {name}")
+        if max_examples is not None and len(examples) > max_examples:
+            examples = sample_per_cluster(examples, max_examples, seed)
+        return Task(name, examples, "drift")
     examples = [ex for raw in read_source(str(path), "train", None) for ex in _from_row(raw, fmt)]
     if not examples:
         raise InstillError(f"{path}: the suite file holds no rows")
@@ -200,6 +210,24 @@ def general_task() -> Task:
     """Everyday knowledge, science, geography and word sense, outside every tuning set instill
     ships: a forgetting guard, scored by choice log-likelihood (no generation needed)."""
     return file_task("general", GENERAL_FILE, metric="choice")
+
+
+def general_gen_task(per_kind: int | None = None) -> Task:
+    """Open-ended everyday requests (explain, advise, write, rewrite, plan, code, compare,
+    summarise), none from the built-in task families, scored by generation against the base
+    model: drift, reply length, short replies (eval/drift.py)."""
+    from instill.eval.drift import GEN_SUITE, shipped_prompts
+
+    examples = shipped_prompts("eval")
+    if per_kind is not None:  # the first per_kind of each kind: the same prompts in every run
+        taken: dict[str, int] = {}
+        keep = []
+        for ex in examples:
+            taken[ex.family] = taken.get(ex.family, 0) + 1
+            if taken[ex.family] <= per_kind:
+                keep.append(ex)
+        examples = keep
+    return Task(GEN_SUITE, examples, "drift")
 
 
 def conversations_task(

@@ -30,6 +30,7 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end-of-turn or stop string) or "length"
+    token_ids: tuple[int, ...] = ()  # the generated tokens, up to and with the end-of-turn one
 
 
 class _Streamer:
@@ -154,14 +155,15 @@ def generate(
         for row, i in enumerate(idx):
             new = out[row, width:].tolist()
             ended = False
+            generated = new
             for j, tid in enumerate(new):
                 if tid in eot:
-                    new, ended = new[:j], True
+                    new, ended, generated = new[:j], True, new[: j + 1]
                     break
             text = tokenizer.decode(new, skip_special_tokens=True)
             text, stopped = _cut(text, params.stop)
             finish = "stop" if ended or stopped else "length"
-            results[i] = Generation(text, len(prompts[i]), len(new), finish)
+            results[i] = Generation(text, len(prompts[i]), len(new), finish, tuple(generated))
         if on_batch is not None:
             on_batch(len(idx))
     return results  # type: ignore[return-value]

@@ -11,7 +11,10 @@ from instill.report import plots
 from instill.report.document import Document, Heading, Image, Para, Table, Verdict, write
 from instill.report.run_report import (
     GENERAL,
+    forgetting_blocks,
+    forgetting_verdict,
     interval,
+    is_guard,
     load_run,
     pct,
     signed,
@@ -110,7 +113,9 @@ def build_transfer_report(folder: Path, price_per_hour: float = 0.10) -> Documen
         )
     )
     doc.add(Heading("The four claims"))
-    task_suites = [s for s in suites if s != GENERAL]
+    task_suites = [
+        s for s in suites if s != GENERAL and (ways[s][2] or {}).get("metric") != "drift"
+    ]
 
     # 1. better answers
     parts, ok = [], True
@@ -239,19 +244,16 @@ def build_transfer_report(folder: Path, price_per_hour: float = 0.10) -> Documen
         doc.add(Table(["", *WAYS], rows))
     else:
         doc.add(Para("No cluster was held out; set eval.holdout_clusters in the recipe."))
-    if GENERAL in suites:
-        g = vs_untuned[GENERAL]["rows"][0]
-        doc.add(
-            Para(
-                f"Forgetting guard (general suite): untuned {pct(g.a)}% → tuned {pct(g.b)}% "
-                f"({signed(g.delta)} points, CI {interval(g.ci)})"
-                + (
-                    " — **tuning lost general knowledge**."
-                    if g.significant and g.delta < 0
-                    else "."
-                )
-            )
-        )
+    # forgetting: the pretrained model before and after tuning, on every guard it was scored on
+    untuned, tuned = Side("untuned", pre_dir / "eval", "base-"), Side("tuned", pre_dir / "eval")
+    guards = [
+        compare_suite(untuned, tuned, s) for s in tuned.suites() if s in set(untuned.suites())
+    ]
+    guards = [t for t in guards if is_guard(t)]
+    if guards:
+        doc.add(Heading("Forgetting: the pretrained model before and after tuning", 3))
+        doc.add(forgetting_verdict(guards, "pretrained-tuned"))
+        doc.add(*forgetting_blocks(guards, "untuned", "tuned"))
     doc.add(Heading("4. Cost"))
     cost_png = plots.cost_bars(folder, costs)
     doc.add(Image(cost_png, "training time and estimated FLOPs per start"))

@@ -100,7 +100,9 @@ def _bars(ax, labels, series, title, ylabel):
 def performance(
     run_dir: Path, tables: list[dict], out_name: str = "performance.png"
 ) -> Path | None:
-    """performance.png: base vs tuned per suite, overall and per cluster."""
+    """performance.png: base vs tuned per suite, overall and per cluster (scores in %; drift
+    suites, in nats per token, are tabled in the report instead)."""
+    tables = [t for t in tables if t["metric"] != "drift"]
     if not tables:
         return None
     plt = _plt()

@@ -8,10 +8,17 @@ import json
 from pathlib import Path
 
 from instill.eval.compare import Side, compare_suite
+from instill.eval.drift import generation_losses, generation_text
+from instill.jsonl import read_jsonl
 from instill.report import plots
 from instill.report.document import Document, Heading, Image, Para, Table, Verdict, write
 
-GENERAL = "general"  # the forgetting-guard suite
+GENERAL = "general"  # the forgetting guard scored by choice
+
+
+def is_guard(t: dict) -> bool:
+    """A forgetting guard: the general suite, or a suite scored by drift from the base."""
+    return t["suite"] == GENERAL or t["metric"] == "drift"
 
 
 def pct(x: float | None) -> str:
@@ -63,12 +70,45 @@ def table_block(t: dict, first: str = "") -> Table:
     return Table([first or "cluster", "base", "tuned", "delta", "delta 95% CI", "n"], rows)
 
 
+def drift_block(t: dict) -> Table:
+    """A drift suite, base vs tuned: drift per kind, reply length, short replies, ROUGE-L."""
+    gen = t["generation"]
+    rows = []
+    for r in t["rows"]:
+        label = r.label.strip() if r.label.startswith(" ") else "**drift, nats/token**"
+        sig = " *" if r.significant else ""
+        ci = "—" if r.ci is None else f"{r.ci[0]:+.3f} to {r.ci[1]:+.3f}"
+        rows.append([label, f"{r.a:.3f}", f"{r.b:.3f}", f"{r.delta:+.3f}{sig}", ci])
+    ta, tb, ratio, ci = gen["tokens"]
+    rows.append(["**reply tokens (mean)**", f"{ta:.1f}", f"{tb:.1f}", f"x{ratio:.2f}",
+                 f"x{ci[0]:.2f} to x{ci[1]:.2f}"])  # fmt: skip
+    sa, sb, delta, sci = gen["short"]
+    rows.append(["**replies under 10 words (%)**", pct(sa), pct(sb), signed(delta), interval(sci)])
+    r = gen["rouge_l"]
+    if r is not None:
+        rows.append(["**ROUGE-L vs references (%)**", pct(r.a), pct(r.b), signed(r.delta),
+                     interval(r.ci)])  # fmt: skip
+    return Table(["measure (kind)", "base", "tuned", "change", "95% CI"], rows)
+
+
+def moved_block(t: dict, a: str = "base", b: str = "tuned") -> Table | None:
+    """The prompts whose drift grew most, with both replies side by side."""
+    moved = t["generation"]["moved"]
+    if not moved:
+        return None
+    rows = [
+        [_short(m["prompt"], 120), _short(m["a"], 200), _short(m["b"], 200),
+         f"{m['drift_change']:+.2f}"]
+        for m in moved
+    ]  # fmt: skip
+    return Table(["prompt", f"{a} reply", f"{b} reply", "drift change"], rows, "lllr")
+
+
 def _records(run_dir: Path, stem: str) -> dict[str, dict]:
     path = run_dir / "eval" / f"{stem}.jsonl"
     if not path.is_file():
         return {}
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return {r["id"]: r for r in rows if "id" in r}
+    return {r["id"]: r for r in read_jsonl(path) if "id" in r}
 
 
 def _short(text, n: int = 160) -> str:
@@ -160,7 +200,7 @@ def _gain_verdict(claim: str, items: list[tuple[str, object]], unsupported: str)
 
 def performance_verdict(tables: list[dict]) -> Verdict:
     claim = "Better answers to prompts"
-    tuned = [t for t in tables if t["suite"] != GENERAL]
+    tuned = [t for t in tables if not is_guard(t)]
     if not tuned:
         return Verdict(claim, None, "no task suite was evaluated before and after")
     return _gain_verdict(
@@ -191,28 +231,72 @@ def generalisation_verdict(tables: list[dict]) -> Verdict:
     )
 
 
-def forgetting_verdict(tables: list[dict]) -> Verdict:
+def forgetting_verdict(tables: list[dict], b: str = "tuned") -> Verdict:
+    """Supported only when no guard shows a significant loss: general knowledge by choice
+    accuracy (a drop whose interval excludes 0), and general behaviour by generation (drift,
+    reply length, short replies, ROUGE-L; eval/drift.py holds the lines)."""
     general = next((t for t in tables if t["suite"] == GENERAL), None)
-    if general is None:
+    drift = [t for t in tables if t["metric"] == "drift"]
+    if general is None and not drift:
         return Verdict(
-            "No forgetting", None, "the general suite was not evaluated (add it to eval.suites)"
+            "No forgetting",
+            None,
+            "no forgetting guard was evaluated (add general and general_gen to eval.suites)",
         )
-    r = _row(general, "overall")
-    gains = [
-        _row(t, "overall").delta
-        for t in tables
-        if t["suite"] != GENERAL and _row(t, "overall").delta is not None
-    ]
-    gain = max(gains) if gains else 0.0
-    text = f"general suite {_change(r)}."
-    forgot = r.significant and r.delta < 0
-    if forgot and -r.delta > gain:
-        text += " The loss on general knowledge is larger than the gain on the tuned tasks."
-    elif forgot:
-        text += " Measurable forgetting, smaller than the gain on the tuned tasks."
+    losses, measured = [], []
+    if general is not None:
+        r = _row(general, "overall")
+        measured.append(f"general knowledge (choice) {_change(r)}")
+        if r.significant and r.delta < 0:
+            losses.append(f"general knowledge (choice) {signed(r.delta)} points")
+    for t in drift:
+        gen = t["generation"]
+        measured.append(f"{t['suite']}: {generation_text(gen)}")
+        losses += [f"{t['suite']}: {x}" for x in generation_losses(gen)]
+    if losses:
+        gains = [_row(t, "overall").delta for t in tables if not is_guard(t)]
+        text = f"Forgetting found in the {b} model: " + "; ".join(losses) + "."
+        if gains and general is not None:
+            r = _row(general, "overall")
+            if r.significant and r.delta < 0 and -r.delta > max(x or 0 for x in gains):
+                text += " The loss on general knowledge is larger than the gain on the tuned tasks."
+        text += " Measured: " + "; ".join(measured) + "."
+        if drift:
+            text += " The replies that moved most are shown under Forgetting."
+        return Verdict("No forgetting", False, text)
+    missing = (
+        "" if drift else " (general behaviour by generation was not measured: add general_gen)"
+    )
+    return Verdict(
+        "No forgetting",
+        True,
+        "No significant loss: " + "; ".join(measured) + "." + missing,
+    )
+
+
+def forgetting_blocks(tables: list[dict], a: str = "base", b: str = "tuned") -> list:
+    """The guards' tables, and the replies that moved most for each drift suite."""
+    blocks: list = []
+    general = next((t for t in tables if t["suite"] == GENERAL), None)
+    if general is not None:
+        blocks += [Heading("General knowledge (choice accuracy, %)", 3), table_block(general)]
     else:
-        text += " No loss outside the interval."
-    return Verdict("No forgetting", not forgot, text)
+        blocks.append(Para("The general suite (choice) was not evaluated."))
+    drift = [t for t in tables if t["metric"] == "drift"]
+    for t in drift:
+        blocks += [
+            Heading(f"General behaviour: {t['suite']} (replies against the base model's)", 3),
+            drift_block(t),
+            Para(
+                "Drift is the per-token NLL of the base model's own greedy replies under the "
+                "model, minus under the base: an estimate of KL(base || model) on general "
+                "requests. The replies whose drift grew most:"
+            ),
+            moved_block(t, a, b),
+        ]
+    if not drift:
+        blocks.append(Para("General behaviour by generation (general_gen) was not evaluated."))
+    return [x for x in blocks if x is not None]
 
 
 def cost_lines(run: dict, price_per_hour: float) -> tuple[list[list[str]], float]:
@@ -296,6 +380,8 @@ def build_run_report(run_dir: Path, price_per_hour: float = 0.10) -> Document:
     if perf:
         doc.add(Image(perf, "base vs tuned per suite and cluster, with 95% intervals"))
     for t in tables:
+        if t["metric"] == "drift":
+            continue  # under Forgetting
         doc.add(Heading(f"Suite {t['suite']} ({t['metric']}, %)", 3), table_block(t))
         doc.add(constraints_block(run_dir, t["suite"]))
         doc.add(examples_block(run_dir, t["suite"]))
@@ -309,9 +395,8 @@ def build_run_report(run_dir: Path, price_per_hour: float = 0.10) -> Document:
         if gen
         else Para("No cluster was held out (eval.holdout_clusters).")
     )
-    doc.add(Heading("Forgetting: the general suite"))
-    general = next((t for t in tables if t["suite"] == GENERAL), None)
-    doc.add(table_block(general) if general else Para("The general suite was not evaluated."))
+    doc.add(Heading("Forgetting: general knowledge and general behaviour"))
+    doc.add(*forgetting_blocks(tables))
     doc.add(Heading("Training time and cost"), Table(["measure", "value"], cost_table, "lr"))
     doc.add(Heading("Training curves"))
     curve = plots.training_curves(run_dir)

@@ -165,6 +165,41 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes free for a second copy of the weights on `device`."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**62  # unknown: do not refuse
+
+
+def kl_reference(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module | None:
+    """The base model for train.kl_to_base: None for a peft model (its adapters are switched off
+    instead), else a frozen copy made before training, if one fits."""
+    if cfg.kl_to_base <= 0 or hasattr(model, "disable_adapter"):
+        return None
+    import copy
+
+    device = next(model.parameters()).device
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    free = available_memory(device)
+    if need * 1.2 > free:  # the copy, with room for the activations it needs
+        raise InstillError(
+            f"train.kl_to_base: full fine-tuning needs a frozen copy of the base model for the "
+            f"KL term ({need / 2**30:.1f} GiB) and {device} has {free / 2**30:.1f} GiB free; use "
+            "adapter.method: lora (the base comes from the same weights with the adapters "
+            "switched off) or set train.kl_to_base: 0 (replay alone)"
+        )
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, rows: list[Row], batch_size: int, pad_id: int) -> float:
     """Mean token loss over `rows` (the same supervised positions as training)."""
@@ -180,13 +215,16 @@ def validation_loss(model: torch.nn.Module, rows: list[Row], batch_size: int, pa
     return total / max(count, 1)
 
 
-def accumulate(acc, wrapped, micro: list[dict]) -> tuple[float, int, int]:
+def accumulate(acc, wrapped, micro: list[dict], kl: list | None = None) -> tuple[float, int, int]:
     """Forward and backward over the micro-batches of one optimiser step.
 
     Each micro-batch's loss sum is divided by the supervised-token count of the whole step,
     summed over processes, so gradients equal those of one big batch. Returns the step's mean
-    token loss, its supervised tokens and its real (non-padding) tokens, all global.
+    token loss, its supervised tokens and its real (non-padding) tokens, all global. With
+    train.kl_to_base the loss is the cross-entropy alone, and `kl` (a list) receives this
+    process's (KL sum, replay positions) of every micro-batch that had replay rows.
     """
+    lm = acc.unwrap_model(wrapped)
     local = torch.tensor(
         [
             sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro),
@@ -204,6 +242,10 @@ def accumulate(acc, wrapped, micro: list[dict]) -> tuple[float, int, int]:
             # DDP averages gradients over processes; scale so the result is sum / global tokens.
             acc.backward(loss_sum * acc.num_processes / max(global_tokens, 1))
         loss_total += loss_sum.detach()
+        if getattr(lm, "last_kl", None) is not None:
+            loss_total -= lm.kl_weight * lm.last_kl[0]
+            if kl is not None:
+                kl.append(lm.last_kl)
     loss = float(acc.reduce(loss_total, reduction="sum")) / max(global_tokens, 1)
     return loss, global_tokens, global_real
 
@@ -255,7 +297,8 @@ def train(
         result.best_score = tuple(state["best_score"]) if state.get("best_score") else None
     # The scheduler is stepped by us once per optimiser step; accelerate's wrapper would step it
     # once per process.
-    wrapped, optimizer = acc.prepare(SupervisedLM(model), optimizer)
+    lm = SupervisedLM(model, kl_weight=cfg.kl_to_base, reference=kl_reference(model, cfg))
+    wrapped, optimizer = acc.prepare(lm, optimizer)
     stream = batcher.stream(skip=result.steps * cfg.grad_accum)
     metrics = open(run_dir / "metrics.jsonl", "a") if run_dir and acc.is_main_process else None
     board = _tensorboard(run_dir) if metrics else None
@@ -271,8 +314,9 @@ def train(
     with progress, stop, compiled_layers(model, cfg.compile):
         for step in range(done_before + 1, steps + 1):
             micro = [next(stream) for _ in range(cfg.grad_accum)]
+            kl_parts: list[tuple[float, int]] = []
             try:
-                loss, global_tokens, global_real = accumulate(acc, wrapped, micro)
+                loss, global_tokens, global_real = accumulate(acc, wrapped, micro, kl_parts)
             except Exception as e:
                 if cfg.compile and is_compile_failure(e):
                     raise compile_error(e) from e
@@ -303,6 +347,9 @@ def train(
                     "elapsed_s": round(elapsed, 2),
                     "peak_mem_mb": round(peak_memory_mb(acc.device), 1),
                 }
+                if cfg.kl_to_base > 0 and kl_parts:  # this process's replay rows, this step
+                    positions = sum(n for _, n in kl_parts)
+                    record["kl_to_base"] = round(sum(k for k, _ in kl_parts) / positions, 6)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 if board:

@@ -9,20 +9,69 @@ several processes, global) batch, which makes batch 8 equal batch 2 x 4 accumula
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from instill.train.compiled import eager
+
 IGNORE = -100
+
+
+def _logits(head: torch.nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
 
 
 def _ce_sum(
     head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None
 ):
-    logits = head(hidden).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(_logits(head, hidden, softcap), targets, reduction="sum")
+
+
+def _kl_sum(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    base_head: torch.nn.Module,
+    base_hidden: torch.Tensor,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Sum over positions of KL(base || tuned) between the two next-token distributions."""
+    log_q = F.log_softmax(_logits(head, hidden, softcap), dim=-1)
+    with torch.no_grad():
+        log_p = F.log_softmax(_logits(base_head, base_hidden, softcap), dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+
+
+def chunked_kl(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    base_head: torch.nn.Module,
+    base_hidden: torch.Tensor,
+    chunk: int = 1024,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """KL(base || tuned) summed over positions, `chunk` positions at a time (recomputed in
+    backward), so at most one chunk's two full-vocabulary distributions are alive."""
+    n = hidden.shape[0]
+    if n <= chunk:
+        return _kl_sum(head, hidden, base_head, base_hidden, softcap)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, n, chunk):
+        total = total + checkpoint(
+            _kl_sum,
+            head,
+            hidden[i : i + chunk],
+            base_head,
+            base_hidden[i : i + chunk],
+            softcap,
+            use_reentrant=False,
+        )
+    return total
 
 
 def chunked_cross_entropy(
@@ -53,26 +102,60 @@ def chunked_cross_entropy(
     return total
 
 
+def _parts(model: torch.nn.Module):
+    """(decoder body, output head, config) of a causal LM, plain or peft-wrapped."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if get_base is not None else model
+    return getattr(base, base.base_model_prefix), base.get_output_embeddings(), base.config
+
+
 class SupervisedLM(torch.nn.Module):
     """Wraps a causal LM (plain or peft) so that forward returns (loss sum, supervised tokens).
 
     This is our own module, not a patched `forward`: accelerate wraps *it* for DDP/FSDP, so
     gradient synchronisation sees the whole computation.
+
+    kl_weight > 0 adds kl_weight x KL(base || tuned), summed over the supervised positions of
+    replay rows (a batch's `replay_mask`), to the loss sum. The base distribution comes from
+    `reference` (a frozen copy, for full fine-tuning) or, for a peft model, from the same model
+    with its adapters switched off: no second copy of the weights.
     """
 
-    def __init__(self, model: torch.nn.Module, chunk: int = 1024):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        chunk: int = 1024,
+        kl_weight: float = 0.0,
+        reference: torch.nn.Module | None = None,
+    ):
         super().__init__()
         self.model = model
         self.chunk = chunk
+        self.kl_weight = kl_weight
+        self._reference = [reference]  # a list: not a submodule (no gradients, never wrapped)
+        self.last_kl: tuple[float, int] | None = None  # last forward: (KL sum, positions)
 
-    def _base(self) -> torch.nn.Module:
-        get_base = getattr(self.model, "get_base_model", None)
-        return get_base() if get_base is not None else self.model
+    def _base_hidden(self, input_ids, attention_mask, position_ids):
+        """The base model's last hidden states and head, without gradients."""
+        ref = self._reference[0]
+        with torch.no_grad():
+            if ref is not None:
+                body, head, _ = _parts(ref)
+                ctx = contextlib.nullcontext()
+            else:
+                body, head, _ = _parts(self.model)
+                ctx = self.model.disable_adapter()
+            with ctx, eager():  # no compiled graphs for the no-grad, adapter-less shapes
+                hidden = body(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=False,
+                ).last_hidden_state
+        return hidden, head
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
-        base = self._base()
-        body = getattr(base, base.base_model_prefix)
-        head = base.get_output_embeddings()
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, replay_mask=None):
+        body, head, config = _parts(self.model)
         hidden = body(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -81,8 +164,27 @@ class SupervisedLM(torch.nn.Module):
         ).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        softcap = getattr(base.config, "final_logit_softcapping", None)
+        softcap = getattr(config, "final_logit_softcapping", None)
         loss_sum = chunked_cross_entropy(
             head, hidden[:, :-1][keep], targets[keep], self.chunk, softcap
         )
+        self.last_kl = None
+        if self.kl_weight > 0 and replay_mask is not None:
+            kl_pos = keep & replay_mask[:, 1:]
+            rows = kl_pos.any(dim=1)
+            if bool(rows.any()):
+                sub = lambda t: None if t is None else t[rows]  # noqa: E731
+                base_hidden, base_head = self._base_hidden(
+                    input_ids[rows], sub(attention_mask), sub(position_ids)
+                )
+                kl = chunked_kl(
+                    head,
+                    hidden[:, :-1][kl_pos],
+                    base_head,
+                    base_hidden[:, :-1][kl_pos[rows]],
+                    self.chunk,
+                    softcap,
+                )
+                self.last_kl = (float(kl.detach()), int(kl_pos.sum()))
+                loss_sum = loss_sum + self.kl_weight * kl
         return loss_sum, keep.sum()
