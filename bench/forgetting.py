@@ -93,19 +93,21 @@ def _round_blocks(w, levels: int):
     return (q * scale).reshape(w.shape)
 
 
-def calibrate(max_new_tokens: int = 64) -> None:
+def calibrate(max_new_tokens: int = 64, per_kind: int = 8) -> None:
     import copy
 
     import torch
 
     from instill.config import ModelConfig
-    from instill.eval.drift import base_replies, reply_nll, shipped_prompts
+    from instill.eval.drift import base_replies, reply_nll
     from instill.eval.metrics import bootstrap_ci
     from instill.models import load_model
 
     loaded = load_model(ModelConfig())
     base, tok = loaded.model.eval(), loaded.tokenizer
-    prompts = shipped_prompts("eval")
+    from instill.eval.tasks import general_gen_task
+
+    prompts = general_gen_task(per_kind).examples  # the quickstart's (cached after its run)
     anchor = base_replies(base, tok, prompts, max_new_tokens, 32)
     ids = [anchor.replies[p.id].ids for p in prompts]
     print("| copy of the base | drift nats/token [95% CI] |")

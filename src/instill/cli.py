@@ -183,6 +183,17 @@ def eval_cmd(
     results = run_tasks(loaded.model, loaded.tokenizer, tasks, cfg, model, folder)
     for name, result in results.items():
         s = result.summary()
+        if "generation" in s:  # scored against the base model's replies, in nats and tokens
+            g = s["generation"]
+            d, r = g["drift"], g["length_ratio"]
+            out.print(
+                f"{name}: drift {d['value']:+.3f} nats/token (95% CI {d['ci95'][0]:+.3f} to "
+                f"{d['ci95'][1]:+.3f}); reply length x{r['value']:.2f} of the base's "
+                f"({g['tokens']:.1f} vs {g['base_tokens']:.1f} tokens); under 10 words "
+                f"{100 * g['short_share']:.1f}% vs {100 * g['base_short_share']:.1f}%; "
+                f"n={s['n']}; written to {folder / name}.json"
+            )
+            continue
         out.print(
             f"{name}: {s['metric']} {100 * s['score']:.1f}% (95% CI {100 * s['ci95'][0]:.1f}–"
             f"{100 * s['ci95'][1]:.1f}, n={s['n']}); written to {folder / name}.json"
