@@ -125,6 +125,9 @@ def test_shipped_lora_recipe_runs_compiled(tiny_dir, tmp_path):
             "eval.during_training=builtin",
             "eval.during_training_sample=2",
             "eval.max_new_tokens=4",
+            "eval.general_gen_per_kind=1",
+            "eval.gen_max_new_tokens=4",
+            "data.replay.max_new_tokens=4",
         ],
     )
     assert recipe.train.compile and recipe.train.gradient_checkpointing is True

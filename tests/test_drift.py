@@ -411,3 +411,28 @@ def test_real_model_replay_kl_and_general_gen(default_source, tmp_path):
     assert all(r["kl_to_base"] >= 0 for r in kl if "kl_to_base" in r)
     assert any("kl_to_base" in r for r in kl)
     assert "No forgetting" in (run / "report.md").read_text()
+
+
+def test_instill_eval_scores_a_drift_suite_file_against_a_base(tiny_dir, tmp_path, home):
+    from typer.testing import CliRunner
+
+    from instill.cli import app
+
+    suite = tmp_path / "mine.jsonl"
+    rows = [
+        {"prompt": "Tell me about tea.", "reference": "Tea is a drink."},
+        {"instruction": "Describe a river.", "reference": "A river flows."},
+    ]
+    suite.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "results"
+    args = ["eval", str(tiny_dir), "--suite", str(suite), "--metric", "drift"]
+    result = CliRunner().invoke(app, [*args, "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "mine: drift +0.000 nats/token" in " ".join(result.output.split())
+    records = [json.loads(x) for x in (out / "mine.jsonl").read_text().split("\n") if x]
+    assert [r["score"] for r in records] == [0.0, 0.0]  # the model is its own base here
+    assert all("rouge_l" in r["scores"] for r in records)
+    summary = json.loads((out / "mine.json").read_text())
+    assert summary["generation"]["rouge_l"]["value"] == pytest.approx(
+        sum(r["scores"]["rouge_l"] for r in records) / 2, abs=1e-6
+    )

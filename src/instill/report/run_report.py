@@ -262,7 +262,7 @@ def forgetting_verdict(tables: list[dict], b: str = "tuned") -> Verdict:
                 text += " The loss on general knowledge is larger than the gain on the tuned tasks."
         text += " Measured: " + "; ".join(measured) + "."
         if drift:
-            text += " The replies that moved most are shown beside this verdict."
+            text += " The replies that moved most are listed with the general_gen results."
         return Verdict("No forgetting", False, text)
     missing = (
         "" if drift else " (general behaviour by generation was not measured: add general_gen)"

@@ -311,10 +311,10 @@ def train(
     stop = _StopFlag()
     # validation and in-training evaluation run eagerly (no graphs compiled for their shapes)
     plain = eager if cfg.compile else contextlib.nullcontext
+    kl_parts: list[tuple[float, int]] = []  # (KL sum, replay positions) since the last log
     with progress, stop, compiled_layers(model, cfg.compile):
         for step in range(done_before + 1, steps + 1):
             micro = [next(stream) for _ in range(cfg.grad_accum)]
-            kl_parts: list[tuple[float, int]] = []
             try:
                 loss, global_tokens, global_real = accumulate(acc, wrapped, micro, kl_parts)
             except Exception as e:
@@ -347,9 +347,10 @@ def train(
                     "elapsed_s": round(elapsed, 2),
                     "peak_mem_mb": round(peak_memory_mb(acc.device), 1),
                 }
-                if cfg.kl_to_base > 0 and kl_parts:  # this process's replay rows, this step
+                if cfg.kl_to_base > 0 and kl_parts:  # per replay position since the last log
                     positions = sum(n for _, n in kl_parts)
                     record["kl_to_base"] = round(sum(k for k, _ in kl_parts) / positions, 6)
+                    kl_parts.clear()
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 if board:
