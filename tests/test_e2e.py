@@ -28,6 +28,7 @@ def run(tmp_path_factory, default_source):
             "eval.holdout_clusters=[]",
             "eval.suites=[builtin]",
             "data.builtin.train_per_family=4",  # 8 rows = one batch: every step sees the same rows
+            "data.replay=null",  # (no replay row joins them; tests/test_drift.py runs replay)
             "data.builtin.eval_per_family=2",
             "train.max_steps=4",
             "eval.max_new_tokens=12",

@@ -23,8 +23,13 @@ def test_scratch_differs_only_in_its_start(tmp_path):
     for r in (pre, scratch):
         assert r.train.max_steps == 12 and r.train.output_dir == str(folder)
         assert r.data.validation == 0.1 and r.train.eval_every == 1
-    same = lambda r: (r.data, r.train, r.eval.holdout_clusters)  # noqa: E731
+    same = lambda r: (  # noqa: E731
+        r.data.model_copy(update={"replay": None}),
+        r.train,
+        r.eval.holdout_clusters,
+    )
     assert same(pre) == same(scratch)
+    assert pre.data.replay == recipe.data.replay and scratch.data.replay is None
     # drift suites measure a model against its own base: random weights have none to keep
     assert "general_gen" in pre.eval.suites
     assert scratch.eval.suites == [s for s in pre.eval.suites if s != "general_gen"]
