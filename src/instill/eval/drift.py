@@ -164,10 +164,11 @@ def _read_cache(path: Path) -> dict[str, dict]:
 
     if not path.is_file():
         return {}
-    try:
-        return {r["key"]: r for r in read_jsonl(path)}
-    except (InstillError, KeyError, TypeError):
-        return {}  # a damaged cache is regenerated
+    fields = {"key", "text", "tokens", "ended", "nll", "ids"}
+    try:  # a damaged cache, or an entry missing a field, is generated again
+        return {r["key"]: r for r in read_jsonl(path) if isinstance(r, dict) and fields <= set(r)}
+    except InstillError:
+        return {}
 
 
 def _write_cache(path: Path, entries: dict[str, dict]) -> None:
