@@ -181,7 +181,7 @@ def test_replay_and_kl_settings_are_checked(tmp_path):
         with pytest.raises(InstillError, match=r"data\.replay\.fraction"):
             load_recipe(RECIPES / "quickstart.yaml", [f"data.replay={bad}"])
     with pytest.raises(InstillError, match=r"train\.kl_to_base.*data\.replay"):
-        load_recipe(RECIPES / "quickstart.yaml", ["train.kl_to_base=0.5"])
+        load_recipe(RECIPES / "quickstart.yaml", ["data.replay=null", "train.kl_to_base=0.5"])
     recipe = load_recipe(RECIPES / "quickstart.yaml", ["data.replay=0.2"])
     assert recipe.data.replay.fraction == 0.2 and recipe.data.replay.prompts is None
 

@@ -57,20 +57,20 @@ def chunked_kl(
 ) -> torch.Tensor:
     """KL(base || tuned) summed over positions, `chunk` positions at a time (recomputed in
     backward), so at most one chunk's two full-vocabulary distributions are alive."""
-    n = hidden.shape[0]
+    args = (head, hidden, base_head, base_hidden, softcap)
+    return _summed_in_chunks(_kl_sum, args, (1, 3), chunk)
+
+
+def _summed_in_chunks(fn, args: tuple, sliced: tuple[int, ...], chunk: int) -> torch.Tensor:
+    """fn(*args) summed over `chunk` rows at a time of the args at positions `sliced`; with more
+    than one chunk, each is recomputed in backward (activation checkpointing)."""
+    n = args[sliced[0]].shape[0]
     if n <= chunk:
-        return _kl_sum(head, hidden, base_head, base_hidden, softcap)
-    total = hidden.new_zeros((), dtype=torch.float32)
+        return fn(*args)
+    total = args[sliced[0]].new_zeros((), dtype=torch.float32)
     for i in range(0, n, chunk):
-        total = total + checkpoint(
-            _kl_sum,
-            head,
-            hidden[i : i + chunk],
-            base_head,
-            base_hidden[i : i + chunk],
-            softcap,
-            use_reentrant=False,
-        )
+        part = [a[i : i + chunk] if k in sliced else a for k, a in enumerate(args)]
+        total = total + checkpoint(fn, *part, use_reentrant=False)
     return total
 
 
@@ -86,20 +86,16 @@ def chunked_cross_entropy(
     With more than one chunk each chunk is recomputed in backward (activation checkpointing), so
     at most one chunk's logits are alive at any time.
     """
-    n = hidden.shape[0]
-    if n <= chunk:
-        return _ce_sum(head, hidden, targets, softcap)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, n, chunk):
-        total = total + checkpoint(
-            _ce_sum,
-            head,
-            hidden[i : i + chunk],
-            targets[i : i + chunk],
-            softcap,
-            use_reentrant=False,
-        )
-    return total
+    return _summed_in_chunks(_ce_sum, (head, hidden, targets, softcap), (1, 2), chunk)
+
+
+def _hidden(body, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    return body(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    ).last_hidden_state
 
 
 def _parts(model: torch.nn.Module):
@@ -146,22 +142,12 @@ class SupervisedLM(torch.nn.Module):
                 body, head, _ = _parts(self.model)
                 ctx = self.model.disable_adapter()
             with ctx, eager():  # no compiled graphs for the no-grad, adapter-less shapes
-                hidden = body(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    use_cache=False,
-                ).last_hidden_state
+                hidden = _hidden(body, input_ids, attention_mask, position_ids)
         return hidden, head
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, replay_mask=None):
         body, head, config = _parts(self.model)
-        hidden = body(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-        ).last_hidden_state
+        hidden = _hidden(body, input_ids, attention_mask, position_ids)
         targets = labels[:, 1:]
         keep = targets != IGNORE
         softcap = getattr(config, "final_logit_softcapping", None)
