@@ -258,6 +258,9 @@ def _print_generation(sa: Side, sb: Side, t: dict, out) -> None:
     from rich.table import Table
 
     gen = t["generation"]
+    if not gen["n"]:
+        out.print(f"{t['suite']}: no prompt was answered on both sides")
+        return
     table = Table(title=f"{t['suite']}: against the base model's replies (n={gen['n']})")
     for col in ("", sa.label, sb.label, "change", "95% CI"):
         table.add_column(col, justify="left" if not col else "right")

@@ -372,7 +372,9 @@ def _stat(value: float, ci) -> dict:
 
 def generation_losses(gen: dict) -> list[str]:
     """The significant losses in a generation_change (eval/compare.py), each as a sentence."""
-    losses = []
+    losses: list[str] = []
+    if not gen["n"]:
+        return losses
     d = gen["drift"]
     if d.ci is not None and d.ci[0] > DRIFT_LIMIT:
         losses.append(
@@ -403,6 +405,8 @@ def generation_losses(gen: dict) -> list[str]:
 
 def generation_text(gen: dict) -> str:
     """The generation measures in one sentence, whatever they show."""
+    if not gen["n"]:
+        return "no prompt was answered on both sides"
     d = gen["drift"]
     ta, tb, ratio, ci = gen["tokens"]
     sa, sb, delta, sci = gen["short"]

@@ -73,7 +73,9 @@ def table_block(t: dict, first: str = "") -> Table:
 def drift_block(t: dict) -> Table:
     """A drift suite, base vs tuned: drift per kind, reply length, short replies, ROUGE-L."""
     gen = t["generation"]
-    rows = []
+    rows: list[list[str]] = []
+    if not gen["n"]:
+        return Table(["measure (kind)", "base", "tuned", "change", "95% CI"], rows)
     for r in t["rows"]:
         label = r.label.strip() if r.label.startswith(" ") else "**drift, nats/token**"
         sig = " *" if r.significant else ""
