@@ -2,7 +2,7 @@
 (data.replay, train.kl_to_base, learning rate), one table of what each bought and cost.
 
     python bench/forgetting.py                        # the quickstart, four variants
-    python bench/forgetting.py --recipe bench/t0_holdout.yaml --variant "name=x data.replay=0.1"
+    python bench/forgetting.py --recipe bench/t0_quarter.yaml --variant "name=x data.replay=0.1"
     python bench/forgetting.py --table runs/qs-*      # only the table, from finished runs
     python bench/forgetting.py --calibrate            # drift of changes users call harmless
 
@@ -24,11 +24,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-QUICKSTART = [
-    "name=fg-none",
-    "name=fg-replay data.replay=0.1",
-    "name=fg-replay-kl data.replay=0.1 train.kl_to_base=0.5",
-    "name=fg-lr3e-4-replay train.lr=3e-4 data.replay=0.1",
+QUICKSTART = [  # the quickstart ships replay 0.1 at lr 1e-3
+    "name=fg-none data.replay=null",
+    "name=fg-replay",
+    "name=fg-replay-kl train.kl_to_base=0.5",
+    "name=fg-lr3e-4-replay train.lr=3e-4",
 ]
 
 
