@@ -23,7 +23,7 @@ SECTIONS = [
     "Claims and what the numbers say",
     "Performance",
     "Generalisation: seen vs held-out clusters",
-    "Forgetting: the general suite",
+    "Forgetting: general knowledge and general behaviour",
     "Training time and cost",
     "Training curves",
     "Data",
@@ -98,7 +98,9 @@ def test_report_page_renders_in_chromium(browser, tmp_path):
         assert texts(page, "h1") == [title]
         assert texts(page, "h2") == SECTIONS
         suites = sorted({p.stem.removeprefix("base-") for p in (run / "eval").glob("*.jsonl")})
-        assert sorted(h.split(" ")[1] for h in texts(page, "h3")) == suites
+        h3 = texts(page, "h3")
+        assert sorted(h.split(" ")[1] for h in h3 if h.startswith("Suite ")) == suites
+        assert "General knowledge (choice accuracy, %)" in h3  # the forgetting section's guard
         assert len(page.images) >= len(plots), page.images
     finally:
         page.ws.close()
