@@ -2,35 +2,59 @@
 
 Records are written with ensure_ascii=False, so text may hold U+2028, U+0085 and other characters
 that str.splitlines() treats as line breaks; splitting on "\\n" alone keeps such a record whole.
+Every JSONL file instill reads or writes (data, eval records, metrics, generate input and output,
+prompt files) goes through here.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from instill.errors import InstillError
 
 
 def dumps(record) -> str:
+    """One record as one line (no trailing newline)."""
     return json.dumps(record, ensure_ascii=False)
 
 
-def read_jsonl(path: Path) -> list:
-    """Every record of a JSONL file; a line that is not JSON is an error naming file and line."""
+def lines(text: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) for each non-blank line of a JSONL text."""
+    for i, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            yield i, line
+
+
+def read_jsonl(path: Path, *, torn_tail: bool = False) -> list:
+    """Every record of a JSONL file; a line that is not JSON is an error naming file and line.
+
+    torn_tail=True is for files instill appends to while running (metrics.jsonl): a last line
+    that has no newline and does not parse was cut by a kill mid-write, and is dropped. A file a
+    user wrote may lack the final newline; its last line is then read like any other."""
+    text = Path(path).read_text(encoding="utf-8")
     out = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
+    last = text.count("\n") + 1
+    for i, line in lines(text):
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError as exc:
+            if torn_tail and i == last:
+                break
             raise InstillError(f"{path}:{i}: not a JSON record ({exc.msg})") from None
     return out
 
 
 def write_jsonl(path: Path, records: Iterable) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(dumps(r) + "\n")
+    """Write a whole JSONL file: to a hidden sibling first, then renamed over `path`, so a kill
+    leaves the old file or the new one, never half of either."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(dumps(r) + "\n" for r in records)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

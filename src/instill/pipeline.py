@@ -22,6 +22,7 @@ from instill.data.dataset import build_data
 from instill.errors import InstillError
 from instill.eval import SuiteResult
 from instill.eval.suites import attach_anchors, build_tasks, run_tasks
+from instill.jsonl import dumps, read_jsonl, write_jsonl
 from instill.models import attach_adapter, load_model, pick_device
 from instill.train import TrainResult, train
 from instill.train.checkpoint import complete_checkpoints, save_model_dir
@@ -85,9 +86,8 @@ def make_run_dir(run_dir: Path, clear: bool) -> None:
 
 def _trim_metrics(path: Path, step: int) -> None:
     """Drop records logged after `step` (the resumed run logs those steps again)."""
-    if path.is_file():
-        keep = [x for x in path.read_text().splitlines() if x and json.loads(x)["step"] <= step]
-        path.write_text("".join(x + "\n" for x in keep))
+    if path.is_file():  # (a last line cut by the kill that stopped the run is dropped too)
+        write_jsonl(path, [r for r in read_jsonl(path, torn_tail=True) if r["step"] <= step])
 
 
 def fingerprint(recipe: Recipe) -> dict:
@@ -203,7 +203,7 @@ def _base_validation(run_dir: Path, loaded, data, recipe: Recipe) -> float:
         )
     with open(run_dir / "metrics.jsonl", "a") as f:
         record = {"step": 0, "val_loss": round(val, 6), "tokens": 0, "elapsed_s": 0.0}
-        f.write(json.dumps(record) + "\n")
+        f.write(dumps(record) + "\n")
     return round(val, 6)
 
 
@@ -262,8 +262,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
     stats = data.stats
     (run_dir / "data_stats.json").write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
     if data.skipped:
-        with open(run_dir / "skipped_rows.jsonl", "w") as f:
-            f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in data.skipped)
+        write_jsonl(run_dir / "skipped_rows.jsonl", data.skipped)
         console.print(
             f"[yellow]skipped {len(data.skipped)} bad rows[/yellow] (data.on_error: skip); "
             f"each one and why: {run_dir / 'skipped_rows.jsonl'}"

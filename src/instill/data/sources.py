@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from instill import jsonl
 from instill.errors import InstillError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -97,11 +98,7 @@ def read_rows(path: str | Path, skipped: list[dict] | None = None) -> Iterator[R
     text = _text(path)
     name = str(path)
     if path.suffix == ".jsonl":
-        # split on "\n" only: str.splitlines() also splits on U+2028, U+0085 and others,
-        # which may appear unescaped inside JSON strings (the T0 mix has them).
-        for n, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
+        for n, line in jsonl.lines(text):  # (split on "\n" only: the T0 mix holds U+2028)
             try:
                 row = json.loads(line)
                 if not isinstance(row, dict):

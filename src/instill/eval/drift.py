@@ -26,6 +26,7 @@ import torch
 
 from instill.errors import InstillError
 from instill.eval.tasks import EvalExample
+from instill.jsonl import read_jsonl
 
 OPEN_FILE = Path(__file__).parent / "suites" / "open_prompts.jsonl"
 GEN_SUITE = "general_gen"
@@ -47,10 +48,7 @@ def shipped_prompts(split: str) -> list[EvalExample]:
     """The prompt pool shipped with instill: split "eval" (the general_gen suite) or "replay"
     (disjoint prompts whose base replies data.replay trains on)."""
     out = []
-    for i, line in enumerate(OPEN_FILE.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for i, row in enumerate(read_jsonl(OPEN_FILE), 1):
         if row["split"] == split:
             msgs = ({"role": "user", "content": row["prompt"]},)
             out.append(
@@ -160,8 +158,6 @@ def _cache_file(digest: str, tokenizer, max_new_tokens: int) -> Path:
 
 
 def _read_cache(path: Path) -> dict[str, dict]:
-    from instill.jsonl import read_jsonl
-
     if not path.is_file():
         return {}
     fields = {"key", "text", "tokens", "ended", "nll", "ids"}

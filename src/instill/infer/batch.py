@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from instill import jsonl
 from instill.errors import InstillError
 from instill.infer.generate import GenParams, generate
 
@@ -37,9 +38,7 @@ def read_inputs(path: Path) -> list[tuple[object, list[dict]]]:
     if not path.is_file():
         raise InstillError(f"{path}: input file not found")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, line in jsonl.lines(path.read_text(encoding="utf-8")):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -89,7 +88,7 @@ def generate_file(
                     prompt_tokens=gen.prompt_tokens,
                     completion_tokens=gen.completion_tokens,
                 )
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.write(jsonl.dumps(record) + "\n")
             f.flush()  # whole batches reach the disk, so a resume loses at most one batch
             bar.advance(task, len(chunk))
     return len(todo), skip

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from instill.jsonl import read_jsonl
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     """(training records, validation records) from metrics.jsonl."""
     train, val = [], []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if "val_loss" in record:
-                val.append(record)
-            elif "loss" in record:  # (eval_score records are read by the report directly)
-                train.append(record)
+    for record in read_jsonl(path, torn_tail=True):
+        if "val_loss" in record:
+            val.append(record)
+        elif "loss" in record:  # (eval_score records are read by the report directly)
+            train.append(record)
     return train, val
 
 

@@ -12,7 +12,6 @@ makes the gradient identical whether a batch is split across accumulation steps 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import resource
@@ -30,6 +29,7 @@ from instill.console import console
 from instill.data.dataset import Row, collate, length_grouped_batches
 from instill.data.packing import collate_packed, pack_best_fit
 from instill.errors import InstillError
+from instill.jsonl import dumps
 from instill.train.checkpoint import (
     load_weights,
     restore_checkpoint,
@@ -351,7 +351,7 @@ def train(
                     positions = sum(n for _, n in kl_parts)
                     record["kl_to_base"] = round(sum(k for k, _ in kl_parts) / positions, 6)
                     kl_parts.clear()
-                metrics.write(json.dumps(record) + "\n")
+                metrics.write(dumps(record) + "\n")
                 metrics.flush()
                 if board:
                     for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
@@ -365,7 +365,7 @@ def train(
                     at = round(time.perf_counter() - start, 2)
                     val_record = {"step": step, "val_loss": round(val, 6)}
                     val_record.update(tokens=result.tokens, elapsed_s=at)
-                    metrics.write(json.dumps(val_record) + "\n")
+                    metrics.write(dumps(val_record) + "\n")
                     metrics.flush()
                 if board:
                     board.add_scalar("validation/loss", val, step)
@@ -377,7 +377,7 @@ def train(
                         score = evaluator(model) if acc.is_main_process else None
                     score = _shared(acc, score)
                     if metrics:
-                        metrics.write(json.dumps({"step": step, "eval_score": score}) + "\n")
+                        metrics.write(dumps({"step": step, "eval_score": score}) + "\n")
                         metrics.flush()
                     improved = result.best_score is None or score > result.best_score[1]
                     if improved:
