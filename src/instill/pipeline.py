@@ -25,7 +25,12 @@ from instill.eval.suites import attach_anchors, build_tasks, run_tasks
 from instill.jsonl import dumps, read_jsonl, write_jsonl
 from instill.models import attach_adapter, load_model, pick_device
 from instill.train import TrainResult, train
-from instill.train.checkpoint import complete_checkpoints, save_model_dir
+from instill.train.checkpoint import (
+    check_resumable,
+    complete_checkpoints,
+    resume_info,
+    save_model_dir,
+)
 
 
 @dataclass
@@ -55,8 +60,7 @@ def plan_run_dir(recipe: Recipe, overwrite: bool) -> tuple[Path, Path | None, bo
             checkpoint = found[-1] if found else None
         else:
             checkpoint = Path(resume)
-            if not (checkpoint / ".complete").is_file():
-                raise InstillError(f"train.resume: {checkpoint} is not a complete checkpoint")
+            resume_info(checkpoint)  # a clear error now for best/, final/ or a cut-short write
     existed = run_dir.exists() and any(run_dir.iterdir())
     if existed and checkpoint is None and not overwrite and resume is None:
         state = "a finished run" if (run_dir / "final").exists() else "an unfinished run"
@@ -90,8 +94,26 @@ def _trim_metrics(path: Path, step: int) -> None:
         write_jsonl(path, [r for r in read_jsonl(path, torn_tail=True) if r["step"] <= step])
 
 
-def fingerprint(recipe: Recipe) -> dict:
-    """What a checkpoint and the run resuming from it must agree on."""
+def data_digest(data) -> str:
+    """sha256 of the tokenised training and validation rows, in order, with their masks: the
+    same digest means the same batches in the same order."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for part in (data.train, data.validation):
+        h.update(len(part).to_bytes(8, "little"))
+        for row in part:
+            h.update(np.asarray(row.input_ids, dtype=np.int64).tobytes())
+            h.update(np.asarray(row.mask, dtype=np.int8).tobytes())
+            h.update(b"r" if row.replay else b"-")
+    return h.hexdigest()
+
+
+def fingerprint(recipe: Recipe, data=None, processes: int = 1) -> dict:
+    """What a checkpoint and the run resuming from it must agree on: model, adapter, batching,
+    the data's content and the number of processes (which sets each step's rows)."""
     t, d = recipe.train, recipe.data
     return {
         "model": recipe.model.model_dump(mode="json"),
@@ -102,7 +124,9 @@ def fingerprint(recipe: Recipe) -> dict:
             "seed": t.seed,
             "packing": d.packing,
             "max_length": d.max_length,
+            "processes": processes,
         },
+        "data": {"sha256": data_digest(data) if data is not None else None},
     }
 
 
@@ -174,7 +198,7 @@ def _train(acc, recipe: Recipe, model, loaded, data, tasks, run_dir: Path, check
         pack_length=recipe.data.max_length if recipe.data.packing else None,
         validation=data.validation,
         resume_from=checkpoint,
-        fingerprint=fingerprint(recipe),
+        fingerprint=fingerprint(recipe, data, acc.num_processes),
         evaluator=during_training(recipe, tasks, loaded.tokenizer),
     )
 
@@ -229,6 +253,10 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
     acc = Accelerator(cpu=pick_device(recipe.model.device).type == "cpu")
     main = acc.is_main_process
     run_dir, checkpoint, clear = plan_run_dir(recipe, overwrite)
+    if recipe.train.compile:  # no C++ compiler (or triton): say so before any work
+        from instill.train.compiled import check_compiler
+
+        check_compiler(acc.device)
     new = clear or not run_dir.exists() or not any(run_dir.iterdir())
     acc.wait_for_everyone()  # every process has looked before the main one changes anything
     if main:
@@ -249,6 +277,10 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
 
                 digest = model_digest(loaded.model)
             data = with_replay(recipe, loaded, data, digest)
+        if checkpoint is not None:  # refuse a changed run before the base evaluation
+            resume_step = check_resumable(
+                checkpoint, fingerprint(recipe, data, acc.num_processes)
+            )
     except BaseException:
         if new and main:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -295,7 +327,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
     console.print(str(report))
     if checkpoint is not None:
         console.print(f"resuming from {checkpoint}")
-        _trim_metrics(run_dir / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
+        _trim_metrics(run_dir / "metrics.jsonl", resume_step)
     acc.wait_for_everyone()  # the others waited here while the base model was evaluated
     result = _train(acc, recipe, model, loaded, data, tasks, run_dir, checkpoint)
     if result.interrupted:

@@ -156,6 +156,18 @@ class DataConfig(_Section):
         "one, or every token.",
     )
 
+    @field_validator("validation", mode="before")
+    @classmethod
+    def _validation_number(cls, v):
+        # YAML 1.1 reads 5e-2 (no dot) as a string; a string that is a number is a fraction,
+        # not a file name (a file literally named so can be given as ./5e-2)
+        if isinstance(v, str):
+            try:
+                return float(v.strip())
+            except ValueError:
+                return v
+        return v
+
     @field_validator("replay", mode="before")
     @classmethod
     def _replay_fraction(cls, v):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,17 +13,24 @@ from instill.errors import InstillError
 
 
 def save_model_dir(
-    model: torch.nn.Module, tokenizer, target: Path, extra: dict | None = None
+    model: torch.nn.Module,
+    tokenizer,
+    target: Path,
+    extra: dict | None = None,
+    text: dict[str, str] | None = None,
 ) -> None:
     """Save weights (or the adapter) + tokenizer + chat template to `target`, atomically.
 
-    `extra` maps file names to tensors/objects saved with torch.save (optimizer state, RNG...).
+    `extra` maps file names to tensors/objects saved with torch.save (optimizer state, RNG...);
+    `text` maps file names to text.
     """
     with atomic_directory(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for name, obj in (extra or {}).items():
             torch.save(obj, tmp / name)
+        for name, body in (text or {}).items():
+            (tmp / name).write_text(body + "\n")
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
@@ -39,6 +47,7 @@ def prune(folder: Path, keep: int) -> None:
 
 
 STATE = "trainer_state.pt"
+RESUME = "resume.json"  # step and fingerprint, readable without loading the optimiser state
 
 
 def save_checkpoint(
@@ -60,7 +69,10 @@ def save_checkpoint(
         "fingerprint": fingerprint,
     }
     target = folder / f"step-{result.steps}"
-    save_model_dir(model, tokenizer, target, extra={STATE: state})
+    save_model_dir(
+        model, tokenizer, target, extra={STATE: state},
+        text={RESUME: json.dumps({"step": result.steps, "fingerprint": fingerprint}, indent=2)},
+    )  # fmt: skip
     prune(folder, keep)
     return target
 
@@ -98,6 +110,43 @@ def load_weights(model, path: Path) -> None:
         raise InstillError(f"{path}: weights do not fit this model (missing {sorted(missing)[:3]})")
 
 
+def resume_info(path: Path) -> dict:
+    """{"step", "fingerprint"} of a resumable checkpoint (a step-N directory), or a clear error
+    for anything else: an incomplete write, or checkpoints/best and final/, which hold weights
+    only (no optimiser, scheduler, RNG or data position)."""
+    path = Path(path)
+    if not (path / COMPLETE).is_file():
+        raise InstillError(
+            f"train.resume: {path} is not a complete checkpoint (no {COMPLETE}: the write "
+            "was cut short, or it is not a checkpoint); use train.resume=auto for the last "
+            "complete one"
+        )
+    if not (path / STATE).is_file():
+        raise InstillError(
+            f"train.resume: {path} holds weights only, not a training state to resume from "
+            f"(no {STATE}; checkpoints/best and final/ are weights); resume from a "
+            "checkpoints/step-N folder, or train.resume=auto for the last one"
+        )
+    if (path / RESUME).is_file():
+        return json.loads((path / RESUME).read_text())
+    state = torch.load(path / STATE, weights_only=True)  # a checkpoint from before resume.json
+    return {"step": state["step"], "fingerprint": state.get("fingerprint", {})}
+
+
+def check_resumable(path: Path, fingerprint: dict) -> int:
+    """The step to resume from; refuses, saying what changed, when `fingerprint` (this run's
+    model, adapter, batching, data and process count) differs from the checkpoint's."""
+    info = resume_info(path)
+    diffs = _differences(info["fingerprint"], fingerprint)
+    if diffs:
+        raise InstillError(
+            f"cannot resume from {path}: the run changed since it was written: "
+            + "; ".join(diffs)
+            + ". Resume with the same recipe and data, or start afresh with --overwrite"
+        )
+    return int(info["step"])
+
+
 def restore_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: dict) -> dict:
     """Load a checkpoint into model, optimiser and scheduler; return its trainer state."""
     path = Path(path)
@@ -106,7 +155,7 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: dic
     state = torch.load(path / STATE, weights_only=True)
     diffs = _differences(state.get("fingerprint", {}), fingerprint)
     if diffs:
-        raise InstillError(f"cannot resume from {path}: {'; '.join(diffs)}")
+        raise InstillError(f"cannot resume from {path}: the run changed: {'; '.join(diffs)}")
     load_weights(model, path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
