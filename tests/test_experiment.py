@@ -9,6 +9,7 @@ import pytest
 from instill.config import load_recipe
 from instill.errors import InstillError
 from instill.experiment import plan
+from instill.jsonl import read_jsonl
 
 RECIPES = Path(__file__).resolve().parent.parent / "src" / "instill" / "recipes"
 
@@ -55,3 +56,83 @@ def test_a_four_bit_base_cannot_be_compared_with_scratch(tmp_path):
     )
     with pytest.raises(InstillError, match="quantize must be none"):
         plan(recipe)
+
+
+def test_scratch_trains_every_weight_even_when_the_recipe_freezes_some(tmp_path):
+    recipe = load_recipe(RECIPES / "full.yaml", [f"train.output_dir={tmp_path}"])
+    assert recipe.adapter.freeze == ["embed_tokens"]
+    _, pre, scratch, notes = plan(recipe, max_steps=12)
+    assert pre.adapter.freeze == ["embed_tokens"] and scratch.adapter.freeze == []
+    assert any("adapter.freeze ['embed_tokens'] dropped" in n for n in notes)
+
+
+def _transfer_recipe(tiny_dir, out):
+    return load_recipe(
+        RECIPES / "full.yaml",
+        [
+            f"model.name={tiny_dir}",
+            f"train.output_dir={out}",
+            "data.builtin.families=[addition,uppercase]",
+            "data.builtin.train_per_family=6",
+            "data.builtin.eval_per_family=2",
+            "train.batch_size=2",
+            "train.grad_accum=1",
+            "train.lr=1e-3",
+            "train.save_every=null",
+            "eval.suites=[builtin]",
+            "eval.holdout_clusters=[]",
+            "eval.max_new_tokens=2",
+        ],
+    )
+
+
+def test_transfer_runs_both_starts_and_writes_the_report(tiny_dir, tmp_path):
+    """The whole experiment on the tiny model with full.yaml: the pretrained run keeps its
+    frozen embeddings, the scratch run trains its random ones, and the report is written."""
+    from safetensors.torch import load_file
+
+    from instill.experiment import transfer
+    from instill.models import load_model
+
+    recipe = _transfer_recipe(tiny_dir, tmp_path)
+    page = transfer(recipe, max_steps=4)
+    folder = tmp_path / "full-transfer"
+    assert page.parent == folder and page.is_file() and (folder / "report.md").is_file()
+    key = "model.embed_tokens.weight"
+    original = load_file(next(Path(tiny_dir).glob("*.safetensors")))[key]
+    pretrained = load_file(folder / "pretrained" / "final" / "model.safetensors")[key]
+    assert (pretrained == original).all()  # frozen, as full.yaml says
+    _, _, scratch, _ = plan(recipe, max_steps=4)
+    start = load_model(scratch.model, seed=scratch.train.seed).model.state_dict()[key]
+    tuned = load_file(folder / "scratch" / "final" / "model.safetensors")[key]
+    assert tuned.shape == start.shape and not (tuned == start).all()  # trained
+    with pytest.raises(InstillError, match="pass --resume to continue it or --overwrite"):
+        transfer(recipe, max_steps=4)
+
+
+def test_interrupted_transfer_stops_and_resumes(tiny_dir, tmp_path, monkeypatch):
+    from instill.experiment import transfer
+    from instill.train import loop
+
+    class StopAtOnce(loop._StopFlag):  # as if SIGTERM came during the first step
+        def __enter__(self):
+            super().__enter__()
+            self.requested = True
+            return self
+
+    recipe = _transfer_recipe(tiny_dir, tmp_path)
+    folder = tmp_path / "full-transfer"
+    with monkeypatch.context() as m:
+        m.setattr(loop, "_StopFlag", StopAtOnce)
+        assert transfer(recipe, max_steps=4) is None
+    assert sorted(p.name for p in (folder / "pretrained" / "checkpoints").iterdir()) == [
+        "best",
+        "step-1",
+    ]
+    assert not (folder / "scratch").exists()  # the second training never started
+    page = transfer(recipe, max_steps=4, resume=True)
+    assert page.is_file()
+    for run in ("pretrained", "scratch"):
+        assert (folder / run / "final" / ".complete").is_file()
+    steps = [r["step"] for r in read_jsonl(folder / "pretrained" / "metrics.jsonl") if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 4  # continued, not restarted twice

@@ -281,6 +281,9 @@ def experiment_transfer(
     overrides: list[str] = OVERRIDES,
     max_steps: int = typer.Option(None, help="Training steps of both starts (the budget)."),
     overwrite: bool = typer.Option(False, help="Replace an existing experiment folder."),
+    resume: bool = typer.Option(
+        False, help="Continue an interrupted experiment: finished trainings are kept."
+    ),
 ) -> None:
     """Run a recipe three ways (pretrained tuned, scratch tuned, pretrained untuned) and write
     one report on what the pretrained start bought: answers, training time, generalisation,
@@ -289,7 +292,9 @@ def experiment_transfer(
 
     loaded = load_recipe(recipe_path(recipe), overrides or [])
     _quiet_libraries()
-    page = transfer(loaded, max_steps=max_steps, overwrite=overwrite)
+    page = transfer(loaded, max_steps=max_steps, overwrite=overwrite, resume=resume)
+    if page is None:
+        sys.exit(130)
     out.print(f"report: {page} (and report.md beside it)")
 
 

@@ -60,15 +60,22 @@ def plan(recipe: Recipe, max_steps: int | None = None) -> tuple[Path, Recipe, Re
         for s in pretrained.model_dump(mode="json")["eval"]["suites"]
         if s != "general_gen" and not (isinstance(s, dict) and s.get("metric") == "drift")
     ]
+    # every weight of the scratch model trains: a recipe's adapter.freeze (full.yaml freezes
+    # embed_tokens) would leave its random embeddings, and the head tied to them, untrained
     scratch = _with(
         pretrained,
         name="scratch",
         model={"init": "scratch"},
-        adapter={"method": "full"},
+        adapter={"method": "full", "freeze": []},
         eval={"before": False, "suites": suites},
         data={"replay": None},
         train={"kl_to_base": 0.0},
     )
+    if recipe.adapter.freeze:
+        notes.append(
+            f"scratch run: adapter.freeze {list(recipe.adapter.freeze)} dropped (random "
+            "weights must all train)"
+        )
     if len(suites) < len(recipe.eval.suites):
         notes.append("scratch run: no drift suites (general_gen) and no replay (no base to keep)")
     return folder, pretrained, scratch, notes
@@ -79,17 +86,41 @@ def transfer(
     *,
     max_steps: int | None = None,
     overwrite: bool = False,
-) -> Path:
+    resume: bool = False,
+) -> Path | None:
+    """Run both trainings and write the report; its path, or None when a training was
+    interrupted (its checkpoint is kept; `resume=True` continues the experiment: a finished
+    training is kept, an unfinished one continues from its last checkpoint)."""
     from instill.pipeline import run_recipe
     from instill.report.experiment_report import write_transfer_report
 
     folder, pretrained, scratch, notes = plan(recipe, max_steps)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise InstillError(f"{folder} already holds an experiment; pass --overwrite to replace it")
+    if overwrite and resume:
+        raise InstillError("experiment transfer: --overwrite and --resume exclude each other")
+    if folder.exists() and any(folder.iterdir()) and not (overwrite or resume):
+        raise InstillError(
+            f"{folder} already holds an experiment; pass --resume to continue it or "
+            "--overwrite to replace it"
+        )
     for note in notes:
         console.print(f"experiment: {note}")
-    console.print("[bold]1/2[/bold] the pretrained model, tuned (and evaluated before tuning)")
-    run_recipe(pretrained, overwrite=True)
-    console.print("[bold]2/2[/bold] the same architecture from random weights, tuned alike")
-    run_recipe(scratch, overwrite=True)
+    steps = (
+        ("1/2", "the pretrained model, tuned (and evaluated before tuning)", pretrained),
+        ("2/2", "the same architecture from random weights, tuned alike", scratch),
+    )
+    for label, what, r in steps:
+        run_dir = folder / r.name
+        if resume and (run_dir / "final").exists() and (run_dir / "run.json").is_file():
+            console.print(f"[bold]{label}[/bold] {what}: finished before, kept")
+            continue
+        console.print(f"[bold]{label}[/bold] {what}")
+        if resume:
+            r = _with(r, train={"resume": "auto"})
+        summary = run_recipe(r, overwrite=not resume)
+        if summary.train.interrupted:
+            console.print(
+                "[yellow]experiment interrupted[/yellow]: the other training was not started; "
+                "continue with `instill experiment transfer ... --resume`"
+            )
+            return None
     return write_transfer_report(folder, recipe.report.price_per_hour)
