@@ -15,6 +15,11 @@ def run(args, capsys, monkeypatch):
     return exit_info.value.code, captured.out, captured.err
 
 
+def succeed(args, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["instill", *args])
+    main()  # returns normally: no SystemExit
+
+
 def assert_user_error(code, err, *fragments):
     assert code == 2
     assert "Traceback" not in err
@@ -111,3 +116,52 @@ def test_qlora_without_cuda_is_a_clear_error(capsys, monkeypatch, tmp_path):
 def test_qlora_with_full_fine_tuning_is_refused(capsys, monkeypatch):
     code, _, err = run(["train", "full", "model.quantize=4bit"], capsys, monkeypatch)
     assert_user_error(code, err, "a 4-bit base cannot be fully fine-tuned")
+
+
+def test_chat_generate_and_eval_take_a_chat_template_file(capsys, monkeypatch, tmp_path, tiny_dir):
+    """A model without a chat template: chat, generate and eval refuse it with one line naming
+    --chat-template, and work with the template file given (the same text as the model's own
+    template gives the same output as the original model)."""
+    import io
+    import json
+    import shutil
+
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_dir, model)
+    template = tmp_path / "template.jinja"
+    shutil.move(model / "chat_template.jinja", template)
+    rows = tmp_path / "in.jsonl"
+    rows.write_text('{"prompt": "Name a colour."}\n')
+    gen = ["generate", "--input", str(rows), "--max-new-tokens", "3"]
+    ev = ["eval", "--suite", "builtin", "--per-family", "1", "--max-new-tokens", "2"]
+    chat = ["chat", "--max-new-tokens", "3"]
+    for args in (gen + ["--output", str(tmp_path / "x.jsonl")], ev, chat):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+        code, _, err = run([args[0], str(model), *args[1:]], capsys, monkeypatch)
+        assert_user_error(code, err, "has no chat template", "--chat-template")
+    code, _, err = run(
+        [*gen[:1], str(model), *gen[1:], "--output", "o", "--chat-template", str(tmp_path / "no")],
+        capsys,
+        monkeypatch,
+    )
+    assert_user_error(code, err, "--chat-template: file not found")
+
+    outs = {}
+    for name, source, extra in (("given", model, ["--chat-template", str(template)]),
+                                ("own", tiny_dir, [])):  # fmt: skip
+        out = tmp_path / f"{name}.jsonl"
+        succeed([gen[0], str(source), *gen[1:], "--output", str(out), *extra], monkeypatch)
+        outs[name] = [json.loads(x)["output"] for x in out.read_text().splitlines()]
+        monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+        capsys.readouterr()
+        succeed([chat[0], str(source), *chat[1:], *extra], monkeypatch)
+        outs[name + " chat"] = capsys.readouterr().out
+        succeed(
+            [ev[0], str(source), *ev[1:], "--output", str(tmp_path / name), *extra], monkeypatch
+        )
+        outs[name + " eval"] = [
+            r["prediction"] for r in map(json.loads, (tmp_path / name / "builtin.jsonl").open())
+        ]
+    assert outs["given"] == outs["own"]
+    assert outs["given chat"] == outs["own chat"]
+    assert outs["given eval"] == outs["own eval"]

@@ -108,6 +108,26 @@ def quickstart(
     _run(RECIPES / "quickstart.yaml", overrides, overwrite)
 
 
+CHAT_TEMPLATE = typer.Option(
+    None,
+    "--chat-template",
+    help="Jinja chat template file replacing the model's own (needed when it has none); the "
+    "same as a recipe's model.chat_template.",
+)
+
+
+def _model_spec(model: str, chat_template: Path | None):
+    """The ModelConfig for loading MODEL with --chat-template; a missing file is an error before
+    the slow model load."""
+    from instill.config import ModelConfig
+
+    if chat_template is not None and not chat_template.is_file():
+        raise InstillError(f"--chat-template: file not found: {chat_template}")
+    return ModelConfig(
+        name=model, chat_template=str(chat_template) if chat_template is not None else None
+    )
+
+
 SUITES = typer.Option(
     ["builtin"],
     "--suite",
@@ -138,6 +158,7 @@ def eval_cmd(
         help="Drift suites (general_gen, --metric drift): the base model whose replies the model "
         "is scored against. Default: a run's own base model, else the model itself.",
     ),
+    chat_template: Path = CHAT_TEMPLATE,
 ) -> None:
     """Score a model on evaluation suites; write per-example records and summaries with 95%
     confidence intervals to <output>/<suite>.jsonl and <suite>.json."""
@@ -149,6 +170,7 @@ def eval_cmd(
     from instill.models import load_for_inference
 
     check_metric(metric, "--metric") if metric != "auto" else None
+    spec = _model_spec(model, chat_template)
     tasks = []
     for name in suite:
         if name == "builtin":
@@ -173,11 +195,11 @@ def eval_cmd(
         from instill.eval.suites import attach_anchors
 
         base = base or run_base_model(model) or model
-        anchor_model = load_for_inference(base)
+        anchor_model = load_for_inference(base, _model_spec(base, chat_template))
         out.print(f"drift suites are scored against the replies of {base}")
         attach_anchors(anchor_model.model, anchor_model.tokenizer, tasks, cfg)
         del anchor_model
-    loaded = load_for_inference(model)
+    loaded = load_for_inference(model, spec)
     path = Path(model)
     folder = output or (path / "eval" if (path / "final").is_dir() else Path("runs") / "eval")
     results = run_tasks(loaded.model, loaded.tokenizer, tasks, cfg, model, folder)
@@ -304,14 +326,16 @@ def chat(
     system: str = typer.Option(None, help="System prompt."),
     max_new_tokens: int = typer.Option(256, help="Longest reply."),
     temperature: float = typer.Option(0.0, help="0 is greedy."),
+    chat_template: Path = CHAT_TEMPLATE,
 ) -> None:
     """Chat in the terminal. With stdin from a pipe, each line is a user turn and each reply
     is printed on stdout (commands: /reset, /system TEXT, /params [k=v], /save FILE)."""
     from instill.chat import ChatSession
     from instill.models import load_for_inference
 
+    spec = _model_spec(model, chat_template)
     _quiet_libraries()
-    loaded = load_for_inference(model)
+    loaded = load_for_inference(model, spec)
     session = ChatSession(
         loaded.model,
         loaded.tokenizer,
@@ -331,6 +355,7 @@ def generate(
     temperature: float = typer.Option(0.0, help="0 is greedy."),
     seed: int = typer.Option(None, help="Sampling seed."),
     batch_size: int = typer.Option(8, help="Rows generated together."),
+    chat_template: Path = CHAT_TEMPLATE,
 ) -> None:
     """Batch generation: one output row per input row, in order; rows already in --output are
     skipped, so an interrupted job continues where it stopped."""
@@ -342,7 +367,7 @@ def generate(
     params = GenParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     if not input.is_file():  # before the slow model load
         raise InstillError(f"{input}: input file not found (--input)")
-    loaded = load_for_inference(model)
+    loaded = load_for_inference(model, _model_spec(model, chat_template))
     made, skipped = generate_file(
         loaded.model, loaded.tokenizer, input, output, params, batch_size=batch_size
     )

@@ -77,7 +77,8 @@ def load_tokenizer(path: str, cfg: ModelConfig):
         tokenizer.chat_template = template.read_text(encoding="utf-8")
     if not getattr(tokenizer, "chat_template", None):
         raise InstillError(
-            f"model '{cfg.name}' has no chat template; set model.chat_template to a Jinja file"
+            f"model '{cfg.name}' has no chat template; give a Jinja template file: "
+            "model.chat_template in a recipe, --chat-template FILE on the command line"
         )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
