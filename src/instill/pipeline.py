@@ -16,13 +16,14 @@ from pathlib import Path
 import yaml
 from accelerate import Accelerator
 
+from instill.atomic import refuse_to_replace, remove_directory
 from instill.config import Recipe
 from instill.console import console
 from instill.data.dataset import build_data
 from instill.errors import InstillError
 from instill.eval import SuiteResult
 from instill.eval.suites import attach_anchors, build_tasks, run_tasks
-from instill.jsonl import dumps, read_jsonl, write_jsonl
+from instill.jsonl import read_jsonl, write_jsonl
 from instill.models import attach_adapter, load_model, pick_device
 from instill.train import TrainResult, train
 from instill.train.checkpoint import (
@@ -31,6 +32,7 @@ from instill.train.checkpoint import (
     resume_info,
     save_model_dir,
 )
+from instill.train.logs import append_record
 
 
 @dataclass
@@ -69,14 +71,16 @@ def plan_run_dir(recipe: Recipe, overwrite: bool) -> tuple[Path, Path | None, bo
             "train.resume=auto to continue it, or choose another name (name=...)"
         )
     # --overwrite, or resume=auto with nothing to resume from: start afresh
+    if existed and checkpoint is None:  # never the working directory, home or a root
+        refuse_to_replace(run_dir, "train.output_dir or name")
     return run_dir, checkpoint, existed and checkpoint is None
 
 
 def make_run_dir(run_dir: Path, clear: bool) -> None:
     """Clear (when asked) and create the run directory, checking that it is writable."""
-    if clear:
-        shutil.rmtree(run_dir)
     try:
+        if clear:
+            remove_directory(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         probe.write_text("")
@@ -225,9 +229,8 @@ def _base_validation(run_dir: Path, loaded, data, recipe: Recipe) -> float:
         val = validation_loss(
             loaded.model, data.validation, recipe.train.batch_size, loaded.tokenizer.pad_token_id
         )
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        record = {"step": 0, "val_loss": round(val, 6), "tokens": 0, "elapsed_s": 0.0}
-        f.write(dumps(record) + "\n")
+    record = {"step": 0, "val_loss": round(val, 6), "tokens": 0, "elapsed_s": 0.0}
+    append_record(run_dir / "metrics.jsonl", record)
     return round(val, 6)
 
 
@@ -338,7 +341,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
         return RunSummary(
             run_dir, result, before, {}, time.perf_counter() - t0, model, loaded.tokenizer
         )
-    save_model_dir(model, loaded.tokenizer, run_dir / "final")
+    save_model_dir(model, loaded.tokenizer, run_dir / "final", what="final model")
     acc.wait_for_everyone()
     if tasks and recipe.eval.after:
         after = run_tasks(model, loaded.tokenizer, tasks, recipe.eval, "tuned", run_dir / "eval")

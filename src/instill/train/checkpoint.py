@@ -1,14 +1,17 @@
-"""Checkpoints that are complete or absent: written to a temporary directory, fsynced, renamed."""
+"""Checkpoints that are complete or absent: written to a temporary directory, fsynced, renamed.
+
+A write that fails for want of space or permission is one error naming the folder (a WriteError
+from instill.atomic); the checkpoints already complete are left as they were.
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
-from instill.atomic import COMPLETE, atomic_directory
+from instill.atomic import COMPLETE, atomic_directory, remove_directory
 from instill.errors import InstillError
 
 
@@ -18,17 +21,22 @@ def save_model_dir(
     target: Path,
     extra: dict | None = None,
     text: dict[str, str] | None = None,
+    *,
+    what: str = "model",
 ) -> None:
     """Save weights (or the adapter) + tokenizer + chat template to `target`, atomically.
 
     `extra` maps file names to tensors/objects saved with torch.save (optimizer state, RNG...);
-    `text` maps file names to text.
+    `text` maps file names to text. `what` names the write in an error ("checkpoint").
     """
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, what, "train.output_dir") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for name, obj in (extra or {}).items():
-            torch.save(obj, tmp / name)
+            # through a Python file: a full disk then shows as the OSError (torch.save to a path
+            # reports only "unexpected pos"), which names the reason in the error
+            with open(tmp / name, "wb") as f:
+                torch.save(obj, f)
         for name, body in (text or {}).items():
             (tmp / name).write_text(body + "\n")
 
@@ -42,8 +50,13 @@ def complete_checkpoints(folder: Path) -> list[Path]:
 
 
 def prune(folder: Path, keep: int) -> None:
+    """Delete all but the last `keep` checkpoints; each is renamed aside before it is deleted,
+    so a kill part way never leaves a half-deleted step-N that still looks complete."""
     for old in complete_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            remove_directory(old)
+        except OSError:  # kept, complete: pruned by a later save
+            pass
 
 
 STATE = "trainer_state.pt"
@@ -72,6 +85,7 @@ def save_checkpoint(
     save_model_dir(
         model, tokenizer, target, extra={STATE: state},
         text={RESUME: json.dumps({"step": result.steps, "fingerprint": fingerprint}, indent=2)},
+        what="checkpoint",
     )  # fmt: skip
     prune(folder, keep)
     return target

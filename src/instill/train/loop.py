@@ -29,7 +29,6 @@ from instill.console import console
 from instill.data.dataset import Row, collate, length_grouped_batches
 from instill.data.packing import collate_packed, pack_best_fit
 from instill.errors import InstillError
-from instill.jsonl import dumps
 from instill.train.checkpoint import (
     load_weights,
     restore_checkpoint,
@@ -37,6 +36,7 @@ from instill.train.checkpoint import (
     save_model_dir,
 )
 from instill.train.compiled import compile_error, compiled_layers, eager, is_compile_failure
+from instill.train.logs import TrainLogs
 from instill.train.loss import IGNORE, SupervisedLM
 from instill.train.memory import enable_checkpointing, fix_mmap_threshold
 
@@ -300,8 +300,7 @@ def train(
     lm = SupervisedLM(model, kl_weight=cfg.kl_to_base, reference=kl_reference(model, cfg))
     wrapped, optimizer = acc.prepare(lm, optimizer)
     stream = batcher.stream(skip=result.steps * cfg.grad_accum)
-    metrics = open(run_dir / "metrics.jsonl", "a") if run_dir and acc.is_main_process else None
-    board = _tensorboard(run_dir) if metrics else None
+    logs = TrainLogs(run_dir) if run_dir and acc.is_main_process else None
     start = time.perf_counter()
     done_before, tokens_before = result.steps, result.tokens
     progress = _progress(acc.is_main_process)
@@ -312,7 +311,7 @@ def train(
     # validation and in-training evaluation run eagerly (no graphs compiled for their shapes)
     plain = eager if cfg.compile else contextlib.nullcontext
     kl_parts: list[tuple[float, int]] = []  # (KL sum, replay positions) since the last log
-    with progress, stop, compiled_layers(model, cfg.compile):
+    with progress, stop, compiled_layers(model, cfg.compile), logs or contextlib.nullcontext():
         for step in range(done_before + 1, steps + 1):
             micro = [next(stream) for _ in range(cfg.grad_accum)]
             try:
@@ -335,7 +334,7 @@ def train(
             tps = (result.tokens - tokens_before) / elapsed
             lr = scheduler.get_last_lr()[0]
             progress.update(task, advance=1, loss=loss, lr=lr, tps=tps)
-            if metrics and (step % cfg.log_every == 0 or step == steps):
+            if logs and (step % cfg.log_every == 0 or step == steps):
                 record = {
                     "step": step,
                     "loss": round(loss, 6),
@@ -351,24 +350,20 @@ def train(
                     positions = sum(n for _, n in kl_parts)
                     record["kl_to_base"] = round(sum(k for k, _ in kl_parts) / positions, 6)
                     kl_parts.clear()
-                metrics.write(dumps(record) + "\n")
-                metrics.flush()
-                if board:
-                    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                        if record[key] is not None:
-                            board.add_scalar(f"train/{key}", record[key], step)
+                logs.record(record)
+                for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                    if record[key] is not None:
+                        logs.scalar(f"train/{key}", record[key], step)
             if validation and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
                 with plain():
                     val = validation_loss(model, validation, cfg.batch_size, tokenizer.pad_token_id)
                 result.val_losses.append((step, val))
-                if metrics:
+                if logs:
                     at = round(time.perf_counter() - start, 2)
                     val_record = {"step": step, "val_loss": round(val, 6)}
                     val_record.update(tokens=result.tokens, elapsed_s=at)
-                    metrics.write(dumps(val_record) + "\n")
-                    metrics.flush()
-                if board:
-                    board.add_scalar("validation/loss", val, step)
+                    logs.record(val_record)
+                    logs.scalar("validation/loss", val, step)
                 improved = result.best is None or val < result.best[1]
                 if improved:
                     result.best = (step, val)
@@ -376,15 +371,16 @@ def train(
                     with plain():
                         score = evaluator(model) if acc.is_main_process else None
                     score = _shared(acc, score)
-                    if metrics:
-                        metrics.write(dumps({"step": step, "eval_score": score}) + "\n")
-                        metrics.flush()
+                    if logs:
+                        logs.record({"step": step, "eval_score": score})
                     improved = result.best_score is None or score > result.best_score[1]
                     if improved:
                         result.best_score = (step, score)
                 if improved and run_dir and acc.is_main_process:
                     best_dir = run_dir / "checkpoints" / "best"
-                    save_model_dir(acc.unwrap_model(wrapped).model, tokenizer, best_dir)
+                    save_model_dir(
+                        acc.unwrap_model(wrapped).model, tokenizer, best_dir, what="best checkpoint"
+                    )
                 patience = cfg.early_stopping_patience
                 best_step = (result.best_score or result.best)[0]
                 since_best = sum(1 for s, _ in result.val_losses if s > best_step)
@@ -416,10 +412,6 @@ def train(
         load_weights(model, run_dir / "checkpoints" / "best")
     result.wall_s = time.perf_counter() - start
     result.peak_mem_mb = peak_memory_mb(acc.device)
-    if metrics:
-        metrics.close()
-    if board:
-        board.close()
     model.eval()
     return result
 
@@ -431,15 +423,6 @@ def _shared(acc, value: float | None) -> float:
     from accelerate.utils import broadcast_object_list
 
     return float(broadcast_object_list([value], from_process=0)[0])
-
-
-def _tensorboard(run_dir: Path):
-    """A SummaryWriter on <run>/tensorboard when the tensorboard package is installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
 class _StopFlag:
