@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import StrEnum
+from pathlib import Path
 
 from jinja2 import TemplateError
 
@@ -37,6 +38,17 @@ def end_of_turn_ids(tokenizer) -> list[int]:
         if tid is not None and tid not in ids and tok in tokenizer.all_special_tokens:
             ids.append(tid)
     return ids
+
+
+def load_chat_template(path: str | Path) -> str:
+    """The text of a Jinja chat template file (model.chat_template, --chat-template)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InstillError(f"model.chat_template: file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise InstillError(f"model.chat_template: {path} is empty")
+    return text
 
 
 def render_text(tokenizer, messages: Sequence[dict], *, generation_prompt: bool = False) -> str:

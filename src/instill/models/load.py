@@ -63,19 +63,20 @@ def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def load_tokenizer(path: str, cfg: ModelConfig):
+def load_tokenizer(path: str, cfg: ModelConfig, *, require_template: bool = True):
+    """The tokenizer, with `cfg.chat_template` (a file) replacing its own template. Without
+    `require_template` a tokenizer with no template is returned as is (raw-prompt use only)."""
     from transformers import AutoTokenizer
+
+    from instill.data.render import load_chat_template
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except OSError as exc:
         raise InstillError(f"model '{cfg.name}': cannot load its tokenizer ({exc})") from None
     if cfg.chat_template is not None:
-        template = Path(cfg.chat_template)
-        if not template.is_file():
-            raise InstillError(f"model.chat_template: file not found: {template}")
-        tokenizer.chat_template = template.read_text(encoding="utf-8")
-    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = load_chat_template(cfg.chat_template)
+    if require_template and not getattr(tokenizer, "chat_template", None):
         raise InstillError(
             f"model '{cfg.name}' has no chat template; give a Jinja template file: "
             "model.chat_template in a recipe, --chat-template FILE on the command line"
@@ -85,14 +86,14 @@ def load_tokenizer(path: str, cfg: ModelConfig):
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, *, seed: int = 0) -> LoadedModel:
+def load_model(cfg: ModelConfig, *, seed: int = 0, require_template: bool = True) -> LoadedModel:
     """Load the pretrained model (or the same architecture with random weights: `init: scratch`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = resolve_model(cfg.name)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    tokenizer = load_tokenizer(source.path, cfg)
+    tokenizer = load_tokenizer(source.path, cfg, require_template=require_template)
     kwargs = dict(trust_remote_code=cfg.trust_remote_code, dtype=dtype)
     if cfg.quantize == "4bit":
         kwargs.update(_four_bit(device, dtype))
@@ -143,13 +144,17 @@ def _final_dir(path: Path) -> Path:
     return path
 
 
-def load_for_inference(name: str, cfg: ModelConfig | None = None) -> LoadedModel:
-    """Load a base model, a full fine-tune, or base + adapter (merged in memory for speed)."""
+def load_for_inference(
+    name: str, cfg: ModelConfig | None = None, *, require_template: bool = True
+) -> LoadedModel:
+    """Load a base model, a full fine-tune, or base + adapter (merged in memory for speed).
+    `require_template=False` accepts a model without a chat template (raw prompts only)."""
     cfg = cfg or ModelConfig(name=name)
     path = _final_dir(Path(name).expanduser())
     adapter_file = path / "adapter_config.json"
     if not adapter_file.is_file():
-        loaded = load_model(cfg.model_copy(update={"name": str(path) if path.exists() else name}))
+        update = {"name": str(path) if path.exists() else name}
+        loaded = load_model(cfg.model_copy(update=update), require_template=require_template)
         loaded.model.eval()
         return loaded
     from peft import PeftModel
@@ -159,8 +164,10 @@ def load_for_inference(name: str, cfg: ModelConfig | None = None) -> LoadedModel
         raise InstillError(
             f"{adapter_file}: no base_model_name_or_path; cannot find the base model"
         )
-    base = load_model(cfg.model_copy(update={"name": base_name}))
-    tokenizer = load_tokenizer(str(path), cfg.model_copy(update={"name": str(path)}))
+    base = load_model(cfg.model_copy(update={"name": base_name}), require_template=False)
+    tokenizer = load_tokenizer(
+        str(path), cfg.model_copy(update={"name": str(path)}), require_template=require_template
+    )
     model = PeftModel.from_pretrained(base.model, str(path)).merge_and_unload()
     model.eval()
     return LoadedModel(
