@@ -341,3 +341,40 @@ def test_too_many_concurrent_requests_get_429(tokenizer):
     finally:
         gate.set()
         stop()
+
+
+def _fail_generation(monkeypatch, server):
+    """Every forward pass of the decode thread raises, as a broken model or device would."""
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(server.scheduler, "_forward", boom)
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_a_failed_generation_is_an_error_the_client_raises(served, monkeypatch, chat):
+    base, server = served
+    c = client(base)
+    _fail_generation(monkeypatch, server)
+
+    def create(**kw):
+        if chat:
+            return c.chat.completions.create(model="tiny", messages=MSG, max_tokens=4, **kw)
+        return c.completions.create(model="tiny", prompt="Once upon", max_tokens=4, **kw)
+
+    with pytest.raises(openai.APIError) as streamed:
+        list(create(stream=True))
+    assert streamed.value.message == "generation failed: boom"
+    assert streamed.value.body == {
+        "message": "generation failed: boom",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+    with pytest.raises(openai.InternalServerError) as whole:
+        create()
+    assert whole.value.status_code == 500 and whole.value.body == streamed.value.body
+    monkeypatch.undo()
+    assert server.active == 0
+    assert create().usage.completion_tokens == 4  # the server goes on serving

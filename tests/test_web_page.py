@@ -22,14 +22,22 @@ def test_chat_page_streams_a_reply(browser, tokenizer):
         page.call("Page.enable")
         page.call("Page.navigate", url=base + "/")
         page.wait("document.readyState === 'complete' && !!document.getElementById('send')")
-        page.js("document.getElementById('key').value = 'k-123';"
-                "document.getElementById('key').dispatchEvent(new Event('change'))")
-        page.js("document.getElementById('input').value = 'Hello there';"
-                "document.getElementById('send').click()")
-        page.wait("document.querySelectorAll('.msg.assistant').length === 1 && "
-                  "document.querySelector('.msg.assistant').textContent.length > 0")
-        page.wait("document.querySelector('.msg.error') === null && "
-                  "document.querySelector('.msg.assistant').textContent.length > 20")
+        page.js(
+            "document.getElementById('key').value = 'k-123';"
+            "document.getElementById('key').dispatchEvent(new Event('change'))"
+        )
+        page.js(
+            "document.getElementById('input').value = 'Hello there';"
+            "document.getElementById('send').click()"
+        )
+        page.wait(
+            "document.querySelectorAll('.msg.assistant').length === 1 && "
+            "document.querySelector('.msg.assistant').textContent.length > 0"
+        )
+        page.wait(
+            "document.querySelector('.msg.error') === null && "
+            "document.querySelector('.msg.assistant').textContent.length > 20"
+        )
         reply = page.js("document.querySelector('.msg.assistant').textContent")
         assert page.js("document.querySelector('.msg.user').textContent") == "Hello there"
         page.js("document.getElementById('log').scrollTop = 0")  # the user's turn in the shot
@@ -40,6 +48,44 @@ def test_chat_page_streams_a_reply(browser, tokenizer):
         assert reply and page.js("localStorage.getItem('instill-key')") == "k-123"
         page.js("document.getElementById('new').click()")
         assert page.js("document.querySelectorAll('.msg').length") == 0
+        page.ws.close()
+    finally:
+        stop()
+
+
+def _open(browser, base):
+    targets = httpx.get(f"http://127.0.0.1:{browser}/json/list").json()
+    page = Page(next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"])
+    page.call("Page.enable")
+    page.call("Page.navigate", url=base + "/")
+    page.wait("document.readyState === 'complete' && !!document.getElementById('send')")
+    return page
+
+
+def _send(page, text):
+    page.js(
+        f"document.getElementById('input').value = {text!r};document.getElementById('send').click()"
+    )
+
+
+def test_chat_page_shows_a_failed_generation(browser, tokenizer):
+    from conftest import build_tiny
+    from test_serve import start
+
+    base, server, stop = start(build_tiny(tokenizer), tokenizer, ServeConfig())
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    server.scheduler._forward = boom
+    try:
+        page = _open(browser, base)
+        _send(page, "Hello there")
+        page.wait("document.querySelector('.msg.error') !== null")
+        assert page.js("document.querySelector('.msg.error').textContent") == (
+            "error: generation failed: boom"
+        )
+        assert page.js("document.querySelectorAll('.msg').length") == 2  # user turn kept
         page.ws.close()
     finally:
         stop()

@@ -40,10 +40,13 @@ class ApiError(Exception):
         self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
 
 
-def _error(status: int, message: str, param: str | None = None, kind: str = "") -> JSONResponse:
+def _error_body(status: int, message: str, param: str | None = None, kind: str = "") -> dict:
     err = ApiError(status, message, param, kind)
-    body = {"error": {"message": message, "type": err.kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status)
+    return {"error": {"message": message, "type": err.kind, "param": param, "code": None}}
+
+
+def _error(status: int, message: str, param: str | None = None, kind: str = "") -> JSONResponse:
+    return JSONResponse(_error_body(status, message, param, kind), status_code=status)
 
 
 def _number(body: dict, name: str, default, lo, hi, integer=False):
@@ -104,8 +107,12 @@ class Server:
         if name is None:
             return self.names[0]
         if name not in self.names:
-            raise ApiError(404, f"model {name!r} is not served; served: {self.names}", "model",
-                           "model_not_found")
+            raise ApiError(
+                404,
+                f"model {name!r} is not served; served: {self.names}",
+                "model",
+                "model_not_found",
+            )
         return name
 
     def prompt_ids(self, body: dict, chat: bool) -> list[int]:
@@ -195,10 +202,21 @@ def _stream(server: Server, job: Job, name: str, chat: bool, request: Request):
                     yield chunk(await asyncio.wait_for(pieces.get(), 0.05), None)
                 except TimeoutError:
                     continue
+            if job.error:  # the status line went out long ago: an error event, which the openai
+                # client raises as APIError (the non-streaming path answers 500)
+                yield f"data: {json.dumps(_error_body(500, job.error))}\n\n"
+                yield "data: [DONE]\n\n"
+                return
             yield chunk(None if chat else "", job.finish_reason)
             if include_usage:
-                tail = {"id": rid, "object": kind, "created": created, "model": name,
-                        "choices": [], "usage": _usage(job)}
+                tail = {
+                    "id": rid,
+                    "object": kind,
+                    "created": created,
+                    "model": name,
+                    "choices": [],
+                    "usage": _usage(job),
+                }
                 yield f"data: {json.dumps(tail)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
@@ -221,8 +239,11 @@ def build_app(server: Server) -> FastAPI:
             auth = request.headers.get("authorization", "")
             given = auth[7:] if auth.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
-                return _error(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
-                              kind="invalid_api_key")
+                return _error(
+                    401,
+                    "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                    kind="invalid_api_key",
+                )
         length = request.headers.get("content-length", "0")
         if length.isdigit() and int(length) > cfg.max_body_bytes:
             return _error(413, f"request body over the {cfg.max_body_bytes}-byte limit")
@@ -250,8 +271,11 @@ def build_app(server: Server) -> FastAPI:
         except ApiError as err:
             return _error(err.status, err.message, err.param, err.kind)
         if not server.admit():
-            return _error(429, f"server busy: {cfg.max_concurrent} requests in flight; retry",
-                          kind="rate_limit_exceeded")
+            return _error(
+                429,
+                f"server busy: {cfg.max_concurrent} requests in flight; retry",
+                kind="rate_limit_exceeded",
+            )
         if body.get("stream"):
             return _stream(server, job, name, chat, request)
         try:
@@ -264,8 +288,14 @@ def build_app(server: Server) -> FastAPI:
             return _error(500, job.error)
         kind = "chat.completion" if chat else "text_completion"
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        return {"id": rid, "object": kind, "created": int(time.time()), "model": name,
-                "choices": [_choice(job, chat)], "usage": _usage(job)}
+        return {
+            "id": rid,
+            "object": kind,
+            "created": int(time.time()),
+            "model": name,
+            "choices": [_choice(job, chat)],
+            "usage": _usage(job),
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -279,8 +309,9 @@ def build_app(server: Server) -> FastAPI:
     async def models(request: Request):
         if (denied := refused(request)) is not None:
             return denied
-        data = [{"id": n, "object": "model", "created": 0, "owned_by": "instill"}
-                for n in server.names]
+        data = [
+            {"id": n, "object": "model", "created": 0, "owned_by": "instill"} for n in server.names
+        ]
         return {"object": "list", "data": data}
 
     @app.get("/health")
