@@ -378,3 +378,85 @@ def test_a_failed_generation_is_an_error_the_client_raises(served, monkeypatch, 
     monkeypatch.undo()
     assert server.active == 0
     assert create().usage.completion_tokens == 4  # the server goes on serving
+
+
+def _raw_request(port: int, body: bytes, headers: str = "") -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port))
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\n{headers}"
+    )
+    if body:
+        head += f"Content-Length: {len(body)}\r\n"
+    s.sendall(head.encode() + b"\r\n" + body)
+    return s
+
+
+def _wait_until(condition, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_a_non_streaming_request_is_cancelled_when_its_client_hangs_up(tokenizer):
+    from conftest import build_tiny
+
+    base, server, stop = start(build_tiny(tokenizer), tokenizer, ServeConfig(max_concurrent=1))
+    jobs = []
+    submit = server.scheduler.submit
+    server.scheduler.submit = lambda job: jobs.append(job) or submit(job)
+    try:
+        body = json.dumps({"messages": MSG, "max_tokens": 900}).encode()
+        with _raw_request(int(base.rsplit(":", 1)[1]), body):
+            assert _wait_until(lambda: jobs and jobs[0].ids)  # decoding; then hang up
+        assert jobs[0].done.wait(30)
+        assert jobs[0].cancelled.is_set() and len(jobs[0].ids) < 900  # stopped early
+        assert _wait_until(lambda: server.active == 0, 10)
+        reply = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 3})
+        assert reply.json()["usage"]["completion_tokens"] == 3  # the one slot is free again
+    finally:
+        stop()
+
+
+def test_a_stream_whose_client_hangs_up_before_it_starts_frees_its_slot(served):
+    """Driven as ASGI directly, so the hang-up lands exactly between the route's answer and the
+    stream's first byte (starlette then cancels a body iterator that never started)."""
+    import asyncio
+
+    _, server = served
+    body = json.dumps({"messages": MSG, "max_tokens": 50, "stream": True}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    headers = [
+        (b"host", b"127.0.0.1"),
+        (b"content-type", b"application/json"),
+        (b"authorization", f"Bearer {KEY}".encode()),
+    ]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    for _ in range(3):
+        asyncio.run(build_app(server)(scope, receive, send))
+        messages.append({"type": "http.request", "body": body, "more_body": False})
+        assert server.active == 0

@@ -167,9 +167,15 @@ def _choice(job: Job, chat: bool) -> dict:
     return {"index": 0, "text": job.text, "finish_reason": job.finish_reason, "logprobs": None}
 
 
-async def _wait(job: Job) -> None:
+async def _wait(job: Job, request: Request) -> bool:
+    """Wait for the job; False as soon as the client hangs up (looked at every 50 ms)."""
+    tick = 0
     while not job.done.is_set():
         await asyncio.sleep(0.005)
+        tick += 1
+        if tick % 10 == 0 and await request.is_disconnected():
+            return False
+    return True
 
 
 def _stream(server: Server, job: Job, name: str, chat: bool, request: Request):
@@ -221,7 +227,8 @@ def _stream(server: Server, job: Job, name: str, chat: bool, request: Request):
             yield "data: [DONE]\n\n"
         finally:
             # starlette closes this generator when the client hangs up (its disconnect listener
-            # cancels the stream); that lands here and frees the batch row and the slot.
+            # cancels the stream, which it always starts first); that lands here and frees the
+            # batch row and the slot.
             job.cancelled.set()
             server.release()
 
@@ -280,10 +287,12 @@ def build_app(server: Server) -> FastAPI:
             return _stream(server, job, name, chat, request)
         try:
             server.scheduler.submit(job)
-            await _wait(job)
+            answered = await _wait(job, request)
         finally:
-            job.cancelled.set()
+            job.cancelled.set()  # a hang-up stops the row at the next decode step
             server.release()
+        if not answered:
+            return _error(400, "the client hung up before the reply was ready")
         if job.error:
             return _error(500, job.error)
         kind = "chat.completion" if chat else "text_completion"
