@@ -68,6 +68,28 @@ def _send(page, text):
     )
 
 
+def test_chat_page_asks_for_no_more_than_the_servers_max_tokens_cap(browser, tokenizer):
+    from conftest import build_tiny
+    from test_serve import start
+
+    base, server, stop = start(build_tiny(tokenizer), tokenizer, ServeConfig(max_tokens_cap=16))
+    jobs = []
+    submit = server.scheduler.submit
+    server.scheduler.submit = lambda job: jobs.append(job) or submit(job)
+    try:
+        page = _open(browser, base)
+        _send(page, "Hello there")
+        page.wait(
+            "document.querySelector('.msg.error') !== null || "
+            "document.querySelector('.msg.assistant').textContent.length > 0"
+        )
+        assert page.js("document.querySelector('.msg.error')") is None
+        assert len(jobs) == 1 and jobs[0].params.max_new_tokens == 16
+        page.ws.close()
+    finally:
+        stop()
+
+
 def test_chat_page_shows_a_failed_generation(browser, tokenizer):
     from conftest import build_tiny
     from test_serve import start

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import html
 import json
 import threading
 import time
@@ -329,6 +330,7 @@ def build_app(server: Server) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        return PAGE.read_text(encoding="utf-8").replace("__MODEL__", server.names[0])
+        text = PAGE.read_text(encoding="utf-8").replace("__MODEL__", html.escape(server.names[0]))
+        return text.replace("__MAX_TOKENS__", str(min(256, cfg.max_tokens_cap)))
 
     return app
