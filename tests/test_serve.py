@@ -27,9 +27,12 @@ def _free_port() -> int:
 
 def start(model, tokenizer, cfg: ServeConfig):
     """uvicorn in a thread on a free loopback port; returns (base url, Server, stop)."""
+    return start_server(Server(model, tokenizer, ["tiny"], cfg))
+
+
+def start_server(server: Server):
     import uvicorn
 
-    server = Server(model, tokenizer, ["tiny"], cfg)
     port = _free_port()
     uv = uvicorn.Server(uvicorn.Config(build_app(server), port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -460,3 +463,74 @@ def test_a_stream_whose_client_hangs_up_before_it_starts_frees_its_slot(served):
         asyncio.run(build_app(server)(scope, receive, send))
         messages.append({"type": "http.request", "body": body, "more_body": False})
         assert server.active == 0
+
+
+def test_completions_work_without_a_chat_template_and_chat_names_the_option(
+    tokenizer, tiny_dir, tmp_path
+):
+    import shutil
+
+    from instill.config import ModelConfig
+    from instill.data.render import render_prompt
+    from instill.serve import load_server
+
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_dir, model)
+    (model / "chat_template.jinja").unlink()
+    base, server, stop = start_server(load_server(str(model), ServeConfig()))
+    try:
+        assert not server.tokenizer.chat_template
+        c = client(base)
+        r = c.completions.create(model="no-template", prompt="Once upon a time", max_tokens=4)
+        assert r.usage.completion_tokens == 4
+        with pytest.raises(openai.BadRequestError) as err:
+            c.chat.completions.create(model="no-template", messages=MSG, max_tokens=4)
+        assert err.value.body["message"] == (
+            "the model has no chat template, so /v1/chat/completions cannot render messages; "
+            "restart instill serve with --chat-template FILE (a Jinja chat template), or send a "
+            "raw prompt to /v1/completions"
+        )
+        assert err.value.body["param"] == "messages"
+    finally:
+        stop()
+    template = (tiny_dir / "chat_template.jinja").read_text()
+    (tmp_path / "t.jinja").write_text(template)
+    base, server, stop = start_server(
+        load_server(
+            str(model),
+            ServeConfig(),
+            ModelConfig(name=str(model), chat_template=str(tmp_path / "t.jinja")),
+        )
+    )
+    try:
+        assert server.tokenizer.chat_template == template
+        r = client(base).chat.completions.create(model="no-template", messages=MSG, max_tokens=4)
+        assert r.usage.prompt_tokens == len(render_prompt(tokenizer, MSG))
+    finally:
+        stop()
+
+
+def test_a_template_that_refuses_the_messages_is_a_400_with_its_message(tokenizer):
+    import copy
+
+    from conftest import build_tiny
+
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = (
+        "{% for m in messages %}{% if m.role == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+    )
+    base, _, stop = start(build_tiny(tokenizer), strict, ServeConfig())
+    try:
+        msgs = [{"role": "system", "content": "Be brief."}, *MSG]
+        with pytest.raises(openai.BadRequestError) as err:
+            client(base).chat.completions.create(model="tiny", messages=msgs, max_tokens=2)
+        assert err.value.body["message"] == (
+            "the chat template refused these messages: System role not supported"
+        )
+        assert err.value.body["param"] == "messages"
+        ok = client(base).chat.completions.create(model="tiny", messages=MSG, max_tokens=2)
+        assert ok.usage.completion_tokens == 2
+    finally:
+        stop()

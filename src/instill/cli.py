@@ -382,14 +382,17 @@ def serve(
     api_key: str = typer.Option(
         None, envvar="INSTILL_API_KEY", help="Required bearer key (env INSTILL_API_KEY)."
     ),
+    chat_template: Path = CHAT_TEMPLATE,
     max_batch: int = typer.Option(8, help="Requests decoded together."),
     max_concurrent: int = typer.Option(64, help="Requests in flight before 429."),
     max_tokens_cap: int = typer.Option(1024, help="Largest max_tokens a request may ask."),
 ) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health)
-    with a web chat page at /."""
+    with a web chat page at /. A model without a chat template (and no --chat-template) serves
+    raw prompts on /v1/completions; its chat routes answer 400."""
     from instill.serve import ServeConfig, run_server
 
+    spec = _model_spec(model, chat_template)
     _quiet_libraries()
     cfg = ServeConfig(
         api_key=api_key,
@@ -397,7 +400,7 @@ def serve(
         max_concurrent=max_concurrent,
         max_tokens_cap=max_tokens_cap,
     )
-    run_server(model, cfg, host=host, port=port)
+    run_server(model, cfg, host=host, port=port, spec=spec)
 
 
 @data_app.command("inspect")

@@ -22,6 +22,11 @@ from instill.serve.scheduler import Job, Scheduler
 
 ROLES = ("system", "user", "assistant")
 PAGE = Path(__file__).with_name("page.html")
+NO_TEMPLATE = (
+    "the model has no chat template, so /v1/chat/completions cannot render messages; restart "
+    "instill serve with --chat-template FILE (a Jinja chat template), or send a raw prompt to "
+    "/v1/completions"
+)
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,16 @@ class Server:
 
     def prompt_ids(self, body: dict, chat: bool) -> list[int]:
         if chat:
-            ids = render_prompt(self.tokenizer, _messages(body))
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ApiError(400, NO_TEMPLATE, "messages")
+            messages = _messages(body)
+            try:
+                ids = render_prompt(self.tokenizer, messages)
+            except Exception as exc:  # the template is the model's code: its errors are the
+                # request's (raise_exception on a role it refuses, a missing field), not ours
+                raise ApiError(
+                    400, f"the chat template refused these messages: {exc}", "messages"
+                ) from None
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
