@@ -292,6 +292,25 @@ BAD = [
         "messages",
     ),
     (json.dumps({"messages": [{"role": "user", "content": "a" * 1_100_000}]}).encode(), 413, None),
+    (json.dumps({"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, "stop"),
+    (json.dumps({"messages": MSG, "stop": "x" * 257}).encode(), 400, "stop"),
+    (
+        json.dumps({"messages": MSG, "stream": True, "stream_options": 1}).encode(),
+        400,
+        "stream_options",
+    ),
+    (
+        json.dumps(
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
+        ).encode(),
+        400,
+        "messages",
+    ),
+    (
+        json.dumps({"messages": [{"role": "user", "content": [{"type": "text"}]}]}).encode(),
+        400,
+        "messages",
+    ),
 ]
 
 
@@ -310,6 +329,39 @@ def test_bad_input_is_4xx_and_server_keeps_serving(served, raw, status, param):
         assert "context length of 1024" in err["message"]
     ok = client(base).chat.completions.create(model="tiny", messages=MSG, max_tokens=2)
     assert ok.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ({"stop": ["a", "b", "c", "d", "e"]}, "'stop' takes at most 4 strings, got 5"),
+        (
+            {"stop": ["a", "x" * 257]},
+            "'stop' strings must be at most 256 characters; stop[1] has 257",
+        ),
+        (
+            {"messages": [MSG[0], {"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages[1].content[0] is a 'image_url' part; this server reads text parts only",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+            "messages[0].content[0].text must be a string",
+        ),
+        (
+            {"messages": [{"role": "tool", "content": "x"}]},
+            "messages[0].role must be one of system, developer, user, assistant",
+        ),
+    ],
+)
+def test_bad_stop_lists_and_content_parts_say_what_is_wrong(served, body, message):
+    base, _ = served
+    r = httpx.post(
+        base + "/v1/chat/completions",
+        json={"messages": MSG, "max_tokens": 2, **body},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == message
 
 
 def test_too_many_concurrent_requests_get_429(tokenizer):
@@ -534,3 +586,232 @@ def test_a_template_that_refuses_the_messages_is_a_400_with_its_message(tokenize
         assert ok.usage.completion_tokens == 2
     finally:
         stop()
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"],
+)
+def test_a_body_that_is_not_declared_json_is_415(served, content_type):
+    base, _ = served
+    headers = {"Authorization": f"Bearer {KEY}"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    body = json.dumps({"messages": MSG, "max_tokens": 2})
+    r = httpx.post(base + "/v1/chat/completions", content=body, headers=headers)
+    assert r.status_code == 415, r.text
+    assert r.json()["error"]["message"] == (
+        f"Content-Type must be application/json, got {content_type or 'none'}"
+    )
+    headers["Content-Type"] = "application/json; charset=utf-8"
+    r = httpx.post(base + "/v1/chat/completions", content=body, headers=headers)
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "host,status",
+    [
+        ("evil.example", 421),
+        ("evil.example:{port}", 421),
+        ("127.0.0.1.evil.example", 421),
+        ("", 421),
+        ("127.0.0.1:{port}", 200),
+        ("localhost:{port}", 200),
+        ("LocalHost", 200),
+        ("[::1]:{port}", 200),
+    ],
+)
+def test_the_host_header_must_name_this_server(served, host, status):
+    base, _ = served
+    port = base.rsplit(":", 1)[1]
+    value = host.format(port=port)
+    for path in ("/health", "/", "/v1/models"):
+        r = httpx.get(base + path, headers={"Host": value, "Authorization": f"Bearer {KEY}"})
+        assert r.status_code == status, (path, r.text)
+    if status == 421:
+        assert r.json()["error"]["message"] == (
+            f"Host header {value!r} does not name this server (it answers to 127.0.0.1, ::1, "
+            "localhost); to reach it by another name, start instill serve with "
+            "--allowed-host NAME"
+        )
+
+
+def test_allowed_hosts_follow_the_bound_address_and_the_option():
+    from instill.serve.app import allowed_hosts
+
+    loop = {"localhost", "127.0.0.1", "::1"}
+    assert allowed_hosts(ServeConfig()) == loop
+    assert allowed_hosts(ServeConfig(host="::1")) == loop
+    assert allowed_hosts(ServeConfig(host="localhost")) == loop
+    assert allowed_hosts(ServeConfig(host="10.1.2.3")) == {"10.1.2.3"}
+    assert allowed_hosts(
+        ServeConfig(host="10.1.2.3", allowed_hosts=("Box.LAN:8000", "[fe80::1]"))
+    ) == {"10.1.2.3", "box.lan", "fe80::1"}
+    assert allowed_hosts(ServeConfig(host="0.0.0.0")) >= loop | {socket.gethostname().lower()}
+    assert allowed_hosts(ServeConfig(host="10.1.2.3", allowed_hosts=("*",))) is None
+
+
+def test_allowed_host_star_turns_the_check_off(tokenizer):
+    from conftest import build_tiny
+
+    base, _, stop = start(build_tiny(tokenizer), tokenizer, ServeConfig(allowed_hosts=("*",)))
+    try:
+        assert httpx.get(base + "/health", headers={"Host": "evil.example"}).status_code == 200
+    finally:
+        stop()
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_is_read(tokenizer):
+    import select
+
+    from conftest import build_tiny
+
+    limit = 20_000
+    base, _, stop = start(build_tiny(tokenizer), tokenizer, ServeConfig(max_body_bytes=limit))
+    try:
+        s = _raw_request(int(base.rsplit(":", 1)[1]), b"", "Transfer-Encoding: chunked\r\n")
+        with s:
+            piece, sent, reply = b"[" * 4096, 0, b""
+            while sent < 50 * limit and b"\r\n\r\n" not in reply:
+                s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+                sent += len(piece)
+                if select.select([s], [], [], 0.01)[0]:
+                    reply += s.recv(65536)
+            if b"\r\n\r\n" not in reply:  # the old behaviour: answered after the whole body
+                s.sendall(b"0\r\n\r\n")
+                s.settimeout(30)
+                reply += s.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+        assert sent < 10 * limit  # refused while reading, not after reading everything
+        ok = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 2})
+        assert ok.status_code == 200
+    finally:
+        stop()
+
+
+def test_list_content_and_the_developer_role_read_as_text_and_system(served, tokenizer):
+    from instill.data.render import render_prompt
+
+    base, _ = served
+    c = client(base)
+    parts = [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Say"}, {"type": "text", "text": "it."}],
+        },
+    ]
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say\nit."}]
+    a = c.chat.completions.create(model="tiny", messages=parts, max_tokens=8)
+    b = c.chat.completions.create(model="tiny", messages=plain, max_tokens=8)
+    assert a.usage.prompt_tokens == len(render_prompt(tokenizer, plain)) == b.usage.prompt_tokens
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def _cli(args, capsys, monkeypatch, env=None):
+    """`instill serve ARGS` with the model load and uvicorn replaced; returns
+    (exit code, stderr, what run_server or uvicorn received)."""
+    import sys
+
+    import instill.serve
+    from instill.cli import main
+
+    seen = {}
+    for name in ("INSTILL_API_KEY",):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
+
+    class Fake:
+        names = ["m"]
+
+    def fake_load(model, cfg, spec=None):
+        seen.update(model=model, cfg=cfg, chat_template=spec and spec.chat_template)
+        return Fake()
+
+    monkeypatch.setattr(instill.serve, "load_server", fake_load)
+    monkeypatch.setattr(instill.serve, "build_app", lambda server: "app")
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(uvicorn=kw))
+    monkeypatch.setattr(sys, "argv", ["instill", "serve", "m", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err, seen
+
+
+def test_serve_options_reach_the_server(capsys, monkeypatch, tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages }}")
+    keyfile = tmp_path / "key"
+    keyfile.write_text("sk-from-file\n")
+    code, err, seen = _cli(
+        [
+            "--chat-template",
+            str(template),
+            "--api-key-file",
+            str(keyfile),
+            "--allowed-host",
+            "box.lan",
+            "--allowed-host",
+            "10.0.0.9",
+            "--port",
+            "8123",
+        ],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 0, err
+    cfg = seen["cfg"]
+    assert seen["chat_template"] == str(template)
+    assert cfg.api_key == "sk-from-file" and cfg.allowed_hosts == ("box.lan", "10.0.0.9")
+    assert cfg.host == "127.0.0.1" and seen["uvicorn"]["host"] == "127.0.0.1"
+    assert seen["uvicorn"]["port"] == 8123
+    assert "warning" not in err
+
+
+def test_serve_reads_the_api_key_from_the_environment(capsys, monkeypatch):
+    code, err, seen = _cli([], capsys, monkeypatch, env={"INSTILL_API_KEY": "sk-env"})
+    assert code == 0 and seen["cfg"].api_key == "sk-env"
+    assert "visible" not in err  # no hint to move it off the command line
+
+
+def test_serve_key_on_the_command_line_still_works_with_a_hint(capsys, monkeypatch):
+    code, err, seen = _cli(["--api-key", "sk-arg"], capsys, monkeypatch)
+    assert code == 0 and seen["cfg"].api_key == "sk-arg"
+    assert "--api-key on the command line is visible to other users" in err
+
+
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["--api-key-file", "/no/such/key"], ["--api-key-file", "/no/such/key", "not found"]),
+        (["--api-key-file", "{empty}"], ["--api-key-file", "is empty"]),
+        (["--api-key", "k", "--api-key-file", "{key}"], ["give one of"]),
+        (["--chat-template", "/no/such.jinja"], ["--chat-template", "file not found"]),
+    ],
+)
+def test_serve_option_mistakes_are_one_line(capsys, monkeypatch, tmp_path, args, fragments):
+    (tmp_path / "empty").write_text("\n")
+    (tmp_path / "key").write_text("k2")
+    args = [a.format(empty=tmp_path / "empty", key=tmp_path / "key") for a in args]
+    code, err, seen = _cli(args, capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err and "cfg" not in seen
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in line, line
+
+
+@pytest.mark.parametrize("host,warned", [("0.0.0.0", True), ("10.0.0.5", True), ("::1", False)])
+def test_serve_warns_when_reachable_beyond_loopback_without_a_key(
+    capsys, monkeypatch, host, warned
+):
+    code, err, _ = _cli(["--host", host], capsys, monkeypatch)
+    assert code == 0
+    assert ("WARNING: no API key" in err) == warned, err
+    code, err, _ = _cli(["--host", host], capsys, monkeypatch, env={"INSTILL_API_KEY": "k"})
+    assert "WARNING: no API key" not in err

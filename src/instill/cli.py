@@ -376,11 +376,25 @@ def generate(
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="A run directory, a final/ directory, or a model name."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to listen on (beyond loopback, set an API key)."
+    ),
     port: int = typer.Option(8000, help="Port to listen on."),
     api_key: str = typer.Option(
-        None, envvar="INSTILL_API_KEY", help="Required bearer key (env INSTILL_API_KEY)."
+        None,
+        envvar="INSTILL_API_KEY",
+        help="Required bearer key. Prefer env INSTILL_API_KEY or --api-key-file: a value on "
+        "the command line is visible to other users in ps.",
+    ),
+    api_key_file: Path = typer.Option(None, help="File holding the bearer key (first line)."),
+    allowed_host: list[str] = typer.Option(
+        [],
+        "--allowed-host",
+        help="Another name clients reach the server by (the Host header; repeatable). Default: "
+        "the --host address, and localhost names when it is loopback. '*' answers any name "
+        "(turns off the DNS-rebinding check).",
     ),
     chat_template: Path = CHAT_TEMPLATE,
     max_batch: int = typer.Option(8, help="Requests decoded together."),
@@ -390,8 +404,20 @@ def serve(
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health)
     with a web chat page at /. A model without a chat template (and no --chat-template) serves
     raw prompts on /v1/completions; its chat routes answer 400."""
-    from instill.serve import ServeConfig, run_server
+    from instill.serve import ServeConfig, read_api_key, run_server
 
+    if api_key_file is not None:
+        if api_key is not None:
+            raise InstillError(
+                "--api-key (or INSTILL_API_KEY) and --api-key-file are both set; give one of them"
+            )
+        api_key = read_api_key(api_key_file)
+    elif getattr(ctx.get_parameter_source("api_key"), "name", "") == "COMMANDLINE":
+        console.print(
+            "note: --api-key on the command line is visible to other users (ps); set "
+            "INSTILL_API_KEY or use --api-key-file instead",
+            soft_wrap=True,
+        )
     spec = _model_spec(model, chat_template)
     _quiet_libraries()
     cfg = ServeConfig(
@@ -399,8 +425,10 @@ def serve(
         max_batch=max_batch,
         max_concurrent=max_concurrent,
         max_tokens_cap=max_tokens_cap,
+        host=host,
+        allowed_hosts=tuple(allowed_host),
     )
-    run_server(model, cfg, host=host, port=port, spec=spec)
+    run_server(model, cfg, port=port, spec=spec)
 
 
 @data_app.command("inspect")

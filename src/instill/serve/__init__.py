@@ -5,12 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from instill.serve.app import ServeConfig, Server, build_app
+from instill.errors import InstillError
+from instill.serve.app import ServeConfig, Server, allowed_hosts, build_app, is_loopback
 
 if TYPE_CHECKING:
     from instill.config import ModelConfig
 
-__all__ = ["ServeConfig", "Server", "build_app", "load_server", "run_server"]
+__all__ = [
+    "ServeConfig",
+    "Server",
+    "build_app",
+    "load_server",
+    "read_api_key",
+    "run_server",
+    "startup_warnings",
+]
 
 
 def load_server(model: str, cfg: ServeConfig, spec: ModelConfig | None = None) -> Server:
@@ -26,18 +35,52 @@ def load_server(model: str, cfg: ServeConfig, spec: ModelConfig | None = None) -
     return Server(loaded.model, loaded.tokenizer, names, cfg)
 
 
+def read_api_key(path: Path) -> str:
+    """The bearer key from a file (its first line), so it never appears in `ps`."""
+    if not path.is_file():
+        raise InstillError(f"--api-key-file: {path}: file not found")
+    key = path.read_text(encoding="utf-8").strip().splitlines()
+    if not key or not key[0].strip():
+        raise InstillError(f"--api-key-file: {path} is empty")
+    return key[0].strip()
+
+
+def startup_warnings(cfg: ServeConfig) -> list[str]:
+    warnings = []
+    if not is_loopback(cfg.host) and cfg.api_key is None:
+        warnings.append(
+            f"WARNING: no API key, and listening on {cfg.host}, beyond this machine's loopback: "
+            "anyone who can reach this address can use the model. Set INSTILL_API_KEY or pass "
+            "--api-key-file FILE, or listen on 127.0.0.1."
+        )
+    hosts = allowed_hosts(cfg)
+    if hosts is None:
+        warnings.append(
+            "WARNING: --allowed-host '*': requests naming any host are answered (no DNS-rebinding "
+            "protection)."
+        )
+    elif not is_loopback(cfg.host):
+        warnings.append(
+            f"answering requests for host {', '.join(sorted(hosts))}; add others with "
+            "--allowed-host NAME"
+        )
+    return warnings
+
+
 def run_server(
-    model: str,
-    cfg: ServeConfig,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    spec: ModelConfig | None = None,
+    model: str, cfg: ServeConfig, port: int = 8000, spec: ModelConfig | None = None
 ) -> None:
     import uvicorn
 
     server = load_server(model, cfg, spec)
+    from rich.markup import escape
+
     from instill.console import console
 
     key = "required" if cfg.api_key else "off"
-    console.print(f"serving {server.names[0]} on http://{host}:{port}/ (API key {key})")
-    uvicorn.run(build_app(server), host=host, port=port, log_level="warning")
+    where = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    console.print(escape(f"serving {server.names[0]} on http://{where}:{port}/ (API key {key})"))
+    for line in startup_warnings(cfg):
+        style = "bold red" if line.startswith("WARNING") else "default"
+        console.print(f"[{style}]{escape(line)}[/{style}]", soft_wrap=True)
+    uvicorn.run(build_app(server), host=cfg.host, port=port, log_level="warning")

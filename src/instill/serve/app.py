@@ -1,12 +1,21 @@
 """The OpenAI-compatible HTTP layer: validation, auth, limits, SSE; generation is the
-scheduler's."""
+scheduler's.
+
+    request -> Host check (every route) -> API key -> Content-Type -> body (read up to the limit)
+            -> model, messages or prompt, parameters -> a concurrency slot -> Job
+            -> scheduler -> one JSON reply, or SSE chunks ending in [DONE] (an error event if
+               generation failed); a client that hangs up cancels its job and frees its slot.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import html
+import ipaddress
 import json
+import socket
 import threading
 import time
 import uuid
@@ -15,12 +24,17 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from instill.data.render import end_of_turn_ids, render_prompt
 from instill.infer.generate import GenParams
 from instill.serve.scheduler import Job, Scheduler
 
-ROLES = ("system", "user", "assistant")
+# OpenAI's newer clients send `developer` where older ones sent `system`; both are the system turn.
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_STOP = 4  # as OpenAI's API
+MAX_STOP_CHARS = 256  # each stop string is matched against the text's tail at every token
+LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 PAGE = Path(__file__).with_name("page.html")
 NO_TEMPLATE = (
     "the model has no chat template, so /v1/chat/completions cannot render messages; restart "
@@ -37,6 +51,45 @@ class ServeConfig:
     max_tokens_cap: int = 1024
     max_n: int = 1
     max_body_bytes: int = 1_000_000
+    host: str = "127.0.0.1"  # the address bound; Host headers must name it (see allowed_hosts)
+    allowed_hosts: tuple[str, ...] = ()  # more names to answer to; "*" turns the check off
+
+
+def host_name(value: str) -> str:
+    """The name in a Host header or an --allowed-host value: lower case, no port or brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):  # [::1]:8000
+        value = value[1:].split("]", 1)[0]
+    elif value.count(":") == 1:  # name:port (a bare IPv6 address has several colons)
+        value = value.split(":", 1)[0]
+    return value.rstrip(".")
+
+
+def is_loopback(host: str) -> bool:
+    host = host_name(host)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(cfg: ServeConfig) -> frozenset[str] | None:
+    """The Host header names this server answers to; None answers any (`--allowed-host '*'`).
+
+    Checking them stops DNS rebinding: a web page on evil.example whose name is made to
+    resolve to 127.0.0.1 reaches a loopback server as its own origin, but its requests still
+    say `Host: evil.example`."""
+    if "*" in cfg.allowed_hosts:
+        return None
+    bound = host_name(cfg.host)
+    names = {bound, *(host_name(h) for h in cfg.allowed_hosts)}
+    if bound in ("0.0.0.0", "::", ""):  # every interface: loopback and this machine's name
+        names = (names - {"0.0.0.0", "::", ""}) | LOOPBACK | {socket.gethostname().lower()}
+    elif is_loopback(bound):
+        names |= LOOPBACK
+    return frozenset(names)
 
 
 class ApiError(Exception):
@@ -74,6 +127,16 @@ def _params(body: dict, cfg: ServeConfig) -> GenParams:
     stop = (stop,) if isinstance(stop, str) else stop
     if not isinstance(stop, list | tuple) or not all(isinstance(s, str) for s in stop):
         raise ApiError(400, "'stop' must be a string or a list of strings", "stop")
+    if len(stop) > MAX_STOP:
+        raise ApiError(400, f"'stop' takes at most {MAX_STOP} strings, got {len(stop)}", "stop")
+    for i, s in enumerate(stop):
+        if len(s) > MAX_STOP_CHARS:
+            raise ApiError(
+                400,
+                f"'stop' strings must be at most {MAX_STOP_CHARS} characters; stop[{i}] has "
+                f"{len(s)}",
+                "stop",
+            )
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ApiError(400, "'seed' must be an integer", "seed")
@@ -88,16 +151,42 @@ def _params(body: dict, cfg: ServeConfig) -> GenParams:
     )
 
 
+def _text(i: int, content) -> str:
+    """A message's content: a string, or OpenAI's list of {"type": "text", "text": ...} parts
+    (joined by newlines)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ApiError(
+            400, f"messages[{i}].content must be a string or a list of text parts", "messages"
+        )
+    texts = []
+    for j, part in enumerate(content):
+        where = f"messages[{i}].content[{j}]"
+        if not isinstance(part, dict):
+            raise ApiError(400, f"{where} must be an object with a 'type'", "messages")
+        if part.get("type") != "text":
+            raise ApiError(
+                400,
+                f"{where} is a {part.get('type')!r} part; this server reads text parts only",
+                "messages",
+            )
+        if not isinstance(part.get("text"), str):
+            raise ApiError(400, f"{where}.text must be a string", "messages")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 def _messages(body: dict) -> list[dict]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' is required: a non-empty list", "messages")
+    out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}", "messages")
-        if not isinstance(m.get("content"), str):
-            raise ApiError(400, f"messages[{i}].content must be a string", "messages")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        out.append({"role": ROLES[m["role"]], "content": _text(i, m.get("content"))})
+    return out
 
 
 class Server:
@@ -146,6 +235,8 @@ class Server:
         name = self.check_model(body)
         ids = self.prompt_ids(body, chat)
         params = self._params(body)
+        if not isinstance(body.get("stream_options") or {}, dict):
+            raise ApiError(400, "'stream_options' must be an object", "stream_options")
         if len(ids) + params.max_new_tokens > self.context:
             raise ApiError(
                 400,
@@ -250,13 +341,39 @@ def _stream(server: Server, job: Job, name: str, chat: bool, request: Request):
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+class _HostCheck:
+    """ASGI middleware: refuse a request whose Host header names another server (421).
+    Plain ASGI, not @app.middleware: starlette's BaseHTTPMiddleware makes
+    request.is_disconnected() report a disconnect while a stream is still being read."""
+
+    def __init__(self, app, allowed: frozenset[str] | None):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.allowed is not None:
+            given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+            if host_name(given) not in self.allowed:
+                names = ", ".join(sorted(self.allowed))
+                refusal = _error(
+                    421,
+                    f"Host header {given[:200]!r} does not name this server (it answers to "
+                    f"{names}); to reach it by another name, start instill serve with "
+                    "--allowed-host NAME",
+                )
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def build_app(server: Server) -> FastAPI:
     app = FastAPI(title="instill", docs_url=None, redoc_url=None)
     cfg = server.cfg
+    app.add_middleware(_HostCheck, allowed=allowed_hosts(cfg))
+    too_big = f"request body over the {cfg.max_body_bytes}-byte limit"
 
     # Checked inside each route, not in an @app.middleware: starlette's BaseHTTPMiddleware makes
     # request.is_disconnected() report a disconnect while a stream is still being read.
-    def refused(request: Request) -> JSONResponse | None:
+    def refused(request: Request, has_body: bool = False) -> JSONResponse | None:
         if cfg.api_key is not None:
             auth = request.headers.get("authorization", "")
             given = auth[7:] if auth.lower().startswith("bearer ") else ""
@@ -266,15 +383,30 @@ def build_app(server: Server) -> FastAPI:
                     "missing or invalid API key (send 'Authorization: Bearer KEY')",
                     kind="invalid_api_key",
                 )
+        if not has_body:
+            return None
+        # A cross-site page may POST text/plain or a form without a CORS preflight; JSON may
+        # only come with one, which this server never grants.
+        declared = request.headers.get("content-type", "")
+        if declared.split(";")[0].strip().lower() != "application/json":
+            return _error(
+                415, f"Content-Type must be application/json, got {declared[:100] or 'none'}"
+            )
         length = request.headers.get("content-length", "0")
         if length.isdigit() and int(length) > cfg.max_body_bytes:
-            return _error(413, f"request body over the {cfg.max_body_bytes}-byte limit")
+            return _error(413, too_big)
         return None
 
     async def body_of(request: Request) -> dict:
-        raw = await request.body()
-        if len(raw) > cfg.max_body_bytes:
-            raise ApiError(413, f"request body over the {cfg.max_body_bytes}-byte limit")
+        raw = bytearray()  # read piece by piece: a chunked body declares no length up front
+        try:
+            async with contextlib.aclosing(request.stream()) as pieces:
+                async for piece in pieces:
+                    raw += piece
+                    if len(raw) > cfg.max_body_bytes:
+                        raise ApiError(413, too_big)
+        except ClientDisconnect:
+            raise ApiError(400, "the client hung up before sending the whole body") from None
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -285,7 +417,7 @@ def build_app(server: Server) -> FastAPI:
         return body
 
     async def complete(request: Request, chat: bool):
-        if (denied := refused(request)) is not None:
+        if (denied := refused(request, has_body=True)) is not None:
             return denied
         try:
             body = await body_of(request)
