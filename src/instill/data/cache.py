@@ -2,19 +2,20 @@
 
 A second run with the same inputs loads rows instead of rendering them again; a change in any
 input (a file's bytes, the tokenizer or its chat template, a data option, or instill's own data
-code) gives a new key. Stored as .npz without pickles, written aside and renamed.
+code) gives a new key. Stored as .npz without pickles, written aside and renamed. A cache that
+cannot be written (full disk, read-only $INSTILL_HOME) is skipped with a warning naming the file:
+it only saves time, so the run goes on without it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from instill.atomic import WriteError, atomic_file
 from instill.config import DataConfig
 from instill.data.sources import SUFFIXES
 
@@ -79,18 +80,19 @@ def _unpack_rows(z, prefix: str, row_cls) -> list:
 
 
 def save(folder: Path, key: str, data) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    from rich.markup import escape
+
+    from instill.console import console
+
     arrays = {**_pack_rows(data.train, "train"), **_pack_rows(data.validation, "val")}
     meta = {"stats": data.stats.as_dict(), "skipped": data.skipped}
     arrays["meta"] = np.asarray(json.dumps(meta))
-    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npz", dir=folder)
-    os.close(fd)
     try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, folder / f"{key}.npz")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with atomic_file(folder / f"{key}.npz", "data cache", "INSTILL_HOME") as tmp:
+            with open(tmp, "wb") as f:  # a file object: savez adds no .npz to the name
+                np.savez(f, **arrays)
+    except WriteError as exc:
+        console.print(f"[yellow]data not cached[/yellow]: {escape(str(exc))}", soft_wrap=True)
 
 
 def load(folder: Path, key: str, row_cls, stats_cls, data_cls):

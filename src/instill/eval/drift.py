@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from instill.atomic import WriteError, atomic_file
 from instill.errors import InstillError
 from instill.eval.tasks import EvalExample
-from instill.jsonl import read_jsonl
+from instill.jsonl import read_jsonl, write_jsonl
 
 OPEN_FILE = Path(__file__).parent / "suites" / "open_prompts.jsonl"
 GEN_SUITE = "general_gen"
@@ -168,17 +167,8 @@ def _read_cache(path: Path) -> dict[str, dict]:
 
 
 def _write_cache(path: Path, entries: dict[str, dict]) -> None:
-    from instill.jsonl import write_jsonl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=path.parent)
-    os.close(fd)
-    try:
-        write_jsonl(Path(tmp), entries.values())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path, "base-reply cache", "INSTILL_HOME") as tmp:
+        write_jsonl(tmp, entries.values())
 
 
 def _entry_key(prompt: EvalExample) -> str:
@@ -213,6 +203,8 @@ def base_replies(
     """The model's greedy replies to `prompts`, each with its NLL under the model: read from the
     cache under $INSTILL_HOME/base-replies (keyed by the weights' digest, the chat template and
     the generation settings; one entry per prompt), generating only what is missing."""
+    from rich.markup import escape
+
     from instill.console import console
     from instill.infer import GenParams, generate
 
@@ -252,8 +244,10 @@ def base_replies(
         if cache:
             try:
                 _write_cache(path, entries)
-            except OSError as exc:
-                console.print(f"[yellow]base replies not cached[/yellow] ({path}: {exc.strerror})")
+            except WriteError as exc:  # the cache only saves time: go on without it
+                console.print(
+                    f"[yellow]base replies not cached[/yellow]: {escape(str(exc))}", soft_wrap=True
+                )
     replies = {}
     for p in prompts:
         e = entries[_entry_key(p)]

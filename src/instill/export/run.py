@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from instill.atomic import atomic_directory
+from instill.atomic import atomic_directory, refuse_to_replace
 from instill.console import out
 from instill.data.render import end_of_turn_ids
 from instill.errors import InstillError
@@ -144,6 +144,9 @@ def export_run(
         raise InstillError(f"--min-agreement {min_agreement}: give a share between 0 and 1")
     if output is not None and output.exists() and not overwrite:
         raise InstillError(f"{output}: already exists; pass --overwrite to replace it")
+    if output is not None:  # before any work: never the run, the working directory, home, root
+        keep = {"the run directory": run, "the run's tuned model": run / "final"}
+        refuse_to_replace(output, "--output", keep=keep)
     tuned = load_tuned(run, dequantize=dequantize)
     if fmt == "gguf":
         gguf_file.check_arch(tuned.merged.config)
@@ -152,7 +155,7 @@ def export_run(
         output = run / "export" / f"{fmt}-{dtype if fmt == 'hf' else quant}"
         if output.exists() and not overwrite:
             raise InstillError(f"{output}: already exists; pass --overwrite to replace it")
-    with atomic_directory(output) as tmp:
+    with atomic_directory(output, "export", "--output") as tmp:
         if fmt == "hf":
             figures = _write_hf(tuned, tmp, dtype, parts)
             what = f"hf {dtype}"

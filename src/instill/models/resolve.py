@@ -169,7 +169,7 @@ def convert_gguf(gguf: Path, target: Path, digest: str) -> None:
     clean.load_state_dict(loaded.state_dict(), assign=True, strict=False)
     clean.tie_weights()
     clean.generation_config = loaded.generation_config
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, "model cache", "INSTILL_HOME") as tmp:
         clean.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "instill_source.json").write_text(

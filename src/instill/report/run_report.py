@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from instill.atomic import writing
 from instill.eval.compare import Side, compare_suite
 from instill.eval.drift import generation_losses, generation_text
 from instill.jsonl import read_jsonl
@@ -426,4 +427,7 @@ def build_run_report(run_dir: Path, price_per_hour: float = 0.10) -> Document:
 
 
 def write_run_report(run_dir: Path, price_per_hour: float = 0.10) -> tuple[Path, Path]:
-    return write(build_run_report(run_dir, price_per_hour), run_dir)
+    """report.md, report.html and the plots, in the run directory; a full or read-only disk is
+    one error naming the run directory."""
+    with writing(run_dir, "report"):
+        return write(build_run_report(run_dir, price_per_hour), run_dir)
