@@ -512,3 +512,53 @@ def test_a_really_full_disk_names_the_checkpoint(tiny, tokenizer, small_disk, wr
     assert type(info.value.__context__).__name__ == wrapped  # not a plain OSError
     assert snapshot(folder / "step-1") == before
     assert [p.name for p in folder.iterdir()] == ["step-1"]
+
+
+def _fill(disk: Path) -> None:
+    """Fill `disk` to the last byte (unbuffered writes of shrinking size)."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (2**20, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+
+
+def test_generate_output_and_run_files_on_a_full_disk(tiny, tokenizer, small_disk, tmp_path):
+    """`instill generate` on a full disk: one error naming --output, and the rows written before
+    it was full are kept whole. A JSON record file (write_jsonl, used for eval records) and a
+    run's text files (write_text) name themselves the same way and leave no temporary file."""
+    from instill.atomic import write_text
+    from instill.infer.batch import generate_file
+    from instill.infer.generate import GenParams
+    from instill.jsonl import read_jsonl, write_jsonl
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(f'{{"prompt": "Say {i}."}}\n' for i in range(4)))
+    out = small_disk / "out.jsonl"
+    assert generate_file(tiny, tokenizer, src, out, GenParams(max_new_tokens=2), 2) == (4, 0)
+    before = out.read_bytes()
+    (small_disk / "old.jsonl").write_text('{"a": 1}\n')
+    _fill(small_disk)
+    more = tmp_path / "more.jsonl"
+    more.write_text(
+        src.read_text() + "".join(f'{{"prompt": "{"x" * 200} {i}"}}\n' for i in range(40))
+    )
+    with pytest.raises(InstillError) as info:
+        generate_file(tiny, tokenizer, more, out, GenParams(max_new_tokens=2), 2)
+    assert str(info.value) == (
+        f"{out}: cannot write generated rows: No space left on device "
+        "(free some space or choose another --output)"
+    )
+    assert out.read_bytes().startswith(before) and len(read_jsonl(out, torn_tail=True)) >= 4
+    with pytest.raises(InstillError, match=r"old\.jsonl: cannot write eval records: No space"):
+        write_jsonl(small_disk / "old.jsonl", [{"a": 2}] * 10000, "eval records")
+    assert read_jsonl(small_disk / "old.jsonl") == [{"a": 1}]  # the old file, whole
+    with pytest.raises(InstillError, match=r"run\.json: cannot write the run record: No space"):
+        write_text(small_disk / "run.json", "x" * 2**20, "the run record")
+    assert not (small_disk / "run.json").exists()
+    assert hidden(small_disk) == []

@@ -254,3 +254,9 @@ def atomic_file(target: Path, what: str = "file", setting: str | None = None) ->
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def write_text(target: Path, text: str, what: str = "file", setting: str | None = None) -> None:
+    """Write a whole text file through atomic_file: the old file or the new one, never half."""
+    with atomic_file(target, what, setting) as tmp:
+        tmp.write_text(text, encoding="utf-8")

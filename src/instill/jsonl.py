@@ -9,7 +9,6 @@ prompt files) goes through here.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -47,14 +46,10 @@ def read_jsonl(path: Path, *, torn_tail: bool = False) -> list:
     return out
 
 
-def write_jsonl(path: Path, records: Iterable) -> None:
-    """Write a whole JSONL file: to a hidden sibling first, then renamed over `path`, so a kill
-    leaves the old file or the new one, never half of either."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(dumps(r) + "\n" for r in records)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def write_jsonl(path: Path, records: Iterable, what: str = "records") -> None:
+    """Write a whole JSONL file atomically (instill.atomic.atomic_file): a kill leaves the old
+    file or the new one, never half of either; a full or read-only disk is an error naming it."""
+    from instill.atomic import atomic_file
+
+    with atomic_file(Path(path), what) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(dumps(r) + "\n" for r in records)

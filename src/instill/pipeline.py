@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from accelerate import Accelerator
 
-from instill.atomic import refuse_to_replace, remove_directory
+from instill.atomic import refuse_to_replace, remove_directory, write_text
 from instill.config import Recipe
 from instill.console import console
 from instill.data.dataset import build_data
@@ -244,7 +244,7 @@ def _packing_efficiency(recipe: Recipe, data) -> float | None:
 
 
 def _write_yaml(path: Path, data: dict) -> None:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    write_text(path, yaml.safe_dump(data, sort_keys=False), "the run's config")
 
 
 def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
@@ -281,9 +281,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
                 digest = model_digest(loaded.model)
             data = with_replay(recipe, loaded, data, digest)
         if checkpoint is not None:  # refuse a changed run before the base evaluation
-            resume_step = check_resumable(
-                checkpoint, fingerprint(recipe, data, acc.num_processes)
-            )
+            resume_step = check_resumable(checkpoint, fingerprint(recipe, data, acc.num_processes))
     except BaseException:
         if new and main:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -295,7 +293,9 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
         f"{loaded.device}, {loaded.dtype}"
     )
     stats = data.stats
-    (run_dir / "data_stats.json").write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
+    write_text(
+        run_dir / "data_stats.json", json.dumps(stats.as_dict(), indent=2) + "\n", "data stats"
+    )
     if data.skipped:
         write_jsonl(run_dir / "skipped_rows.jsonl", data.skipped)
         console.print(
@@ -348,7 +348,8 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
     summary = RunSummary(
         run_dir, result, before, after, time.perf_counter() - t0, model, loaded.tokenizer
     )
-    (run_dir / "run.json").write_text(
+    write_text(
+        run_dir / "run.json",
         json.dumps(
             {
                 "name": recipe.name,
@@ -372,7 +373,8 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
             },
             indent=2,
         )
-        + "\n"
+        + "\n",
+        "the run record",
     )
     write_run_report(run_dir, recipe.report.price_per_hour)
     return summary

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from instill import jsonl
+from instill.atomic import writing
 from instill.errors import InstillError
 from instill.infer.generate import GenParams, generate
 
@@ -74,12 +75,15 @@ def generate_file(
             "choose a new --output for a different input"
         )
     todo = rows[skip:]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "a", encoding="utf-8") as f, Progress(console=console) as bar:
+    with writing(output, "generated rows", "--output"):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        f = open(output, "ab", buffering=0)  # unbuffered: nothing left to flush on close
+    with f, Progress(console=console) as bar:
         task = bar.add_task("generating", total=len(rows), completed=skip)
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             gens = generate(model, tokenizer, [m for _, m in chunk], params, batch_size=batch_size)
+            lines = []
             for (row, _), gen in zip(chunk, gens, strict=True):
                 record = dict(row) if isinstance(row, dict) else {"prompt": row}
                 record.update(
@@ -88,7 +92,10 @@ def generate_file(
                     prompt_tokens=gen.prompt_tokens,
                     completion_tokens=gen.completion_tokens,
                 )
-                f.write(jsonl.dumps(record) + "\n")
-            f.flush()  # whole batches reach the disk, so a resume loses at most one batch
+                lines.append(jsonl.dumps(record) + "\n")
+            with writing(output, "generated rows", "--output"):
+                # one write per batch, so a resume loses at most one batch (a line cut by a
+                # full disk or a kill is dropped by done_rows)
+                f.write("".join(lines).encode("utf-8"))
             bar.advance(task, len(chunk))
     return len(todo), skip
