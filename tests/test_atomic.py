@@ -562,3 +562,18 @@ def test_generate_output_and_run_files_on_a_full_disk(tiny, tokenizer, small_dis
         write_text(small_disk / "run.json", "x" * 2**20, "the run record")
     assert not (small_disk / "run.json").exists()
     assert hidden(small_disk) == []
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    """mkstemp/mkdtemp make private (0600/0700) files; what an atomic write leaves in place has
+    the modes a plain open()/mkdir() gives under the process's umask."""
+    from instill.atomic import atomic_directory, write_text
+
+    write_text(tmp_path / "run.json", "{}\n")
+    with atomic_directory(tmp_path / "final") as d:
+        (d / "weights").write_text("w")
+    (tmp_path / "plain.json").write_text("{}\n")
+    (tmp_path / "plain").mkdir()
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "run.json") == mode(tmp_path / "plain.json") != 0o600
+    assert mode(tmp_path / "final") == mode(tmp_path / "plain") != 0o700

@@ -212,6 +212,19 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask (read once: setting it to read it is not thread-safe)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+_UMASK: int | None = None
+_umask()  # at import, before any thread starts
+
+
 @contextmanager
 def atomic_directory(
     target: Path, what: str = "directory", setting: str | None = None
@@ -226,6 +239,7 @@ def atomic_directory(
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_leftovers(target)
         tmp = Path(tempfile.mkdtemp(prefix=_aside(target, "tmp"), dir=target.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); a plain mkdir would not
         try:
             yield tmp
             (tmp / COMPLETE).write_text("ok\n")
@@ -247,6 +261,7 @@ def atomic_file(target: Path, what: str = "file", setting: str | None = None) ->
         fd, name = tempfile.mkstemp(prefix=_aside(target, "tmp"), dir=target.parent)
         os.close(fd)
         tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); open() would not
         try:
             yield tmp
             with open(tmp, "rb") as f:
