@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from ddp_worker import run
 
 HERE = Path(__file__).resolve().parent
@@ -77,3 +78,73 @@ def test_instill_train_under_torchrun(tiny_dir, tmp_path):
     for name in ("base-builtin", "builtin"):
         assert json.loads((run / "eval" / f"{name}.json").read_text())["n"] == 2
     assert proc.stdout.count("total wall time") == 1  # one summary, from the main process
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of the child of `parent` (torchrun) that runs local rank `rank`."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"LOCAL_RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+def test_sigterm_to_one_rank_stops_both_and_resume_is_exact(tiny_dir, tmp_path):
+    """SIGTERM to rank 1 only: both processes stop after the same step, one complete checkpoint
+    is written, and resuming in 2 processes ends with the weights of an uninterrupted run."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    def args(out):
+        return [
+            "-m", "instill", "train", "quickstart", f"model.name={tiny_dir}",
+            f"train.output_dir={out}", "train.max_steps=200", "train.batch_size=2",
+            "train.log_every=1", "data.builtin.train_per_family=8",
+            "data.builtin.families=[addition,uppercase]", "data.replay=null",
+            "eval.before=false", "eval.after=false", "eval.holdout_clusters=[]",
+            "eval.suites=[builtin]",
+        ]  # fmt: skip
+
+    whole = torchrun(*args(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    out = tmp_path / "cut"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", *args(out)]  # fmt: skip
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    metrics, deadline = out / "quickstart" / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    rank1 = _rank_pid(proc.pid, 1)
+    assert rank1 is not None
+    os.kill(rank1, signal.SIGTERM)  # rank 1 only; rank 0 gets no signal
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0  # torchrun reports the ranks' exit code 130
+    run = out / "quickstart"
+    (checkpoint,) = list((run / "checkpoints").glob("step-*"))
+    stopped = int(checkpoint.name.split("-")[1])
+    assert 3 <= stopped < 200 and not (run / "final").exists()
+    logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert logged[-1] == stopped  # rank 0 stopped at the step rank 1 did
+    assert err.count("interrupted after step") == 1  # said once, by the main process
+
+    done = torchrun(*args(out), "train.resume=auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = load_file(tmp_path / "whole" / "quickstart" / "final" / "adapter_model.safetensors")
+    b = load_file(run / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key

@@ -47,6 +47,19 @@ class RunSummary:
     main: bool = True  # False in the non-main processes of a multi-process run
 
 
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    """The run's one Accelerator: CPU or the model's device, and a barrier timeout long enough
+    for the main process's evaluation (train.barrier_timeout_min)."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=recipe.train.barrier_timeout_min))
+    return Accelerator(
+        cpu=pick_device(recipe.model.device).type == "cpu", kwargs_handlers=[timeout]
+    )
+
+
 def plan_run_dir(recipe: Recipe, overwrite: bool) -> tuple[Path, Path | None, bool]:
     """Check the run directory without touching it: (run directory, checkpoint to resume from,
     whether an existing directory must be cleared). Raises for a run that must not be replaced.
@@ -209,7 +222,7 @@ def _train(acc, recipe: Recipe, model, loaded, data, tasks, run_dir: Path, check
 
 def _follow(acc, recipe: Recipe, loaded, data, tasks, run_dir: Path, checkpoint, t0) -> RunSummary:
     """A non-main process: wait out the main process's evaluation, train, wait for the save."""
-    model, _ = attach_adapter(loaded.model, recipe.adapter)
+    model, _ = attach_adapter(loaded.model, recipe.adapter, recipe.train.seed)
     acc.wait_for_everyone()
     result = _train(acc, recipe, model, loaded, data, tasks, run_dir, checkpoint)
     if not result.interrupted:
@@ -253,7 +266,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
     t0 = time.perf_counter()
     # One process, or one of many under accelerate launch / torchrun: every process trains; only
     # the main one writes files and evaluates.
-    acc = Accelerator(cpu=pick_device(recipe.model.device).type == "cpu")
+    acc = make_accelerator(recipe)
     main = acc.is_main_process
     run_dir, checkpoint, clear = plan_run_dir(recipe, overwrite)
     if recipe.train.compile:  # no C++ compiler (or triton): say so before any work
@@ -326,7 +339,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
             prefix="base-",
             reuse=checkpoint is not None,
         )
-    model, report = attach_adapter(loaded.model, recipe.adapter)
+    model, report = attach_adapter(loaded.model, recipe.adapter, recipe.train.seed)
     console.print(str(report))
     if checkpoint is not None:
         console.print(f"resuming from {checkpoint}")

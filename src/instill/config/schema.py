@@ -225,6 +225,14 @@ class TrainConfig(_Section):
         None, gt=0, description="Write a checkpoint every N steps (always one at the end)."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Keep the last N step checkpoints.")
+    barrier_timeout_min: float = Field(
+        180,
+        gt=0,
+        description="Several processes: how long one waits for the others at a barrier, in "
+        "minutes. The others wait while the main process evaluates the base model and writes "
+        "the report, which can exceed the collective libraries' defaults (NCCL: 10 minutes) on "
+        "real models; a process that dies still stops the run after this long at worst.",
+    )
     resume: str | None = Field(
         None,
         description="auto: continue from the run directory's last complete checkpoint (start "

@@ -61,9 +61,11 @@ def _targets(model: torch.nn.Module, spec: str | list[str]) -> str | list[str]:
 
 
 def attach_adapter(
-    model: torch.nn.Module, cfg: AdapterConfig
+    model: torch.nn.Module, cfg: AdapterConfig, seed: int | None = None
 ) -> tuple[torch.nn.Module, ParamReport]:
-    """Return the model ready to train (peft-wrapped for LoRA) and its parameter counts."""
+    """Return the model ready to train (peft-wrapped for LoRA) and its parameter counts.
+    `seed` (train.seed) makes the adapters' random initialisation the same in every run and every
+    process; the global random state is left as it was."""
     if cfg.method == "full":
         for name, param in model.named_parameters():
             param.requires_grad = not any(s in name for s in cfg.freeze)
@@ -87,5 +89,9 @@ def attach_adapter(
         use_rslora=cfg.use_rslora,
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, lora)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        peft_model = get_peft_model(model, lora)
     return peft_model, param_report(peft_model)

@@ -215,6 +215,13 @@ def validation_loss(model: torch.nn.Module, rows: list[Row], batch_size: int, pa
     return total / max(count, 1)
 
 
+def loss_scale(acc, global_tokens: int) -> float:
+    """What each process's loss sum is multiplied by before backward. DDP (and FSDP) average
+    gradients over processes, so the process count is multiplied back in: the result is the
+    sum over every process's supervised tokens divided by their global count."""
+    return acc.num_processes / max(global_tokens, 1)
+
+
 def accumulate(acc, wrapped, micro: list[dict], kl: list | None = None) -> tuple[float, int, int]:
     """Forward and backward over the micro-batches of one optimiser step.
 
@@ -233,14 +240,14 @@ def accumulate(acc, wrapped, micro: list[dict], kl: list | None = None) -> tuple
         device=acc.device,
     )
     global_tokens, global_real = (int(x) for x in acc.reduce(local, reduction="sum"))
+    scale = loss_scale(acc, global_tokens)
     loss_total = torch.zeros((), device=acc.device)
     for i, batch in enumerate(micro):
         batch = {k: v.to(acc.device) for k, v in batch.items() if k != "real_tokens"}
         last = i == len(micro) - 1
         with acc.no_sync(wrapped) if not last else contextlib.nullcontext():
             loss_sum, _ = wrapped(**batch)
-            # DDP averages gradients over processes; scale so the result is sum / global tokens.
-            acc.backward(loss_sum * acc.num_processes / max(global_tokens, 1))
+            acc.backward(loss_sum * scale)
         loss_total += loss_sum.detach()
         if getattr(lm, "last_kl", None) is not None:
             loss_total -= lm.kl_weight * lm.last_kl[0]
@@ -386,7 +393,8 @@ def train(
                 since_best = sum(1 for s, _ in result.val_losses if s > best_step)
                 if patience and since_best >= patience and step != steps:
                     result.stopped_early = True
-            interrupted = stop.requested and step != steps
+            # a signal to any process stops them all after this same step
+            interrupted = _any(acc, stop.requested) and step != steps
             periodic = cfg.save_every and step % cfg.save_every == 0 and step != steps
             if run_dir and (periodic or interrupted):
                 acc.wait_for_everyone()
@@ -414,6 +422,13 @@ def train(
     result.peak_mem_mb = peak_memory_mb(acc.device)
     model.eval()
     return result
+
+
+def _any(acc, flag: bool) -> bool:
+    """True on every process when `flag` is true on any of them."""
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor([int(flag)], device=acc.device), reduction="sum").item())
 
 
 def _shared(acc, value: float | None) -> float:
