@@ -148,3 +148,26 @@ def test_sigterm_to_one_rank_stops_both_and_resume_is_exact(tiny_dir, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
+
+
+def test_barrier_timeout_is_the_recipes(tmp_path):
+    """train.barrier_timeout_min reaches the process group: with 0.05 minutes a barrier that the
+    other rank reaches 20 s late fails after about 3 s (and with the default it would wait)."""
+    script = tmp_path / "barrier.py"
+    script.write_text(
+        "import sys, time\n"
+        "from instill.config import load_recipe\n"
+        "from instill.pipeline import make_accelerator\n"
+        "recipe = load_recipe(None, ['data.builtin.seed=0', 'train.barrier_timeout_min=0.05'])\n"
+        "acc = make_accelerator(recipe)\n"
+        "if acc.process_index == 1:\n"
+        "    time.sleep(20)\n"
+        "t = time.time()\n"
+        "try:\n"
+        "    acc.wait_for_everyone()\n"
+        "    print(acc.process_index, 'passed')\n"
+        "except RuntimeError:\n"
+        "    print(acc.process_index, 'timeout', round(time.time() - t))\n"
+    )
+    proc = torchrun(str(script))
+    assert "0 timeout 3" in proc.stdout, proc.stdout + proc.stderr[-2000:]
