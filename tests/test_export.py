@@ -137,8 +137,8 @@ def test_changed_template_fails_and_leaves_nothing(run, monkeypatch):
 def _compare_against(ref_tok):
     from instill.export.verify import compare
 
-    def _compare(reference, _tok, exported, exp_tok, kind):
-        return compare(reference, ref_tok, exported, exp_tok, kind)
+    def _compare(reference, _tok, reloaded, kind):
+        return compare(reference, ref_tok, reloaded, kind)
 
     return _compare
 

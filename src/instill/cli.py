@@ -453,9 +453,16 @@ def data_inspect(
 @app.command()
 def export(
     run: Path = typer.Argument(..., help="A run directory (with final/)."),
-    fmt: str = typer.Option("hf", "--format", help="hf or gguf."),
+    fmt: str = typer.Option(
+        "hf", "--format", help="hf, gguf (merged) or gguf-lora (a llama.cpp adapter for the "
+        "run's base GGUF)."
+    ),
     quant: str = typer.Option(
-        None, help="GGUF type: f32, f16, q8_0, q4_0, q4_1 (default: the GGUF base's own)."
+        None, help="GGUF type: f32, f16, q8_0, q4_0, q4_1, or auto (per-tensor types chosen by "
+        "measurement; default: the GGUF base's own). gguf-lora: f32, f16 (default), q8_0."
+    ),
+    max_size: float = typer.Option(
+        None, help="--quant auto: the file's size budget in MB (default: 5.5 bits a weight)."
     ),
     dtype: str = typer.Option("fp32", help="HF weights dtype: fp32, fp16, bf16."),
     parts: str = typer.Option("merged", help="HF: merged, adapter or both."),
@@ -468,13 +475,16 @@ def export(
         None, help="Replace the verification's greedy-agreement floor (accept more drift)."
     ),
 ) -> None:
-    """Export a tuned model (HF directory or GGUF), verified by reloading, with instill.json."""
+    """Export a tuned model (HF directory, GGUF, or a llama.cpp LoRA adapter GGUF), verified by
+    reloading (GGUF: by llama.cpp when the llamacpp extra is installed), with instill.json; GGUF
+    exports also get an Ollama Modelfile and llama-server.sh."""
     from instill.export import export_run
 
     _quiet_libraries()
     export_run(
         run, fmt=fmt, quant=quant, dtype=dtype, parts=parts, output=output,
         overwrite=overwrite, dequantize=dequantize, min_agreement=min_agreement,
+        max_size_mb=max_size,
     )
 
 

@@ -36,10 +36,14 @@ _LAYER = {
 }
 
 
+AUTO = "auto"  # per-tensor types chosen by measurement (export/mixed.py)
+
+
 def check_quant(quant: str) -> None:
-    if quant not in QUANTS:
+    if quant not in QUANTS and quant != AUTO:
         raise InstillError(
-            f"--quant {quant}: not a type this export writes; choose one of {', '.join(QUANTS)}"
+            f"--quant {quant}: not a type this export writes; choose one of "
+            f"{', '.join(QUANTS)} or {AUTO}"
         )
 
 
@@ -75,32 +79,58 @@ def _rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def _tensors(model, config):
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+def gguf_name(name: str, config) -> str | None:
+    """llama.cpp's name for a tensor of an HF Llama state dict; None for one it does not store
+    (a tied output head, rotary frequencies)."""
+    if name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if name == "model.norm.weight":
+        return "output_norm.weight"
+    if name == "lm_head.weight":
+        return None if config.tie_word_embeddings else "output.weight"
+    if name.startswith("model.layers."):
+        _, _, idx, rest = name.split(".", 3)
+        module, _, kind = rest.rpartition(".")
+        if kind == "weight" and module in _LAYER:
+            return f"blk.{idx}.{_LAYER[module]}.weight"
+    elif name.endswith("rotary_emb.inv_freq"):
+        return None
+    raise InstillError(f"--format gguf: tensor {name} has no GGUF mapping")
+
+
+def rotary_rows(w: np.ndarray, gguf_tensor: str, config) -> np.ndarray:
+    """Q and K rows in llama.cpp's rotary order (for a LoRA pair: B's rows); others unchanged."""
+    if gguf_tensor.endswith(".attn_q.weight"):
+        return _rotary_rows(w, config.num_attention_heads)
+    if gguf_tensor.endswith(".attn_k.weight"):
+        return _rotary_rows(w, config.num_key_value_heads)
+    return w
+
+
+def hf_rows(w: np.ndarray, gguf_tensor: str, config) -> np.ndarray:
+    """The inverse of rotary_rows: llama.cpp's Q and K row order back to transformers'."""
+    heads = (
+        config.num_attention_heads
+        if gguf_tensor.endswith(".attn_q.weight")
+        else config.num_key_value_heads
+        if gguf_tensor.endswith(".attn_k.weight")
+        else None
+    )
+    if heads is None:
+        return w
+    return (
+        w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def tensors(model, config):
     for name, t in model.state_dict().items():
-        w = t.detach().float().cpu().numpy()
-        if name == "model.embed_tokens.weight":
-            yield "token_embd.weight", w
-        elif name == "model.norm.weight":
-            yield "output_norm.weight", w
-        elif name == "lm_head.weight":
-            if not config.tie_word_embeddings:
-                yield "output.weight", w
-        elif name.startswith("model.layers."):
-            _, _, idx, rest = name.split(".", 3)
-            module, _, kind = rest.rpartition(".")
-            if kind != "weight" or module not in _LAYER:
-                raise InstillError(f"--format gguf: tensor {name} has no GGUF mapping")
-            if module == "self_attn.q_proj":
-                w = _rotary_rows(w, heads)
-            elif module == "self_attn.k_proj":
-                w = _rotary_rows(w, kv_heads)
-            yield f"blk.{idx}.{_LAYER[module]}.weight", w
-        elif not name.endswith("rotary_emb.inv_freq"):
-            raise InstillError(f"--format gguf: tensor {name} has no GGUF mapping")
+        tensor = gguf_name(name, config)
+        if tensor is not None:
+            yield tensor, rotary_rows(t.detach().float().cpu().numpy(), tensor, config)
 
 
-def _add_tensor(writer, name: str, w: np.ndarray, qtype) -> None:
+def add_tensor(writer, name: str, w: np.ndarray, qtype) -> None:
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     # norms stay f32 (as llama.cpp's converter does); rows a block cannot divide fall back to f16
     if w.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
@@ -120,7 +150,7 @@ def _tensor_type(name: str, qtype):
     return qtype
 
 
-def _merges(tokenizer) -> list[str]:
+def merges(tokenizer) -> list[str]:
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
@@ -144,7 +174,7 @@ def _add_tokenizer(writer, tokenizer, pre: str) -> None:
     writer.add_tokenizer_pre(pre)
     writer.add_token_list([tok for tok, _ in by_id])
     writer.add_token_types(types)
-    writer.add_token_merges(_merges(tokenizer))
+    writer.add_token_merges(merges(tokenizer))
     for setter, tid in (
         (writer.add_bos_token_id, tokenizer.bos_token_id),
         (writer.add_eos_token_id, tokenizer.eos_token_id),
@@ -165,11 +195,27 @@ def _source_pre(gguf_path: str | None) -> str:
     return "default"
 
 
-def write_gguf(model, tokenizer, path: Path, quant: str, *, name: str, base_gguf: str | None):
+def write_gguf(
+    model,
+    tokenizer,
+    path: Path,
+    quant: str,
+    *,
+    name: str,
+    base_gguf: str | None,
+    plan: dict | None = None,
+):
+    """plan (--quant auto): GGUF tensor name -> (type, raw bytes to copy or None) for every
+    2-D tensor; 1-D tensors stay f32."""
     config = model.config
     arch = check_arch(config)
     check_quant(quant)
-    qtype, file_type = QUANTS[quant]
+    if quant == AUTO:
+        if plan is None:
+            raise ValueError("quant auto needs a plan")
+        qtype, file_type = None, gguf.LlamaFileType.GUESSED
+    else:
+        qtype, file_type = QUANTS[quant]
     writer = gguf.GGUFWriter(str(path), arch)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_name(name)
@@ -187,8 +233,16 @@ def write_gguf(model, tokenizer, path: Path, quant: str, *, name: str, base_gguf
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(int(file_type))
     _add_tokenizer(writer, tokenizer, _source_pre(base_gguf))
-    for tname, w in _tensors(model, config):
-        _add_tensor(writer, tname, w, _tensor_type(tname, qtype))
+    for tname, w in tensors(model, config):
+        if plan is None or w.ndim == 1:  # 1-D tensors (norms) are written as f32 either way
+            f32 = gguf.GGMLQuantizationType.F32
+            add_tensor(writer, tname, w, _tensor_type(tname, qtype) if plan is None else f32)
+            continue
+        ttype, raw = plan[tname]
+        if raw is not None:  # the base file's own bytes, exactly
+            writer.add_tensor(tname, raw, raw_dtype=ttype)
+        else:
+            add_tensor(writer, tname, w, ttype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

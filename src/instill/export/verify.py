@@ -1,15 +1,22 @@
 """Reload an export with an independent loader and compare it with the tuned model in memory.
 
+The loader is llama.cpp itself (in-process, the optional extra `llama-cpp-python`) for GGUF files
+when it is installed, transformers' GGUF reader otherwise; plain transformers for HF directories.
+Which one ran is printed and recorded in instill.json.
+
 Tolerances (max |logit diff| over every prompt and generated position; greedy agreement is the
 share of positions where both models pick the same next token, teacher-forced on the tuned
 model's own greedy reply of up to 16 tokens, end-of-turn included):
 
-    fp32 / f32   1e-4   agreement 1.00
+    fp32 / f32   1e-4   agreement 1.00   (llama.cpp: 1e-3; its kernels sum in another order)
     fp16 / f16   0.25   agreement 0.95
     bf16         1.0    agreement 0.90
     q8_0         1.0    agreement 0.90
+    auto         report only   agreement 0.90  (mixed types, chosen by measurement)
     q4_0 / q4_1  report only   agreement 0.80  (4-bit rounding moves logits by whole units)
 
+An adapter GGUF is checked by the type of its own tensors, applied by llama.cpp on the base GGUF
+as it is (a 4-bit base's own rounding is the base's, and part of what both models run).
 `--min-agreement` replaces the agreement floor, for a user who accepts more drift knowingly.
 The 4-bit floor is there because rounding a tuned model to 4 bits can undo the tuning while
 the file still loads and talks: measured on the quickstart's tuned model, a q4_1 export agreed
@@ -21,8 +28,10 @@ exact and the drift is the rounding of the tuned weights.)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from instill.data.render import end_of_turn_ids, render_prompt
@@ -30,18 +39,25 @@ from instill.errors import InstillError
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "Answer briefly."},
-     {"role": "user", "content": "Name three primary colours."}],
+    [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Name three primary colours."},
+    ],
     [{"role": "user", "content": "Write one sentence about the sea."}],
 ]
 
 TOLERANCE = {  # format -> (max |logit diff| or None, minimum greedy agreement)
-    "fp32": (1e-4, 1.0), "f32": (1e-4, 1.0),
-    "fp16": (0.25, 0.95), "f16": (0.25, 0.95),
+    "fp32": (1e-4, 1.0),
+    "f32": (1e-4, 1.0),
+    "fp16": (0.25, 0.95),
+    "f16": (0.25, 0.95),
     "bf16": (1.0, 0.90),
     "q8_0": (1.0, 0.90),
-    "q4_0": (None, 0.80), "q4_1": (None, 0.80),
+    "auto": (None, 0.90),
+    "q4_0": (None, 0.80),
+    "q4_1": (None, 0.80),
 }
+LLAMACPP_F32 = 1e-3  # llama.cpp's f32 kernels sum in another order than torch's
 
 
 @dataclass
@@ -53,38 +69,95 @@ class Figures:
     end_of_turn_survived: bool
     logit_tolerance: float | None
     agreement_tolerance: float
+    verifier: str = "transformers"
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Reloaded:
+    """An export as an independent loader sees it."""
+
+    verifier: str  # what loaded it, printed and recorded
+    prompt_ids: Callable[[list[dict]], list[int]]  # the loader's rendering and tokenisation
+    logits: Callable[[list[int]], torch.Tensor]  # teacher-forced, one row per position
+    end_of_turn_ok: bool  # the tuned model's end-of-turn tokens still end generation
+
+
+def from_transformers(model, tokenizer, ref_tok, verifier: str = "transformers") -> Reloaded:
+    eot_ok = (
+        set(end_of_turn_ids(ref_tok)) <= set(end_of_turn_ids(tokenizer))
+        and tokenizer.eos_token == ref_tok.eos_token
+    )
+
+    @torch.no_grad()
+    def logits(ids: list[int]) -> torch.Tensor:
+        return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+    return Reloaded(verifier, lambda m: render_prompt(tokenizer, m), logits, eot_ok)
+
+
+def from_llamacpp(engine, ref_tok, template: str) -> Reloaded:
+    """llama.cpp as llama-server runs it: `template` (the one llama-server is given) rendered,
+    then llama.cpp's own tokenizer; end-of-turn tokens must be end-of-generation to llama.cpp."""
+    eot = end_of_turn_ids(ref_tok)
+    eot_ok = all(
+        engine.is_end_of_generation(t)
+        and engine.detokenize([t]) == ref_tok.convert_ids_to_tokens(t)
+        for t in eot
+    )
+
+    def prompt_ids(messages: list[dict]) -> list[int]:
+        text = ref_tok.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+        return engine.tokenize(text)
+
+    def logits(ids: list[int]) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(engine.logits(ids)))
+
+    return Reloaded(engine.name, prompt_ids, logits, eot_ok)
 
 
 @torch.no_grad()
 def _greedy(model, ids: list[int], new_tokens: int, eot: list[int]) -> list[int]:
     # stop at end-of-turn: logits past it score text no one serves, and drift most
     out = model.generate(
-        torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=eot,
+        torch.tensor([ids]),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=eot,
         pad_token_id=eot[0],
     )
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 @torch.no_grad()
-def compare(reference, ref_tok, exported, exp_tok, kind: str, new_tokens: int = 16) -> Figures:
+def compare(reference, ref_tok, reloaded: Reloaded, kind: str, new_tokens: int = 16) -> Figures:
     diff, agree, total, same_prompt = 0.0, 0, 0, True
     for messages in PROMPTS:
         ids = render_prompt(ref_tok, messages)
-        same_prompt &= render_prompt(exp_tok, messages) == ids
+        same_prompt &= reloaded.prompt_ids(messages) == ids
         seq = ids + _greedy(reference, ids, new_tokens, end_of_turn_ids(ref_tok))
-        x = torch.tensor([seq])
-        a = reference(input_ids=x).logits[0, len(ids) - 1:].float()
-        b = exported(input_ids=x).logits[0, len(ids) - 1:].float()
+        a = reference(input_ids=torch.tensor([seq])).logits[0, len(ids) - 1 :].float()
+        b = reloaded.logits(seq)[len(ids) - 1 :]
         diff = max(diff, (a - b).abs().max().item())
         agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
         total += a.shape[0]
-    ref_eot = set(end_of_turn_ids(ref_tok))
-    eot_ok = ref_eot <= set(end_of_turn_ids(exp_tok)) and exp_tok.eos_token == ref_tok.eos_token
     logit_tol, agree_tol = TOLERANCE[kind]
-    return Figures(diff, agree / total, total, same_prompt, eot_ok, logit_tol, agree_tol)
+    if logit_tol is not None and reloaded.verifier.startswith("llama.cpp"):
+        logit_tol = max(logit_tol, LLAMACPP_F32)
+    return Figures(
+        diff,
+        agree / total,
+        total,
+        same_prompt,
+        reloaded.end_of_turn_ok,
+        logit_tol,
+        agree_tol,
+        reloaded.verifier,
+    )
 
 
 def check(figures: Figures, what: str) -> None:

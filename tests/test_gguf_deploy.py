@@ -1,0 +1,321 @@
+"""GGUF deployment, checked by llama.cpp itself: the LoRA adapter GGUF, the merged file with
+per-tensor types (--quant auto), the verifier, the Modelfile, and `instill eval` on a GGUF.
+
+The tiny tuned models here are tuned from a GGUF base, as the quickstart's is: a 2-layer Llama
+with the real SmolLM2 vocabulary written as GGUF, converted the way `instill train` converts its
+base, and an adapter with perturbed B matrices on top.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import gguf
+import pytest
+import torch
+import yaml
+
+from instill.errors import InstillError
+from instill.export import export_run
+from instill.export.gguf_file import write_gguf
+from instill.models import llamacpp
+from tests.conftest import build_tiny
+
+needs_llamacpp = pytest.mark.skipif(
+    not llamacpp.available(),
+    reason=f"llama.cpp is not installed; CI installs it ({llamacpp.INSTALL})",
+)
+CHATML = (
+    '{{ range .Messages }}{{ if eq .Role "system" }}<|im_start|>system\n{{ .Content }}'
+    '<|im_end|>\n{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
+    '{{ else if eq .Role "assistant" }}<|im_start|>assistant\n{{ .Content }}<|im_end|>\n'
+    "{{ end }}{{ end }}<|im_start|>assistant\n"
+)
+
+
+def _tiny_base(
+    tmp_path, tokenizer, default_source, quant: str, embed_std: float, linear_std: float | None
+):
+    """A tiny base as a GGUF file (the real model's pre-tokenizer), resolved as a run would."""
+    from instill.models.resolve import resolve_model
+
+    path = tmp_path / f"tiny-base.{quant}.gguf"
+    base = build_tiny(tokenizer)
+    g = torch.Generator().manual_seed(3)
+    for name, p in base.named_parameters():  # sharper than random init: clear argmaxes
+        if name.endswith("embed_tokens.weight"):
+            p.data.normal_(0, embed_std, generator=g)
+        elif linear_std is not None and name.endswith("proj.weight"):
+            p.data.normal_(0, linear_std, generator=g)
+    write_gguf(base, tokenizer, path, quant, name="tiny", base_gguf=default_source.gguf_path)
+    return resolve_model(str(path))
+
+
+def _tuned_run(
+    tmp_path,
+    tokenizer,
+    default_source,
+    *,
+    base_quant="f32",
+    std=0.05,
+    embed_std=1.0,
+    linear_std=None,
+    targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    **lora,
+):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    source = _tiny_base(tmp_path, tokenizer, default_source, base_quant, embed_std, linear_std)
+    base = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
+    torch.manual_seed(0)  # A's initialisation
+    model = get_peft_model(
+        base, LoraConfig(r=8, lora_alpha=16, target_modules=list(targets), **lora)
+    )
+    g = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: perturb it so the adapter changes the model
+            p.data.normal_(0, std, generator=g)
+    run = tmp_path / "run"
+    model.save_pretrained(run / "final")
+    tokenizer.save_pretrained(run / "final")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": source.gguf_path}}))
+    record = {
+        "name": source.gguf_path,
+        "kind": "gguf",
+        "path": source.path,
+        "sha256": source.sha256,
+    }
+    (run / "run.json").write_text(json.dumps({"model": record}))
+    return run, source
+
+
+@pytest.fixture
+def tuned(tmp_path, tokenizer, default_source):
+    return _tuned_run(tmp_path, tokenizer, default_source)
+
+
+def _gguf_fields(path) -> dict:
+    reader = gguf.GGUFReader(str(path))
+    fields = {}
+    for key, f in reader.fields.items():
+        if f.types and f.types[0] == gguf.GGUFValueType.STRING:
+            fields[key] = bytes(f.parts[f.data[0]]).decode()
+        elif f.types and f.types[0] != gguf.GGUFValueType.ARRAY:
+            fields[key] = f.parts[f.data[0]][0].item()
+    return fields, {t.name: (tuple(int(d) for d in t.shape), t.tensor_type) for t in reader.tensors}
+
+
+def test_adapter_gguf_metadata_names_and_shapes(tuned, tokenizer):
+    run, source = tuned
+    result = export_run(run, fmt="gguf-lora", quant="f32")
+    [path] = result.path.glob("*.gguf")
+    fields, tensors = _gguf_fields(path)
+    assert fields["general.type"] == "adapter"
+    assert fields["adapter.type"] == "lora"
+    assert fields["general.architecture"] == "llama"
+    assert fields["adapter.lora.alpha"] == pytest.approx(16.0)
+    assert fields["instill.base.sha256"] == source.sha256
+    # 2 layers x 7 modules, an A and a B each; ggml shapes are (columns, rows)
+    assert len(tensors) == 28
+    assert tensors["blk.0.attn_q.weight.lora_a"][0] == (64, 8)  # A: r x in
+    assert tensors["blk.0.attn_q.weight.lora_b"][0] == (8, 64)  # B: out x r
+    assert tensors["blk.1.attn_k.weight.lora_b"][0] == (8, 32)  # 2 kv heads of 16
+    assert tensors["blk.1.ffn_down.weight.lora_a"][0] == (128, 8)
+    assert tensors["blk.1.ffn_down.weight.lora_b"][0] == (8, 64)
+    assert {t for _, t in tensors.values()} == {gguf.GGMLQuantizationType.F32}
+    manifest = json.loads((result.path / "instill.json").read_text())
+    assert manifest["export"]["base_gguf"]["sha256"] == source.sha256
+    assert manifest["export"]["base_gguf"]["path"] == source.gguf_path
+
+
+def test_adapter_q_k_rows_match_the_merged_writer(tuned):
+    """B's rows of Q and K take the rotary order the merged writer gives Q and K: the adapter
+    file's update, added to the base GGUF's tensor, equals the merged GGUF's tensor."""
+    from instill.export.gguf_lora import read_lora_gguf
+
+    run, source = tuned
+    lora = export_run(run, fmt="gguf-lora", quant="f32", output=run.parent / "lora")
+    merged = export_run(
+        run, fmt="gguf", quant="f32", output=run.parent / "merged", min_agreement=0.0
+    )
+    _, updates = read_lora_gguf(next(lora.path.glob("*.gguf")))
+    base = {t.name: t for t in gguf.GGUFReader(source.gguf_path).tensors}
+    out = {t.name: t for t in gguf.GGUFReader(str(next(merged.path.glob("*.gguf")))).tensors}
+    for name in ("blk.0.attn_q.weight", "blk.1.attn_k.weight", "blk.0.ffn_up.weight"):
+        expected = torch.from_numpy(out[name].data.copy())
+        got = torch.from_numpy(base[name].data.copy() + updates[name])
+        assert (got - expected).abs().max().item() < 1e-5, name
+        assert (torch.from_numpy(updates[name]).abs().max().item()) > 1e-3  # it is a change
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("fmt", ["gguf-lora", "gguf"])
+def test_f32_exports_agree_with_the_tuned_model_in_llamacpp(tuned, fmt):
+    run, _ = tuned
+    result = export_run(run, fmt=fmt, quant="f32")
+    f = result.figures
+    assert f.verifier.startswith("llama.cpp")
+    assert f.max_logit_diff < 1e-3
+    assert f.greedy_agreement == 1.0
+    assert f.prompt_tokens_identical and f.end_of_turn_survived
+    manifest = json.loads((result.path / "instill.json").read_text())
+    assert manifest["verification"]["verifier"] == f.verifier
+
+
+@needs_llamacpp
+def test_llamacpp_sees_the_adapter(tuned, tokenizer):
+    """Negative control for the adapter check: the base file alone, in llama.cpp, is far from
+    the tuned model, so the agreement above is the adapter's doing."""
+    from instill.export.tuned import load_tuned
+    from instill.export.verify import compare, from_llamacpp
+
+    run, source = tuned
+    tuned_model = load_tuned(run)
+    engine = llamacpp.open_gguf(source.gguf_path)
+    try:
+        f = compare(
+            tuned_model.reference,
+            tokenizer,
+            from_llamacpp(engine, tokenizer, tokenizer.chat_template),
+            "f32",
+        )
+    finally:
+        engine.close()
+    assert f.max_logit_diff > 0.1
+
+
+@needs_llamacpp
+@pytest.mark.parametrize(
+    "fmt,quant", [("gguf-lora", "f16"), ("gguf-lora", "q8_0"), ("gguf", "q8_0"), ("gguf", "auto")]
+)
+def test_llamacpp_loads_each_kind(tuned, fmt, quant):
+    run, _ = tuned
+    result = export_run(run, fmt=fmt, quant=quant)
+    assert result.figures.verifier.startswith("llama.cpp")
+    assert result.figures.greedy_agreement >= result.figures.agreement_tolerance
+    [path] = result.path.glob("*.gguf")
+    _, tensors = _gguf_fields(path)
+    if fmt == "gguf-lora" and quant == "q8_0":  # A rows (64, 128 wide) quantise; B's r=8 cannot
+        assert tensors["blk.0.attn_q.weight.lora_a"][1] == gguf.GGMLQuantizationType.Q8_0
+        assert tensors["blk.0.attn_q.weight.lora_b"][1] == gguf.GGMLQuantizationType.F16
+
+
+@needs_llamacpp
+def test_requantised_4bit_merge_is_caught(tmp_path, tokenizer, default_source):
+    """The negative control: a base on the 4-bit grid, tuned by a small update. Re-rounding the
+    merge to q4_1 loses the update and the verifier refuses it; the adapter on the same q4_1
+    base keeps it."""
+    # base weights of std 0.2 sit on a q4_1 grid of step ~0.05; the update is ~0.02 an element
+    run, _ = _tuned_run(
+        tmp_path,
+        tokenizer,
+        default_source,
+        base_quant="q4_1",
+        std=0.05,
+        embed_std=0.2,
+        linear_std=0.2,
+    )
+    with pytest.raises(InstillError, match=r"greedy agreement 0\.[0-7]\d* < 0\.8.*--quant q8_0"):
+        export_run(run, fmt="gguf", quant="q4_1")
+    assert not (run / "export" / "gguf-q4_1").exists()
+    adapter = export_run(run, fmt="gguf-lora", quant="f16")
+    assert adapter.figures.verifier.startswith("llama.cpp")
+    assert adapter.figures.greedy_agreement >= 0.9
+
+
+def test_modelfile_names_files_and_template(tuned):
+    run, source = tuned
+    result = export_run(run, fmt="gguf-lora", quant="f16")
+    lines = (result.path / "Modelfile").read_text()
+    [adapter] = result.path.glob("*.lora-f16.gguf")
+    assert f"\nFROM {source.gguf_path}\n" in lines
+    assert f"\nADAPTER ./{adapter.name}\n" in lines
+    assert f'\nTEMPLATE """{CHATML}"""\n' in lines
+    assert (
+        '\nSYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""'
+        in lines
+    )
+    assert '\nPARAMETER stop "<|im_end|>"\n' in lines
+    script = (result.path / "llama-server.sh").read_text()
+    assert f"-m {source.gguf_path} " in script
+    assert f'--lora "$(dirname "$0")"/{adapter.name} ' in script
+    assert "--chat-template-file" in script
+    template = (result.path / "chat_template.jinja").read_text()
+    assert template == json.loads((run / "final" / "tokenizer_config.json").read_text()).get(
+        "chat_template", template
+    )
+
+
+def test_go_template_pieces_reproduce_the_jinja_template(tokenizer):
+    from instill.export.deploy import Pieces, chat_pieces
+
+    pieces = chat_pieces(tokenizer)
+    assert isinstance(pieces, Pieces)
+    messages = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "u1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "u2"},
+    ]
+    assert pieces.render(messages) == tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    odd = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    # turns numbered by position: no fixed prefix per role reproduces it
+    odd.chat_template = "{% for m in messages %}{{ loop.index }}: {{ m.content }}\n{% endfor %}"
+    assert chat_pieces(odd) is None
+
+
+@pytest.mark.parametrize(
+    "lora,match",
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"alpha_pattern": {"q_proj": 4}}, "different alphas"),
+        ({"use_rslora": True, "rank_pattern": {"q_proj": 4}}, "different alphas"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ],
+)
+def test_refusals(tmp_path, tokenizer, default_source, lora, match):
+    run, _ = _tuned_run(tmp_path, tokenizer, default_source, **lora)
+    with pytest.raises(InstillError, match=match):
+        export_run(run, fmt="gguf-lora")
+    assert not (run / "export").exists()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # peft's own warning about tied targets
+@pytest.mark.parametrize("module", ["embed_tokens", "lm_head"])
+def test_refuses_adapter_on_tied_embeddings_or_head(tmp_path, tokenizer, default_source, module):
+    run, _ = _tuned_run(tmp_path, tokenizer, default_source, targets=("q_proj", module))
+    with pytest.raises(InstillError, match=f"{module} .*output head, tied"):
+        export_run(run, fmt="gguf-lora")
+
+
+def test_rslora_alpha_is_rescaled(tmp_path, tokenizer, default_source):
+    run, _ = _tuned_run(tmp_path, tokenizer, default_source, use_rslora=True)
+    result = export_run(run, fmt="gguf-lora", quant="f32")
+    fields, _ = _gguf_fields(next(result.path.glob("*.gguf")))
+    assert fields["adapter.lora.alpha"] == pytest.approx(16 * math.sqrt(8), rel=1e-6)
+    assert result.figures.greedy_agreement == 1.0
+
+
+def test_base_must_be_the_runs_gguf(tmp_path, tuned, tokenizer):
+    run, source = tuned
+    record = json.loads((run / "run.json").read_text())
+    record["model"]["sha256"] = "0" * 64
+    (run / "run.json").write_text(json.dumps(record))
+    with pytest.raises(InstillError, match=f"{source.gguf_path}.*sha256 0000"):
+        export_run(run, fmt="gguf-lora")
+
+
+def test_adapter_needs_a_gguf_base(tmp_path, tokenizer):
+    from tests.test_export import _fake_run
+
+    run = _fake_run(tmp_path, tokenizer)  # its base is a Hugging Face directory
+    with pytest.raises(InstillError, match="applies an adapter to a base GGUF.*--format gguf"):
+        export_run(run, fmt="gguf-lora")
+    with pytest.raises(InstillError, match="f32, f16, q8_0"):
+        export_run(run, fmt="gguf-lora", quant="q4_1")
+    with pytest.raises(InstillError, match="--quant auto only"):
+        export_run(run, fmt="gguf", quant="q8_0", max_size_mb=50)
