@@ -319,3 +319,63 @@ def test_adapter_needs_a_gguf_base(tmp_path, tokenizer):
         export_run(run, fmt="gguf-lora", quant="q4_1")
     with pytest.raises(InstillError, match="--quant auto only"):
         export_run(run, fmt="gguf", quant="q8_0", max_size_mb=50)
+
+
+@needs_llamacpp
+def test_eval_runs_the_deployed_files_through_llamacpp(
+    tmp_path, tokenizer, default_source, monkeypatch
+):
+    """`instill eval EXPORT --engine llama.cpp` answers as the tuned model does in memory (f32
+    adapter: the same greedy text), and an export folder equals base + --lora given by hand."""
+    from instill.eval.tasks import builtin_task
+    from instill.export.tuned import load_tuned
+    from instill.infer import GenParams, generate
+    from tests.test_cli import succeed
+
+    # weights of a larger spread than random init: replies that differ from prompt to prompt
+    run, source = _tuned_run(tmp_path, tokenizer, default_source, embed_std=0.2, linear_std=0.2)
+    export = export_run(run, fmt="gguf-lora", quant="f32")
+    [adapter] = export.path.glob("*.gguf")
+    common = ["--engine", "llama.cpp", "--per-family", "1", "--max-new-tokens", "12"]
+    succeed(["eval", str(export.path), *common, "--output", str(tmp_path / "a")], monkeypatch)
+    succeed(
+        [
+            "eval",
+            source.gguf_path,
+            "--lora",
+            str(adapter),
+            *common,
+            "--output",
+            str(tmp_path / "b"),
+        ],
+        monkeypatch,
+    )
+    a = [json.loads(line) for line in (tmp_path / "a" / "builtin.jsonl").open()]
+    b = [json.loads(line) for line in (tmp_path / "b" / "builtin.jsonl").open()]
+    summary = json.loads((tmp_path / "a" / "builtin.json").read_text())
+    assert summary["engine"].startswith("llama.cpp") and summary["decode_tokens_per_s"] > 0
+    assert [r["prediction"] for r in a] == [r["prediction"] for r in b]
+    examples = builtin_task(1, 0).examples
+    assert [r["id"] for r in a] == [ex.id for ex in examples]
+    model = load_tuned(run).reference
+    gens = generate(
+        model, tokenizer, [list(ex.prompt) for ex in examples], GenParams(max_new_tokens=12)
+    )
+    assert [r["prediction"] for r in a] == [g.text for g in gens]
+    assert len({r["prediction"] for r in a}) > 1  # not one constant answer
+
+
+def test_eval_engine_mistakes_are_one_line(tmp_path, capsys, monkeypatch):
+    from tests.test_cli import assert_user_error, run
+
+    code, _, err = run(["eval", "x.gguf", "--lora", "a.gguf"], capsys, monkeypatch)
+    assert_user_error(code, err, "--lora", "--engine llama.cpp")
+    code, _, err = run(["eval", str(tmp_path), "--engine", "llama.cpp"], capsys, monkeypatch)
+    assert_user_error(code, err, "needs a .gguf file")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    code, _, err = run(
+        ["eval", str(tmp_path / "m.gguf"), "--engine", "llama.cpp", "--suite", "general"],
+        capsys,
+        monkeypatch,
+    )
+    assert_user_error(code, err, "suite general", "--engine llama.cpp does not do")

@@ -159,6 +159,11 @@ def eval_cmd(
         "is scored against. Default: a run's own base model, else the model itself.",
     ),
     chat_template: Path = CHAT_TEMPLATE,
+    engine: str = typer.Option(
+        "torch", help="torch, or llama.cpp: a .gguf file (or a GGUF export folder) answered by "
+        "llama.cpp as deployed (needs the llamacpp extra; generated-answer suites only)."
+    ),
+    lora: str = typer.Option(None, help="--engine llama.cpp: a LoRA adapter GGUF to apply."),
 ) -> None:
     """Score a model on evaluation suites; write per-example records and summaries with 95%
     confidence intervals to <output>/<suite>.jsonl and <suite>.json."""
@@ -191,6 +196,25 @@ def eval_cmd(
             tasks.append(task)
     _quiet_libraries()
     cfg = EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    if engine not in ("torch", "llama.cpp"):
+        raise InstillError(f"--engine {engine}: choose torch or llama.cpp")
+    if lora is not None and engine != "llama.cpp":
+        raise InstillError(
+            "--lora: an adapter GGUF is applied by llama.cpp; add --engine llama.cpp"
+        )
+    if engine == "llama.cpp":
+        from instill.eval.gguf import run_llamacpp
+
+        folder = output or Path("runs") / "eval"
+        results = run_llamacpp(model, lora, tasks, cfg, folder, chat_template)
+        for name, result in results.items():
+            s = result.summary()
+            out.print(
+                f"{name}: {s['metric']} {100 * s['score']:.1f}% (95% CI {100 * s['ci95'][0]:.1f}"
+                f"–{100 * s['ci95'][1]:.1f}, n={s['n']}); llama.cpp decoded "
+                f"{s['decode_tokens_per_s']} tokens/s; written to {folder / name}.json"
+            )
+        return
     if any(t.metric == "drift" for t in tasks):
         from instill.eval.suites import attach_anchors
 

@@ -132,6 +132,12 @@ def _generation_records(model, tokenizer, task: Task, cfg: EvalConfig) -> list[d
         params,
         batch_size=cfg.batch_size,
     )
+    return generation_records(task, gens)
+
+
+def generation_records(task: Task, gens) -> list[dict]:
+    """Score each example's generated reply (from any engine: ours, llama.cpp) with every
+    applicable metric."""
     records = []
     for ex, gen in zip(task.examples, gens, strict=True):
         scores = text_scores(gen.text, ex.reference)
