@@ -1,6 +1,7 @@
 """The loop on a tiny model: it learns, logs, checkpoints atomically, saves a reloadable final/."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -107,9 +108,17 @@ def test_validation_loss_is_logged_every_n_steps_and_at_the_end(tiny, tokenizer,
     assert [r["step"] for r in logged if "val_loss" in r] == [2, 4, 5]
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "full-bf16"])
 def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tokenizer, rows, tmp_path, method):
-    from conftest import build_tiny
+    """full-bf16: the checkpoint holds the float32 master weights, so resuming a mixed-precision
+    run is exact too."""
+    from conftest import build_tiny as tiny_fp32
+
+    dtype = torch.bfloat16 if method.endswith("bf16") else torch.float32
+    method = method.removesuffix("-bf16")
+
+    def build_tiny(tokenizer, seed=0):
+        return tiny_fp32(tokenizer, seed).to(dtype)
 
     # 4 rows at batch 1 x 1: 4 steps an epoch; the checkpoint at step 3 is mid-epoch.
     cfg = TrainConfig(lr=1e-2, max_steps=6, batch_size=1, save_every=3, warmup_ratio=0.2)
@@ -313,3 +322,66 @@ def test_mmap_threshold_is_the_configured_one(tiny, tokenizer, rows, monkeypatch
     assert TrainConfig().mmap_threshold_mb * 2**20 == 64 * 1024  # the lean default
     with pytest.raises(ValueError, match="32"):
         TrainConfig(mmap_threshold_mb=64)  # above glibc's ceiling
+
+
+def _bf16_full(tokenizer):
+    from conftest import build_tiny
+
+    tiny = build_tiny(tokenizer).to(torch.bfloat16)
+    return attach_adapter(tiny, AdapterConfig(method="full"))[0]
+
+
+def test_bf16_full_fine_tuning_keeps_float32_master_weights(tokenizer, rows):
+    """A bf16 model, fully fine-tuned at a small learning rate: with float32 master weights
+    under bf16 autocast (what train() does) most weights move; AdamW stepping the bf16 weights
+    directly (the negative control: train() told the weights are not half precision, so it
+    keeps no master copy and uses no autocast) leaves almost all of them where they were,
+    since each update is below bf16's resolution. The trained model comes back in bf16."""
+    from instill.train import loop
+
+    cfg = TrainConfig(lr=1e-5, max_steps=30, batch_size=4, warmup_ratio=0, schedule="constant")
+    moved = {}
+    for kind in ("master", "pure"):
+        model = _bf16_full(tokenizer)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        if kind == "master":
+            result = train(model, tokenizer, rows, cfg, None)
+        else:
+            find, loop.low_precision = loop.low_precision, lambda model: None
+            try:
+                result = train(model, tokenizer, rows, cfg, None)
+            finally:
+                loop.low_precision = find
+        assert result.steps == 30
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+        changed = sum(int((p.detach() != before[n]).sum()) for n, p in model.named_parameters())
+        moved[kind] = changed / sum(p.numel() for p in model.parameters())
+    # (the weights that move without master copies are the few small enough for 1e-5 to count)
+    assert moved["master"] > 0.9 and moved["pure"] < 0.3, moved
+
+
+def test_fp16_full_fine_tuning_trains_with_a_loss_scaler(tokenizer, rows):
+    from conftest import build_tiny
+
+    model = attach_adapter(build_tiny(tokenizer).half(), AdapterConfig(method="full"))[0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(lr=1e-3, max_steps=6, batch_size=4, warmup_ratio=0, schedule="constant")
+    result = train(model, tokenizer, rows, cfg, None)
+    assert all(p.dtype == torch.float16 for p in model.parameters())
+    assert all(map(math.isfinite, result.losses)) and result.losses[-1] < result.losses[0]
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
+def test_accelerate_mixed_precision_must_agree_with_model_dtype(monkeypatch, tmp_path):
+    from instill.config import load_recipe
+    from instill.pipeline import check_mixed_precision
+
+    recipe = load_recipe(None, ["data.builtin.seed=0", "model.dtype=float32"])
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    check_mixed_precision(recipe)  # "no" leaves it to model.dtype
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(InstillError, match=r"mixed_precision: bf16 but model\.dtype float32 gives "
+                       r"float32 weights on cpu; set mixed_precision: no"):  # fmt: skip
+        check_mixed_precision(recipe)
+    bf16 = load_recipe(None, ["data.builtin.seed=0", "model.dtype=bfloat16"])
+    check_mixed_precision(bf16)  # agrees

@@ -47,16 +47,45 @@ class RunSummary:
     main: bool = True  # False in the non-main processes of a multi-process run
 
 
+def check_mixed_precision(recipe: Recipe) -> None:
+    """An accelerate configuration's mixed_precision (ACCELERATE_MIXED_PRECISION) must agree
+    with model.dtype: instill keeps float32 master weights under bf16/fp16 autocast when the
+    weights are bf16/fp16, and "no" leaves that to model.dtype."""
+    import os
+    import warnings
+
+    from instill.models.load import pick_dtype
+    from instill.train.loop import precision_mode
+
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    device = pick_device(recipe.model.device)
+    with warnings.catch_warnings():  # (load_model gives the CPU half-precision warning once)
+        warnings.simplefilter("ignore")
+        dtype = pick_dtype(recipe.model.dtype, device)
+    mode = precision_mode(dtype)
+    if asked not in ("no", mode):
+        raise InstillError(
+            f"the accelerate configuration has mixed_precision: {asked} but model.dtype "
+            f"{recipe.model.dtype} gives {str(dtype).removeprefix('torch.')} weights on {device}; "
+            f"set mixed_precision: {mode} in the accelerate configuration, or model.dtype to "
+            "match it"
+        )
+
+
 def make_accelerator(recipe: Recipe) -> Accelerator:
     """The run's one Accelerator: CPU or the model's device, and a barrier timeout long enough
-    for the main process's evaluation (train.barrier_timeout_min)."""
+    for the main process's evaluation (train.barrier_timeout_min). Mixed precision is the
+    training loop's (from model.dtype), so accelerate's own is off."""
     from datetime import timedelta
 
     from accelerate.utils import InitProcessGroupKwargs
 
+    check_mixed_precision(recipe)
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=recipe.train.barrier_timeout_min))
     return Accelerator(
-        cpu=pick_device(recipe.model.device).type == "cpu", kwargs_handlers=[timeout]
+        cpu=pick_device(recipe.model.device).type == "cpu",
+        mixed_precision="no",
+        kwargs_handlers=[timeout],
     )
 
 

@@ -147,6 +147,30 @@ class Batcher:
         return max(1, math.ceil(cfg.epochs * self.per_epoch / cfg.grad_accum))
 
 
+def low_precision(model: torch.nn.Module) -> torch.dtype | None:
+    """bfloat16 or float16 when weights that train are stored in it (full fine-tuning of a model
+    loaded in bf16/fp16); None when they are float32 (LoRA adapters are, whatever the base)."""
+    found = {p.dtype for p in model.parameters() if p.requires_grad}
+    low = found & {torch.bfloat16, torch.float16}
+    return next(iter(low)) if low else None
+
+
+def precision_mode(low: torch.dtype | None) -> str:
+    """accelerate's name for a mixed precision in `low` (float32 or None: "no")."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(low, "no")
+
+
+def check_precision(acc) -> None:
+    """instill runs mixed precision itself (from the weights' dtype); an Accelerator that also
+    does (autocast, and for fp16 a second loss scaler) would contradict it."""
+    if acc.mixed_precision != "no":
+        raise InstillError(
+            f"the Accelerator has mixed_precision: {acc.mixed_precision}; instill sets mixed "
+            "precision from model.dtype (float32 master weights under autocast when the "
+            "weights are bf16/fp16): build it with mixed_precision='no'"
+        )
+
+
 def make_scheduler(optimizer, cfg: TrainConfig, steps: int):
     from transformers import get_scheduler
 
@@ -222,14 +246,17 @@ def loss_scale(acc, global_tokens: int) -> float:
     return acc.num_processes / max(global_tokens, 1)
 
 
-def accumulate(acc, wrapped, micro: list[dict], kl: list | None = None) -> tuple[float, int, int]:
+def accumulate(
+    acc, wrapped, micro: list[dict], kl: list | None = None, amp=None, scaler=None
+) -> tuple[float, int, int]:
     """Forward and backward over the micro-batches of one optimiser step.
 
     Each micro-batch's loss sum is divided by the supervised-token count of the whole step,
     summed over processes, so gradients equal those of one big batch. Returns the step's mean
     token loss, its supervised tokens and its real (non-padding) tokens, all global. With
     train.kl_to_base the loss is the cross-entropy alone, and `kl` (a list) receives this
-    process's (KL sum, replay positions) of every micro-batch that had replay rows.
+    process's (KL sum, replay positions) of every micro-batch that had replay rows. `amp`: the
+    forward's autocast context (mixed precision), `scaler`: fp16's loss scaler.
     """
     lm = acc.unwrap_model(wrapped)
     local = torch.tensor(
@@ -246,8 +273,10 @@ def accumulate(acc, wrapped, micro: list[dict], kl: list | None = None) -> tuple
         batch = {k: v.to(acc.device) for k, v in batch.items() if k != "real_tokens"}
         last = i == len(micro) - 1
         with acc.no_sync(wrapped) if not last else contextlib.nullcontext():
-            loss_sum, _ = wrapped(**batch)
-            acc.backward(loss_sum * scale)
+            with amp() if amp is not None else contextlib.nullcontext():
+                loss_sum, _ = wrapped(**batch)
+            loss = loss_sum * scale
+            acc.backward(scaler.scale(loss) if scaler is not None else loss)
         loss_total += loss_sum.detach()
         if getattr(lm, "last_kl", None) is not None:
             loss_total -= lm.kl_weight * lm.last_kl[0]
@@ -283,6 +312,20 @@ def train(
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator(cpu=next(model.parameters()).device.type == "cpu")
+    check_precision(acc)
+    # Mixed precision: weights that train in bf16/fp16 are kept (and stepped by AdamW) in
+    # float32, and forward and backward run under autocast to their dtype (fp16 with a loss
+    # scaler); stepping bf16 weights directly loses every update below bf16's resolution
+    # (~0.4% of the weight). Frozen weights stay as loaded.
+    low = low_precision(model)
+    masters = [p for p in model.parameters() if p.requires_grad and p.dtype == low]
+    for p in masters:
+        p.data = p.data.float()
+
+    def amp():
+        return torch.autocast(acc.device.type, dtype=low or torch.bfloat16, enabled=bool(low))
+
+    scaler = torch.amp.GradScaler(acc.device.type) if low == torch.float16 else None
     # freed activation memory goes back to the system (train.mmap_threshold_mb moves the line)
     fix_mmap_threshold(int(cfg.mmap_threshold_mb * 2**20))
     torch.manual_seed(cfg.seed)
@@ -322,15 +365,23 @@ def train(
         for step in range(done_before + 1, steps + 1):
             micro = [next(stream) for _ in range(cfg.grad_accum)]
             try:
-                loss, global_tokens, global_real = accumulate(acc, wrapped, micro, kl_parts)
+                loss, global_tokens, global_real = accumulate(
+                    acc, wrapped, micro, kl_parts, amp, scaler
+                )
             except Exception as e:
                 if cfg.compile and is_compile_failure(e):
                     raise compile_error(e) from e
                 raise
             grad_norm = None
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             if cfg.max_grad_norm is not None:
                 grad_norm = float(acc.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm))
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)  # (skipped when the fp16 gradients overflowed)
+                scaler.update()
+            else:
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             result.losses.append(loss)
@@ -362,7 +413,7 @@ def train(
                     if record[key] is not None:
                         logs.scalar(f"train/{key}", record[key], step)
             if validation and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
-                with plain():
+                with plain(), amp():
                     val = validation_loss(model, validation, cfg.batch_size, tokenizer.pad_token_id)
                 result.val_losses.append((step, val))
                 if logs:
@@ -375,7 +426,7 @@ def train(
                 if improved:
                     result.best = (step, val)
                 if evaluator is not None:
-                    with plain():
+                    with plain(), amp():
                         score = evaluator(model) if acc.is_main_process else None
                     score = _shared(acc, score)
                     if logs:
@@ -418,6 +469,8 @@ def train(
     if cfg.select_best and result.best and run_dir and not result.interrupted:
         acc.wait_for_everyone()
         load_weights(model, run_dir / "checkpoints" / "best")
+    for p in masters:  # the trained model in the dtype it was loaded in
+        p.data = p.data.to(low)
     result.wall_s = time.perf_counter() - start
     result.peak_mem_mb = peak_memory_mb(acc.device)
     model.eval()
