@@ -175,7 +175,7 @@ def eval_cmd(
     from instill.models import load_for_inference
 
     check_metric(metric, "--metric") if metric != "auto" else None
-    spec = _model_spec(model, chat_template)
+    model_spec = _model_spec(model, chat_template)
     tasks = []
     for name in suite:
         if name == "builtin":
@@ -223,7 +223,7 @@ def eval_cmd(
         out.print(f"drift suites are scored against the replies of {base}")
         attach_anchors(anchor_model.model, anchor_model.tokenizer, tasks, cfg)
         del anchor_model
-    loaded = load_for_inference(model, spec)
+    loaded = load_for_inference(model, model_spec)
     path = Path(model)
     folder = output or (path / "eval" if (path / "final").is_dir() else Path("runs") / "eval")
     results = run_tasks(loaded.model, loaded.tokenizer, tasks, cfg, model, folder)
