@@ -144,6 +144,33 @@ def _final_dir(path: Path) -> Path:
     return path
 
 
+def trained_quantize(adapter_dir: Path) -> str:
+    """model.quantize of the run whose final/ (or checkpoint) holds this adapter: "4bit" when
+    it was trained on an NF4 base (QLoRA), "none" otherwise or when no run config is found."""
+    import yaml
+
+    for folder in (adapter_dir.parent, adapter_dir.parent.parent):
+        config = folder / "config.yaml"
+        if config.is_file():
+            data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+            return str((data.get("model") or {}).get("quantize") or "none")
+    return "none"
+
+
+def _check_four_bit_inference(adapter_dir: Path, device: torch.device) -> None:
+    """A QLoRA adapter is only the model it was trained as on the same NF4 base; refuse to put
+    it on a full-precision base (a different model) when that base cannot be had here."""
+    import importlib.util
+
+    if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
+        raise InstillError(
+            f"{adapter_dir}: this adapter was trained on a 4-bit NF4 base (model.quantize: 4bit), "
+            "and loading that base needs a CUDA GPU and bitsandbytes; on a full-precision base "
+            "it would be a different model. Run it where a GPU is, or export it merged into the "
+            "dequantised base (instill export RUN --dequantize) and use that export"
+        )
+
+
 def load_for_inference(
     name: str, cfg: ModelConfig | None = None, *, require_template: bool = True
 ) -> LoadedModel:
@@ -164,11 +191,17 @@ def load_for_inference(
         raise InstillError(
             f"{adapter_file}: no base_model_name_or_path; cannot find the base model"
         )
-    base = load_model(cfg.model_copy(update={"name": base_name}), require_template=False)
+    quantize = trained_quantize(path)
+    if quantize == "4bit":
+        _check_four_bit_inference(path, pick_device(cfg.device))
+    base_cfg = cfg.model_copy(update={"name": base_name, "quantize": quantize})
+    base = load_model(base_cfg, require_template=False)
     tokenizer = load_tokenizer(
         str(path), cfg.model_copy(update={"name": str(path)}), require_template=require_template
     )
-    model = PeftModel.from_pretrained(base.model, str(path)).merge_and_unload()
+    model = PeftModel.from_pretrained(base.model, str(path))
+    # merged for speed, except on a 4-bit base: merging would round the update back to 4 bits
+    model = model.merge_and_unload() if quantize == "none" else model
     model.eval()
     return LoadedModel(
         model=model, tokenizer=tokenizer, source=base.source, device=base.device, dtype=base.dtype
