@@ -385,3 +385,18 @@ def test_accelerate_mixed_precision_must_agree_with_model_dtype(monkeypatch, tmp
         check_mixed_precision(recipe)
     bf16 = load_recipe(None, ["data.builtin.seed=0", "model.dtype=bfloat16"])
     check_mixed_precision(bf16)  # agrees
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_accelerate_modes_are_refused(tokenizer, rows, kind):
+    """Until instill gathers shards for its checkpoints and final/, FSDP and DeepSpeed are
+    refused before any step (they would save one process's shard as the model)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from instill.train.loop import check_distributed
+
+    with pytest.raises(InstillError, match=rf"accelerate's {kind} mode is not supported yet.*ddp"):
+        check_distributed(SimpleNamespace(distributed_type=getattr(DistributedType, kind)))
+    check_distributed(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))

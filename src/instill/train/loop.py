@@ -160,6 +160,20 @@ def precision_mode(low: torch.dtype | None) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(low, "no")
 
 
+def check_distributed(acc) -> None:
+    """Data parallel (DDP) is the multi-process path instill runs and tests. accelerate's FSDP
+    and DeepSpeed wrappers would train, but each process would then write its own shard as if it
+    were the whole model (checkpoints, best/, final/): refused until instill gathers them."""
+    kind = str(acc.distributed_type).rsplit(".", 1)[-1]
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise InstillError(
+            f"accelerate's {kind} mode is not supported yet: instill's checkpoints and final/ "
+            "would hold one process's shard, not the model. Launch with "
+            "configs/accelerate/ddp.yaml (data parallel; each GPU holds the whole model, so use "
+            "LoRA or QLoRA for models that do not fit one GPU with full fine-tuning)"
+        )
+
+
 def check_precision(acc) -> None:
     """instill runs mixed precision itself (from the weights' dtype); an Accelerator that also
     does (autocast, and for fp16 a second loss scaler) would contradict it."""
@@ -312,6 +326,7 @@ def train(
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator(cpu=next(model.parameters()).device.type == "cpu")
+    check_distributed(acc)
     check_precision(acc)
     # Mixed precision: weights that train in bf16/fp16 are kept (and stepped by AdamW) in
     # float32, and forward and backward run under autocast to their dtype (fp16 with a loss
