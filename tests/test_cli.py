@@ -145,6 +145,21 @@ def test_chat_generate_and_eval_take_a_chat_template_file(capsys, monkeypatch, t
         monkeypatch,
     )
     assert_user_error(code, err, "--chat-template: file not found")
+    (tmp_path / "empty.jinja").write_text(" \n")
+    code, _, err = run(
+        [
+            gen[0],
+            str(model),
+            *gen[1:],
+            "--output",
+            "o",
+            "--chat-template",
+            str(tmp_path / "empty.jinja"),
+        ],
+        capsys,
+        monkeypatch,
+    )
+    assert_user_error(code, err, "--chat-template:", "empty.jinja is empty")
 
     outs = {}
     for name, source, extra in (("given", model, ["--chat-template", str(template)]),

@@ -120,9 +120,10 @@ def _model_spec(model: str, chat_template: Path | None):
     """The ModelConfig for loading MODEL with --chat-template; a missing file is an error before
     the slow model load."""
     from instill.config import ModelConfig
+    from instill.data.render import load_chat_template
 
-    if chat_template is not None and not chat_template.is_file():
-        raise InstillError(f"--chat-template: file not found: {chat_template}")
+    if chat_template is not None:  # missing or empty: said now, naming the option
+        load_chat_template(chat_template, "--chat-template")
     return ModelConfig(
         name=model, chat_template=str(chat_template) if chat_template is not None else None
     )

@@ -40,14 +40,15 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return ids
 
 
-def load_chat_template(path: str | Path) -> str:
-    """The text of a Jinja chat template file (model.chat_template, --chat-template)."""
+def load_chat_template(path: str | Path, setting: str = "model.chat_template") -> str:
+    """The text of a Jinja chat template file; errors name `setting` (model.chat_template in a
+    recipe, --chat-template on the command line)."""
     path = Path(path)
     if not path.is_file():
-        raise InstillError(f"model.chat_template: file not found: {path}")
+        raise InstillError(f"{setting}: file not found: {path}")
     text = path.read_text(encoding="utf-8")
     if not text.strip():
-        raise InstillError(f"model.chat_template: {path} is empty")
+        raise InstillError(f"{setting}: {path} is empty")
     return text
 
 
