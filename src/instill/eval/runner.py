@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from instill.atomic import write_text
 from instill.config import BuiltinDataConfig, EvalConfig
 from instill.data import builtin
 from instill.data.constraints import check_all
@@ -292,7 +293,7 @@ def write_result(result: SuiteResult, folder: Path, stem: str | None = None) -> 
     """<folder>/<stem>.jsonl (one record per example) and <folder>/<stem>.json (the summary)."""
     folder.mkdir(parents=True, exist_ok=True)
     stem = stem or result.suite
-    write_jsonl(folder / f"{stem}.jsonl", result.records)
+    write_jsonl(folder / f"{stem}.jsonl", result.records, "eval records")
     path = folder / f"{stem}.json"
-    path.write_text(json.dumps(result.summary(), indent=2) + "\n")
+    write_text(path, json.dumps(result.summary(), indent=2) + "\n", "eval summary")
     return path
