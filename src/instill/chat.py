@@ -35,9 +35,14 @@ class ChatSession:
     def reply(self, text: str, stream: bool) -> str:
         self.history.append({"role": "user", "content": text})
         on_text = (lambda piece: out.print(piece, end="", markup=False)) if stream else None
-        gen = generate(self.model, self.tokenizer, [self.messages()], self.params, on_text=on_text)[
-            0
-        ]
+        gen = generate(
+            self.model,
+            self.tokenizer,
+            [self.messages()],
+            self.params,
+            on_text=on_text,
+            batch_invariant=False,  # always one conversation: its speed comes first
+        )[0]
         self.history.append({"role": "assistant", "content": gen.text})
         return gen.text
 

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP layer: validation, auth, limits, SSE; generation is the
-scheduler's.
+engine's, run by the scheduler's decode thread.
 
     request -> Host check (every route) -> API key -> Content-Type -> body (read up to the limit)
             -> model, messages or prompt, parameters -> a concurrency slot -> Job
@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from instill.data.render import end_of_turn_ids, render_prompt
+from instill.data.render import render_prompt
 from instill.infer.generate import GenParams
 from instill.serve.scheduler import Job, Scheduler
 
@@ -193,7 +193,7 @@ class Server:
     def __init__(self, model, tokenizer, names: list[str], cfg: ServeConfig):
         self.model, self.tokenizer, self.names, self.cfg = model, tokenizer, names, cfg
         self.context = int(getattr(model.config, "max_position_embeddings", 2048))
-        self.scheduler = Scheduler(model, tokenizer, end_of_turn_ids(tokenizer), cfg.max_batch)
+        self.scheduler = Scheduler(model, tokenizer, cfg.max_batch)
         self.active = 0
         self.lock = threading.Lock()
 

@@ -1,0 +1,388 @@
+"""The one generation engine: continuous batching over a preallocated KV cache (cache.py).
+
+    jobs -> admit, between steps, while rows are free: each prompt is prefilled alone,
+            unpadded, into a free slot of the cache; its first token comes from that prefill
+         -> step: one forward pass for every running row: [rows, 1] tokens at each row's own
+            position, a [rows, 1, 1, width] mask over each row's own columns
+         -> the next tokens (sampling.py), counted and checked on tensors: end of turn,
+            max_new_tokens; rows followed live (streamed, stop strings, cancellable) also grow
+            their text (text.py)
+         -> finished rows leave; the last rows move down into their slots
+
+Used by `infer.generate` (evaluation, `instill generate`, chat), which runs a list of jobs to
+the end in the caller's thread, and by the server (serve/scheduler.py), whose decode thread
+feeds it jobs as requests arrive.
+
+A greedy reply is the same alone or in any batch: nothing a row computes depends on the other
+rows. A prompt's prefill never shares a forward pass. Decode steps run a multiple of ROW_BLOCK
+rows (padding rows fill the rest) over a multiple of WIDTH_BLOCK columns, because CPU matrix
+kernels give a row the same bits for every row count from 4 up but other bits for 1-3 rows, and
+attention gives a row the same bits for every width that is a multiple of 4 (masked columns add
+exact zeros). Each sampling row draws from its own generator (sampling.py).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from instill.data.render import end_of_turn_ids
+from instill.errors import InstillError
+from instill.infer.cache import SlotCache
+from instill.infer.sampling import Sampler
+from instill.infer.text import TextStream, cut_at_stop
+
+ROW_BLOCK = 4  # decode steps run a multiple of this many rows (see the module docstring)
+WIDTH_BLOCK = 4  # ... over a multiple of this many cache columns
+PREFILL_BLOCK = 8  # prompts are right-padded to a multiple of this many tokens
+HEAD_MIN = 8  # a template head shorter than this is prefilled with each prompt
+
+
+@dataclass(frozen=True)
+class GenParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass
+class Job:
+    """One reply to make. `live` jobs are followed token by token: `ids` grows as the reply is
+    made, `on_text` gets each new piece of text (stop strings held back), and `cancelled` is
+    looked at every step. Others (batch generation) get `ids` and `text` when they end."""
+
+    prompt: list[int]
+    params: GenParams
+    on_text: Callable[[str], None] | None = None
+    live: bool = True
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    ids: list[int] = field(default_factory=list)  # generated tokens, without the end of turn
+    text: str = ""
+    finish_reason: str = "length"  # "stop": end of turn or stop string; "length"
+    end_of_turn: int | None = None  # the end-of-turn token, when the model ended the turn
+    error: str | None = None
+
+
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+class _Row:
+    def __init__(self, job: Job, tokenizer):
+        self.job = job
+        self.live = job.live or bool(job.params.stop) or job.on_text is not None
+        wants_text = job.on_text is not None or bool(job.params.stop)
+        self.text = TextStream(tokenizer, job.params.stop, job.on_text) if wants_text else None
+        self.finished = False
+
+
+class Engine:
+    """Runs jobs on up to `max_batch` rows, refilled between decode steps."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch: int = 8,
+        *,
+        eot: Sequence[int] | None = None,
+        capacity: int = 256,
+        row_block: int = ROW_BLOCK,
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        _check_layers(model)
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.row_block = row_block
+        self.eot = list(end_of_turn_ids(tokenizer) if eot is None else eot)
+        pad = tokenizer.pad_token_id
+        self.pad = pad if pad is not None else min(self.eot)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.slots = _round_up(max_batch, row_block)  # and one more: the template's head
+        self.head: list[int] | None = None  # computed at the first admission
+        self.vocab = None  # known from the first logits
+        self.rows: list[_Row] = []
+        self._live: list[int] = []  # indices of the rows followed live
+        self._ended = False  # some row finished since the last _drop
+        self._eot = torch.tensor(self.eot, device=self.device)
+        self._eot_set = set(self.eot)
+        self._layers = _text_config(model).num_hidden_layers
+        self._reset(_round_up(capacity, WIDTH_BLOCK), 64)
+
+    # --- state -------------------------------------------------------------------------------
+
+    def _reset(self, capacity: int, out_cap: int) -> None:
+        """Empty rows and a fresh cache (after a failed step, or at the start)."""
+        S, dev, long = self.slots, self.device, torch.long
+        self.rows, self._live, self._ended = [], [], False
+        self.cache = SlotCache(self._layers, S + 1, capacity, dev)
+        self.head = None
+        self.lens = self.cache.where.lens  # [S] tokens in each row's cache columns
+        self.next = torch.full((S,), self.pad, dtype=long, device=dev)  # chosen, not yet fed
+        self.count = torch.zeros(S, dtype=long, device=dev)  # generated tokens so far
+        self.limit = torch.ones(S, dtype=long, device=dev)  # max_new_tokens
+        self.out = torch.zeros(S, out_cap, dtype=long, device=dev)  # the generated tokens
+        self.columns = torch.arange(capacity, device=dev)
+        self.sampler = Sampler(S, dev)
+
+    def _make_room(self, prompt: int, new: int) -> None:
+        need = _round_up(prompt + new + 1, WIDTH_BLOCK)
+        if need > self.cache.capacity:
+            capacity = max(need, _round_up(self.cache.capacity * 3 // 2, WIDTH_BLOCK))
+            self.cache.grow(capacity)
+            self.columns = torch.arange(capacity, device=self.device)
+        if new > self.out.shape[1]:
+            out = self.out.new_zeros(self.slots, max(new, self.out.shape[1] * 3 // 2))
+            out[:, : self.out.shape[1]] = self.out
+            self.out = out
+
+    # --- running -----------------------------------------------------------------------------
+
+    def run(self, jobs: Sequence[Job]) -> None:
+        """Run `jobs` to the end, admitting them in order as rows free up (in this thread)."""
+        if jobs:  # one allocation for the whole list
+            self._make_room(
+                max(len(j.prompt) for j in jobs), max(j.params.max_new_tokens for j in jobs)
+            )
+        pending = deque(jobs)
+        with torch.inference_mode():
+            while pending or self.rows:
+                self._drop()
+                free = self.max_batch - len(self.rows)
+                self.admit([pending.popleft() for _ in range(min(free, len(pending)))])
+                self._drop()
+                if self.rows:
+                    self._step()
+
+    def admit(self, jobs: Sequence[Job], on_error: Callable | None = None) -> None:
+        """Prefill new prompts into the next free slots and take their first tokens. Prompts
+        go in groups of the same padded length, each group one forward pass; a group that
+        fails goes to `on_error(jobs, exc)` when given (the others are admitted)."""
+        groups: dict[tuple[int, int], list[Job]] = {}
+        for job in jobs:
+            if not job.prompt:
+                raise ValueError("cannot generate from an empty prompt")
+            start = self._head_length(job.prompt)
+            bucket = _round_up(len(job.prompt) - start, PREFILL_BLOCK)
+            groups.setdefault((start, bucket), []).append(job)
+        for (start, bucket), group in groups.items():
+            if on_error is None:
+                self._prefill(group, start, bucket)
+                continue
+            try:
+                self._prefill(group, start, bucket)
+            except Exception as exc:
+                on_error(group, exc)
+
+    def _head_length(self, prompt: list[int]) -> int:
+        """How many of the prompt's first tokens are the chat template's fixed head (its
+        default system turn, say), whose keys and values are computed once and copied."""
+        if self.head is None:
+            self.head = _template_head(self.tokenizer)
+            if len(self.head) >= HEAD_MIN:
+                self._prefill([], 0, _round_up(len(self.head), PREFILL_BLOCK), head=True)
+        n = len(self.head)
+        return n if n >= HEAD_MIN and len(prompt) > n and prompt[:n] == self.head else 0
+
+    def _prefill(self, jobs: list[Job], start: int, bucket: int, head: bool = False) -> None:
+        """One forward pass over the prompts' tokens after their first `start` (the head,
+        copied in), each right-padded to `bucket` tokens: [rows, bucket] at positions
+        start.. with a mask over the row's own columns. A row's prefill computes the same
+        whatever else shares it: the padded length is its own, and every matrix product has a
+        multiple of 4 rows."""
+        first = self.slots if head else len(self.rows)
+        prompts = [self.head] if head else [j.prompt for j in jobs]
+        n = len(prompts)
+        for job in jobs:
+            self._make_room(len(job.prompt), job.params.max_new_tokens)
+        if start:
+            self.cache.copy_prefix(self.slots, first, n, start)
+        dev = self.device
+        ids = torch.full((n, bucket), self.pad, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p) - start] = torch.tensor(p[start:])
+        ends = torch.tensor([len(p) for p in prompts], device=dev)
+        query = start + torch.arange(bucket, device=dev)
+        key = torch.arange(start + bucket, device=dev)
+        visible = (key[None, None, :] <= query[None, :, None]) & (
+            (key[None, None, :] < ends[:, None, None]) | (key == query[:, None])[None]
+        )  # causal over the row's own tokens; a padding position sees itself too
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=dev)
+        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        last = sorted({len(p) - start - 1 for p in prompts})
+        spare = (i for i in range(bucket) if i not in last)
+        while len(last) * n % 4:  # the output projection too: a multiple of 4 rows
+            last.append(next(spare))
+        self.cache.where.prefill = (first, n, start)
+        try:
+            logits = self._forward(
+                ids.to(dev),
+                query[None].expand(n, -1),
+                mask[:, None],
+                torch.tensor(last, device=dev),
+            )
+        finally:
+            self.cache.where.prefill = None
+        if head:
+            return
+        at = torch.tensor([last.index(len(p) - start - 1) for p in prompts], device=dev)
+        logits = logits[torch.arange(n, device=dev), at]
+        if self.vocab is None:
+            self.vocab = logits.shape[-1]
+        for i, job in enumerate(jobs):
+            slot = first + i
+            self.sampler.admit(slot, job.params, job.prompt, self.vocab)
+            row = _Row(job, self.tokenizer)
+            self.rows.append(row)
+            if row.live:
+                self._live.append(slot)
+        span = slice(first, first + n)
+        self.lens[span] = ends
+        self.count[span] = 0
+        self.limit[span] = torch.tensor([j.params.max_new_tokens for j in jobs], device=dev)
+        self._take(self.sampler.choose(logits, first=first), first)
+
+    def _step(self) -> None:
+        """One decode step for every running row."""
+        n = len(self.rows)
+        m = _round_up(n, self.row_block)
+        where = self.cache.where
+        where.rows = m
+        where.width = _round_up(int(self.lens[:n].max()) + 1, WIDTH_BLOCK)
+        lens = self.lens[:m]
+        visible = self.columns[: where.width][None, :] <= lens[:, None]
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        logits = self._forward(self.next[:m, None], lens[:, None], mask[:, None, None, :], 1)
+        self.lens[:n] += 1
+        self._take(self.sampler.choose(logits[:n]), 0)
+
+    def _forward(self, ids, positions, mask, keep) -> torch.Tensor:
+        """One model call on the cache: logits [rows, len(keep), vocab] (float32), or
+        [rows, vocab] when `keep` is 1 (a decode step)."""
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=keep,
+        )
+        logits = out.logits.float()
+        return logits[:, -1] if isinstance(keep, int) else logits
+
+    def _take(self, tokens: torch.Tensor, first: int) -> None:
+        """The rows in slots first.. took `tokens`: count them, end rows at the end of turn or
+        the limit, and grow the text of rows followed live."""
+        n = tokens.shape[0]
+        span = slice(first, first + n)
+        self.out[torch.arange(first, first + n, device=self.device), self.count[span]] = tokens
+        self.count[span] += 1
+        self.next[span] = tokens
+        self.sampler.saw(tokens, first)
+        ended = torch.isin(tokens, self._eot) | (self.count[span] >= self.limit[span])
+        over = set(ended.nonzero().flatten().tolist())
+        live = [s - first for s in self._live if first <= s < first + n]
+        if live:
+            toks = tokens.tolist()
+            for i in live:
+                row = self.rows[first + i]
+                if toks[i] in self._eot_set:
+                    continue
+                row.job.ids.append(toks[i])
+                if row.text is not None and row.text.push(toks[i]):
+                    over.add(i)  # a stop string
+        for i in sorted(over):
+            row = self.rows[first + i]
+            row.finished = self._ended = True
+            self._end(row, first + i)
+
+    def _end(self, row: _Row, slot: int) -> None:
+        """The job's final text is one decode of all its tokens, cut at a stop string."""
+        job = row.job
+        ids = self.out[slot, : int(self.count[slot])].tolist()
+        if ids and ids[-1] in self.eot:
+            job.end_of_turn = ids.pop()
+        text, stopped = cut_at_stop(
+            self.tokenizer.decode(ids, skip_special_tokens=True), job.params.stop
+        )
+        job.ids, job.text = ids, text
+        job.finish_reason = "stop" if stopped or job.end_of_turn is not None else "length"
+        if row.text is not None:
+            row.text.finish(text)
+        job.done.set()
+
+    def _drop(self) -> None:
+        """Remove finished and cancelled rows; the last rows move down into their slots."""
+        cancelled = [i for i in self._live if self.rows[i].job.cancelled.is_set()]
+        if not (self._ended or cancelled):
+            return
+        n = len(self.rows)
+        for i in cancelled:
+            self.rows[i].finished = True
+            self.rows[i].job.done.set()
+        gone = [r.finished for r in self.rows]
+        keep = n - sum(gone)
+        holes = [i for i in range(keep) if gone[i]]
+        movers = [i for i in range(keep, n) if not gone[i]]
+        if holes:
+            self.cache.move(movers, holes, int(self.lens[movers].max()))
+            src = torch.tensor(movers, device=self.device)
+            dst = torch.tensor(holes, device=self.device)
+            for t in (self.lens, self.next, self.count, self.limit, self.out):
+                t[dst] = t[src]
+            self.sampler.move(movers, holes)
+            for s, d in zip(movers, holes, strict=True):
+                self.rows[d] = self.rows[s]
+        self.rows = self.rows[:keep]
+        self._live = [i for i, r in enumerate(self.rows) if r.live]
+        self._ended = False
+        self.lens[keep:n] = 0  # the freed slots become padding rows
+        self.next[keep:n] = self.pad
+        self.sampler.changed()
+
+    def fail_all(self, message: str) -> None:
+        """A failed step fails every running row; the engine starts again empty."""
+        for row in self.rows:
+            row.job.error = message
+            row.job.done.set()
+        self._reset(self.cache.capacity, self.out.shape[1])
+
+
+def _template_head(tokenizer) -> list[int]:
+    """The tokens every single-turn chat prompt starts with: before the user's words."""
+    from instill.data.render import render_prompt
+
+    try:
+        a, b = (render_prompt(tokenizer, [{"role": "user", "content": c}]) for c in "AZ")
+    except Exception:  # no template, or one that wants something else: no head
+        return []
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _check_layers(model) -> None:
+    types = getattr(_text_config(model), "layer_types", None) or []
+    other = sorted({t for t in types if t != "full_attention"})
+    if other:
+        raise InstillError(
+            f"{type(model).__name__} has {', '.join(other)} layers; instill's generation engine "
+            "runs decoders whose layers all use full attention"
+        )
