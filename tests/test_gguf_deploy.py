@@ -12,6 +12,7 @@ import json
 import math
 
 import gguf
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -379,3 +380,50 @@ def test_eval_engine_mistakes_are_one_line(tmp_path, capsys, monkeypatch):
         monkeypatch,
     )
     assert_user_error(code, err, "suite general", "--engine llama.cpp does not do")
+
+
+def test_stochastic_regrid_keeps_an_update_nearest_rounding_drops():
+    """An update of a tenth of a 4-bit step: rounding to the nearest point of the base's grid
+    (or requantising afresh, whose grid is the same) gives the base back; stochastic rounding
+    onto the grid keeps the update on average, and an untouched tensor keeps its exact bytes."""
+    from instill.export.regrid import regrid
+
+    q41 = gguf.GGMLQuantizationType.Q4_1
+    rng = np.random.default_rng(0)
+    raw = gguf.quants.quantize(rng.normal(0, 0.1, (64, 256)).astype(np.float32), q41)
+    base = gguf.quants.dequantize(raw, q41)
+    step = (base.reshape(-1, 32).max(1) - base.reshape(-1, 32).min(1)).mean() / 15
+    delta = 0.1 * step * rng.choice([-1.0, 1.0], base.shape).astype(np.float32)
+    tuned = base + delta
+    assert np.array_equal(regrid(raw, q41, base, "t"), raw)
+
+    def kept(approx):  # the share of the update the rounded tensor holds
+        return float(((approx - base) * delta).sum() / (delta * delta).sum())
+
+    assert kept(gguf.quants.dequantize(gguf.quants.quantize(tuned, q41), q41)) < 0.3
+    # all of it but the blocks' end points pushed off the grid (2 of 32 weights, half the time)
+    assert 0.85 < kept(gguf.quants.dequantize(regrid(raw, q41, tuned, "t"), q41)) < 1.05
+    for qtype in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0):
+        raw = gguf.quants.quantize(base, qtype)
+        grid = gguf.quants.dequantize(raw, qtype)
+        moved = gguf.quants.dequantize(regrid(raw, qtype, grid + 0.01, "t"), qtype)
+        assert abs((moved - grid).mean() - 0.01) < 0.002, qtype
+
+
+def test_auto_spends_within_the_budget(tmp_path, tokenizer, default_source):
+    run, _ = _tuned_run(tmp_path, tokenizer, default_source, base_quant="q4_1")
+    small = export_run(
+        run, fmt="gguf", quant="auto", max_size_mb=4.0, min_agreement=0.0, output=tmp_path / "small"
+    )
+    large = export_run(
+        run, fmt="gguf", quant="auto", max_size_mb=6.0, min_agreement=0.0, output=tmp_path / "large"
+    )
+    costs = []
+    for result, mb in ((small, 4.0), (large, 6.0)):
+        [path] = result.path.glob("*.gguf")
+        assert path.stat().st_size <= mb * 1e6
+        auto = json.loads((result.path / "instill.json").read_text())["export"]["auto"]
+        costs.append(sum(t["cost"] for t in auto["tensors"].values()))
+    assert costs[1] < costs[0]  # the larger budget bought lower expected drift
+    fields, tensors = _gguf_fields(next(small.path.glob("*.gguf")))
+    assert tensors["token_embd.weight"][1] != gguf.GGMLQuantizationType.Q8_0  # it had to give

@@ -220,21 +220,24 @@ def _write_gguf(
 
 
 def _auto_budget(tuned: Tuned, max_size_mb: float | None) -> int:
-    """Bytes of tensor data --quant auto may spend (the file adds its vocabulary)."""
+    """Bytes of tensor data --quant auto may spend: --max-size less what the file holds besides
+    (vocabulary, merges, template, tensor headers), or DEFAULT_AUTO_BITS a weight."""
+    config = tuned.merged.config
+    names = [t for t in (gguf_file.gguf_name(n, config) for n in tuned.merged.state_dict()) if t]
     if max_size_mb is not None:
-        return int(max_size_mb * 1e6) - _metadata_bytes(tuned.tokenizer)
+        return int(max_size_mb * 1e6) - _metadata_bytes(tuned.tokenizer, names)
     params = sum(
-        p.numel()
-        for n, p in tuned.merged.state_dict().items()
-        if gguf_file.gguf_name(n, tuned.merged.config) is not None
+        p.numel() for n, p in tuned.merged.state_dict().items() if gguf_file.gguf_name(n, config)
     )
     return int(params * DEFAULT_AUTO_BITS / 8)
 
 
-def _metadata_bytes(tokenizer) -> int:
+def _metadata_bytes(tokenizer, tensors: list[str]) -> int:
     vocab = sum(len(t.encode()) + 12 for t in tokenizer.get_vocab())
     merges = sum(len(m.encode()) + 8 for m in gguf_file.merges(tokenizer))
-    return vocab + merges + len((tokenizer.chat_template or "").encode())
+    # a tensor's header (name, dims, type, offset) and its data's alignment padding, at most
+    headers = sum(len(t) + 48 + 32 for t in tensors)
+    return vocab + merges + len((tokenizer.chat_template or "").encode()) + headers + 4096
 
 
 def _write_gguf_lora(tuned: Tuned, tmp: Path, quant: str, run: Path) -> tuple[Figures, dict]:

@@ -11,7 +11,7 @@ model's own greedy reply of up to 16 tokens, end-of-turn included):
     fp32 / f32   1e-4   agreement 1.00   (llama.cpp: 1e-3; its kernels sum in another order)
     fp16 / f16   0.25   agreement 0.95
     bf16         1.0    agreement 0.90
-    q8_0         1.0    agreement 0.90
+    q8_0         1.0    agreement 0.90   (llama.cpp: 3.0; it rounds activations to 8 bits too)
     auto         report only   agreement 0.90  (mixed types, chosen by measurement)
     q4_0 / q4_1  report only   agreement 0.80  (4-bit rounding moves logits by whole units)
 
@@ -44,6 +44,9 @@ PROMPTS = [
         {"role": "user", "content": "Name three primary colours."},
     ],
     [{"role": "user", "content": "Write one sentence about the sea."}],
+    [{"role": "user", "content": "How many legs does a spider have? Reply with a number."}],
+    [{"role": "user", "content": "Give a synonym for happy."}],
+    [{"role": "user", "content": "Sort these words alphabetically: pear, apple, fig."}],
 ]
 
 TOLERANCE = {  # format -> (max |logit diff| or None, minimum greedy agreement)
@@ -57,7 +60,9 @@ TOLERANCE = {  # format -> (max |logit diff| or None, minimum greedy agreement)
     "q4_0": (None, 0.80),
     "q4_1": (None, 0.80),
 }
-LLAMACPP_F32 = 1e-3  # llama.cpp's f32 kernels sum in another order than torch's
+# llama.cpp's own arithmetic: f32 kernels sum in another order than torch's, and its q8_0 (and
+# 4-bit) matrix products round the activations to 8 bits as well as the weights
+LLAMACPP_LOGITS = {"fp32": 1e-3, "f32": 1e-3, "q8_0": 3.0}
 
 
 @dataclass
@@ -146,8 +151,8 @@ def compare(reference, ref_tok, reloaded: Reloaded, kind: str, new_tokens: int =
         agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
         total += a.shape[0]
     logit_tol, agree_tol = TOLERANCE[kind]
-    if logit_tol is not None and reloaded.verifier.startswith("llama.cpp"):
-        logit_tol = max(logit_tol, LLAMACPP_F32)
+    if reloaded.verifier.startswith("llama.cpp"):
+        logit_tol = LLAMACPP_LOGITS.get(kind, logit_tol)
     return Figures(
         diff,
         agree / total,
