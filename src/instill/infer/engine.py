@@ -13,12 +13,18 @@ Used by `infer.generate` (evaluation, `instill generate`, chat), which runs a li
 the end in the caller's thread, and by the server (serve/scheduler.py), whose decode thread
 feeds it jobs as requests arrive.
 
-A greedy reply is the same alone or in any batch: nothing a row computes depends on the other
-rows. A prompt's prefill never shares a forward pass. Decode steps run a multiple of ROW_BLOCK
-rows (padding rows fill the rest) over a multiple of WIDTH_BLOCK columns, because CPU matrix
-kernels give a row the same bits for every row count from 4 up but other bits for 1-3 rows, and
-attention gives a row the same bits for every width that is a multiple of 4 (masked columns add
-exact zeros). Each sampling row draws from its own generator (sampling.py).
+A greedy reply is the same bits alone or in any batch (tests/test_engine.py): nothing a row
+computes depends on the other rows, because every shape a row's arithmetic sees is its own.
+- Prefill: a prompt is right-padded to a multiple of PREFILL_BLOCK tokens of its own, so a group
+  prefilled together has one shape per row whatever the group.
+- Decode: steps run a multiple of ROW_BLOCK rows (padding rows fill the rest): CPU matrix
+  kernels give a row the same bits for every row count that is a multiple of 4, other bits for
+  1-3 rows. Attention runs over a multiple of WIDTH_BLOCK columns: vectorised kernels (8 or 16
+  lanes) give a row the same bits for every such width, the masked columns adding exact zeros.
+- Sampling: each row draws from its own generator (sampling.py).
+The server and chat run lone rows unpadded (row_block=1): a single stream decodes about twice
+as fast, and its bits are then a one-row product's (its tokens agree with the batched ones
+unless two candidates tie to the last bit).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from instill.infer.sampling import Sampler
 from instill.infer.text import TextStream, cut_at_stop
 
 ROW_BLOCK = 4  # decode steps run a multiple of this many rows (see the module docstring)
-WIDTH_BLOCK = 4  # ... over a multiple of this many cache columns
+WIDTH_BLOCK = 16  # ... over a multiple of this many cache columns
 PREFILL_BLOCK = 8  # prompts are right-padded to a multiple of this many tokens
 HEAD_MIN = 8  # a template head shorter than this is prefilled with each prompt
 
@@ -149,18 +155,22 @@ class Engine:
     # --- running -----------------------------------------------------------------------------
 
     def run(self, jobs: Sequence[Job]) -> None:
-        """Run `jobs` to the end, admitting them in order as rows free up (in this thread)."""
+        """Run `jobs` to the end in this thread, admitting them as rows free up."""
         if jobs:  # one allocation for the whole list
             self._make_room(
                 max(len(j.prompt) for j in jobs), max(j.params.max_new_tokens for j in jobs)
             )
-        pending = deque(jobs)
+        # Prompts of one padded length are prefilled together, and a prefill of a few prompts
+        # costs little more than one: take them by length, and a quarter of the rows at a time.
+        pending = deque(sorted(jobs, key=lambda j: len(j.prompt)))
+        least = max(1, self.max_batch // 4)
         with torch.inference_mode():
             while pending or self.rows:
                 self._drop()
                 free = self.max_batch - len(self.rows)
-                self.admit([pending.popleft() for _ in range(min(free, len(pending)))])
-                self._drop()
+                if free >= min(least, len(pending)) or not self.rows:
+                    self.admit([pending.popleft() for _ in range(min(free, len(pending)))])
+                    self._drop()
                 if self.rows:
                     self._step()
 
