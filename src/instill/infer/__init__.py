@@ -1,4 +1,5 @@
-"""Generation: one function used by chat, batch generation, evaluation and serving."""
+"""Generation: one engine (engine.py) behind one function, `generate`, used by evaluation, batch
+generation and chat; the server runs the same engine from its decode thread."""
 
 from instill.infer.generate import Generation, GenParams, generate
 

@@ -1,5 +1,7 @@
 """`instill generate`: a JSONL file of prompts -> a JSONL file of replies, one output row per
-input row in the same order, resumable (rows already in the output are skipped)."""
+input row in the same order, resumable (rows already in the output are skipped). All rows go
+through one engine run (continuous batching); each reply is written once the rows before it
+are."""
 
 from __future__ import annotations
 
@@ -78,24 +80,36 @@ def generate_file(
     with writing(output, "generated rows", "--output"):
         output.parent.mkdir(parents=True, exist_ok=True)
         f = open(output, "ab", buffering=0)  # unbuffered: nothing left to flush on close
+    done: dict[int, str] = {}
+    written = 0
+
+    def write(i: int, gen) -> None:
+        """Rows are written in input order: each reply as soon as all before it are."""
+        nonlocal written
+        row = todo[i][0]
+        record = dict(row) if isinstance(row, dict) else {"prompt": row}
+        record.update(
+            output=gen.text,
+            finish_reason=gen.finish_reason,
+            prompt_tokens=gen.prompt_tokens,
+            completion_tokens=gen.completion_tokens,
+        )
+        done[i] = jsonl.dumps(record) + "\n"
+        lines = []
+        while written in done:
+            lines.append(done.pop(written))
+            written += 1
+        if lines:
+            with writing(output, "generated rows", "--output"):
+                # one write per run of finished rows, so a resume loses only the rows in
+                # flight (a line cut by a full disk or a kill is dropped by done_rows)
+                f.write("".join(lines).encode("utf-8"))
+            bar.advance(task, len(lines))
+
     with f, Progress(console=console) as bar:
         task = bar.add_task("generating", total=len(rows), completed=skip)
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            gens = generate(model, tokenizer, [m for _, m in chunk], params, batch_size=batch_size)
-            lines = []
-            for (row, _), gen in zip(chunk, gens, strict=True):
-                record = dict(row) if isinstance(row, dict) else {"prompt": row}
-                record.update(
-                    output=gen.text,
-                    finish_reason=gen.finish_reason,
-                    prompt_tokens=gen.prompt_tokens,
-                    completion_tokens=gen.completion_tokens,
-                )
-                lines.append(jsonl.dumps(record) + "\n")
-            with writing(output, "generated rows", "--output"):
-                # one write per batch, so a resume loses at most one batch (a line cut by a
-                # full disk or a kill is dropped by done_rows)
-                f.write("".join(lines).encode("utf-8"))
-            bar.advance(task, len(chunk))
+        # one engine run over every row: a row that ends frees its slot for the next one
+        generate(
+            model, tokenizer, [m for _, m in todo], params, batch_size=batch_size, on_reply=write
+        )
     return len(todo), skip

@@ -22,9 +22,9 @@ computes depends on the other rows, because every shape a row's arithmetic sees 
   1-3 rows. Attention runs over a multiple of WIDTH_BLOCK columns: vectorised kernels (8 or 16
   lanes) give a row the same bits for every such width, the masked columns adding exact zeros.
 - Sampling: each row draws from its own generator (sampling.py).
-The server and chat run lone rows unpadded (row_block=1): a single stream decodes about twice
-as fast, and its bits are then a one-row product's (its tokens agree with the batched ones
-unless two candidates tie to the last bit).
+The server and chat run rows unpadded (row_block=1) so a single stream decodes at one row's
+cost; its bits are then a one-row product's, and its tokens the batched ones unless the two
+best candidates are within rounding of each other.
 """
 
 from __future__ import annotations
@@ -120,6 +120,7 @@ class Engine:
         self.rows: list[_Row] = []
         self._live: list[int] = []  # indices of the rows followed live
         self._ended = False  # some row finished since the last _drop
+        self._on_done: Callable[[Job], None] | None = None
         self._eot = torch.tensor(self.eot, device=self.device)
         self._eot_set = set(self.eot)
         self._layers = _text_config(model).num_hidden_layers
@@ -154,15 +155,22 @@ class Engine:
 
     # --- running -----------------------------------------------------------------------------
 
-    def run(self, jobs: Sequence[Job]) -> None:
-        """Run `jobs` to the end in this thread, admitting them as rows free up."""
+    def run(
+        self,
+        jobs: Sequence[Job],
+        on_done: Callable[[Job], None] | None = None,
+        in_order: bool = False,
+    ) -> None:
+        """Run `jobs` to the end in this thread, admitting them as rows free up; `on_done` gets
+        each job as it ends. Prompts of one padded length are prefilled together, and a
+        prefill of a few prompts costs little more than one: so jobs are taken by prompt
+        length (in the given order with `in_order`), a quarter of the rows at a time."""
         if jobs:  # one allocation for the whole list
             self._make_room(
                 max(len(j.prompt) for j in jobs), max(j.params.max_new_tokens for j in jobs)
             )
-        # Prompts of one padded length are prefilled together, and a prefill of a few prompts
-        # costs little more than one: take them by length, and a quarter of the rows at a time.
-        pending = deque(sorted(jobs, key=lambda j: len(j.prompt)))
+        self._on_done = on_done
+        pending = deque(jobs if in_order else sorted(jobs, key=lambda j: len(j.prompt)))
         least = max(1, self.max_batch // 4)
         with torch.inference_mode():
             while pending or self.rows:
@@ -331,6 +339,8 @@ class Engine:
         if row.text is not None:
             row.text.finish(text)
         job.done.set()
+        if self._on_done is not None:
+            self._on_done(job)
 
     def _drop(self) -> None:
         """Remove finished and cancelled rows; the last rows move down into their slots."""

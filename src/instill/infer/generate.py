@@ -34,14 +34,16 @@ def generate(
     *,
     batch_size: int = 16,
     on_text: Callable[[str], None] | None = None,
+    on_reply: Callable[[int, Generation], None] | None = None,
     batch_invariant: bool = True,
 ) -> list[Generation]:
     """Generate one reply per conversation, in input order; `on_text` streams the reply of a
-    single conversation as it is generated. A greedy reply is the same, bit for bit, whatever
+    single conversation as it is generated; `on_reply(i, generation)` gets each reply as it
+    ends (prompts are then taken in input order). A greedy reply is the same, bit for bit, whatever
     else is in the list and whatever `batch_size`; a seeded one too (each reply draws from its
-    own generator seeded with `params.seed`). `batch_invariant=False` runs lone rows unpadded,
-    about twice as fast for a single conversation (chat), with the last bits of its logits
-    those of a one-row product rather than the batched one's (see engine.py)."""
+    own generator seeded with `params.seed`). `batch_invariant=False` runs rows unpadded, which
+    a single conversation (chat) decodes faster: its last bits are then a one-row product's
+    (engine.py; the README's Benchmarks have the speeds)."""
     if on_text is not None and len(conversations) != 1:
         raise ValueError("streaming (on_text) takes exactly one conversation")
     jobs = [
@@ -50,14 +52,15 @@ def generate(
     if not jobs:
         return []
     row_block = ROW_BLOCK if batch_invariant else 1
-    Engine(model, tokenizer, min(batch_size, len(jobs)), row_block=row_block).run(jobs)
-    return [
-        Generation(
-            job.text,
-            len(job.prompt),
-            len(job.ids),
-            job.finish_reason,
-            tuple(job.ids) + ((job.end_of_turn,) if job.end_of_turn is not None else ()),
-        )
-        for job in jobs
-    ]
+    engine = Engine(model, tokenizer, min(batch_size, len(jobs)), row_block=row_block)
+    if on_reply is None:
+        engine.run(jobs)
+    else:
+        index = {id(job): i for i, job in enumerate(jobs)}
+        engine.run(jobs, lambda job: on_reply(index[id(job)], _generation(job)), in_order=True)
+    return [_generation(job) for job in jobs]
+
+
+def _generation(job: Job) -> Generation:
+    eot = (job.end_of_turn,) if job.end_of_turn is not None else ()
+    return Generation(job.text, len(job.prompt), len(job.ids), job.finish_reason, (*job.ids, *eot))

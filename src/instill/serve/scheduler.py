@@ -24,8 +24,8 @@ class Scheduler(Engine):
     """One decode thread running a batch of up to `max_batch` rows, refilled every step."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8):
-        # rows unpadded: a lone request decodes at full speed (padding to 4 rows, as
-        # evaluation does for batch invariance, halves a single stream's speed on a CPU)
+        # rows unpadded: a lone request decodes at a single stream's speed (padding it to 4 rows
+        # for batch invariance, as evaluation does, costs a CPU the work of those rows)
         super().__init__(model, tokenizer, max_batch, row_block=1)
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._loop, daemon=True, name="instill-decode")
