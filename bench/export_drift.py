@@ -22,7 +22,7 @@ import torch
 from instill.data.render import render_prompt
 from instill.export.gguf_file import load_gguf, write_gguf
 from instill.export.tuned import load_tuned
-from instill.export.verify import PROMPTS, compare
+from instill.export.verify import PROMPTS, compare, from_transformers
 
 
 @torch.no_grad()
@@ -63,7 +63,8 @@ def main() -> None:
                     base_gguf=tuned.source.gguf_path,
                 )
                 exported, tok = load_gguf(path)
-                fig = compare(model, tuned.tokenizer, exported, tok, quant)
+                reloaded = from_transformers(exported, tok, tuned.tokenizer)
+                fig = compare(model, tuned.tokenizer, reloaded, quant)
                 row = {
                     "model": label,
                     "quant": quant,
