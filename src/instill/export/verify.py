@@ -183,8 +183,9 @@ def check(figures: Figures, what: str) -> None:
         if what.split()[-1] in ("q4_0", "q4_1"):
             problems.append(
                 "rounding the tuned weights to 4 bits changed the model's answers (the tuning "
-                "may not survive it); export --quant q8_0 instead, or accept the drift "
-                "knowingly with --min-agreement"
+                "may not survive it); export --quant q8_0 instead, --quant auto (a smaller "
+                "mixed file), or --format gguf-lora (the adapter for the 4-bit base as it is), "
+                "or accept the drift knowingly with --min-agreement"
             )
     if problems:
         raise InstillError(f"export verification failed for {what}: " + "; ".join(problems))
