@@ -113,6 +113,7 @@ def test_unsupported_arch_names_supported(tmp_path, tokenizer):
 
 
 def test_changed_template_fails_and_leaves_nothing(run, monkeypatch):
+    from instill.export import gguf_export
     from instill.export import run as export_module
 
     real = export_module.load_tuned
@@ -125,7 +126,7 @@ def test_changed_template_fails_and_leaves_nothing(run, monkeypatch):
         copy_tok.chat_template = saved.replace("<|im_start|>assistant", "<|im_start|>bot")
         tuned_ref_tok = tuned.tokenizer
         tuned.tokenizer = copy_tok
-        monkeypatch.setattr(export_module, "compare", _compare_against(tuned_ref_tok))
+        monkeypatch.setattr(gguf_export, "compare", _compare_against(tuned_ref_tok))
         return tuned
 
     monkeypatch.setattr(export_module, "load_tuned", tampered)

@@ -3,8 +3,8 @@
     hf         merged safetensors (and/or the peft adapter), reloaded by plain transformers
     gguf       merged GGUF: one type, or `--quant auto` (per-tensor types, export/mixed.py)
     gguf-lora  a llama.cpp LoRA adapter GGUF, applied at run time on the run's base GGUF
-GGUF files are verified by llama.cpp itself when the extra is installed (models/llamacpp.py),
-by transformers' GGUF reader otherwise; an Ollama Modelfile and llama-server.sh go beside them.
+GGUF files are written and verified in gguf_export.py: by llama.cpp itself when the extra is
+installed, by transformers' GGUF reader otherwise, with an Ollama Modelfile and llama-server.sh.
 """
 
 from __future__ import annotations
@@ -16,19 +16,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from instill.atomic import atomic_directory, refuse_to_replace
 from instill.console import out
 from instill.data.render import end_of_turn_ids
 from instill.errors import InstillError
-from instill.export import deploy, gguf_file, gguf_lora
+from instill.export import gguf_export, gguf_file, gguf_lora
 from instill.export.tuned import Tuned, final_dir, load_tuned
-from instill.export.verify import Figures, check, compare, from_llamacpp, from_transformers
-from instill.models import llamacpp
+from instill.export.verify import Figures, check, compare, from_transformers
 
-DEFAULT_AUTO_BITS = 5.5  # --quant auto without --max-size: average bits per weight
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PARTS = ("merged", "adapter", "both")
 FORMATS = ("hf", "gguf", "gguf-lora")
@@ -148,169 +145,6 @@ def _write_hf(tuned: Tuned, tmp: Path, dtype: str, parts: str) -> Figures | None
     return figures
 
 
-def _gguf_verifier(what: str) -> bool:
-    """llama.cpp when the extra is installed; else say which check ran instead."""
-    if llamacpp.available():
-        return True
-    out.print(
-        f"note: llama.cpp is not installed, so {what} is checked with transformers' GGUF reader "
-        f"instead of the program that will run it; install the extra: {llamacpp.INSTALL}"
-    )
-    return False
-
-
-def _verify_llamacpp(tuned: Tuned, model: Path, lora: Path | None, kind: str):
-    """A merged file is rendered with the template written into it; an adapter with the tuned
-    model's own (llama-server.sh passes it, as the base file may hold another)."""
-    engine = llamacpp.open_gguf(model, lora=lora, what="the export's verification")
-    template = (
-        tuned.tokenizer.chat_template
-        if lora
-        else engine.metadata.get("tokenizer.chat_template", "")
-    )
-    try:
-        return compare(
-            tuned.reference, tuned.tokenizer, from_llamacpp(engine, tuned.tokenizer, template), kind
-        )
-    finally:
-        engine.close()
-
-
-def _write_gguf(
-    tuned: Tuned, tmp: Path, quant: str, run: Path, max_size_mb: float | None
-) -> tuple[Figures, dict]:
-    path = tmp / f"{run.name}.{quant}.gguf"
-    extra: dict = {"file": path.name}
-    plan = None
-    if quant == gguf_file.AUTO:
-        from instill.export import mixed
-
-        budget = _auto_budget(tuned, max_size_mb)
-        choices = mixed.plan(tuned.merged, tuned.tokenizer, tuned.source.gguf_path, budget)
-        plan = mixed.as_plan(choices)
-        extra["auto"] = {"budget_bytes": budget, **mixed.summary(choices)}
-        kinds = "; ".join(
-            f"{kind} " + ", ".join(f"{n}x {t}" for t, n in sorted(types.items()))
-            for kind, types in extra["auto"]["by_kind"].items()
-        )
-        out.print(f"auto types (tensor data budget {budget / 1e6:.1f} MB): {kinds}")
-    gguf_file.write_gguf(
-        tuned.merged,
-        tuned.tokenizer,
-        path,
-        quant,
-        name=run.name,
-        base_gguf=tuned.source.gguf_path,
-        plan=plan,
-    )
-    extra["size_bytes"] = path.stat().st_size
-    out.print(f"wrote {path.name}: {path.stat().st_size / 1e6:.1f} MB")
-    if _gguf_verifier("the GGUF file"):
-        figures = _verify_llamacpp(tuned, path, None, quant)
-    else:
-        reloaded, tok = gguf_file.load_gguf(path)
-        figures = compare(
-            tuned.reference,
-            tuned.tokenizer,
-            from_transformers(reloaded, tok, tuned.tokenizer, "transformers GGUF reader"),
-            quant,
-        )
-    extra["note"] = deploy.write_beside(tmp, tuned.tokenizer, Path(path.name), None, str(run))
-    return figures, extra
-
-
-def _auto_budget(tuned: Tuned, max_size_mb: float | None) -> int:
-    """Bytes of tensor data --quant auto may spend: --max-size less what the file holds besides
-    (vocabulary, merges, template, tensor headers), or DEFAULT_AUTO_BITS a weight."""
-    config = tuned.merged.config
-    names = [t for t in (gguf_file.gguf_name(n, config) for n in tuned.merged.state_dict()) if t]
-    if max_size_mb is not None:
-        return int(max_size_mb * 1e6) - _metadata_bytes(tuned.tokenizer, names)
-    params = sum(
-        p.numel() for n, p in tuned.merged.state_dict().items() if gguf_file.gguf_name(n, config)
-    )
-    return int(params * DEFAULT_AUTO_BITS / 8)
-
-
-def _metadata_bytes(tokenizer, tensors: list[str]) -> int:
-    vocab = sum(len(t.encode()) + 12 for t in tokenizer.get_vocab())
-    merges = sum(len(m.encode()) + 8 for m in gguf_file.merges(tokenizer))
-    # a tensor's header (name, dims, type, offset) and its data's alignment padding, at most
-    headers = sum(len(t) + 48 + 32 for t in tensors)
-    return vocab + merges + len((tokenizer.chat_template or "").encode()) + headers + 4096
-
-
-def _write_gguf_lora(tuned: Tuned, tmp: Path, quant: str, run: Path) -> tuple[Figures, dict]:
-    if tuned.adapter is None:
-        raise InstillError(
-            "--format gguf-lora: this run is a full fine-tune, it has no adapter; export "
-            "--format gguf instead"
-        )
-    base = gguf_lora.base_gguf(run, tuned.source)
-    path = tmp / f"{run.name}.lora-{quant}.gguf"
-    alpha, note = gguf_lora.write_lora_gguf(tuned.adapter, path, quant, name=run.name, base=base)
-    if note:
-        out.print(f"note: {note}")
-    base_quant = gguf_file.source_quant(str(base.path))
-    kind = _adapter_kind(quant, base_quant)
-    out.print(
-        f"wrote {path.name}: {path.stat().st_size / 1e6:.1f} MB, alpha {alpha:g}, for the base "
-        f"{base.path} ({base.path.stat().st_size / 1e6:.1f} MB, sha256 {base.sha256[:12]}...)"
-    )
-    if _gguf_verifier("the adapter"):
-        figures = _verify_llamacpp(tuned, base.path, path, kind)
-    else:
-        figures = _verify_lora_fallback(tuned, path, kind)
-    extra = {
-        "file": path.name,
-        "size_bytes": path.stat().st_size,
-        "lora_alpha": alpha,
-        "alpha_note": note,
-        "tolerance_of": kind,
-        "base_gguf": {
-            "path": str(base.path),
-            "sha256": base.sha256,
-            "size_bytes": base.path.stat().st_size,
-            "type": base_quant,
-        },
-    }
-    extra["note"] = deploy.write_beside(tmp, tuned.tokenizer, base.path, path.name, str(run))
-    return figures, extra
-
-
-def _adapter_kind(quant: str, base_quant: str | None) -> str:
-    """The adapter is held to its own type's tolerance, or the base file's when that is looser
-    (both models run the base's rounding, but llama.cpp's kernels also round activations)."""
-    order = ["f32", "f16", "q8_0", "q4_0", "q4_1"]
-    base_quant = base_quant if base_quant in order else "f16"
-    return max(quant, base_quant, key=order.index)
-
-
-def _verify_lora_fallback(tuned: Tuned, path: Path, kind: str) -> Figures:
-    """Without llama.cpp: the adapter file read back by the gguf reader and added to the base
-    (loaded by plain transformers), so names, shapes, row order and alpha are still checked."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tuned.source.path, dtype=torch.float32).eval()
-    _, updates = gguf_lora.read_lora_gguf(path)
-    config = model.config
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            tensor = gguf_file.gguf_name(name, config)
-            if tensor in updates:
-                delta = gguf_file.hf_rows(updates.pop(tensor), tensor, config)
-                param.add_(torch.from_numpy(np.ascontiguousarray(delta)))
-    if updates:
-        raise InstillError(f"{path.name}: tensors with no base weight: {', '.join(updates)}")
-    reloaded = from_transformers(
-        model,
-        tuned.tokenizer,
-        tuned.tokenizer,
-        "gguf reader + transformers (llama.cpp not installed)",
-    )
-    return compare(tuned.reference, tuned.tokenizer, reloaded, kind)
-
-
 def _check_quant(fmt: str, quant: str | None, max_size_mb: float | None) -> None:
     if quant is not None:
         (gguf_lora.check_quant if fmt == "gguf-lora" else gguf_file.check_quant)(quant)
@@ -369,10 +203,10 @@ def export_run(
             figures = _write_hf(tuned, tmp, dtype, parts)
             what = f"hf {dtype}"
         elif fmt == "gguf":
-            figures, extra = _write_gguf(tuned, tmp, quant, run, max_size_mb)
+            figures, extra = gguf_export.write_merged(tuned, tmp, quant, run, max_size_mb)
             what = f"gguf {quant}"
         else:
-            figures, extra = _write_gguf_lora(tuned, tmp, quant, run)
+            figures, extra = gguf_export.write_adapter(tuned, tmp, quant, run)
             what = f"gguf-lora {quant}"
         if extra.get("note"):
             out.print(f"note: {extra['note']}")
