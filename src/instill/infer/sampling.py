@@ -31,7 +31,7 @@ class Sampler:
         self.seen: torch.Tensor | None = None  # [slots, vocab] tokens in each row's history
         self.generators: list[torch.Generator | None] = [None] * slots
         self.special: list[bool] = [False] * slots  # samples or penalises: not plain argmax
-        self._rows: tuple[int, torch.Tensor, torch.Tensor, list[int]] | None = None
+        self._rows: tuple | None = None  # which rows need more than argmax, for (first, n)
 
     def admit(self, slot: int, params, prompt: list[int], vocab: int) -> None:
         self.temperature[slot] = params.temperature if params.temperature > 0 else 1.0
