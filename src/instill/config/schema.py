@@ -245,8 +245,8 @@ class TrainConfig(_Section):
         le=32,  # glibc's ceiling
         description="CPU (glibc): host allocations at least this large get their own memory "
         "mapping, given back when freed. The default (64 KiB) keeps peak memory lowest; 16 to "
-        "32 lets freed activations be reused from the heap, which measured 1.3x to 1.6x faster "
-        "training here at the cost of more memory (see bench/train_throughput.py).",
+        "32 lets freed activations be reused from the heap: faster training at the cost of "
+        "more memory (the README's Benchmarks have the figures).",
     )
     gradient_checkpointing: bool | float = Field(
         False,
@@ -265,9 +265,9 @@ class TrainConfig(_Section):
     compile: bool = Field(
         False,
         description="Compile each decoder layer with torch.compile while training (needs a C++ "
-        "compiler on CPU, triton on CUDA). Fuses the pointwise work between matrix products: "
-        "measured 1.35x faster after the first step on 2 CPU cores (1.15x over a 256-row run), "
-        "after a one-off compile of about a minute (seconds once inductor's cache holds it).",
+        "compiler on CPU, triton on CUDA). Fuses the pointwise work between matrix products, "
+        "so steps after the first run faster; the first pays a one-off compile (shorter once "
+        "inductor's cache holds it). The README's Benchmarks have the figures.",
     )
 
     @field_validator("gradient_checkpointing")
