@@ -454,3 +454,33 @@ class Recipe(_Section):
                 "train.eval_every (and data.validation)"
             )
         return self
+
+
+class ServeConfig(_Section):
+    """`instill serve`'s settings (a command's options, not a recipe section)."""
+
+    api_key: str | None = Field(None, description="Required bearer key; None: no key.")
+    max_batch: int = Field(8, description="Requests decoded together.")
+    max_concurrent: int = Field(64, description="Requests in flight before 429.")
+    max_tokens_cap: int = Field(1024, description="Largest max_tokens a request may ask.")
+    max_n: int = Field(1, description="Largest n (replies per request) a request may ask.")
+    max_body_bytes: int = Field(1_000_000, description="Largest request body read, in bytes.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to listen on (beyond loopback, set an API key). Host headers must "
+        "name it (serve.app.allowed_hosts).",
+    )
+    allowed_hosts: tuple[str, ...] = Field(
+        (), description="More names to answer to; '*' turns the Host check off."
+    )
+
+
+def default(section: type[BaseModel], key: str):
+    """A field's default: where a command-line option sets the same thing as a config field, the
+    option's default is read here, so the two cannot disagree."""
+    return section.model_fields[key].get_default(call_default_factory=True)
+
+
+def describe(section: type[BaseModel], key: str) -> str:
+    """A field's description, for the --help of the option that sets it."""
+    return section.model_fields[key].description or ""
