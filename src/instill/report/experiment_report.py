@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from instill.eval.compare import Side, compare_suite
+from instill.eval.results import result_stems
 from instill.report import plots
 from instill.report.document import Document, Heading, Image, Para, Table, Verdict, write
 from instill.report.run_report import (
@@ -64,7 +65,7 @@ def steps_saved(pre: list, scratch: list) -> dict | None:
 
 
 def _suites(pre: Path, scratch: Path) -> list[str]:
-    names = Side("t", pre / "eval").suites()
+    names = result_stems(pre / "eval")
     return [s for s in names if (scratch / "eval" / f"{s}.json").is_file()]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from instill.atomic import writing
 from instill.eval.compare import Side, compare_suite
 from instill.eval.drift import generation_losses, generation_text
-from instill.jsonl import read_jsonl
+from instill.eval.results import all_summaries, read_records, read_summary
 from instill.report import plots
 from instill.report.document import Document, Heading, Image, Para, Table, Verdict, write
 
@@ -108,10 +108,7 @@ def moved_block(t: dict, a: str = "base", b: str = "tuned") -> Table | None:
 
 
 def _records(run_dir: Path, stem: str) -> dict[str, dict]:
-    path = run_dir / "eval" / f"{stem}.jsonl"
-    if not path.is_file():
-        return {}
-    return {r["id"]: r for r in read_jsonl(path) if "id" in r}
+    return {r["id"]: r for r in read_records(run_dir / "eval", stem) or [] if "id" in r}
 
 
 def _short(text, n: int = 160) -> str:
@@ -160,8 +157,7 @@ def examples_block(run_dir: Path, suite: str, k: int = 4) -> Table | None:
 
 def suite_summary(run_dir: Path, stem: str) -> dict | None:
     """A run's eval/<stem>.json summary, or None when that suite was not evaluated."""
-    path = run_dir / "eval" / f"{stem}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_summary(run_dir / "eval", stem)
 
 
 def constraints_block(run_dir: Path, suite: str) -> Table | None:
@@ -354,8 +350,8 @@ def build_run_report(run_dir: Path, price_per_hour: float = 0.10) -> Document:
     run = load_run(run_dir)
     tables = suite_tables(run_dir)
     holdout = set(run.get("holdout_clusters") or [])
-    for p in (run_dir / "eval").glob("*.json"):
-        holdout.update(json.loads(p.read_text()).get("holdout_clusters") or [])
+    for summary in all_summaries(run_dir / "eval").values():
+        holdout.update(summary.get("holdout_clusters") or [])
     doc = Document(f"instill run {run['name']}: what tuning bought")
     m = run["model"]
     doc.add(
