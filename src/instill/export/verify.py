@@ -126,7 +126,9 @@ def from_llamacpp(engine, ref_tok, template: str) -> Reloaded:
 
 
 @torch.no_grad()
-def _greedy(model, ids: list[int], new_tokens: int, eot: list[int]) -> list[int]:
+def greedy_reply(model, ids: list[int], new_tokens: int, eot: list[int]) -> list[int]:
+    """The model's greedy reply to one rendered prompt, up to and with its end-of-turn token
+    (what verification teacher-forces and --quant auto calibrates on)."""
     # stop at end-of-turn: logits past it score text no one serves, and drift most
     out = model.generate(
         torch.tensor([ids]),
@@ -144,7 +146,7 @@ def compare(reference, ref_tok, reloaded: Reloaded, kind: str, new_tokens: int =
     for messages in PROMPTS:
         ids = render_prompt(ref_tok, messages)
         same_prompt &= reloaded.prompt_ids(messages) == ids
-        seq = ids + _greedy(reference, ids, new_tokens, end_of_turn_ids(ref_tok))
+        seq = ids + greedy_reply(reference, ids, new_tokens, end_of_turn_ids(ref_tok))
         a = reference(input_ids=torch.tensor([seq])).logits[0, len(ids) - 1 :].float()
         b = reloaded.logits(seq)[len(ids) - 1 :]
         diff = max(diff, (a - b).abs().max().item())
