@@ -467,8 +467,8 @@ class ServeConfig(_Section):
     max_body_bytes: int = Field(1_000_000, description="Largest request body read, in bytes.")
     host: str = Field(
         "127.0.0.1",
-        description="Address to listen on (beyond loopback, set an API key). Host headers must "
-        "name it (serve.app.allowed_hosts).",
+        description="Address to listen on (beyond loopback, set an API key). Requests must name "
+        "it, or an allowed host, in their Host header.",
     )
     allowed_hosts: tuple[str, ...] = Field(
         (), description="More names to answer to; '*' turns the Host check off."
