@@ -45,7 +45,7 @@ def row(run_dir: Path) -> list[str]:
     import json
 
     from instill.eval.compare import Side, compare_suite
-    from instill.report.run_report import forgetting_verdict, is_guard
+    from instill.report.claims import forgetting_verdict, is_guard
 
     info = json.loads((run_dir / "run.json").read_text())
     folder = run_dir / "eval"

@@ -94,3 +94,78 @@ def test_shipped_accelerate_configs_parse(path):
 
     config = load_config_from_file(str(path))
     assert config.num_processes >= 2
+
+
+def _cli_defaults(command: str) -> dict:
+    import typer
+
+    from instill.cli import app
+
+    click_cmd = typer.main.get_command(app).commands[command]
+    return {p.name: p.default for p in click_cmd.params}
+
+
+def test_cli_option_defaults_are_the_config_defaults():
+    from instill.config import (
+        BuiltinDataConfig,
+        DataConfig,
+        EvalConfig,
+        ModelConfig,
+        ServeConfig,
+        SuiteConfig,
+    )
+
+    ev = _cli_defaults("eval")
+    assert (ev["batch_size"], ev["max_new_tokens"]) == (
+        EvalConfig().batch_size,
+        EvalConfig().max_new_tokens,
+    )
+    builtin = BuiltinDataConfig()
+    assert (ev["per_family"], ev["seed"]) == (builtin.eval_per_family, builtin.seed)
+    assert ev["metric"] == SuiteConfig.model_fields["metric"].default
+    serve, cfg = _cli_defaults("serve"), ServeConfig()
+    assert (serve["host"], serve["max_batch"], serve["max_concurrent"]) == (
+        cfg.host,
+        cfg.max_batch,
+        cfg.max_concurrent,
+    )
+    assert serve["max_tokens_cap"] == cfg.max_tokens_cap
+    import typer
+
+    from instill.cli import app
+
+    data = typer.main.get_command(app).commands["data"].commands["inspect"]
+    d = {p.name: p.default for p in data.params}
+    assert d["model"] == ModelConfig().name
+    assert d["max_length"] == DataConfig.model_fields["max_length"].default
+
+def test_cli_defaults_follow_a_changed_config_default(monkeypatch):
+    """Negative control: the CLI reads the config's default at import, so a different config
+    default shows up as a different option default (a copied literal would not follow)."""
+    import importlib
+
+    import instill.cli
+    from instill.config import EvalConfig
+
+    field = EvalConfig.model_fields["batch_size"]
+    monkeypatch.setattr(field, "default", 7)
+    try:
+        importlib.reload(instill.cli)
+        assert _cli_defaults("eval")["batch_size"] == 7
+    finally:
+        monkeypatch.undo()
+        importlib.reload(instill.cli)
+    assert _cli_defaults("eval")["batch_size"] == 32
+
+
+def test_serve_config_is_a_config_section():
+    from instill.config import ServeConfig, default, describe
+
+    cfg = ServeConfig(allowed_hosts=("box.lan",))
+    assert cfg.allowed_hosts == ("box.lan",) and cfg.host == "127.0.0.1"
+    with pytest.raises(ValidationError, match="extra"):
+        ServeConfig(max_batchh=4)  # unknown keys are errors, as in every section
+    with pytest.raises(ValidationError):
+        cfg.max_batch = 2  # frozen
+    assert default(ServeConfig, "max_tokens_cap") == 1024
+    assert describe(ServeConfig, "max_batch") == "Requests decoded together."

@@ -13,7 +13,19 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from instill.config import load_recipe, recipe_help
+from instill.config import (
+    BuiltinDataConfig,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    ReportConfig,
+    ServeConfig,
+    SuiteConfig,
+    default,
+    describe,
+    load_recipe,
+    recipe_help,
+)
 from instill.console import console, out
 from instill.errors import InstillError
 
@@ -119,7 +131,6 @@ CHAT_TEMPLATE = typer.Option(
 def _model_spec(model: str, chat_template: Path | None):
     """The ModelConfig for loading MODEL with --chat-template; a missing file is an error before
     the slow model load."""
-    from instill.config import ModelConfig
     from instill.data.render import load_chat_template
 
     if chat_template is not None:  # missing or empty: said now, naming the option
@@ -142,17 +153,30 @@ def eval_cmd(
     model: str = typer.Argument(..., help="A run directory, a final/ directory, or a model name."),
     suite: list[str] = SUITES,
     output: Path = typer.Option(None, help="Folder for results (default: <run>/eval)."),
-    metric: str = typer.Option("auto", help="Primary metric of file suites."),
+    metric: str = typer.Option(
+        default(SuiteConfig, "metric"), help="Primary metric of file suites."
+    ),
     holdout: list[str] = typer.Option(
         [], "--holdout", help="A cluster the model was not tuned on (reported as unseen)."
     ),
-    per_family: int = typer.Option(12, help="Built-in suite: held-out examples per family."),
+    per_family: int = typer.Option(
+        default(BuiltinDataConfig, "eval_per_family"),
+        help="Built-in suite: held-out examples per family.",
+    ),
     max_examples: int = typer.Option(None, help="File suites: at most N examples per cluster."),
-    seed: int = typer.Option(0, help="Seed of the built-in task generator and of sampling."),
-    batch_size: int = typer.Option(32, help="Prompts generated together."),
-    max_new_tokens: int = typer.Option(32, help="Longest generated answer."),
+    seed: int = typer.Option(
+        default(BuiltinDataConfig, "seed"),
+        help="Seed of the built-in task generator and of sampling.",
+    ),
+    batch_size: int = typer.Option(
+        default(EvalConfig, "batch_size"), help=describe(EvalConfig, "batch_size")
+    ),
+    max_new_tokens: int = typer.Option(
+        default(EvalConfig, "max_new_tokens"), help=describe(EvalConfig, "max_new_tokens")
+    ),
     general_gen_per_kind: int = typer.Option(
-        None, help="general_gen: at most N prompts of each kind (default: all 136)."
+        default(EvalConfig, "general_gen_per_kind"),
+        help="general_gen: at most N prompts of each kind (default: all 136).",
     ),
     base: str = typer.Option(
         None,
@@ -170,7 +194,6 @@ def eval_cmd(
     confidence intervals to <output>/<suite>.jsonl and <suite>.json."""
     from pydantic import ValidationError
 
-    from instill.config import EvalConfig, SuiteConfig
     from instill.eval.suites import run_tasks, suite_file_task
     from instill.eval.tasks import builtin_task, check_metric, general_gen_task, general_task
     from instill.models import load_for_inference
@@ -317,7 +340,9 @@ def report(
     if price_per_hour is None:
         config = run / "config.yaml"
         recipe = yaml.safe_load(config.read_text()) if config.is_file() else {}
-        price_per_hour = ((recipe or {}).get("report") or {}).get("price_per_hour", 0.10)
+        price_per_hour = ((recipe or {}).get("report") or {}).get(
+            "price_per_hour", default(ReportConfig, "price_per_hour")
+        )
     md, page = write_run_report(run, price_per_hour)
     out.print(f"written {md} and {page}")
 
@@ -403,9 +428,7 @@ def generate(
 def serve(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="A run directory, a final/ directory, or a model name."),
-    host: str = typer.Option(
-        "127.0.0.1", help="Address to listen on (beyond loopback, set an API key)."
-    ),
+    host: str = typer.Option(default(ServeConfig, "host"), help=describe(ServeConfig, "host")),
     port: int = typer.Option(8000, help="Port to listen on."),
     api_key: str = typer.Option(
         None,
@@ -422,14 +445,20 @@ def serve(
         "(turns off the DNS-rebinding check).",
     ),
     chat_template: Path = CHAT_TEMPLATE,
-    max_batch: int = typer.Option(8, help="Requests decoded together."),
-    max_concurrent: int = typer.Option(64, help="Requests in flight before 429."),
-    max_tokens_cap: int = typer.Option(1024, help="Largest max_tokens a request may ask."),
+    max_batch: int = typer.Option(
+        default(ServeConfig, "max_batch"), help=describe(ServeConfig, "max_batch")
+    ),
+    max_concurrent: int = typer.Option(
+        default(ServeConfig, "max_concurrent"), help=describe(ServeConfig, "max_concurrent")
+    ),
+    max_tokens_cap: int = typer.Option(
+        default(ServeConfig, "max_tokens_cap"), help=describe(ServeConfig, "max_tokens_cap")
+    ),
 ) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health)
     with a web chat page at /. A model without a chat template (and no --chat-template) serves
     raw prompts on /v1/completions; its chat routes answer 400."""
-    from instill.serve import ServeConfig, read_api_key, run_server
+    from instill.serve import read_api_key, run_server
 
     if api_key_file is not None:
         if api_key is not None:
@@ -459,9 +488,11 @@ def serve(
 @data_app.command("inspect")
 def data_inspect(
     source: str = typer.Argument(..., help="A recipe (its data section) or a data file."),
-    model: str = typer.Option("smollm2-135m-instruct", help="Tokenizer and template to use."),
+    model: str = typer.Option(default(ModelConfig, "name"), help="Tokenizer and template to use."),
     rows: int = typer.Option(2, help="How many rows to show rendered."),
-    max_length: int = typer.Option(512, help="max_length for a data file."),
+    max_length: int = typer.Option(
+        default(DataConfig, "max_length"), help="max_length for a data file."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
 ) -> None:
     """Detected format, counts, length histogram, and rows coloured by what is trained."""

@@ -8,9 +8,13 @@ from instill.config.schema import (
     EvalConfig,
     ModelConfig,
     Recipe,
+    ReportConfig,
+    ServeConfig,
     SourceConfig,
     SuiteConfig,
     TrainConfig,
+    default,
+    describe,
 )
 
 __all__ = [
@@ -20,9 +24,13 @@ __all__ = [
     "EvalConfig",
     "ModelConfig",
     "Recipe",
+    "ReportConfig",
+    "ServeConfig",
     "SourceConfig",
     "SuiteConfig",
     "TrainConfig",
+    "default",
+    "describe",
     "load_recipe",
     "recipe_help",
 ]

@@ -245,8 +245,8 @@ class TrainConfig(_Section):
         le=32,  # glibc's ceiling
         description="CPU (glibc): host allocations at least this large get their own memory "
         "mapping, given back when freed. The default (64 KiB) keeps peak memory lowest; 16 to "
-        "32 lets freed activations be reused from the heap, which measured 1.3x to 1.6x faster "
-        "training here at the cost of more memory (see bench/train_throughput.py).",
+        "32 lets freed activations be reused from the heap: faster training at the cost of "
+        "more memory (the README's Benchmarks have the figures).",
     )
     gradient_checkpointing: bool | float = Field(
         False,
@@ -265,9 +265,9 @@ class TrainConfig(_Section):
     compile: bool = Field(
         False,
         description="Compile each decoder layer with torch.compile while training (needs a C++ "
-        "compiler on CPU, triton on CUDA). Fuses the pointwise work between matrix products: "
-        "measured 1.35x faster after the first step on 2 CPU cores (1.15x over a 256-row run), "
-        "after a one-off compile of about a minute (seconds once inductor's cache holds it).",
+        "compiler on CPU, triton on CUDA). Fuses the pointwise work between matrix products, "
+        "so steps after the first run faster; the first pays a one-off compile (shorter once "
+        "inductor's cache holds it). The README's Benchmarks have the figures.",
     )
 
     @field_validator("gradient_checkpointing")
@@ -454,3 +454,33 @@ class Recipe(_Section):
                 "train.eval_every (and data.validation)"
             )
         return self
+
+
+class ServeConfig(_Section):
+    """`instill serve`'s settings (a command's options, not a recipe section)."""
+
+    api_key: str | None = Field(None, description="Required bearer key; None: no key.")
+    max_batch: int = Field(8, description="Requests decoded together.")
+    max_concurrent: int = Field(64, description="Requests in flight before 429.")
+    max_tokens_cap: int = Field(1024, description="Largest max_tokens a request may ask.")
+    max_n: int = Field(1, description="Largest n (replies per request) a request may ask.")
+    max_body_bytes: int = Field(1_000_000, description="Largest request body read, in bytes.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to listen on (beyond loopback, set an API key). Requests must name "
+        "it, or an allowed host, in their Host header.",
+    )
+    allowed_hosts: tuple[str, ...] = Field(
+        (), description="More names to answer to; '*' turns the Host check off."
+    )
+
+
+def default(section: type[BaseModel], key: str):
+    """A field's default: where a command-line option sets the same thing as a config field, the
+    option's default is read here, so the two cannot disagree."""
+    return section.model_fields[key].get_default(call_default_factory=True)
+
+
+def describe(section: type[BaseModel], key: str) -> str:
+    """A field's description, for the --help of the option that sets it."""
+    return section.model_fields[key].description or ""

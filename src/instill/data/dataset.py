@@ -6,6 +6,7 @@ raw rows -> Conversation (formats.py) -> (input_ids, mask) (render.py) -> length
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -328,18 +329,33 @@ def length_grouped_batches(
     return batches
 
 
-def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch. labels are -100 where the mask is 0 and on padding."""
-    width = max(len(r.input_ids) for r in rows)
+def pad_right(
+    rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one padded-batch builder: (token ids, mask) rows, right-padded to the longest, as
+    (input_ids with pad_id on padding, attention_mask 1 on real tokens, the rows' masks as
+    bool, False on padding). Training batches, packed batches and scoring all build on it."""
+    width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r.input_ids)
-        ids[i, :n] = torch.tensor(r.input_ids)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (row_ids, row_mask) in enumerate(rows):
+        n = len(row_ids)
+        ids[i, :n] = torch.tensor(row_ids, dtype=torch.long)
         attn[i, :n] = 1
-        m = torch.tensor(r.mask, dtype=torch.bool)
-        labels[i, :n] = torch.where(m, ids[i, :n], torch.tensor(-100))
+        mask[i, :n] = torch.tensor(row_mask, dtype=torch.bool)
+    return ids, attn, mask
+
+
+def labels_from(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Next-token targets: the ids where the mask is set, -100 (ignored) elsewhere."""
+    return torch.where(mask, ids, torch.tensor(-100))
+
+
+def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch. labels are -100 where the mask is 0 and on padding."""
+    ids, attn, mask = pad_right([(r.input_ids, r.mask) for r in rows], pad_id)
+    labels = labels_from(ids, mask)
     batch = {"input_ids": ids, "attention_mask": attn, "labels": labels, "real_tokens": attn.sum()}
     if any(r.replay for r in rows):  # the tokens of replay rows (train.kl_to_base)
         batch["replay_mask"] = torch.tensor([r.replay for r in rows]).unsqueeze(1) & attn.bool()

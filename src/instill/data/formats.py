@@ -79,6 +79,13 @@ def _check_turns(row: RawRow, messages: list[dict], key: str) -> None:
             raise InstillError(f"{row.where}: field '{key}' message {i}: empty assistant reply")
 
 
+def instruction_text(instruction: str, extra: object = None) -> str:
+    """The user turn of an instruction row (Alpaca, Self-Instruct): the instruction, then its
+    input after a blank line when there is one."""
+    extra = extra or ""
+    return f"{instruction}\n\n{extra}" if str(extra).strip() else instruction
+
+
 def _chat(row: RawRow, key: str, role_key: str, content_key: str, roles: dict) -> list[dict]:
     turns = row.data[key]
     if not isinstance(turns, list):
@@ -118,7 +125,7 @@ def to_conversations(row: RawRow, fmt: str) -> list[Conversation]:
     if fmt == "alpaca":
         instruction = _str(row, "instruction")
         extra = _str(row, "input", allow_empty=True) if row.data.get("input") is not None else ""
-        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        user = instruction_text(instruction, extra)
         msgs = (
             {"role": "user", "content": user},
             {"role": "assistant", "content": _str(row, "output")},
@@ -151,7 +158,7 @@ def to_conversations(row: RawRow, fmt: str) -> list[Conversation]:
                 raise InstillError(
                     f"{row.where}: field 'instances' item {i}: 'input' must be a string"
                 )
-            user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+            user = instruction_text(instruction, extra)
             out.append(
                 Conversation(
                     (

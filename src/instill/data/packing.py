@@ -13,7 +13,7 @@ import bisect
 
 import torch
 
-from instill.data.dataset import Row
+from instill.data.dataset import Row, labels_from, pad_right
 from instill.errors import InstillError
 
 
@@ -51,30 +51,32 @@ def packing_efficiency(rows: list[Row], bins: list[list[int]], max_length: int) 
 
 def collate_packed(rows: list[Row], bins: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """One micro-batch of packed sequences, right-padded to the longest."""
-    width = max(sum(len(rows[i].input_ids) for i in b) for b in bins)
-    ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(bins), width), -100, dtype=torch.long)
+    seqs = []
+    for b in bins:
+        ids: list[int] = []
+        mask: list[int] = []
+        for i in b:
+            ids += rows[i].input_ids
+            # the first token of a row is never a target across the boundary
+            mask += [0, *rows[i].mask[1:]]
+        seqs.append((ids, mask))
+    ids, attn, mask = pad_right(seqs, pad_id)
+    width = ids.shape[1]
     pos = torch.zeros((len(bins), width), dtype=torch.long)
     replay = torch.zeros((len(bins), width), dtype=torch.bool)
     for r, b in enumerate(bins):
         at = 0
         for i in b:
-            row = rows[i]
-            n = len(row.input_ids)
-            t = torch.tensor(row.input_ids)
-            ids[r, at : at + n] = t
-            m = torch.tensor(row.mask, dtype=torch.bool)
-            m[0] = False  # the first token of a row is never a target across the boundary
-            labels[r, at : at + n] = torch.where(m, t, torch.tensor(-100))
+            n = len(rows[i].input_ids)
             pos[r, at : at + n] = torch.arange(n)
-            replay[r, at : at + n] = row.replay
+            replay[r, at : at + n] = rows[i].replay
             at += n
         pos[r, at:] = torch.arange(width - at)  # padding forms its own segment
     batch = {
         "input_ids": ids,
-        "labels": labels,
+        "labels": labels_from(ids, mask),
         "position_ids": pos,
-        "real_tokens": torch.tensor(sum(len(rows[i].input_ids) for b in bins for i in b)),
+        "real_tokens": attn.sum(),
     }
     if replay.any():  # the tokens of replay rows (train.kl_to_base)
         batch["replay_mask"] = replay

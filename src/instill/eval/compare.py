@@ -8,13 +8,12 @@ model's. `instill compare RUN` alone compares a run's base with its tuned model.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from instill.errors import InstillError
 from instill.eval.metrics import bootstrap_ci, bootstrap_delta_ci, bootstrap_ratio_ci
-from instill.jsonl import read_jsonl
+from instill.eval.results import read_records, read_summary, result_stems
 
 
 @dataclass(frozen=True)
@@ -24,20 +23,13 @@ class Side:
     prefix: str = ""
 
     def suites(self) -> list[str]:
-        names = []
-        for p in sorted(self.folder.glob(f"{self.prefix}*.json")):
-            stem = p.stem.removeprefix(self.prefix)
-            if not self.prefix and stem.startswith("base-"):
-                continue
-            if p.with_suffix(".jsonl").is_file():
-                names.append(stem)
-        return names
+        return result_stems(self.folder, self.prefix)
 
     def records(self, suite: str) -> list[dict]:
-        return read_jsonl(self.folder / f"{self.prefix}{suite}.jsonl")
+        return read_records(self.folder, f"{self.prefix}{suite}") or []
 
     def summary(self, suite: str) -> dict:
-        return json.loads((self.folder / f"{self.prefix}{suite}.json").read_text())
+        return read_summary(self.folder, f"{self.prefix}{suite}") or {}
 
 
 def sides(a: str, b: str | None) -> tuple[Side, Side]:

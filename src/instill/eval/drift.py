@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from instill.atomic import WriteError, atomic_file
+from instill.data.formats import instruction_text
 from instill.errors import InstillError
 from instill.eval.tasks import EvalExample
 from instill.jsonl import read_jsonl, write_jsonl
@@ -65,8 +66,7 @@ def _row_prompt(data: dict) -> list[dict] | None:
         return [{"role": "user", "content": data["prompt"]}]
     if isinstance(data.get("instruction"), str) and data["instruction"].strip():
         extra = str(data.get("input") or "").strip()
-        text = f"{data['instruction']}\n\n{extra}" if extra else data["instruction"]
-        return [{"role": "user", "content": text}]
+        return [{"role": "user", "content": instruction_text(data["instruction"], extra)}]
     msgs = data.get("messages")
     if isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs):
         if msgs[-1].get("role") == "assistant":

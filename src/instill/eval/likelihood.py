@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from instill.data.dataset import pad_right
 from instill.data.render import end_of_turn_ids, render_batch
 
 
@@ -75,15 +76,7 @@ def masked_logprobs(
     out: list[ReplyScore | None] = [None] * len(rows)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(rows[i][0]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(idx), width), dtype=torch.long)
-        target_mask = torch.zeros((len(idx), width), dtype=torch.bool)
-        for r, i in enumerate(idx):
-            n = len(rows[i][0])
-            ids[r, :n] = torch.tensor(rows[i][0])
-            attn[r, :n] = 1
-            target_mask[r, :n] = torch.tensor(rows[i][1], dtype=torch.bool)
+        ids, attn, target_mask = pad_right([rows[i] for i in idx], pad)
         ids, attn, target_mask = ids.to(device), attn.to(device), target_mask.to(device)
         hidden = body(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
         keep = target_mask[:, 1:]

@@ -19,9 +19,10 @@ from instill.data.constraints import check_all
 from instill.errors import InstillError
 from instill.eval.likelihood import choose, perplexity, reply_logprobs
 from instill.eval.metrics import bootstrap_ci, text_scores
+from instill.eval.results import read_records, read_summary
 from instill.eval.tasks import Task, builtin_task
 from instill.infer import GenParams, generate
-from instill.jsonl import read_jsonl, write_jsonl
+from instill.jsonl import write_jsonl
 
 
 def _stat(scores: list[float]) -> dict:
@@ -272,11 +273,9 @@ def evaluate_builtin(
 
 def load_result(folder: Path, stem: str) -> SuiteResult | None:
     """A result written by write_result, or None when it is not there."""
-    records_file, summary_file = folder / f"{stem}.jsonl", folder / f"{stem}.json"
-    if not (records_file.is_file() and summary_file.is_file()):
+    summary, records = read_summary(folder, stem), read_records(folder, stem)
+    if summary is None or records is None:
         return None
-    summary = json.loads(summary_file.read_text())
-    records = read_jsonl(records_file)
     extra = {k: summary[k] for k in ("loss", "perplexity") if k in summary}
     return SuiteResult(
         summary["suite"],

@@ -11,7 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from instill.data import builtin
-from instill.data.formats import Conversation, detect_format, to_conversations
+from instill.data.formats import (
+    Conversation,
+    detect_format,
+    instruction_text,
+    to_conversations,
+)
 from instill.data.sources import RawRow, read_source
 from instill.errors import InstillError
 from instill.eval.metrics import METRICS
@@ -94,9 +99,7 @@ def _prompt_only(raw: RawRow) -> list[dict] | None:
     if isinstance(d.get("prompt"), str) and "completion" not in d:
         return [{"role": "user", "content": d["prompt"]}]
     if isinstance(d.get("instruction"), str) and "output" not in d and "instances" not in d:
-        extra = d.get("input") or ""
-        text = f"{d['instruction']}\n\n{extra}" if str(extra).strip() else d["instruction"]
-        return [{"role": "user", "content": text}]
+        return [{"role": "user", "content": instruction_text(d["instruction"], d.get("input"))}]
     return None
 
 

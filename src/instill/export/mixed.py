@@ -29,7 +29,7 @@ import torch
 
 from instill.data.render import end_of_turn_ids, render_prompt
 from instill.export import gguf_file, regrid
-from instill.export.verify import PROMPTS
+from instill.export.verify import PROMPTS, greedy_reply
 
 T = gguf.GGMLQuantizationType
 CANDIDATES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
@@ -95,17 +95,9 @@ class Weights:
 def _sequences(model, tokenizer, new_tokens: int) -> list[tuple[list[int], int]]:
     eot = end_of_turn_ids(tokenizer)
     seqs = []
-    with torch.no_grad():
-        for messages in CALIBRATION:
-            ids = render_prompt(tokenizer, messages)
-            out = model.generate(
-                torch.tensor([ids]),
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                eos_token_id=eot,
-                pad_token_id=eot[0],
-            )
-            seqs.append((out[0].tolist(), len(ids)))
+    for messages in CALIBRATION:
+        ids = render_prompt(tokenizer, messages)
+        seqs.append((ids + greedy_reply(model, ids, new_tokens, eot), len(ids)))
     return seqs
 
 

@@ -12,7 +12,7 @@ import yaml
 
 from instill.config import ModelConfig
 from instill.errors import InstillError
-from instill.models import load_model, load_tokenizer
+from instill.models import load_adapter_model, load_model
 from instill.models.resolve import ModelSource, resolve_model
 
 
@@ -60,17 +60,11 @@ def load_tuned(run: Path, *, dequantize: bool = False) -> Tuned:
         loaded = load_model(model_cfg)
         loaded.model.eval()
         return Tuned(loaded.model, loaded.model, loaded.tokenizer, loaded.source, None, cfg)
-    from peft import PeftModel
-
-    base_name = json.loads(adapter_file.read_text()).get("base_model_name_or_path")
-    if not base_name:
-        raise InstillError(f"{adapter_file}: no base_model_name_or_path; cannot find the base")
     # quantize none: on request we merge into the full-precision base (the dequantised weights)
-    base = load_model(model_cfg.model_copy(update={"name": base_name, "quantize": "none"}))
-    tokenizer = load_tokenizer(str(final), model_cfg)
-    reference = PeftModel.from_pretrained(base.model, str(final)).eval()
+    loaded = load_adapter_model(final, model_cfg, quantize="none")
+    reference, source = loaded.model, _run_source(run, loaded.source)
     merged = copy.deepcopy(reference).merge_and_unload().eval()
-    return Tuned(reference, merged, tokenizer, _run_source(run, base.source), reference, cfg)
+    return Tuned(reference, merged, loaded.tokenizer, source, reference, cfg)
 
 
 def _run_source(run: Path, loaded: ModelSource) -> ModelSource:

@@ -19,11 +19,11 @@ An adapter GGUF is checked by the type of its own tensors, applied by llama.cpp 
 as it is (a 4-bit base's own rounding is the base's, and part of what both models run).
 `--min-agreement` replaces the agreement floor, for a user who accepts more drift knowingly.
 The 4-bit floor is there because rounding a tuned model to 4 bits can undo the tuning while
-the file still loads and talks: measured on the quickstart's tuned model, a q4_1 export agreed
-on 0.58 of positions and scored 14% on the built-in suite against the tuned model's 65% (the
-untuned base: 9%), where q8_0 agreed on every position. (The base alone re-exported to q4_1
-reloads with identical logits: its weights are already on the 4-bit grid, so the writer is
-exact and the drift is the rounding of the tuned weights.)
+the file still loads and talks: a merged q4_1 export of the quickstart's tuned model keeps few of
+its answers and scores near the untuned base (the README's Verification section has the
+measurements, from bench/gguf_deploy.py), where q8_0 keeps nearly all. (The base alone
+re-exported to q4_1 reloads with identical logits: its weights are already on the 4-bit grid, so
+the writer is exact and the drift is the rounding of the tuned weights.)
 """
 
 from __future__ import annotations
@@ -126,7 +126,9 @@ def from_llamacpp(engine, ref_tok, template: str) -> Reloaded:
 
 
 @torch.no_grad()
-def _greedy(model, ids: list[int], new_tokens: int, eot: list[int]) -> list[int]:
+def greedy_reply(model, ids: list[int], new_tokens: int, eot: list[int]) -> list[int]:
+    """The model's greedy reply to one rendered prompt, up to and with its end-of-turn token
+    (what verification teacher-forces and --quant auto calibrates on)."""
     # stop at end-of-turn: logits past it score text no one serves, and drift most
     out = model.generate(
         torch.tensor([ids]),
@@ -144,7 +146,7 @@ def compare(reference, ref_tok, reloaded: Reloaded, kind: str, new_tokens: int =
     for messages in PROMPTS:
         ids = render_prompt(ref_tok, messages)
         same_prompt &= reloaded.prompt_ids(messages) == ids
-        seq = ids + _greedy(reference, ids, new_tokens, end_of_turn_ids(ref_tok))
+        seq = ids + greedy_reply(reference, ids, new_tokens, end_of_turn_ids(ref_tok))
         a = reference(input_ids=torch.tensor([seq])).logits[0, len(ids) - 1 :].float()
         b = reloaded.logits(seq)[len(ids) - 1 :]
         diff = max(diff, (a - b).abs().max().item())

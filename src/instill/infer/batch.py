@@ -10,10 +10,9 @@ from pathlib import Path
 
 from instill import jsonl
 from instill.atomic import writing
+from instill.data.formats import ROLES
 from instill.errors import InstillError
 from instill.infer.generate import GenParams, generate
-
-ROLES = ("system", "user", "assistant")
 
 
 def row_messages(row: object, where: str) -> list[dict]:

@@ -3,6 +3,7 @@
 from instill.models.adapters import ParamReport, attach_adapter
 from instill.models.load import (
     LoadedModel,
+    load_adapter_model,
     load_for_inference,
     load_model,
     load_tokenizer,
@@ -17,6 +18,7 @@ __all__ = [
     "ParamReport",
     "attach_adapter",
     "instill_home",
+    "load_adapter_model",
     "load_for_inference",
     "load_model",
     "load_tokenizer",

@@ -184,25 +184,40 @@ def load_for_inference(
         loaded = load_model(cfg.model_copy(update=update), require_template=require_template)
         loaded.model.eval()
         return loaded
+    quantize = trained_quantize(path)
+    if quantize == "4bit":
+        _check_four_bit_inference(path, pick_device(cfg.device))
+    loaded = load_adapter_model(path, cfg, quantize=quantize, require_template=require_template)
+    # merged for speed, except on a 4-bit base: merging would round the update back to 4 bits
+    if quantize == "none":
+        loaded.model = loaded.model.merge_and_unload()
+    loaded.model.eval()
+    return loaded
+
+
+def load_adapter_model(
+    adapter_dir: Path, cfg: ModelConfig, *, quantize: str = "none", require_template: bool = True
+) -> LoadedModel:
+    """The base model an adapter folder names (its adapter_config.json) with the adapter on it,
+    unmerged (a peft PeftModel, in eval mode), and the tokenizer saved beside the adapter (its
+    chat template is the one trained with). `cfg` gives device, dtype and remote-code trust;
+    `quantize` the base's loading ("4bit": the NF4 base a QLoRA adapter was trained on)."""
     from peft import PeftModel
 
+    adapter_file = adapter_dir / "adapter_config.json"
     base_name = json.loads(adapter_file.read_text()).get("base_model_name_or_path")
     if not base_name:
         raise InstillError(
             f"{adapter_file}: no base_model_name_or_path; cannot find the base model"
         )
-    quantize = trained_quantize(path)
-    if quantize == "4bit":
-        _check_four_bit_inference(path, pick_device(cfg.device))
     base_cfg = cfg.model_copy(update={"name": base_name, "quantize": quantize})
     base = load_model(base_cfg, require_template=False)
     tokenizer = load_tokenizer(
-        str(path), cfg.model_copy(update={"name": str(path)}), require_template=require_template
+        str(adapter_dir),
+        cfg.model_copy(update={"name": str(adapter_dir)}),
+        require_template=require_template,
     )
-    model = PeftModel.from_pretrained(base.model, str(path))
-    # merged for speed, except on a 4-bit base: merging would round the update back to 4 bits
-    model = model.merge_and_unload() if quantize == "none" else model
-    model.eval()
+    model = PeftModel.from_pretrained(base.model, str(adapter_dir)).eval()
     return LoadedModel(
         model=model, tokenizer=tokenizer, source=base.source, device=base.device, dtype=base.dtype
     )

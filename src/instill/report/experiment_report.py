@@ -7,20 +7,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from instill.eval.compare import Side, compare_suite
+from instill.eval.results import result_stems
 from instill.report import plots
-from instill.report.document import Document, Heading, Image, Para, Table, Verdict, write
-from instill.report.run_report import (
+from instill.report.claims import (
     GENERAL,
-    forgetting_blocks,
     forgetting_verdict,
-    interval,
     is_guard,
-    load_run,
     pct,
-    signed,
-    suite_summary,
-    training_flops,
+    row,
+    training_costs,
+    transfer_answers_claim,
+    transfer_cost_claim,
+    transfer_generalisation_claim,
+    transfer_training_claim,
 )
+from instill.report.document import Document, Heading, Image, Para, Table, write
+from instill.report.run_report import forgetting_blocks, load_run, suite_summary
 
 WAYS = ("pretrained, untuned", "scratch, tuned", "pretrained, tuned")
 
@@ -64,7 +66,7 @@ def steps_saved(pre: list, scratch: list) -> dict | None:
 
 
 def _suites(pre: Path, scratch: Path) -> list[str]:
-    names = Side("t", pre / "eval").suites()
+    names = result_stems(pre / "eval")
     return [s for s in names if (scratch / "eval" / f"{s}.json").is_file()]
 
 
@@ -117,105 +119,19 @@ def build_transfer_report(folder: Path, price_per_hour: float = 0.10) -> Documen
         s for s in suites if s != GENERAL and (ways[s][2] or {}).get("metric") != "drift"
     ]
 
-    # 1. better answers
-    parts, ok = [], True
-    for s in task_suites:
-        u, sc = vs_untuned[s]["rows"][0], vs_scratch[s]["rows"][0]
-        ok &= u.significant and u.delta > 0
-        parts.append(
-            f"{s}: untuned {pct(u.a)}%, scratch-tuned {pct(sc.a)}%, pretrained-tuned {pct(u.b)}% "
-            f"({signed(u.delta)} points over untuned, CI {interval(u.ci)}; {signed(sc.delta)} over "
-            f"scratch, CI {interval(sc.ci)})"
-        )
-    claim1 = Verdict(
-        "1. Tuning a pretrained model answers prompts better",
-        (ok and bool(task_suites)) if task_suites else None,
-        ("; ".join(parts) + ".") if parts else "no task suite evaluated",
-    )
-    # 2. less training time
     pre_curve, scratch_curve = val_curve(pre_dir), val_curve(scratch_dir)
     saved = steps_saved(pre_curve, scratch_curve)
-    if saved is None:
-        claim2 = Verdict(
-            "2. It takes less training than starting from scratch",
-            None,
-            "no validation curves were logged",
-        )
-    elif saved["pretrained_reached"] is None:
-        b = saved["scratch_best"]
-        claim2 = Verdict(
-            "2. It takes less training than starting from scratch",
-            False,
-            f"the scratch model's best validation loss ({b[3]:.3f} at step {b[0]}) was never "
-            "reached by the pretrained start within the budget",
-        )
-    else:
-        b, r = saved["scratch_best"], saved["pretrained_reached"]
-        claim2 = Verdict(
-            "2. It takes less training than starting from scratch",
-            saved["steps_saved"] > 0,
-            f"the scratch model's best validation loss was {b[3]:.3f}, at step {b[0]} after "
-            f"{b[1]:,} tokens; the pretrained start was already at {r[3]:.3f} at step {r[0]} "
-            f"({r[1]:,} tokens): **{saved['steps_saved']} steps, {saved['tokens_saved']:,} tokens "
-            f"and {saved['seconds_saved']:.0f} s of training saved**"
-            + (" (before any tuning: the pretrained weights alone beat it)" if r[0] == 0 else ""),
-        )
-    # 3. generalisation
-    held = [
-        s for s in task_suites if any(r.label == "unseen clusters" for r in vs_untuned[s]["rows"])
-    ]
-    if not held:
-        claim3 = Verdict(
-            "3. It generalises to unseen task kinds",
-            None,
-            "no task cluster was held out (eval.holdout_clusters)",
-        )
-    else:
-        parts, ok = [], True
-        for s in held:
-            u = next(r for r in vs_untuned[s]["rows"] if r.label == "unseen clusters")
-            sc = next(r for r in vs_scratch[s]["rows"] if r.label == "unseen clusters")
-            ok &= u.significant and u.delta > 0
-            parts.append(
-                f"{s}, held-out clusters: untuned {pct(u.a)}%, scratch-tuned {pct(sc.a)}%, "
-                f"pretrained-tuned {pct(u.b)}% ({signed(u.delta)} over untuned, CI "
-                f"{interval(u.ci)}, n={u.n_b})"
-            )
-        text = "; ".join(parts) + "."
-        if not ok:
-            text += " The gain on held-out clusters is not distinguishable from zero."
-        claim3 = Verdict("3. It generalises to unseen task kinds", ok, text)
-    # 4. cost
-    costs = {}
-    for label, run in (
-        ("pretrained, tuned", pre),
-        ("scratch, tuned", scratch),
-    ):
-        tr, p = run["train"], run["params"]
-        costs[label] = {
-            "train_s": tr["wall_s"],
-            "tokens": tr["tokens"],
-            "flops": training_flops(p["total"], p["trainable"], tr["tokens"]),
-            "cost": tr["wall_s"] / 3600 * price_per_hour,
-            "peak_mb": tr["peak_mem_mb"],
-        }
-    cp, cs = costs["pretrained, tuned"], costs["scratch, tuned"]
-    text = (
-        f"training cost {cp['cost']:.4f} (pretrained start, {cp['train_s']:.0f} s, "
-        f"{cp['flops']:.3g} FLOPs) vs {cs['cost']:.4f} (scratch, {cs['train_s']:.0f} s, "
-        f"{cs['flops']:.3g} FLOPs) at {price_per_hour:g} per device-hour"
+    held = [s for s in task_suites if row(vs_untuned[s], "unseen clusters") is not None]
+    costs = {
+        "pretrained, tuned": training_costs(pre, price_per_hour),
+        "scratch, tuned": training_costs(scratch, price_per_hour),
+    }
+    claim1 = transfer_answers_claim(task_suites, vs_untuned, vs_scratch)
+    claim2 = transfer_training_claim(saved)
+    claim3 = transfer_generalisation_claim(held, vs_untuned, vs_scratch)
+    claim4 = transfer_cost_claim(
+        costs["pretrained, tuned"], costs["scratch, tuned"], saved, price_per_hour
     )
-    cheaper = cp["flops"] < cs["flops"]
-    if saved and saved["pretrained_reached"] is not None:
-        r = saved["pretrained_reached"]
-        reach_cost = r[2] / 3600 * price_per_hour
-        scratch_cost = saved["scratch_best"][2] / 3600 * price_per_hour
-        text += (
-            f"; reaching the scratch model's best validation loss cost {reach_cost:.4f} from the "
-            f"pretrained start vs {scratch_cost:.4f} from scratch"
-        )
-        cheaper = r[2] < saved["scratch_best"][2]
-    claim4 = Verdict("4. It costs less", cheaper, text + ".")
     doc.add(claim1, claim2, claim3, claim4)
 
     # sections with numbers and plots

@@ -9,36 +9,20 @@ from pathlib import Path
 
 from instill.atomic import writing
 from instill.eval.compare import Side, compare_suite
-from instill.eval.drift import generation_losses, generation_text
-from instill.jsonl import read_jsonl
+from instill.eval.results import all_summaries, read_records, read_summary
 from instill.report import plots
-from instill.report.document import Document, Heading, Image, Para, Table, Verdict, write
-
-GENERAL = "general"  # the forgetting guard scored by choice
-
-
-def is_guard(t: dict) -> bool:
-    """A forgetting guard: the general suite, or a suite scored by drift from the base."""
-    return t["suite"] == GENERAL or t["metric"] == "drift"
-
-
-def pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.1f}"
-
-
-def signed(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:+.1f}"
-
-
-def interval(ci) -> str:
-    return "—" if ci is None else f"{100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}"
-
-
-def training_flops(params_total: int, params_trainable: int, tokens: int) -> float:
-    """Estimated training FLOPs: forward 2N per token, backward 2N for the activation gradients
-    plus 2 per trainable parameter for the weight gradients (a frozen base needs no weight
-    gradients, which is most of what an adapter saves)."""
-    return tokens * (4 * params_total + 2 * params_trainable)
+from instill.report.claims import (
+    GENERAL,
+    device_cost,
+    forgetting_verdict,
+    generalisation_verdict,
+    interval,
+    pct,
+    performance_verdict,
+    signed,
+    training_flops,
+)
+from instill.report.document import Document, Heading, Image, Para, Table, write
 
 
 def load_run(run_dir: Path) -> dict:
@@ -108,10 +92,7 @@ def moved_block(t: dict, a: str = "base", b: str = "tuned") -> Table | None:
 
 
 def _records(run_dir: Path, stem: str) -> dict[str, dict]:
-    path = run_dir / "eval" / f"{stem}.jsonl"
-    if not path.is_file():
-        return {}
-    return {r["id"]: r for r in read_jsonl(path) if "id" in r}
+    return {r["id"]: r for r in read_records(run_dir / "eval", stem) or [] if "id" in r}
 
 
 def _short(text, n: int = 160) -> str:
@@ -160,8 +141,7 @@ def examples_block(run_dir: Path, suite: str, k: int = 4) -> Table | None:
 
 def suite_summary(run_dir: Path, stem: str) -> dict | None:
     """A run's eval/<stem>.json summary, or None when that suite was not evaluated."""
-    path = run_dir / "eval" / f"{stem}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_summary(run_dir / "eval", stem)
 
 
 def constraints_block(run_dir: Path, suite: str) -> Table | None:
@@ -182,99 +162,6 @@ def constraints_block(run_dir: Path, suite: str) -> Table | None:
         before = base["by_kind"].get(kind, {}).get("score")
         rows.append([kind, pct(before), pct(stat["score"]), str(stat["n"])])
     return Table(["constraint obeyed (%)", "base", "tuned", "n"], rows)
-
-
-def _row(t: dict, label: str):
-    return next((r for r in t["rows"] if r.label.strip() == label), None)
-
-
-def _change(r) -> str:
-    return (
-        f"{pct(r.a)}% → {pct(r.b)}% ({signed(r.delta)} points, 95% CI {interval(r.ci)}, n={r.n_b})"
-    )
-
-
-def _gain_verdict(claim: str, items: list[tuple[str, object]], unsupported: str) -> Verdict:
-    """Supported when every (label, row) delta is positive with an interval that excludes 0."""
-    ok = all(r.significant and r.delta > 0 for _, r in items)
-    text = "; ".join(label + _change(r) for label, r in items) + "."
-    return Verdict(claim, ok, text if ok else f"{text} {unsupported}")
-
-
-def performance_verdict(tables: list[dict]) -> Verdict:
-    claim = "Better answers to prompts"
-    tuned = [t for t in tables if not is_guard(t)]
-    if not tuned:
-        return Verdict(claim, None, "no task suite was evaluated before and after")
-    return _gain_verdict(
-        claim,
-        [(f"{t['suite']} ", _row(t, "overall")) for t in tuned],
-        "A delta whose interval includes 0 (or is negative) does not show an improvement.",
-    )
-
-
-def generalisation_verdict(tables: list[dict]) -> Verdict:
-    claim = "Generalisation to unseen task kinds"
-    held = [t for t in tables if _row(t, "unseen clusters") is not None]
-    if not held:
-        return Verdict(
-            claim, None,
-            "no task cluster was held out of training; set eval.holdout_clusters to measure it",
-        )  # fmt: skip
-    items = [
-        (
-            f"{t['suite']}: seen clusters {signed(_row(t, 'seen clusters').delta)} points, "
-            "unseen (held-out) clusters ",
-            _row(t, "unseen clusters"),
-        )
-        for t in held
-    ]
-    return _gain_verdict(
-        claim, items, "The gain on held-out clusters is not distinguishable from zero."
-    )
-
-
-def forgetting_verdict(tables: list[dict], b: str = "tuned") -> Verdict:
-    """Supported only when no guard shows a significant loss: general knowledge by choice
-    accuracy (a drop whose interval excludes 0), and general behaviour by generation (drift,
-    reply length, short replies, ROUGE-L; eval/drift.py holds the lines)."""
-    general = next((t for t in tables if t["suite"] == GENERAL), None)
-    drift = [t for t in tables if t["metric"] == "drift"]
-    if general is None and not drift:
-        return Verdict(
-            "No forgetting",
-            None,
-            "no forgetting guard was evaluated (add general and general_gen to eval.suites)",
-        )
-    losses, measured = [], []
-    if general is not None:
-        r = _row(general, "overall")
-        measured.append(f"general knowledge (choice) {_change(r)}")
-        if r.significant and r.delta < 0:
-            losses.append(f"general knowledge (choice) {signed(r.delta)} points")
-    for t in drift:
-        gen = t["generation"]
-        measured.append(f"{t['suite']}: {generation_text(gen)}")
-        losses += [f"{t['suite']}: {x}" for x in generation_losses(gen)]
-    if losses:
-        gains = [_row(t, "overall").delta for t in tables if not is_guard(t)]
-        text = f"Forgetting found in the {b} model: " + "; ".join(losses) + "."
-        if gains and general is not None:
-            r = _row(general, "overall")
-            if r.significant and r.delta < 0 and -r.delta > max(x or 0 for x in gains):
-                text += " The loss on general knowledge is larger than the gain on the tuned tasks."
-        text += " Measured: " + "; ".join(measured) + "."
-        if drift:
-            text += " The replies that moved most are listed with the general_gen results."
-        return Verdict("No forgetting", False, text)
-    missing = (
-        "" if drift else " (general behaviour by generation was not measured: add general_gen)"
-    )
-    return Verdict(
-        "No forgetting",
-        True,
-        "No significant loss: " + "; ".join(measured) + "." + missing,
-    )
 
 
 def forgetting_blocks(tables: list[dict], a: str = "base", b: str = "tuned") -> list:
@@ -308,7 +195,7 @@ def cost_lines(run: dict, price_per_hour: float) -> tuple[list[list[str]], float
     eval_s = sum(
         s.get("wall_s", 0) for k in ("eval_before", "eval_after") for s in run.get(k, {}).values()
     )
-    cost = run["wall_s"] / 3600 * price_per_hour
+    cost = device_cost(run["wall_s"], price_per_hour)
     rows = [
         ["wall time, whole run", f"{run['wall_s']:.0f} s"],
         ["training", f"{tr['wall_s']:.0f} s, {tr['steps']} steps"],
@@ -354,8 +241,8 @@ def build_run_report(run_dir: Path, price_per_hour: float = 0.10) -> Document:
     run = load_run(run_dir)
     tables = suite_tables(run_dir)
     holdout = set(run.get("holdout_clusters") or [])
-    for p in (run_dir / "eval").glob("*.json"):
-        holdout.update(json.loads(p.read_text()).get("holdout_clusters") or [])
+    for summary in all_summaries(run_dir / "eval").values():
+        holdout.update(summary.get("holdout_clusters") or [])
     doc = Document(f"instill run {run['name']}: what tuning bought")
     m = run["model"]
     doc.add(

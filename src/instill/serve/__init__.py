@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from instill.config import ServeConfig
 from instill.errors import InstillError
-from instill.serve.app import ServeConfig, Server, allowed_hosts, build_app, is_loopback
+from instill.serve.app import Server, allowed_hosts, build_app, is_loopback
 
 if TYPE_CHECKING:
     from instill.config import ModelConfig

@@ -19,13 +19,13 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
+from instill.config import ServeConfig
 from instill.data.render import render_prompt
 from instill.infer.generate import GenParams
 from instill.serve.scheduler import Job, Scheduler
@@ -41,18 +41,6 @@ NO_TEMPLATE = (
     "instill serve with --chat-template FILE (a Jinja chat template), or send a raw prompt to "
     "/v1/completions"
 )
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    api_key: str | None = None
-    max_batch: int = 8
-    max_concurrent: int = 64
-    max_tokens_cap: int = 1024
-    max_n: int = 1
-    max_body_bytes: int = 1_000_000
-    host: str = "127.0.0.1"  # the address bound; Host headers must name it (see allowed_hosts)
-    allowed_hosts: tuple[str, ...] = ()  # more names to answer to; "*" turns the check off
 
 
 def host_name(value: str) -> str:

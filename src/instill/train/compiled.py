@@ -1,17 +1,14 @@
 """`train.compile`: each decoder layer compiled with torch.compile for the length of training.
 
 Why it pays on a CPU: eager PyTorch runs RMSNorm, rotary embeddings, SiLU x up, LoRA's
-scale-and-add and every residual add as separate kernels, each writing a fresh full-size tensor.
-One LoRA step of SmolLM2-135M at [8, 512] allocated 36 GB that way (mul and add alone 19 GB),
+scale-and-add and every residual add as separate kernels, each writing a fresh full-size tensor,
 which on a small machine costs as much time as the matrix products (page faults) and holds
 activations that a fused kernel never materialises. Inductor fuses those chains into a few C++
 loops, and its partitioner recomputes cheap pointwise results in backward instead of saving
-them. Measured on 2 cores with bench/train_throughput.py (256 rows, packed, all layers
-checkpointed, 32 MiB heap reuse): 162 tokens/s after the first step (144 over the whole run,
-the cold compile included) at 3.4 GB, where eager packed training ran 127 tokens/s at 6.7 GB.
+them. The README's Benchmarks have the measured speed and memory (bench/train_throughput.py).
 
 Only the decoder layers are compiled ("regional" compilation): they share one graph, so the
-compile cost is one layer's, paid once (a minute on 2 cores cold, seconds from inductor's cache),
+compile cost is one layer's, paid once (cold, or much less from inductor's cache),
 and the rest of the model (embedding, our supervised-only loss, peft's wrappers) stays eager.
 Shapes are dynamic from the start, so length-grouped batches and the short last batch of an
 epoch do not recompile. After training the layers are eager again: generation, evaluation and

@@ -1,18 +1,15 @@
 """Keep glibc's heap from holding on to freed activation memory.
 
 glibc serves an allocation from the heap unless it is larger than the mmap threshold, and it
-raises that threshold (up to 32 MiB) each time a large mmapped block is freed. After the first
-training step, activation tensors of a few MiB therefore come from the heap, and because their
-sizes change with every batch shape the heap fragments and is never returned: measured with
-bench/peak_memory.py (SmolLM2-135M, LoRA, one step at [8, 512]) the peak RSS was 10.9 GB, and
-6.9 GB with a fixed threshold; with gradient checkpointing 5.0 GB and 1.8 GB.
-A fixed threshold puts every block of at least 64 KiB in its own mapping, given back on free.
+raises that threshold (up to 32 MiB, glibc's ceiling) each time a large mmapped block is freed.
+After the first training step, activation tensors of a few MiB therefore come from the heap, and
+because their sizes change with every batch shape the heap fragments and is never returned, so
+peak memory grows well past what one step needs. A fixed threshold puts every block of at least
+64 KiB in its own mapping, given back on free.
 
 That costs speed: every activation then comes as fresh pages the kernel must fault in and zero.
-`train.mmap_threshold_mb` moves the threshold. bench/train_throughput.py (64 T0 rows, packed,
-batch 8 at 512, LoRA r=16, 2 cores) measured: 64 KiB 107 tokens/s at 6.6 GB; 64 KiB with two
-layers in three checkpointed 111 tokens/s at 3.2 GB; 16 MiB with full checkpointing 123 tokens/s
-at 4.5 GB; 32 MiB alone 174 tokens/s at 10.8 GB.
+`train.mmap_threshold_mb` moves the threshold, trading memory for speed. The README's Benchmarks
+have the measurements (bench/peak_memory.py for memory, bench/train_throughput.py for speed).
 """
 
 from __future__ import annotations

@@ -1,0 +1,246 @@
+"""The claims both reports make, each a Verdict: a statement, whether the numbers support it,
+and the numbers. The run report (report/run_report.py: base vs tuned) and the transfer report
+(report/experiment_report.py: pretrained vs scratch vs untuned) state their claims through
+here, with one definition of cost and one rule for a gain: every delta positive with a 95%
+interval that excludes 0."""
+
+from __future__ import annotations
+
+from instill.eval.drift import generation_losses, generation_text
+from instill.report.document import Verdict
+
+GENERAL = "general"  # the forgetting guard scored by choice
+
+
+def is_guard(t: dict) -> bool:
+    """A forgetting guard: the general suite, or a suite scored by drift from the base."""
+    return t["suite"] == GENERAL or t["metric"] == "drift"
+
+
+def pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def signed(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:+.1f}"
+
+
+def interval(ci) -> str:
+    return "—" if ci is None else f"{100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}"
+
+
+def training_flops(params_total: int, params_trainable: int, tokens: int) -> float:
+    """Estimated training FLOPs: forward 2N per token, backward 2N for the activation gradients
+    plus 2 per trainable parameter for the weight gradients (a frozen base needs no weight
+    gradients, which is most of what an adapter saves)."""
+    return tokens * (4 * params_total + 2 * params_trainable)
+
+
+def device_cost(seconds: float, price_per_hour: float) -> float:
+    """The one definition of cost: device time, in hours, times the price of a device-hour. The
+    run report prices a whole run (its wall time, evaluation included); the transfer report
+    prices each start's training, the part in which the two starts differ."""
+    return seconds / 3600 * price_per_hour
+
+
+def row(t: dict, label: str):
+    return next((r for r in t["rows"] if r.label.strip() == label), None)
+
+
+def change(r) -> str:
+    return (
+        f"{pct(r.a)}% → {pct(r.b)}% ({signed(r.delta)} points, 95% CI {interval(r.ci)}, n={r.n_b})"
+    )
+
+
+def gain_verdict(claim: str, items: list[tuple[str, object]], unsupported: str = "") -> Verdict:
+    """The one rule for a gain: supported when every (text, row) delta is positive with an
+    interval that excludes 0. The texts are joined; `unsupported` follows when it is not."""
+    ok = all(r.significant and r.delta > 0 for _, r in items)
+    text = "; ".join(t for t, _ in items) + "."
+    return Verdict(claim, ok, text if ok or not unsupported else f"{text} {unsupported}")
+
+
+def performance_verdict(tables: list[dict]) -> Verdict:
+    claim = "Better answers to prompts"
+    tuned = [t for t in tables if not is_guard(t)]
+    if not tuned:
+        return Verdict(claim, None, "no task suite was evaluated before and after")
+    return gain_verdict(
+        claim,
+        [(f"{t['suite']} {change(row(t, 'overall'))}", row(t, "overall")) for t in tuned],
+        "A delta whose interval includes 0 (or is negative) does not show an improvement.",
+    )
+
+
+def generalisation_verdict(tables: list[dict]) -> Verdict:
+    claim = "Generalisation to unseen task kinds"
+    held = [t for t in tables if row(t, "unseen clusters") is not None]
+    if not held:
+        return Verdict(
+            claim, None,
+            "no task cluster was held out of training; set eval.holdout_clusters to measure it",
+        )  # fmt: skip
+    items = [
+        (
+            f"{t['suite']}: seen clusters {signed(row(t, 'seen clusters').delta)} points, "
+            f"unseen (held-out) clusters {change(row(t, 'unseen clusters'))}",
+            row(t, "unseen clusters"),
+        )
+        for t in held
+    ]
+    return gain_verdict(
+        claim, items, "The gain on held-out clusters is not distinguishable from zero."
+    )
+
+
+def forgetting_verdict(tables: list[dict], b: str = "tuned") -> Verdict:
+    """Supported only when no guard shows a significant loss: general knowledge by choice
+    accuracy (a drop whose interval excludes 0), and general behaviour by generation (drift,
+    reply length, short replies, ROUGE-L; eval/drift.py holds the lines)."""
+    general = next((t for t in tables if t["suite"] == GENERAL), None)
+    drift = [t for t in tables if t["metric"] == "drift"]
+    if general is None and not drift:
+        return Verdict(
+            "No forgetting",
+            None,
+            "no forgetting guard was evaluated (add general and general_gen to eval.suites)",
+        )
+    losses, measured = [], []
+    if general is not None:
+        r = row(general, "overall")
+        measured.append(f"general knowledge (choice) {change(r)}")
+        if r.significant and r.delta < 0:
+            losses.append(f"general knowledge (choice) {signed(r.delta)} points")
+    for t in drift:
+        gen = t["generation"]
+        measured.append(f"{t['suite']}: {generation_text(gen)}")
+        losses += [f"{t['suite']}: {x}" for x in generation_losses(gen)]
+    if losses:
+        gains = [row(t, "overall").delta for t in tables if not is_guard(t)]
+        text = f"Forgetting found in the {b} model: " + "; ".join(losses) + "."
+        if gains and general is not None:
+            r = row(general, "overall")
+            if r.significant and r.delta < 0 and -r.delta > max(x or 0 for x in gains):
+                text += " The loss on general knowledge is larger than the gain on the tuned tasks."
+        text += " Measured: " + "; ".join(measured) + "."
+        if drift:
+            text += " The replies that moved most are listed with the general_gen results."
+        return Verdict("No forgetting", False, text)
+    missing = (
+        "" if drift else " (general behaviour by generation was not measured: add general_gen)"
+    )
+    return Verdict(
+        "No forgetting",
+        True,
+        "No significant loss: " + "; ".join(measured) + "." + missing,
+    )
+
+
+
+
+# --- the transfer experiment: pretrained + tuned against scratch + tuned and pretrained untuned
+
+
+def transfer_answers_claim(suites: list[str], vs_untuned: dict, vs_scratch: dict) -> Verdict:
+    """1. Tuning a pretrained model answers prompts better: over the untuned model, on every
+    task suite (the scratch-tuned score alongside)."""
+    claim = "1. Tuning a pretrained model answers prompts better"
+    if not suites:
+        return Verdict(claim, None, "no task suite evaluated")
+    items = []
+    for s in suites:
+        u, sc = vs_untuned[s]["rows"][0], vs_scratch[s]["rows"][0]
+        items.append(
+            (
+                f"{s}: untuned {pct(u.a)}%, scratch-tuned {pct(sc.a)}%, pretrained-tuned "
+                f"{pct(u.b)}% ({signed(u.delta)} points over untuned, CI {interval(u.ci)}; "
+                f"{signed(sc.delta)} over scratch, CI {interval(sc.ci)})",
+                u,
+            )
+        )
+    return gain_verdict(claim, items, "")
+
+
+def transfer_training_claim(saved: dict | None) -> Verdict:
+    """2. It takes less training than starting from scratch: the pretrained start reaches the
+    scratch model's best validation loss in fewer steps (experiment_report.steps_saved)."""
+    claim = "2. It takes less training than starting from scratch"
+    if saved is None:
+        return Verdict(claim, None, "no validation curves were logged")
+    b, r = saved["scratch_best"], saved["pretrained_reached"]
+    if r is None:
+        return Verdict(
+            claim,
+            False,
+            f"the scratch model's best validation loss ({b[3]:.3f} at step {b[0]}) was never "
+            "reached by the pretrained start within the budget",
+        )
+    return Verdict(
+        claim,
+        saved["steps_saved"] > 0,
+        f"the scratch model's best validation loss was {b[3]:.3f}, at step {b[0]} after "
+        f"{b[1]:,} tokens; the pretrained start was already at {r[3]:.3f} at step {r[0]} "
+        f"({r[1]:,} tokens): **{saved['steps_saved']} steps, {saved['tokens_saved']:,} tokens "
+        f"and {saved['seconds_saved']:.0f} s of training saved**"
+        + (" (before any tuning: the pretrained weights alone beat it)" if r[0] == 0 else ""),
+    )
+
+
+def transfer_generalisation_claim(held: list[str], vs_untuned: dict, vs_scratch: dict) -> Verdict:
+    """3. It generalises to unseen task kinds: over the untuned model on held-out clusters."""
+    claim = "3. It generalises to unseen task kinds"
+    if not held:
+        return Verdict(claim, None, "no task cluster was held out (eval.holdout_clusters)")
+    items = []
+    for s in held:
+        u = row(vs_untuned[s], "unseen clusters")
+        sc = row(vs_scratch[s], "unseen clusters")
+        items.append(
+            (
+                f"{s}, held-out clusters: untuned {pct(u.a)}%, scratch-tuned {pct(sc.a)}%, "
+                f"pretrained-tuned {pct(u.b)}% ({signed(u.delta)} over untuned, CI "
+                f"{interval(u.ci)}, n={u.n_b})",
+                u,
+            )
+        )
+    return gain_verdict(
+        claim, items, "The gain on held-out clusters is not distinguishable from zero."
+    )
+
+
+def training_costs(run: dict, price_per_hour: float) -> dict:
+    """One start's training: seconds, tokens, estimated FLOPs, cost (device_cost of the
+    training time) and peak memory, from its run.json."""
+    tr, p = run["train"], run["params"]
+    return {
+        "train_s": tr["wall_s"],
+        "tokens": tr["tokens"],
+        "flops": training_flops(p["total"], p["trainable"], tr["tokens"]),
+        "cost": device_cost(tr["wall_s"], price_per_hour),
+        "peak_mb": tr["peak_mem_mb"],
+    }
+
+
+def transfer_cost_claim(
+    pre: dict, scratch: dict, saved: dict | None, price_per_hour: float
+) -> Verdict:
+    """4. It costs less: fewer training FLOPs, or (when the pretrained start reached the scratch
+    model's best validation loss) less training time to get there. `pre` and `scratch` are
+    training_costs."""
+    text = (
+        f"training cost {pre['cost']:.4f} (pretrained start, {pre['train_s']:.0f} s, "
+        f"{pre['flops']:.3g} FLOPs) vs {scratch['cost']:.4f} (scratch, "
+        f"{scratch['train_s']:.0f} s, {scratch['flops']:.3g} FLOPs) at {price_per_hour:g} per "
+        "device-hour"
+    )
+    cheaper = pre["flops"] < scratch["flops"]
+    if saved and saved["pretrained_reached"] is not None:
+        reached, best = saved["pretrained_reached"][2], saved["scratch_best"][2]
+        text += (
+            "; reaching the scratch model's best validation loss cost "
+            f"{device_cost(reached, price_per_hour):.4f} from the pretrained start vs "
+            f"{device_cost(best, price_per_hour):.4f} from scratch"
+        )
+        cheaper = reached < best
+    return Verdict("4. It costs less", cheaper, text + ".")
