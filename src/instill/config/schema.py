@@ -269,6 +269,13 @@ class TrainConfig(_Section):
         "measured 1.35x faster after the first step on 2 CPU cores (1.15x over a 256-row run), "
         "after a one-off compile of about a minute (seconds once inductor's cache holds it).",
     )
+    shard: Literal["none", "fsdp"] = Field(
+        "none",
+        description="Several processes: none keeps a whole copy of the model in each (data "
+        "parallel); fsdp shards weights, gradients and optimiser state across them (torch's "
+        "FSDP2, one decoder layer at a time), for models whose training state does not fit one "
+        "GPU. Checkpoints and final/ hold the full model either way. One process: no effect.",
+    )
 
     @field_validator("gradient_checkpointing")
     @classmethod
