@@ -74,7 +74,13 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     norm = torch.nn.utils.get_total_norm(grads)
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
+    # the factor as torch's clip_grads_with_norm_ computes it, applied as a number: that
+    # function's own multiply gave sharded gradients a different clip than one process's
+    # (test_fsdp's LoRA run, which clips, tells them apart)
+    factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0).item()
+    if factor < 1.0:
+        for g in grads:
+            g.mul_(factor)
     return norm
 
 
