@@ -119,3 +119,53 @@ def test_fsdp_refuses_what_it_cannot_do():
         check(TrainConfig(shard="fsdp", compile=True), None)
     with pytest.raises(InstillError, match="eval.during_training"):
         check(TrainConfig(shard="fsdp"), lambda model: 0.0)
+
+
+def test_instill_train_fsdp_under_accelerate_launch(tiny_dir, tmp_path):
+    """The CLI path, started with the shipped configs/accelerate/ddp.yaml (2 processes, which
+    instill runs on the CPU here) and train.shard=fsdp: one run directory, written once,
+    evaluated once, and a final/ adapter equal to that of the same run data parallel
+    (train.shard=none)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def args(out, shard):
+        return [
+            "-m", "instill", "train", "quickstart", f"model.name={tiny_dir}",
+            f"train.output_dir={out}", "train.max_steps=4", "train.batch_size=2",
+            "train.log_every=1", "data.builtin.train_per_family=4",
+            "data.builtin.eval_per_family=1", "data.builtin.families=[addition,uppercase]",
+            "eval.holdout_clusters=[]", "eval.suites=[builtin]", "eval.max_new_tokens=4",
+            f"train.shard={shard}",
+        ]  # fmt: skip
+
+    config = HERE.parent / "configs" / "accelerate" / "ddp.yaml"
+    # (not --cpu: accelerate then starts one process; instill's Accelerator is on the CPU anyway)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+              "--num_processes", "2", "--num_cpu_threads_per_process", "1"]  # fmt: skip
+    proc = subprocess.run(
+        [*launch, *args(tmp_path / "fsdp", "fsdp")], capture_output=True, text=True,
+        timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert said.count("weights sharded over 2 processes") == 1  # sharded, said once
+    assert said.count("total wall time") == 1
+    run = tmp_path / "fsdp" / "quickstart"
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # one writer
+    for name in ("base-builtin", "builtin"):  # evaluated before, and after on the full weights
+        assert json.loads((run / "eval" / f"{name}.json").read_text())["n"] == 2
+
+    ddp = torchrun(*args(tmp_path / "ddp", "none"))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "weights sharded" not in ddp.stdout + ddp.stderr
+    a = load_file(tmp_path / "ddp" / "quickstart" / "final" / "adapter_model.safetensors")
+    b = load_file(run / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) >= 8
+    for key in a:
+        assert a[key].shape == b[key].shape, key
+        assert torch.allclose(a[key], b[key], rtol=0, atol=2e-5), key

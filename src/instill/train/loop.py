@@ -360,6 +360,8 @@ def train(
         reference = kl_reference(model, cfg)
         wrapper = lambda m: SupervisedLM(m, kl_weight=cfg.kl_to_base, reference=reference)  # noqa: E731
         sharded = shard.Sharded(model, wrapper)
+        if acc.is_main_process:
+            console.print(f"train.shard: fsdp: weights sharded over {acc.num_processes} processes")
     optimizer = make_optimizer(sharded.twin if sharded else model, cfg, acc.device)
     scheduler = make_scheduler(optimizer, cfg, steps)
     result = TrainResult()
