@@ -162,16 +162,16 @@ def precision_mode(low: torch.dtype | None) -> str:
 
 
 def check_distributed(acc) -> None:
-    """Data parallel (DDP) is the multi-process path instill runs and tests. accelerate's FSDP
-    and DeepSpeed wrappers would train, but each process would then write its own shard as if it
-    were the whole model (checkpoints, best/, final/): refused until instill gathers them."""
+    """instill starts processes through accelerate's data-parallel mode and shards itself
+    (train.shard: fsdp, train/shard.py). accelerate's own FSDP and DeepSpeed wrappers would have
+    each process write its own shard as if it were the whole model: refused."""
     kind = str(acc.distributed_type).rsplit(".", 1)[-1]
     if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         raise InstillError(
             f"accelerate's {kind} mode is not supported yet: instill's checkpoints and final/ "
             "would hold one process's shard, not the model. Launch with "
-            "configs/accelerate/ddp.yaml (data parallel; each GPU holds the whole model, so use "
-            "LoRA or QLoRA for models that do not fit one GPU with full fine-tuning)"
+            "configs/accelerate/ddp.yaml and set train.shard: fsdp in the recipe to shard "
+            "weights, gradients and optimiser state across the processes"
         )
 
 
