@@ -20,7 +20,8 @@ HERE = Path(__file__).resolve().parent
 def test_fsdp_two_processes_match_one(default_source, tmp_path, method, broken):
     """Losses, the first step's gradients (gathered from the shards) and the final weights
     (gathered back into the model) against one process, every element of every tensor; and
-    each process held half of every parameter, the frozen base weights of LoRA too. The
+    each process held half of every parameter, the frozen base weights of LoRA too (whose runs
+    also clip the gradient norm and recompute activations: gradient checkpointing). The
     negative control drops the process-count factor from the loss scale: FSDP averages the
     gradients over processes, so they come out halved and the test must see it."""
     from safetensors.torch import load_file

@@ -92,7 +92,7 @@ class Sharded:
 
         self.model = model
         params = dict(model.named_parameters())
-        self._shapes = {n: (p.dtype, p.device) for n, p in params.items()}
+        self._kinds = {n: (p.dtype, p.device) for n, p in params.items()}
         # the twin shares the parameters (not copied; fully_shard then builds the shards from them)
         twin = copy.deepcopy(model, memo={id(p): p for p in params.values()})
         self.twin = twin
@@ -147,7 +147,7 @@ class Sharded:
 
     def _empty(self) -> None:
         for name, p in self.model.named_parameters():
-            dtype, device = self._shapes[name]
+            dtype, device = self._kinds[name]
             p.data = torch.empty(0, dtype=dtype, device=device)
 
     # -- the loop's hooks ------------------------------------------------------------------
