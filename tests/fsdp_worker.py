@@ -8,6 +8,8 @@ loss scale: the negative control the test must catch. `stop_at` asks the loop to
 step (as a signal would), which writes a checkpoint; `resume` continues from one."""
 
 import json
+import os
+import shutil
 import sys
 
 import torch
@@ -76,7 +78,7 @@ def run(
 
         loop._any = stopping
     cfg = TrainConfig(
-        lr=1e-2, max_steps=4, batch_size=per_device, warmup_ratio=0, shard="fsdp",
+        lr=1e-2, max_steps=4, batch_size=per_device, warmup_ratio=0, shard="fsdp", eval_every=2,
         max_grad_norm=None if method == "full" else 1.0,  # the LoRA runs clip, sharded,
         gradient_checkpointing=method == "lora",  # and recompute each layer inside its shard
     )  # fmt: skip
@@ -85,6 +87,7 @@ def run(
         result = train(
             model, tokenizer, make_rows(12, seed=5), cfg, Path(run_dir) if run_dir else None,
             accelerator=acc, resume_from=Path(resume) if resume else None,
+            validation=make_rows(4, seed=9),  # validation loss (and best/) on the shards
         )  # fmt: skip
     finally:
         loop.make_optimizer, loop.loss_scale, loop._any, shard.Sharded = original
@@ -92,6 +95,7 @@ def run(
     record = {
         "world": acc.num_processes,
         "losses": result.losses,
+        "val_losses": result.val_losses,
         "tokens": result.tokens,
         "steps": result.steps,
         "interrupted": result.interrupted,
@@ -111,6 +115,8 @@ if __name__ == "__main__":
     if mode == "resume":  # uninterrupted; stopped after step 2; resumed from its checkpoint
         run(tokenizer_path, 2, out + ".whole", run_dir=out + ".whole.run")
         run(tokenizer_path, 2, out + ".cut", run_dir=out + ".cut.run", stop_at=2)
+        if os.environ.get("RANK") == "0":  # best/ as the stop left it (the resumed run goes on)
+            shutil.copytree(out + ".cut.run/checkpoints/best", out + ".cut.best")
         step = out + ".cut.run/checkpoints/step-2"
         run(tokenizer_path, 2, out + ".resumed", run_dir=out + ".cut.run", resume=step)
     else:

@@ -50,6 +50,9 @@ def test_fsdp_two_processes_match_one(default_source, tmp_path, method, broken):
         return
     assert worst <= 1e-6
     assert max(abs(a - b) for a, b in zip(two["losses"], one["losses"], strict=True)) <= 1e-4
+    assert [s for s, _ in two["val_losses"]] == [s for s, _ in one["val_losses"]] == [2, 4]
+    for (_, a), (_, b) in zip(two["val_losses"], one["val_losses"], strict=True):
+        assert abs(a - b) <= 1e-4
     assert two_params.keys() == one["params"].keys()
     for name, value in one["params"].items():  # (summation order: see test_ddp's bound)
         assert two_params[name].shape == value.shape, name
@@ -66,7 +69,8 @@ def test_fsdp_checkpoint_resume_is_exact(default_source, tmp_path):
     args = [str(HERE / "fsdp_worker.py"), default_source.path, "resume", str(out)]
     proc = torchrun(*args, PYTHONPATH=str(HERE))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    whole, cut, resumed = (json.loads(Path(f"{out}.{k}").read_text()) for k in ("whole", "cut", "resumed"))  # fmt: skip  # noqa: E501
+    runs = {k: json.loads(Path(f"{out}.{k}").read_text()) for k in ("whole", "cut", "resumed")}
+    whole, cut, resumed = runs["whole"], runs["cut"], runs["resumed"]
     assert cut["interrupted"] and cut["steps"] == 2 and len(whole["losses"]) == 4
     assert resumed["losses"] == whole["losses"]  # the first two restored, the last two trained
     a = load_file(f"{out}.whole.params.safetensors")
@@ -81,10 +85,15 @@ def test_fsdp_checkpoint_resume_is_exact(default_source, tmp_path):
     one_dir = tmp_path / "one"
     run(default_source.path, 4, None, run_dir=str(one_dir), stop_at=2)
     ref = one_dir / "checkpoints" / "step-2"
-    w2, w1 = load_file(step / "model.safetensors"), load_file(ref / "model.safetensors")
-    assert w2.keys() == w1.keys()
-    for key in w1:
-        assert torch.allclose(w2[key], w1[key], rtol=0, atol=2e-5), key
+    # (best/: from the validation at step 2, the only one before the stop; copied aside by the
+    # worker before the resumed run went on)
+    pairs = [(step, ref), (Path(f"{out}.cut.best"), ref.parent / "best")]
+    for sharded_dir, one_process_dir in pairs:
+        ours = load_file(sharded_dir / "model.safetensors")
+        theirs = load_file(one_process_dir / "model.safetensors")
+        assert ours.keys() == theirs.keys() and len(ours) >= 8
+        for key in theirs:
+            assert torch.allclose(ours[key], theirs[key], rtol=0, atol=2e-5), key
     s2 = torch.load(step / "trainer_state.pt", weights_only=True)["optimizer"]
     s1 = torch.load(ref / "trainer_state.pt", weights_only=True)["optimizer"]
     assert s2["param_groups"] == s1["param_groups"]
