@@ -12,6 +12,11 @@ Configurations (each in its own process, so peak memory is its own):
     full-bf16        full fine-tuning, bf16 compute over float32 master weights
     full-bf16-compile  the same with train.compile
     trl-lora-bf16    TRL SFTTrainer, LoRA r=16, bf16, same rows, batch and length
+    lora-bf16-fsdp   lora-bf16 with train.shard: fsdp in 2 processes  (needs 2 GPUs)
+    full-bf16-fsdp   full-bf16 with train.shard: fsdp in 2 processes  (needs 2 GPUs)
+
+The fsdp rows run under torchrun with the batch per process, so they see twice the rows per
+step; their tok/s and peak memory are those of process 0. With one GPU they are skipped.
 
 Prints one row per configuration: tokens/s (real tokens per wall second of the whole run),
 peak GPU memory, first and last loss over the steps (each must fall: "learns" is yes only when
@@ -33,7 +38,10 @@ CONFIGS = {
     "full-bf16": dict(method="full", dtype="bfloat16"),
     "full-bf16-compile": dict(method="full", dtype="bfloat16", compile=True),
     "trl-lora-bf16": dict(method="trl", dtype="bfloat16"),
+    "lora-bf16-fsdp": dict(method="lora", dtype="bfloat16", shard="fsdp"),
+    "full-bf16-fsdp": dict(method="full", dtype="bfloat16", shard="fsdp"),
 }
+PROCESSES = 2  # for the fsdp rows
 BATCH, MAX_LEN = 8, 512
 LR = {"lora": 2e-4, "full": 2e-5, "trl": 2e-4}
 
@@ -61,6 +69,11 @@ def run_instill(name: str, spec: dict, model: str, steps: int, device: str) -> d
     from instill.models import attach_adapter, load_model
     from instill.train import train
 
+    acc = None
+    if "shard" in spec:  # one of PROCESSES: the Accelerator picks this process's GPU first
+        from accelerate import Accelerator
+
+        acc = Accelerator(cpu=device == "cpu")
     dtype = spec["dtype"] if device == "cuda" else "float32"
     cfg = ModelConfig(name=model, dtype=dtype, device=device, quantize=spec.get("quantize", "none"))
     loaded = load_model(cfg)
@@ -69,17 +82,18 @@ def run_instill(name: str, spec: dict, model: str, steps: int, device: str) -> d
     model_, _ = attach_adapter(loaded.model, adapter, 0)
     train_cfg = TrainConfig(
         lr=LR[spec["method"]], max_steps=steps, batch_size=BATCH, warmup_ratio=0.1,
-        compile=spec.get("compile", False), log_every=1,
+        compile=spec.get("compile", False), log_every=1, shard=spec.get("shard", "none"),
     )  # fmt: skip
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = train(model_, tokenizer, rows, train_cfg, None)
+    result = train(model_, tokenizer, rows, train_cfg, None, accelerator=acc)
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else result.peak_mem_mb
     return {
         "name": name, "losses": result.losses, "tokens": result.tokens,
         "tps": result.tokens / max(result.wall_s, 1e-9), "peak_mb": peak, "wall_s": wall,
+        "main": acc is None or acc.is_main_process,
     }  # fmt: skip
 
 
@@ -135,7 +149,8 @@ def worker(name: str, model: str, steps: int, device: str) -> None:
         out = run_trl(name, model, steps, device)
     else:
         out = run_instill(name, spec, model, steps, device)
-    print("RESULT " + json.dumps(out))
+    if out.pop("main", True):
+        print("RESULT " + json.dumps(out))
 
 
 def learns(losses: list[float]) -> str:
@@ -172,6 +187,13 @@ def main() -> None:
     for name in names:
         cmd = [sys.executable, __file__, "--worker", name, "--model", a.model, "--steps",
                str(steps), "--device", device]  # fmt: skip
+        if "shard" in CONFIGS[name]:
+            if device == "cuda" and torch.cuda.device_count() < PROCESSES:
+                rows.append({"name": name, "error": f"skipped: needs {PROCESSES} GPUs"})
+                continue
+            launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                      "--nproc_per_node", str(PROCESSES)]  # fmt: skip
+            cmd = [*launch, *cmd[1:]]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:

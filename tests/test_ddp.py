@@ -15,7 +15,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def torchrun(*args: str, **env: str) -> subprocess.CompletedProcess:
-    """Two CPU processes (one thread each, so they do not fight over the 2 cores)."""
+    """Two CPU processes (one thread each, so they do not fight over the 2 cores). A PYTHONPATH
+    given is put before the caller's (which may name the checkout's src/ to test)."""
+    if "PYTHONPATH" in env and os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"]
     command = [
         sys.executable,
         "-m",

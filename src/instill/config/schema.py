@@ -269,6 +269,13 @@ class TrainConfig(_Section):
         "so steps after the first run faster; the first pays a one-off compile (shorter once "
         "inductor's cache holds it). The README's Benchmarks have the figures.",
     )
+    shard: Literal["none", "fsdp"] = Field(
+        "none",
+        description="Several processes: none keeps a whole copy of the model in each (data "
+        "parallel); fsdp shards weights, gradients and optimiser state across them (torch's "
+        "FSDP2, one decoder layer at a time), for models whose training state does not fit one "
+        "GPU. Checkpoints and final/ hold the full model either way. One process: no effect.",
+    )
 
     @field_validator("gradient_checkpointing")
     @classmethod

@@ -29,6 +29,7 @@ from instill.console import console
 from instill.data.dataset import Row, collate, length_grouped_batches
 from instill.data.packing import collate_packed, pack_best_fit
 from instill.errors import InstillError
+from instill.train import shard
 from instill.train.checkpoint import (
     load_weights,
     restore_checkpoint,
@@ -161,16 +162,16 @@ def precision_mode(low: torch.dtype | None) -> str:
 
 
 def check_distributed(acc) -> None:
-    """Data parallel (DDP) is the multi-process path instill runs and tests. accelerate's FSDP
-    and DeepSpeed wrappers would train, but each process would then write its own shard as if it
-    were the whole model (checkpoints, best/, final/): refused until instill gathers them."""
+    """instill starts processes through accelerate's data-parallel mode and shards itself
+    (train.shard: fsdp, train/shard.py). accelerate's own FSDP and DeepSpeed wrappers would have
+    each process write its own shard as if it were the whole model: refused."""
     kind = str(acc.distributed_type).rsplit(".", 1)[-1]
     if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         raise InstillError(
             f"accelerate's {kind} mode is not supported yet: instill's checkpoints and final/ "
             "would hold one process's shard, not the model. Launch with "
-            "configs/accelerate/ddp.yaml (data parallel; each GPU holds the whole model, so use "
-            "LoRA or QLoRA for models that do not fit one GPU with full fine-tuning)"
+            "configs/accelerate/ddp.yaml and set train.shard: fsdp in the recipe to shard "
+            "weights, gradients and optimiser state across the processes"
         )
 
 
@@ -243,11 +244,14 @@ def validation_loss(model: torch.nn.Module, rows: list[Row], batch_size: int, pa
     """Mean token loss over `rows` (the same supervised positions as training)."""
     was_training = model.training
     model.eval()
-    lm, device = SupervisedLM(model), next(model.parameters()).device
+    # (train.shard: fsdp passes its sharded wrapper; the replay mask is dropped: no KL term)
+    lm = model if isinstance(model, SupervisedLM) else SupervisedLM(model)
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for idx in length_grouped_batches(rows, batch_size, seed=0):
         batch = collate([rows[i] for i in idx], pad_id)
-        loss_sum, n = lm(**{k: v.to(device) for k, v in batch.items() if k != "real_tokens"})
+        skip = ("real_tokens", "replay_mask")
+        loss_sum, n = lm(**{k: v.to(device) for k, v in batch.items() if k not in skip})
         total, count = total + float(loss_sum), count + int(n)
     model.train(was_training)
     return total / max(count, 1)
@@ -350,11 +354,20 @@ def train(
         rows, cfg, tokenizer.pad_token_id, acc.process_index, acc.num_processes, pack_length
     )
     steps = batcher.total_steps()
-    optimizer = make_optimizer(model, cfg, acc.device)
+    sharded = None
+    if shard.wanted(cfg, acc):  # FSDP: the loop trains a sharded twin (train/shard.py)
+        shard.check(cfg, evaluator)
+        reference = kl_reference(model, cfg)
+        wrapper = lambda m: SupervisedLM(m, kl_weight=cfg.kl_to_base, reference=reference)  # noqa: E731
+        sharded = shard.Sharded(model, wrapper)
+        if acc.is_main_process:
+            console.print(f"train.shard: fsdp: weights sharded over {acc.num_processes} processes")
+    optimizer = make_optimizer(sharded.twin if sharded else model, cfg, acc.device)
     scheduler = make_scheduler(optimizer, cfg, steps)
     result = TrainResult()
     if resume_from is not None:
-        state = restore_checkpoint(resume_from, model, optimizer, scheduler, fingerprint or {})
+        loads = sharded.loader(optimizer) if sharded else optimizer
+        state = restore_checkpoint(resume_from, model, loads, scheduler, fingerprint or {})
         result.steps, result.tokens = state["step"], state["tokens"]
         result.trained_tokens, result.losses = state["trained_tokens"], list(state["losses"])
         result.val_losses = [tuple(v) for v in state.get("val_losses", [])]
@@ -362,8 +375,11 @@ def train(
         result.best_score = tuple(state["best_score"]) if state.get("best_score") else None
     # The scheduler is stepped by us once per optimiser step; accelerate's wrapper would step it
     # once per process.
-    lm = SupervisedLM(model, kl_weight=cfg.kl_to_base, reference=kl_reference(model, cfg))
-    wrapped, optimizer = acc.prepare(lm, optimizer)
+    if sharded:
+        wrapped = sharded.start()
+    else:
+        lm = SupervisedLM(model, kl_weight=cfg.kl_to_base, reference=kl_reference(model, cfg))
+        wrapped, optimizer = acc.prepare(lm, optimizer)
     stream = batcher.stream(skip=result.steps * cfg.grad_accum)
     logs = TrainLogs(run_dir) if run_dir and acc.is_main_process else None
     start = time.perf_counter()
@@ -391,7 +407,8 @@ def train(
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if cfg.max_grad_norm is not None:
-                grad_norm = float(acc.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm))
+                clip = shard.clip_grad_norm_ if sharded else acc.clip_grad_norm_
+                grad_norm = float(clip(wrapped.parameters(), cfg.max_grad_norm))
             if scaler is not None:
                 scaler.step(optimizer)  # (skipped when the fp16 gradients overflowed)
                 scaler.update()
@@ -429,7 +446,12 @@ def train(
                         logs.scalar(f"train/{key}", record[key], step)
             if validation and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
                 with plain(), amp():
-                    val = validation_loss(model, validation, cfg.batch_size, tokenizer.pad_token_id)
+                    val = validation_loss(
+                        wrapped if sharded else model,
+                        validation,
+                        cfg.batch_size,
+                        tokenizer.pad_token_id,
+                    )
                 result.val_losses.append((step, val))
                 if logs:
                     at = round(time.perf_counter() - start, 2)
@@ -449,11 +471,11 @@ def train(
                     improved = result.best_score is None or score > result.best_score[1]
                     if improved:
                         result.best_score = (step, score)
-                if improved and run_dir and acc.is_main_process:
-                    best_dir = run_dir / "checkpoints" / "best"
-                    save_model_dir(
-                        acc.unwrap_model(wrapped).model, tokenizer, best_dir, what="best checkpoint"
-                    )
+                if improved and run_dir:
+                    with _full(sharded, acc):
+                        if acc.is_main_process:
+                            best_dir = run_dir / "checkpoints" / "best"
+                            save_model_dir(model, tokenizer, best_dir, what="best checkpoint")
                 patience = cfg.early_stopping_patience
                 best_step = (result.best_score or result.best)[0]
                 since_best = sum(1 for s, _ in result.val_losses if s > best_step)
@@ -464,23 +486,26 @@ def train(
             periodic = cfg.save_every and step % cfg.save_every == 0 and step != steps
             if run_dir and (periodic or interrupted):
                 acc.wait_for_everyone()
-                if acc.is_main_process:
-                    save_checkpoint(
-                        run_dir / "checkpoints",
-                        acc.unwrap_model(wrapped).model,
-                        tokenizer,
-                        optimizer,
-                        scheduler,
-                        result,
-                        fingerprint or {},
-                        cfg.keep_checkpoints,
-                    )
+                with _full(sharded, acc, optimizer) as optimizer_state:
+                    if acc.is_main_process:
+                        save_checkpoint(
+                            run_dir / "checkpoints",
+                            model,
+                            tokenizer,
+                            optimizer_state,
+                            scheduler,
+                            result,
+                            fingerprint or {},
+                            cfg.keep_checkpoints,
+                        )
                 acc.wait_for_everyone()
             if interrupted:
                 result.interrupted = True
                 break
             if result.stopped_early:
                 break
+    if sharded:  # every process's `model` gets the trained full weights back
+        sharded.finish()
     if cfg.select_best and result.best and run_dir and not result.interrupted:
         acc.wait_for_everyone()
         load_weights(model, run_dir / "checkpoints" / "best")
@@ -490,6 +515,14 @@ def train(
     result.peak_mem_mb = peak_memory_mb(acc.device)
     model.eval()
     return result
+
+
+def _full(sharded, acc, optimizer=None):
+    """Around a write: with FSDP, `model` holds the gathered full weights on the main process
+    and the value gives the optimiser's full state; otherwise the optimiser itself."""
+    if sharded is None:
+        return contextlib.nullcontext(optimizer)
+    return sharded.full(optimizer, main=acc.is_main_process)
 
 
 def _any(acc, flag: bool) -> bool:

@@ -1,0 +1,181 @@
+"""train.shard: fsdp on CPU (gloo): 2 sharded processes at batch 2 train exactly like 1 process at
+batch 4, hold half of every weight each, and write checkpoints that a one-process run would."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fsdp_worker import run
+from test_ddp import torchrun
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.mark.parametrize(
+    "method,broken",
+    [("full", False), ("lora", False), ("full", True)],
+    ids=["full", "lora", "no-process-factor"],
+)
+def test_fsdp_two_processes_match_one(default_source, tmp_path, method, broken):
+    """Losses, the first step's gradients (gathered from the shards) and the final weights
+    (gathered back into the model) against one process, every element of every tensor; and
+    each process held half of every parameter, the frozen base weights of LoRA too (whose runs
+    also clip the gradient norm and recompute activations: gradient checkpointing). The
+    negative control drops the process-count factor from the loss scale: FSDP averages the
+    gradients over processes, so they come out halved and the test must see it."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "fsdp.json"
+    args = [str(HERE / "fsdp_worker.py"), default_source.path, method, str(out)]
+    proc = torchrun(*args, *(["broken"] if broken else []), PYTHONPATH=str(HERE))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(out.read_text())
+    two_grads = load_file(f"{out}.grads.safetensors")
+    two_params = load_file(f"{out}.params.safetensors")
+    one = run(default_source.path, 4, None, method=method)
+    assert two["world"] == 2 and one["world"] == 1 and one["fractions"] == {}  # 1: not sharded
+    # sharded: every parameter, trainable or frozen, half on each process
+    assert two["fractions"].keys() == two_params.keys()
+    assert set(two["fractions"].values()) == {0.5}
+    if method == "lora":
+        frozen = [k for k in two_params if "lora_" not in k]
+        assert frozen and not set(frozen) & set(two_grads)  # base weights: frozen, and sharded
+    assert two["tokens"] == one["tokens"]
+    assert two_grads.keys() == one["grads"].keys() and len(two_grads) >= 8
+    worst = max((two_grads[k] - g).abs().max().item() for k, g in one["grads"].items())
+    if broken:
+        halved = max((2 * two_grads[k] - g).abs().max().item() for k, g in one["grads"].items())
+        assert worst > 1e-4 and halved <= 1e-6, (worst, halved)
+        return
+    assert worst <= 1e-6
+    assert max(abs(a - b) for a, b in zip(two["losses"], one["losses"], strict=True)) <= 1e-4
+    assert [s for s, _ in two["val_losses"]] == [s for s, _ in one["val_losses"]] == [2, 4]
+    for (_, a), (_, b) in zip(two["val_losses"], one["val_losses"], strict=True):
+        assert abs(a - b) <= 1e-4
+    assert two_params.keys() == one["params"].keys()
+    for name, value in one["params"].items():  # (summation order: see test_ddp's bound)
+        assert two_params[name].shape == value.shape, name
+        assert torch.allclose(two_params[name], value, rtol=0, atol=2e-5), name
+
+
+def test_fsdp_checkpoint_resume_is_exact(default_source, tmp_path):
+    """Stopped after step 2 (as a signal stops it), a sharded run writes one checkpoint in the
+    one-process format (full weights, numbered optimiser state), and resuming from it in 2
+    sharded processes gives the losses and weights of the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "r.json"
+    args = [str(HERE / "fsdp_worker.py"), default_source.path, "resume", str(out)]
+    proc = torchrun(*args, PYTHONPATH=str(HERE))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {k: json.loads(Path(f"{out}.{k}").read_text()) for k in ("whole", "cut", "resumed")}
+    whole, cut, resumed = runs["whole"], runs["cut"], runs["resumed"]
+    assert cut["interrupted"] and cut["steps"] == 2 and len(whole["losses"]) == 4
+    assert resumed["losses"] == whole["losses"]  # the first two restored, the last two trained
+    a = load_file(f"{out}.whole.params.safetensors")
+    b = load_file(f"{out}.resumed.params.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    (step,) = (Path(f"{out}.cut.run") / "checkpoints").glob("step-*")
+    assert step.name == "step-2"
+
+    # the same run in one process at batch 4, stopped at the same step: the same files
+    one_dir = tmp_path / "one"
+    run(default_source.path, 4, None, run_dir=str(one_dir), stop_at=2)
+    ref = one_dir / "checkpoints" / "step-2"
+    # (best/: from the validation at step 2, the only one before the stop; copied aside by the
+    # worker before the resumed run went on)
+    pairs = [(step, ref), (Path(f"{out}.cut.best"), ref.parent / "best")]
+    for sharded_dir, one_process_dir in pairs:
+        ours = load_file(sharded_dir / "model.safetensors")
+        theirs = load_file(one_process_dir / "model.safetensors")
+        assert ours.keys() == theirs.keys() and len(ours) >= 8
+        for key in theirs:
+            assert torch.allclose(ours[key], theirs[key], rtol=0, atol=2e-5), key
+    s2 = torch.load(step / "trainer_state.pt", weights_only=True)["optimizer"]
+    s1 = torch.load(ref / "trainer_state.pt", weights_only=True)["optimizer"]
+    assert s2["param_groups"] == s1["param_groups"]
+    assert s2["state"].keys() == s1["state"].keys() and len(s1["state"]) >= 8
+    for i, state in s1["state"].items():
+        for key, value in state.items():
+            assert torch.allclose(s2["state"][i][key], value, rtol=1e-3, atol=1e-7), (i, key)
+
+
+def test_layer_classes_come_from_the_model_not_the_wrapper(tiny):
+    """The unit FSDP shards by: the model's decoder layer, plain or inside peft."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from instill.config import AdapterConfig
+    from instill.errors import InstillError
+    from instill.models import attach_adapter
+    from instill.train.shard import layer_classes
+
+    assert layer_classes(tiny) == (LlamaDecoderLayer,)
+    peft_model, _ = attach_adapter(tiny, AdapterConfig(method="lora"))
+    assert layer_classes(peft_model) == (LlamaDecoderLayer,)
+    with pytest.raises(InstillError, match="no decoder layers"):
+        layer_classes(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_fsdp_refuses_what_it_cannot_do():
+    from instill.config import TrainConfig
+    from instill.errors import InstillError
+    from instill.train.shard import check
+
+    check(TrainConfig(shard="fsdp"), None)  # the supported combination
+    with pytest.raises(InstillError, match="train.compile"):
+        check(TrainConfig(shard="fsdp", compile=True), None)
+    with pytest.raises(InstillError, match="eval.during_training"):
+        check(TrainConfig(shard="fsdp"), lambda model: 0.0)
+
+
+def test_instill_train_fsdp_under_accelerate_launch(tiny_dir, tmp_path):
+    """The CLI path, started with the shipped configs/accelerate/ddp.yaml (2 processes, which
+    instill runs on the CPU here) and train.shard=fsdp: one run directory, written once,
+    evaluated once, and a final/ adapter equal to that of the same run data parallel
+    (train.shard=none)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def args(out, shard):
+        return [
+            "-m", "instill", "train", "quickstart", f"model.name={tiny_dir}",
+            f"train.output_dir={out}", "train.max_steps=4", "train.batch_size=2",
+            "train.log_every=1", "data.builtin.train_per_family=4",
+            "data.builtin.eval_per_family=1", "data.builtin.families=[addition,uppercase]",
+            "eval.holdout_clusters=[]", "eval.suites=[builtin]", "eval.max_new_tokens=4",
+            f"train.shard={shard}",
+        ]  # fmt: skip
+
+    config = HERE.parent / "configs" / "accelerate" / "ddp.yaml"
+    # (not --cpu: accelerate then starts one process; instill's Accelerator is on the CPU anyway)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+              "--num_processes", "2", "--num_cpu_threads_per_process", "1"]  # fmt: skip
+    proc = subprocess.run(
+        [*launch, *args(tmp_path / "fsdp", "fsdp")], capture_output=True, text=True,
+        timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert said.count("weights sharded over 2 processes") == 1  # sharded, said once
+    assert said.count("total wall time") == 1
+    run = tmp_path / "fsdp" / "quickstart"
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # one writer
+    for name in ("base-builtin", "builtin"):  # evaluated before, and after on the full weights
+        assert json.loads((run / "eval" / f"{name}.json").read_text())["n"] == 2
+
+    ddp = torchrun(*args(tmp_path / "ddp", "none"))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "weights sharded" not in ddp.stdout + ddp.stderr
+    a = load_file(tmp_path / "ddp" / "quickstart" / "final" / "adapter_model.safetensors")
+    b = load_file(run / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) >= 8
+    for key in a:
+        assert a[key].shape == b[key].shape, key
+        assert torch.allclose(a[key], b[key], rtol=0, atol=2e-5), key
