@@ -135,7 +135,8 @@ def test_instill_train_fsdp_under_accelerate_launch(tiny_dir, tmp_path):
     """The CLI path, started with the shipped configs/accelerate/ddp.yaml (2 processes, which
     instill runs on the CPU here) and train.shard=fsdp: one run directory, written once,
     evaluated once, and a final/ adapter equal to that of the same run data parallel
-    (train.shard=none)."""
+    (train.shard=none), which is started with the other shipped config, multi_node.yaml, as two
+    one-process "machines" on this host (machine_rank 0 and 1, rendezvous on 127.0.0.1)."""
     import os
     import subprocess
     import sys
@@ -170,9 +171,29 @@ def test_instill_train_fsdp_under_accelerate_launch(tiny_dir, tmp_path):
     for name in ("base-builtin", "builtin"):  # evaluated before, and after on the full weights
         assert json.loads((run / "eval" / f"{name}.json").read_text())["n"] == 2
 
-    ddp = torchrun(*args(tmp_path / "ddp", "none"))
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert "weights sharded" not in ddp.stdout + ddp.stderr
+    import socket
+
+    with socket.socket() as sock:  # a free port for the two machines' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    config = HERE.parent / "configs" / "accelerate" / "multi_node.yaml"
+    machines = [
+        subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+             "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip",
+             "127.0.0.1", "--main_process_port", port, "--num_cpu_threads_per_process", "1",
+             *args(tmp_path / "ddp", "none")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outputs = [machine.communicate(timeout=600) for machine in machines]
+    for machine, (_out, err) in zip(machines, outputs, strict=True):
+        assert machine.returncode == 0, err[-3000:]
+    said = "".join(out + err for out, err in outputs)
+    assert "weights sharded" not in said
+    assert said.count("total wall time") == 1  # one main process across both machines
     a = load_file(tmp_path / "ddp" / "quickstart" / "final" / "adapter_model.safetensors")
     b = load_file(run / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and len(a) >= 8
