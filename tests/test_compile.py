@@ -107,7 +107,7 @@ def test_shipped_lora_recipe_runs_compiled(tiny_dir, tmp_path):
     from pathlib import Path
 
     from instill.config import load_recipe
-    from instill.pipeline import run_recipe
+    from instill.recipe import run_recipe
 
     recipe = load_recipe(
         Path(__file__).resolve().parent.parent / "recipes" / "lora.yaml",

@@ -180,7 +180,7 @@ def test_barrier_timeout_is_the_recipes(tmp_path):
     script.write_text(
         "import sys, time\n"
         "from instill.config import load_recipe\n"
-        "from instill.pipeline import make_accelerator\n"
+        "from instill.recipe import make_accelerator\n"
         "recipe = load_recipe(None, ['data.builtin.seed=0', 'train.barrier_timeout_min=0.05'])\n"
         "acc = make_accelerator(recipe)\n"
         "if acc.process_index == 1:\n"

@@ -321,7 +321,7 @@ def test_compare_prints_the_verdict_and_the_replies_that_moved(recorded, capsys,
 
 def test_a_run_with_replay_kl_and_general_gen(tiny_dir, tmp_path, home, tokenizer, monkeypatch):
     from instill.infer.generate import Generation
-    from instill.pipeline import run_recipe
+    from instill.recipe import run_recipe
 
     # The random tiny model only writes newlines, which make no replay row; every generation
     # answers with the same few words instead (the real model's run is the slow test below).
@@ -379,7 +379,7 @@ def test_a_run_with_replay_kl_and_general_gen(tiny_dir, tmp_path, home, tokenize
 @pytest.mark.slow
 def test_real_model_replay_kl_and_general_gen(default_source, tmp_path):
     """The default model end to end: base replies, replay rows, the KL term and the verdict."""
-    from instill.pipeline import run_recipe
+    from instill.recipe import run_recipe
 
     recipe = load_recipe(
         RECIPES / "quickstart.yaml",

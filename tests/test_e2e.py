@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from instill.config import load_recipe
-from instill.pipeline import run_recipe
+from instill.recipe import run_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "src" / "instill" / "recipes"
 pytestmark = pytest.mark.slow

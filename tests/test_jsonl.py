@@ -15,9 +15,9 @@ from instill.eval.compare import compare
 from instill.infer.batch import generate_file, read_inputs
 from instill.infer.generate import GenParams
 from instill.jsonl import read_jsonl, write_jsonl
-from instill.pipeline import _trim_metrics
 from instill.report import write_run_report
 from instill.report.plots import read_metrics
+from instill.train.logs import Metrics
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run"
 ODD = "line\u2028separator, next\x85line, para\u2029graph, form\x0cfeed, vt\x0bab"
@@ -62,7 +62,7 @@ def test_resume_trims_metrics_cut_by_a_kill(tmp_path):
         '{"step": 0, "val_loss": 3.0}\n' + note + '\n{"step": 4, "loss": 2.0}\n{"step": 5, "lo',
         encoding="utf-8",
     )
-    _trim_metrics(path, 2)
+    Metrics(path.parent).trim(2)  # what a resume from step 2 does
     assert read_jsonl(path) == [
         {"step": 0, "val_loss": 3.0}, {"step": 2, "loss": 2.5, "note": ODD},
     ]  # fmt: skip

@@ -94,3 +94,25 @@ def test_negative_control_per_micro_batch_mean_differs(tiny):
     naive = grads(tiny)
     worst = max(float((naive[k] - g8[k]).abs().max()) for k in g8)
     assert worst > 1e-4
+
+
+def test_evaluation_likelihood_is_the_training_loss(tiny):
+    """One supervised loss: evaluation's per-row log-probabilities (eval/likelihood.py) come from
+    the same function as training's validation loss, so they agree: the mean of their negatives
+    over all scored tokens is the validation loss, and each row's score is the negative of its
+    own training loss. Negative control: one mask position moved changes the score."""
+    from instill.eval.likelihood import masked_logprobs, perplexity
+    from instill.train.loop import validation_loss
+
+    rows = make_rows(6, seed=3)
+    scores = masked_logprobs(tiny, [(r.input_ids, r.mask) for r in rows], 0, batch_size=4)
+    loss, _ = perplexity(scores)
+    assert loss == pytest.approx(validation_loss(tiny, rows, 2, 0), rel=1e-6)
+    with torch.no_grad():
+        for row, score in zip(rows, scores, strict=True):
+            loss_sum, tokens = SupervisedLM(tiny)(**inputs(collate([row], 0)))
+            assert score.tokens == int(tokens) == sum(row.mask[1:])
+            assert score.logprob == pytest.approx(-float(loss_sum), rel=1e-6)
+    shifted = [0] + rows[0].mask[:-1]  # the reply starts one token later
+    (moved,) = masked_logprobs(tiny, [(rows[0].input_ids, shifted)], 0)
+    assert moved.tokens == scores[0].tokens - 1 and moved.logprob != scores[0].logprob

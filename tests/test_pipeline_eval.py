@@ -9,7 +9,7 @@ from pathlib import Path
 from instill.config import load_recipe
 from instill.data import builtin
 from instill.eval.compare import compare
-from instill.pipeline import run_recipe
+from instill.recipe import run_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "src" / "instill" / "recipes"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from instill import pipeline
+from instill import recipe as pipeline
 from instill.config import load_recipe
 from instill.errors import InstillError
 from instill.jsonl import read_jsonl

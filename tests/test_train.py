@@ -374,7 +374,7 @@ def test_fp16_full_fine_tuning_trains_with_a_loss_scaler(tokenizer, rows):
 
 def test_accelerate_mixed_precision_must_agree_with_model_dtype(monkeypatch, tmp_path):
     from instill.config import load_recipe
-    from instill.pipeline import check_mixed_precision
+    from instill.recipe import check_mixed_precision
 
     recipe = load_recipe(None, ["data.builtin.seed=0", "model.dtype=float32"])
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
@@ -400,3 +400,52 @@ def test_sharded_accelerate_modes_are_refused(tokenizer, rows, kind):
     with pytest.raises(InstillError, match=rf"accelerate's {kind} mode is not supported yet.*ddp"):
         check_distributed(SimpleNamespace(distributed_type=getattr(DistributedType, kind)))
     check_distributed(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_an_error_mid_training_closes_the_logs(tiny, tokenizer, rows, tmp_path, monkeypatch, error):
+    """An exception (or a second Ctrl-C) at step 3: the TensorBoard writer that was open is
+    closed, TensorBoard's thread hook is put back, and metrics.jsonl holds whole records of
+    steps 1 and 2 only."""
+    import threading
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from instill.jsonl import read_jsonl
+    from instill.train import loop
+
+    opened, closed = [], []
+    real_init, real_close, real_accumulate = (
+        SummaryWriter.__init__,
+        SummaryWriter.close,
+        loop.accumulate,
+    )
+
+    def init(self, *args, **kwargs):
+        opened.append(self)
+        real_init(self, *args, **kwargs)
+
+    def close(self):
+        closed.append(self)
+        real_close(self)
+
+    def accumulate(*args, **kwargs):
+        if len(steps) == 2:
+            raise error("stopped at step 3")
+        steps.append(1)
+        return real_accumulate(*args, **kwargs)
+
+    steps: list[int] = []
+    monkeypatch.setattr(SummaryWriter, "__init__", init)
+    monkeypatch.setattr(SummaryWriter, "close", close)
+    monkeypatch.setattr(loop, "accumulate", accumulate)
+    hook = threading.excepthook
+    model, _ = attach_adapter(tiny, AdapterConfig(r=4))
+    cfg = TrainConfig(max_steps=5, batch_size=2, log_every=1)
+    with pytest.raises(error, match="stopped at step 3"):
+        train(model, tokenizer, rows, cfg, tmp_path)
+    assert len(opened) == 1 and closed == opened  # the writer was open, and is closed
+    assert threading.excepthook is hook
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert text.endswith("\n")
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]

@@ -87,12 +87,18 @@ def _print_before_after(summary) -> None:
     out.print(f"total wall time: {summary.wall_s:.0f} s; run directory: {summary.run_dir}")
 
 
-def _run(recipe_file: Path, overrides: list[str] | None, overwrite: bool) -> None:
-    from instill.pipeline import run_recipe
+@app.command(epilog=recipe_help())
+def train(
+    recipe: str = typer.Argument(..., help="Recipe YAML file, or a shipped recipe name."),
+    overrides: list[str] = OVERRIDES,
+    overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
+) -> None:
+    """Tune a pretrained model as a recipe says; evaluate before and after; save to runs/<name>/."""
+    from instill.recipe import run_recipe
 
-    recipe = load_recipe(recipe_file, overrides or [])
+    resolved = load_recipe(recipe_path(recipe), overrides or [])
     _quiet_libraries()
-    summary = run_recipe(recipe, overwrite=overwrite)
+    summary = run_recipe(resolved, overwrite=overwrite)
     if summary.train.interrupted:
         sys.exit(130)
     if not summary.main:
@@ -102,22 +108,12 @@ def _run(recipe_file: Path, overrides: list[str] | None, overwrite: bool) -> Non
 
 
 @app.command(epilog=recipe_help())
-def train(
-    recipe: str = typer.Argument(..., help="Recipe YAML file, or a shipped recipe name."),
-    overrides: list[str] = OVERRIDES,
-    overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
-) -> None:
-    """Tune a pretrained model as a recipe says; evaluate before and after; save to runs/<name>/."""
-    _run(recipe_path(recipe), overrides, overwrite)
-
-
-@app.command(epilog=recipe_help())
 def quickstart(
     overrides: list[str] = OVERRIDES,
     overwrite: bool = typer.Option(False, help="Replace an existing runs/quickstart."),
 ) -> None:
     """Evaluate SmolLM2-135M-Instruct on held-out built-in tasks, LoRA-tune it, evaluate again."""
-    _run(RECIPES / "quickstart.yaml", overrides, overwrite)
+    train(str(RECIPES / "quickstart.yaml"), overrides, overwrite)
 
 
 CHAT_TEMPLATE = typer.Option(

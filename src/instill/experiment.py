@@ -91,7 +91,7 @@ def transfer(
     """Run both trainings and write the report; its path, or None when a training was
     interrupted (its checkpoint is kept; `resume=True` continues the experiment: a finished
     training is kept, an unfinished one continues from its last checkpoint)."""
-    from instill.pipeline import run_recipe
+    from instill.recipe import run_recipe
     from instill.report.experiment_report import write_transfer_report
 
     folder, pretrained, scratch, notes = plan(recipe, max_steps)

@@ -2,8 +2,9 @@
 
 A reply is scored exactly as it would be trained: the conversation (prompt + reply) is rendered
 through the chat template and the reply's tokens are the ones the training mask marks, so a
-choice is judged in the same form the model is tuned to produce. Only reply positions go
-through the output projection.
+choice is judged in the same form the model is tuned to produce. The log-probabilities are the
+training loss itself (train/loss.py's SupervisedLM, per row), so only reply positions go through
+the output projection and an evaluation's loss is the training loop's validation loss.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from instill.data.dataset import pad_right
+from instill.data.dataset import labels_from, pad_right
 from instill.data.render import end_of_turn_ids, render_batch
+from instill.train.loss import SupervisedLM
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,6 @@ class ReplyScore:
     @property
     def mean(self) -> float:
         return self.logprob / self.tokens if self.tokens else float("-inf")
-
-
-def _base(model):
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if get_base is not None else model
 
 
 @torch.inference_mode()
@@ -69,25 +65,20 @@ def masked_logprobs(
 ) -> list[ReplyScore]:
     """For each (token ids, mask) row, the summed log-probability of the tokens where the mask
     is 1, each given everything before it. Rows are length-sorted into padded batches."""
-    base = _base(model)
-    body, head = getattr(base, base.base_model_prefix), base.get_output_embeddings()
-    device = next(model.parameters()).device
+    lm, device = SupervisedLM(model), next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     out: list[ReplyScore | None] = [None] * len(rows)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         ids, attn, target_mask = pad_right([rows[i] for i in idx], pad)
-        ids, attn, target_mask = ids.to(device), attn.to(device), target_mask.to(device)
-        hidden = body(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-        keep = target_mask[:, 1:]
-        logits = head(hidden[:, :-1][keep]).float()
-        lp = F.log_softmax(logits, dim=-1).gather(1, ids[:, 1:][keep].unsqueeze(1)).squeeze(1)
-        counts = keep.sum(dim=1).tolist()
-        sums = torch.zeros(len(idx), dtype=torch.float64, device=lp.device)
-        row_of = torch.arange(len(idx), device=keep.device).unsqueeze(1).expand_as(keep)[keep]
-        sums.index_add_(0, row_of, lp.double())
+        losses, counts = lm(
+            input_ids=ids.to(device),
+            labels=labels_from(ids, target_mask).to(device),
+            attention_mask=attn.to(device),
+            per_row=True,
+        )
         for r, i in enumerate(idx):
-            out[i] = ReplyScore(float(sums[r]), int(counts[r]))
+            out[i] = ReplyScore(-float(losses[r]) if counts[r] else 0.0, int(counts[r]))
     return out  # type: ignore[return-value]
 
 

@@ -1,8 +1,11 @@
-"""What training logs, on the main process: metrics.jsonl records and TensorBoard scalars.
+"""What a run logs, on the main process: metrics.jsonl records and TensorBoard scalars.
 
-    append_record(path, record)   one JSON line appended (opened, written, closed each time)
-    TrainLogs(run_dir)            .record(dict) -> metrics.jsonl, .scalar(tag, value, step) ->
-                                  <run>/tensorboard when the tensorboard package is installed
+    Metrics(run_dir)              the one writer of <run>/metrics.jsonl: .append(record),
+                                  .read() (a last line torn by a kill is dropped), .trim(step)
+    TrainLogs(run_dir)            what the training loop logs, as a context manager:
+                                  .record(dict) -> Metrics, .scalar(tag, value, step) ->
+                                  <run>/tensorboard when the tensorboard package is installed;
+                                  the TensorBoard writer is closed on every way out of the loop
 
 A write that fails for want of space or permission is a WriteError naming the file
 (atomic.writing), shown by the CLI as one line; the checkpoints already written stay as they were.
@@ -14,21 +17,46 @@ import threading
 from pathlib import Path
 
 from instill.atomic import write_errno, writing
-from instill.jsonl import dumps
+from instill.jsonl import dumps, read_jsonl, write_jsonl
 
 SETTING = "train.output_dir"
 
 
-def append_record(path: Path, record: dict, what: str = "metrics") -> None:
-    """Append one record to a JSONL log. The file is closed after each record, so a record that
-    could not be written is not left in a buffer to fail again later."""
-    with writing(path, what, SETTING), open(path, "a", encoding="utf-8") as f:
-        f.write(dumps(record) + "\n")
+class Metrics:
+    """<run>/metrics.jsonl: one JSON record per logged step, validation or score. Every record
+    of a run (the base model's validation loss at step 0, the loop's records) and the trim on
+    resume go through here."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "metrics.jsonl"
+
+    def append(self, record: dict) -> None:
+        """Append one record. The file is opened and closed for each record, so a record that
+        could not be written is not left in a buffer to fail again later, and no handle
+        outlives the call."""
+        with writing(self.path, "metrics", SETTING), open(self.path, "a", encoding="utf-8") as f:
+            f.write(dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        """Every record; a last line cut by the kill that stopped the run is dropped."""
+        return read_jsonl(self.path, torn_tail=True) if self.path.is_file() else []
+
+    def trim(self, step: int) -> None:
+        """Drop records logged after `step` (a resumed run logs those steps again), and a torn
+        last line; the file is rewritten atomically."""
+        if self.path.is_file():
+            kept = [r for r in self.read() if r["step"] <= step]
+            write_jsonl(self.path, kept, "metrics")
 
 
 class TrainLogs:
-    def __init__(self, run_dir: Path):
-        self.metrics = Path(run_dir) / "metrics.jsonl"
+    """The training loop's logs. `resume_step`: the run continues after that step, so records
+    logged after it by the interrupted run are dropped first."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        self.metrics = Metrics(run_dir)
+        if resume_step is not None:
+            self.metrics.trim(resume_step)
         self.board_dir = Path(run_dir) / "tensorboard"
         self.board = None
         self._hook = None
@@ -41,7 +69,7 @@ class TrainLogs:
         self._quiet_writer_thread()
 
     def record(self, record: dict) -> None:
-        append_record(self.metrics, record)
+        self.metrics.append(record)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.board is not None:

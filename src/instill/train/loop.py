@@ -1,9 +1,14 @@
 """One training loop for full fine-tuning and adapters, for one CPU process or many GPU processes.
 
-    for each optimiser step:
+    prep = Prepared.build(...)       model ready to train: master weights, optimiser, schedule,
+                                     SupervisedLM wrapped by accelerate (DDP); restore, save
+    for each optimiser step:         (in train(), the step itself inline)
         take grad_accum micro-batches; count their supervised tokens (summed over processes)
         for each micro-batch: loss = loss_sum * world_size / global_supervised_tokens; backward
-        clip, step, schedule, log
+        clip, optimizer.step(), schedule
+        _log_step      metrics.jsonl + TensorBoard (train/logs.py), every log_every steps
+        _validate      validation loss, evaluator score, checkpoints/best, early stopping
+        _checkpoint    checkpoints/step-N on save_every or a stop signal (on_main)
 
 Dividing every micro-batch's loss *sum* by the token count of the whole accumulated global batch
 makes the gradient identical whether a batch is split across accumulation steps or processes.
@@ -21,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -41,6 +47,11 @@ from instill.train.logs import TrainLogs
 from instill.train.loss import IGNORE, SupervisedLM
 from instill.train.memory import enable_checkpointing, fix_mmap_threshold
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+T = TypeVar("T")
+
 
 @dataclass
 class TrainResult:
@@ -55,6 +66,22 @@ class TrainResult:
     best: tuple[int, float] | None = None  # (step, validation loss) of the lowest loss
     best_score: tuple[int, float] | None = None  # (step, score) with an evaluator: checkpoints/best
     peak_mem_mb: float = 0.0
+    total_steps: int = 0  # the steps this run was set to take
+
+    def count(self, step: int, loss: float, supervised: int, real: int) -> None:
+        """One optimiser step done: its loss and (global) token counts."""
+        self.losses.append(loss)
+        self.steps = step
+        self.tokens += real
+        self.trained_tokens += supervised
+
+    def continue_from(self, state: dict) -> None:
+        """Pick up a checkpoint's trainer state (restore_checkpoint's return)."""
+        self.steps, self.tokens = state["step"], state["tokens"]
+        self.trained_tokens, self.losses = state["trained_tokens"], list(state["losses"])
+        self.val_losses = [tuple(v) for v in state.get("val_losses", [])]
+        self.best = tuple(state["best"]) if state.get("best") else None
+        self.best_score = tuple(state["best_score"]) if state.get("best_score") else None
 
     @property
     def tokens_per_s(self) -> float:
@@ -304,13 +331,132 @@ def accumulate(
     return loss, global_tokens, global_real
 
 
+def make_accelerator(cpu: bool, barrier_timeout_min: float) -> Accelerator:
+    """The one place an Accelerator is built (by the run's setup, or by train() called on its
+    own): CPU or the model's device, a barrier timeout long enough for the main process's
+    evaluation, and accelerate's own mixed precision off (the loop runs it from the weights'
+    dtype)."""
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=barrier_timeout_min))
+    return Accelerator(cpu=cpu, mixed_precision="no", kwargs_handlers=[timeout])
+
+
+@dataclass
+class Prepared:
+    """The model made ready to train, and its state in and out of checkpoints. Model preparation,
+    saving and restoring sit together here so that a way of spreading the model over processes
+    other than DDP (sharding) changes this class and nothing in the loop.
+
+    Mixed precision: weights that train in bf16/fp16 are kept (and stepped by AdamW) in float32,
+    and forward and backward run under autocast to their dtype (fp16 with a loss scaler);
+    stepping bf16 weights directly loses every update below bf16's resolution (~0.4% of the
+    weight). Frozen weights stay as loaded.
+    """
+
+    acc: Accelerator
+    model: torch.nn.Module  # the caller's model (plain or peft), trained in place
+    wrapped: torch.nn.Module | None  # SupervisedLM as accelerate wrapped it (DDP); FSDP: start()
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    low: torch.dtype | None  # the trained weights' own dtype when half precision
+    masters: list[torch.nn.Parameter]  # those weights, held in float32 while training
+    scaler: torch.amp.GradScaler | None  # fp16's loss scaler
+    sharded: shard.Sharded | None = None  # train.shard: fsdp (the loop trains its sharded twin)
+
+    @classmethod
+    def build(cls, acc: Accelerator, model: torch.nn.Module, cfg: TrainConfig, steps: int):
+        low = low_precision(model)
+        masters = [p for p in model.parameters() if p.requires_grad and p.dtype == low]
+        for p in masters:
+            p.data = p.data.float()
+        enable_checkpointing(model, cfg.gradient_checkpointing)
+        model.train()
+        # the frozen base for train.kl_to_base is copied before any checkpoint is loaded
+        reference = kl_reference(model, cfg)
+        scaler = torch.amp.GradScaler(acc.device.type) if low == torch.float16 else None
+        if shard.wanted(cfg, acc):  # FSDP: not wrapped by accelerate; shards filled by start()
+            sharded = shard.Sharded(
+                model, lambda m: SupervisedLM(m, kl_weight=cfg.kl_to_base, reference=reference)
+            )
+            if acc.is_main_process:
+                console.print(
+                    f"train.shard: fsdp: weights sharded over {acc.num_processes} processes"
+                )
+            optimizer = make_optimizer(sharded.twin, cfg, acc.device)
+            scheduler = make_scheduler(optimizer, cfg, steps)
+            return cls(acc, model, None, optimizer, scheduler, low, masters, scaler, sharded)
+        optimizer = make_optimizer(model, cfg, acc.device)
+        scheduler = make_scheduler(optimizer, cfg, steps)
+        lm = SupervisedLM(model, kl_weight=cfg.kl_to_base, reference=reference)
+        # The scheduler is stepped by us once per optimiser step; accelerate's wrapper would
+        # step it once per process.
+        wrapped, optimizer = acc.prepare(lm, optimizer)
+        return cls(acc, model, wrapped, optimizer, scheduler, low, masters, scaler)
+
+    def start(self) -> torch.nn.Module:
+        """What the loop trains, once any checkpoint is restored: the DDP wrapper, or (FSDP)
+        the sharded wrapper with the caller's weights moved into its shards."""
+        if self.sharded is not None:
+            self.wrapped = self.sharded.start()
+        return self.wrapped
+
+    def scorer(self) -> torch.nn.Module:
+        """What validation runs: the caller's model, or (FSDP, whose caller's copy is empty
+        while training) the sharded wrapper, on every process."""
+        return self.wrapped if self.sharded is not None else self.model
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        clip = shard.clip_grad_norm_ if self.sharded is not None else self.acc.clip_grad_norm_
+        return clip(self.wrapped.parameters(), max_norm)
+
+    def gathered(self, optimizer: bool = False):
+        """Around a write (every process enters): (the model holding the full weights on the main
+        process, an object whose state_dict() is the optimiser's full state, or None)."""
+        if self.sharded is None:
+            return contextlib.nullcontext((self.weights(), self.optimizer if optimizer else None))
+        return _gathered(self, optimizer)
+
+    def amp(self):
+        """The forward's autocast (a no-op for float32 weights)."""
+        device, low = self.acc.device.type, self.low
+        return torch.autocast(device, dtype=low or torch.bfloat16, enabled=bool(low))
+
+    def weights(self) -> torch.nn.Module:
+        """The model whose weights a checkpoint holds (the main process saves it)."""
+        return self.acc.unwrap_model(self.wrapped).model
+
+    def restore(self, path: Path, fingerprint: dict) -> dict:
+        """Weights, optimiser, scheduler and RNG from a checkpoint; its trainer state. (FSDP:
+        the weights go into the caller's model, which start() then moves into the shards.)"""
+        loads = self.sharded.loader(self.optimizer) if self.sharded else self.optimizer
+        return restore_checkpoint(path, self.model, loads, self.scheduler, fingerprint)
+
+    def gather_back(self) -> None:
+        """FSDP: every process's copy of the caller's model gets the trained full weights."""
+        if self.sharded is not None:
+            self.sharded.finish()
+
+    def load_weights(self, path: Path) -> None:
+        load_weights(self.model, path)
+
+    def finish(self) -> None:
+        """The trained model back in the dtype it was loaded in."""
+        for p in self.masters:
+            p.data = p.data.to(self.low)
+        self.model.eval()
+
+
 def train(
     model: torch.nn.Module,
     tokenizer,
     rows: list[Row],
     cfg: TrainConfig,
     run_dir: Path | None,
-    accelerator=None,
+    accelerator: Accelerator | None = None,
     pack_length: int | None = None,
     validation: list[Row] | None = None,
     resume_from: Path | None = None,
@@ -319,85 +465,56 @@ def train(
 ) -> TrainResult:
     """Train `model` in place on `rows`. Returns throughput and losses; logs to run_dir.
 
+    `accelerator`: the run's one Accelerator (made by make_accelerator when not given).
     `pack_length`: pack rows into sequences of that many tokens instead of padding batches.
     `resume_from`: a checkpoint directory; weights, optimiser, scheduler, RNG and the data
-    position are restored, so the run continues exactly as if it had not stopped.
+    position are restored, so the run continues exactly as if it had not stopped (and
+    metrics.jsonl loses the records the interrupted run logged after it).
     `fingerprint`: what must match between a checkpoint and this run (model and adapter config).
     `evaluator`: scores the model at every validation point (higher is better; run on the main
     process, shared with the others); checkpoints/best, select_best and early stopping then
     follow that score instead of the validation loss.
     """
-    from accelerate import Accelerator
-
-    acc = accelerator or Accelerator(cpu=next(model.parameters()).device.type == "cpu")
+    acc = accelerator
+    if acc is None:
+        cpu = next(model.parameters()).device.type == "cpu"
+        acc = make_accelerator(cpu, cfg.barrier_timeout_min)
     check_distributed(acc)
     check_precision(acc)
-    # Mixed precision: weights that train in bf16/fp16 are kept (and stepped by AdamW) in
-    # float32, and forward and backward run under autocast to their dtype (fp16 with a loss
-    # scaler); stepping bf16 weights directly loses every update below bf16's resolution
-    # (~0.4% of the weight). Frozen weights stay as loaded.
-    low = low_precision(model)
-    masters = [p for p in model.parameters() if p.requires_grad and p.dtype == low]
-    for p in masters:
-        p.data = p.data.float()
-
-    def amp():
-        return torch.autocast(acc.device.type, dtype=low or torch.bfloat16, enabled=bool(low))
-
-    scaler = torch.amp.GradScaler(acc.device.type) if low == torch.float16 else None
     # freed activation memory goes back to the system (train.mmap_threshold_mb moves the line)
     fix_mmap_threshold(int(cfg.mmap_threshold_mb * 2**20))
     torch.manual_seed(cfg.seed)
-    enable_checkpointing(model, cfg.gradient_checkpointing)
-    model.train()
     batcher = Batcher(
         rows, cfg, tokenizer.pad_token_id, acc.process_index, acc.num_processes, pack_length
     )
     steps = batcher.total_steps()
-    sharded = None
-    if shard.wanted(cfg, acc):  # FSDP: the loop trains a sharded twin (train/shard.py)
+    if shard.wanted(cfg, acc):
         shard.check(cfg, evaluator)
-        reference = kl_reference(model, cfg)
-        wrapper = lambda m: SupervisedLM(m, kl_weight=cfg.kl_to_base, reference=reference)  # noqa: E731
-        sharded = shard.Sharded(model, wrapper)
-        if acc.is_main_process:
-            console.print(f"train.shard: fsdp: weights sharded over {acc.num_processes} processes")
-    optimizer = make_optimizer(sharded.twin if sharded else model, cfg, acc.device)
-    scheduler = make_scheduler(optimizer, cfg, steps)
-    result = TrainResult()
+    prep = Prepared.build(acc, model, cfg, steps)
+    result = TrainResult(total_steps=steps)
     if resume_from is not None:
-        loads = sharded.loader(optimizer) if sharded else optimizer
-        state = restore_checkpoint(resume_from, model, loads, scheduler, fingerprint or {})
-        result.steps, result.tokens = state["step"], state["tokens"]
-        result.trained_tokens, result.losses = state["trained_tokens"], list(state["losses"])
-        result.val_losses = [tuple(v) for v in state.get("val_losses", [])]
-        result.best = tuple(state["best"]) if state.get("best") else None
-        result.best_score = tuple(state["best_score"]) if state.get("best_score") else None
-    # The scheduler is stepped by us once per optimiser step; accelerate's wrapper would step it
-    # once per process.
-    if sharded:
-        wrapped = sharded.start()
-    else:
-        lm = SupervisedLM(model, kl_weight=cfg.kl_to_base, reference=kl_reference(model, cfg))
-        wrapped, optimizer = acc.prepare(lm, optimizer)
+        result.continue_from(prep.restore(resume_from, fingerprint or {}))
+    wrapped = prep.start()
+    optimizer, scheduler, scaler = prep.optimizer, prep.scheduler, prep.scaler
     stream = batcher.stream(skip=result.steps * cfg.grad_accum)
-    logs = TrainLogs(run_dir) if run_dir and acc.is_main_process else None
-    start = time.perf_counter()
     done_before, tokens_before = result.steps, result.tokens
-    progress = _progress(acc.is_main_process)
-    task = progress.add_task(
-        "train", total=steps, completed=done_before, loss=float("nan"), lr=0.0, tps=0.0
-    )
-    stop = _StopFlag()
-    # validation and in-training evaluation run eagerly (no graphs compiled for their shapes)
-    plain = eager if cfg.compile else contextlib.nullcontext
     kl_parts: list[tuple[float, int]] = []  # (KL sum, replay positions) since the last log
-    with progress, stop, compiled_layers(model, cfg.compile), logs or contextlib.nullcontext():
+    start = time.perf_counter()
+    with contextlib.ExitStack() as cleanup:  # logs and signal handlers closed on every way out
+        logs = None
+        if run_dir and acc.is_main_process:
+            logs = cleanup.enter_context(TrainLogs(run_dir, done_before if resume_from else None))
+        progress = cleanup.enter_context(_progress(acc.is_main_process))
+        task = progress.add_task(
+            "train", total=steps, completed=done_before, loss=float("nan"), lr=0.0, tps=0.0
+        )
+        stop = cleanup.enter_context(_StopFlag())
+        cleanup.enter_context(compiled_layers(model, cfg.compile))
         for step in range(done_before + 1, steps + 1):
             micro = [next(stream) for _ in range(cfg.grad_accum)]
-            try:
+            try:  # forward and backward
                 loss, global_tokens, global_real = accumulate(
-                    acc, wrapped, micro, kl_parts, amp, scaler
+                    acc, wrapped, micro, kl_parts, prep.amp, scaler
                 )
             except Exception as e:
                 if cfg.compile and is_compile_failure(e):
@@ -407,8 +524,7 @@ def train(
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if cfg.max_grad_norm is not None:
-                clip = shard.clip_grad_norm_ if sharded else acc.clip_grad_norm_
-                grad_norm = float(clip(wrapped.parameters(), cfg.max_grad_norm))
+                grad_norm = float(prep.clip_grad_norm_(cfg.max_grad_norm))
             if scaler is not None:
                 scaler.step(optimizer)  # (skipped when the fp16 gradients overflowed)
                 scaler.update()
@@ -416,113 +532,131 @@ def train(
                 optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            result.losses.append(loss)
-            result.steps = step
-            result.tokens += global_real
-            result.trained_tokens += global_tokens
+            result.count(step, loss, global_tokens, global_real)
             elapsed = time.perf_counter() - start
             tps = (result.tokens - tokens_before) / elapsed
             lr = scheduler.get_last_lr()[0]
             progress.update(task, advance=1, loss=loss, lr=lr, tps=tps)
             if logs and (step % cfg.log_every == 0 or step == steps):
-                record = {
-                    "step": step,
-                    "loss": round(loss, 6),
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens": result.tokens,
-                    "supervised_tokens": result.trained_tokens,
-                    "tokens_per_s": round(tps, 2),
-                    "elapsed_s": round(elapsed, 2),
-                    "peak_mem_mb": round(peak_memory_mb(acc.device), 1),
-                }
-                if cfg.kl_to_base > 0 and kl_parts:  # per replay position since the last log
-                    positions = sum(n for _, n in kl_parts)
-                    record["kl_to_base"] = round(sum(k for k, _ in kl_parts) / positions, 6)
-                    kl_parts.clear()
-                logs.record(record)
-                for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                    if record[key] is not None:
-                        logs.scalar(f"train/{key}", record[key], step)
+                _log_step(logs, cfg, result, lr, grad_norm, tps, elapsed, acc.device, kl_parts)
             if validation and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
-                with plain(), amp():
-                    val = validation_loss(
-                        wrapped if sharded else model,
-                        validation,
-                        cfg.batch_size,
-                        tokenizer.pad_token_id,
-                    )
-                result.val_losses.append((step, val))
-                if logs:
-                    at = round(time.perf_counter() - start, 2)
-                    val_record = {"step": step, "val_loss": round(val, 6)}
-                    val_record.update(tokens=result.tokens, elapsed_s=at)
-                    logs.record(val_record)
-                    logs.scalar("validation/loss", val, step)
-                improved = result.best is None or val < result.best[1]
-                if improved:
-                    result.best = (step, val)
-                if evaluator is not None:
-                    with plain(), amp():
-                        score = evaluator(model) if acc.is_main_process else None
-                    score = _shared(acc, score)
-                    if logs:
-                        logs.record({"step": step, "eval_score": score})
-                    improved = result.best_score is None or score > result.best_score[1]
-                    if improved:
-                        result.best_score = (step, score)
-                if improved and run_dir:
-                    with _full(sharded, acc):
-                        if acc.is_main_process:
-                            best_dir = run_dir / "checkpoints" / "best"
-                            save_model_dir(model, tokenizer, best_dir, what="best checkpoint")
-                patience = cfg.early_stopping_patience
-                best_step = (result.best_score or result.best)[0]
-                since_best = sum(1 for s, _ in result.val_losses if s > best_step)
-                if patience and since_best >= patience and step != steps:
-                    result.stopped_early = True
+                _validate(prep, tokenizer, validation, cfg, result, logs, evaluator, start, run_dir)
             # a signal to any process stops them all after this same step
             interrupted = _any(acc, stop.requested) and step != steps
             periodic = cfg.save_every and step % cfg.save_every == 0 and step != steps
             if run_dir and (periodic or interrupted):
-                acc.wait_for_everyone()
-                with _full(sharded, acc, optimizer) as optimizer_state:
-                    if acc.is_main_process:
-                        save_checkpoint(
-                            run_dir / "checkpoints",
-                            model,
-                            tokenizer,
-                            optimizer_state,
-                            scheduler,
-                            result,
-                            fingerprint or {},
-                            cfg.keep_checkpoints,
-                        )
-                acc.wait_for_everyone()
+                _checkpoint(prep, tokenizer, run_dir, result, fingerprint or {}, cfg)
             if interrupted:
                 result.interrupted = True
                 break
             if result.stopped_early:
                 break
-    if sharded:  # every process's `model` gets the trained full weights back
-        sharded.finish()
+    prep.gather_back()
     if cfg.select_best and result.best and run_dir and not result.interrupted:
-        acc.wait_for_everyone()
-        load_weights(model, run_dir / "checkpoints" / "best")
-    for p in masters:  # the trained model in the dtype it was loaded in
-        p.data = p.data.to(low)
+        on_main(acc, lambda: None)  # the main process wrote checkpoints/best
+        prep.load_weights(run_dir / "checkpoints" / "best")
+    prep.finish()
     result.wall_s = time.perf_counter() - start
     result.peak_mem_mb = peak_memory_mb(acc.device)
-    model.eval()
     return result
 
 
-def _full(sharded, acc, optimizer=None):
-    """Around a write: with FSDP, `model` holds the gathered full weights on the main process
-    and the value gives the optimiser's full state; otherwise the optimiser itself."""
-    if sharded is None:
-        return contextlib.nullcontext(optimizer)
-    return sharded.full(optimizer, main=acc.is_main_process)
+def _log_step(logs, cfg, result, lr, grad_norm, tps, elapsed, device, kl_parts) -> None:
+    """One training record in metrics.jsonl, and its scalars in TensorBoard."""
+    record = {
+        "step": result.steps,
+        "loss": round(result.losses[-1], 6),
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens": result.tokens,
+        "supervised_tokens": result.trained_tokens,
+        "tokens_per_s": round(tps, 2),
+        "elapsed_s": round(elapsed, 2),
+        "peak_mem_mb": round(peak_memory_mb(device), 1),
+    }
+    if cfg.kl_to_base > 0 and kl_parts:  # per replay position since the last log
+        positions = sum(n for _, n in kl_parts)
+        record["kl_to_base"] = round(sum(k for k, _ in kl_parts) / positions, 6)
+        kl_parts.clear()
+    logs.record(record)
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+        if record[key] is not None:
+            logs.scalar(f"train/{key}", record[key], result.steps)
+
+
+def _validate(prep, tokenizer, validation, cfg, result, logs, evaluator, start, run_dir) -> None:
+    """The validation loss (and the evaluator's score) after this step: logged, checkpoints/best
+    saved when it improved, and result.stopped_early set when it stopped improving before the
+    last step. Run eagerly: no graphs are compiled for validation's shapes."""
+    acc, step = prep.acc, result.steps
+    plain = eager if cfg.compile else contextlib.nullcontext
+    with plain(), prep.amp():
+        val = validation_loss(prep.scorer(), validation, cfg.batch_size, tokenizer.pad_token_id)
+    result.val_losses.append((step, val))
+    if logs:
+        at = round(time.perf_counter() - start, 2)
+        record = {"step": step, "val_loss": round(val, 6), "tokens": result.tokens, "elapsed_s": at}
+        logs.record(record)
+        logs.scalar("validation/loss", val, step)
+    improved = result.best is None or val < result.best[1]
+    if improved:
+        result.best = (step, val)
+    if evaluator is not None:
+        with plain(), prep.amp():
+            score = evaluator(prep.model) if acc.is_main_process else None
+        score = _shared(acc, score)
+        if logs:
+            logs.record({"step": step, "eval_score": score})
+        improved = result.best_score is None or score > result.best_score[1]
+        if improved:
+            result.best_score = (step, score)
+    if improved and run_dir:
+        with prep.gathered() as (weights, _):
+            if acc.is_main_process:
+                best_dir = run_dir / "checkpoints" / "best"
+                save_model_dir(weights, tokenizer, best_dir, what="best checkpoint")
+    patience = cfg.early_stopping_patience
+    best_step = (result.best_score or result.best)[0]
+    since_best = sum(1 for s, _ in result.val_losses if s > best_step)
+    if patience and since_best >= patience and step != result.total_steps:
+        result.stopped_early = True
+
+
+def _checkpoint(prep, tokenizer, run_dir, result, fingerprint, cfg) -> None:
+    """checkpoints/step-N, written by the main process while the others wait."""
+    with prep.gathered(optimizer=True) as (weights, optimizer):
+        on_main(
+            prep.acc,
+            lambda: save_checkpoint(
+                run_dir / "checkpoints",
+                weights,
+                tokenizer,
+                optimizer,
+                prep.scheduler,
+                result,
+                fingerprint,
+                cfg.keep_checkpoints,
+            ),
+        )
+
+
+@contextlib.contextmanager
+def _gathered(prep: Prepared, optimizer: bool):
+    with prep.sharded.full(
+        prep.optimizer if optimizer else None, main=prep.acc.is_main_process
+    ) as state:
+        yield prep.model, (state if optimizer else None)
+
+
+def on_main(acc, work: Callable[[], T]) -> T | None:
+    """`work` on the main process alone, between two barriers that every process passes: no
+    process starts it before all have arrived, and none goes on before it is done. Every
+    process calls this at the same point of the run, so the barriers match by construction.
+    Returns work's result on the main process, None on the others."""
+    acc.wait_for_everyone()
+    out = work() if acc.is_main_process else None
+    acc.wait_for_everyone()
+    return out
 
 
 def _any(acc, flag: bool) -> bool:

@@ -1,4 +1,10 @@
-"""Cross-entropy on supervised positions only.
+"""Cross-entropy on supervised positions only: the one definition of the supervised loss.
+
+    SupervisedLM(model)(input_ids, labels, ...)  -> (loss sum, supervised tokens)
+        used by the training step, the validation loss (train/loop.py) and, with per_row=True
+        (each row's loss sum and token count), evaluation's likelihood (eval/likelihood.py)
+    supervised_cross_entropy(head, hidden, labels)  the loss itself: labels shifted by one,
+        IGNORE positions skipped
 
 The decoder runs over every token, but the output projection (49k x 576 for SmolLM2, a fifth of
 the model's compute per token) and the softmax run only where a label exists, in chunks, so the
@@ -89,6 +95,33 @@ def chunked_cross_entropy(
     return _summed_in_chunks(_ce_sum, (head, hidden, targets, softcap), (1, 2), chunk)
 
 
+def supervised_cross_entropy(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    chunk: int = 1024,
+    softcap: float | None = None,
+    per_row: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every supervised position's next token: position t predicts labels[t+1],
+    and positions whose label is IGNORE are skipped. Returns (loss sum, supervised tokens) or,
+    with per_row (scoring, no gradients needed), each row's loss sum in float64 and its
+    supervised tokens."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    if not per_row:
+        loss_sum = chunked_cross_entropy(head, hidden[:, :-1][keep], targets[keep], chunk, softcap)
+        return loss_sum, keep.sum()
+    picked, wanted = hidden[:, :-1][keep], targets[keep]
+    rows = torch.arange(len(labels), device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+    sums = torch.zeros(len(labels), dtype=torch.float64, device=hidden.device)
+    for i in range(0, len(wanted), chunk):
+        part = slice(i, i + chunk)
+        ce = F.cross_entropy(_logits(head, picked[part], softcap), wanted[part], reduction="none")
+        sums.index_add_(0, rows[part], ce.double())
+    return sums, keep.sum(dim=1)
+
+
 def _hidden(body, input_ids, attention_mask, position_ids) -> torch.Tensor:
     return body(
         input_ids=input_ids,
@@ -145,16 +178,27 @@ class SupervisedLM(torch.nn.Module):
                 hidden = _hidden(body, input_ids, attention_mask, position_ids)
         return hidden, head
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, replay_mask=None):
+    def forward(
+        self,
+        input_ids,
+        labels,
+        attention_mask=None,
+        position_ids=None,
+        replay_mask=None,
+        per_row: bool = False,
+    ):
+        """(loss sum, supervised tokens); per_row: (each row's loss sum, each row's tokens),
+        without the KL term (for scoring, not training)."""
         body, head, config = _parts(self.model)
         hidden = _hidden(body, input_ids, attention_mask, position_ids)
-        targets = labels[:, 1:]
-        keep = targets != IGNORE
         softcap = getattr(config, "final_logit_softcapping", None)
-        loss_sum = chunked_cross_entropy(
-            head, hidden[:, :-1][keep], targets[keep], self.chunk, softcap
+        loss_sum, tokens = supervised_cross_entropy(
+            head, hidden, labels, self.chunk, softcap, per_row
         )
         self.last_kl = None
+        if per_row:
+            return loss_sum, tokens
+        keep = labels[:, 1:] != IGNORE
         if self.kl_weight > 0 and replay_mask is not None:
             kl_pos = keep & replay_mask[:, 1:]
             rows = kl_pos.any(dim=1)
@@ -173,4 +217,4 @@ class SupervisedLM(torch.nn.Module):
                 )
                 self.last_kl = (float(kl.detach()), int(kl_pos.sum()))
                 loss_sum = loss_sum + self.kl_weight * kl
-        return loss_sum, keep.sum()
+        return loss_sum, tokens

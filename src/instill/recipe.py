@@ -1,8 +1,17 @@
-"""A run, start to end: load, evaluate the base, tune, save, evaluate again, report.
+"""A run, start to end, in stages that every process walks through in the same order.
 
-plan_run_dir + make_run_dir -> load_model -> build_data (+ replay rows: the base's own replies)
-  -> base replies for drift suites -> evaluate (before) -> attach_adapter -> train
-  -> save final/ -> evaluate (after) -> report
+    run_recipe(recipe)
+        acc = make_accelerator(recipe)      the run's one Accelerator, passed down
+        run = setup(acc, recipe, ...)       run directory, model, data (+ replay rows: the base's
+                                            own replies), suites; every process
+        evaluate_before(run)                base validation loss and suites; main process only
+        train(...)                          train/loop.py; every process
+        final/                              saved by the main process
+        evaluate after, report(...)         main process only; the others are done
+
+Only the main process writes files and evaluates. Where it works alone, every process calls
+on_main (train/loop.py) at the same point, so the barriers that keep the others waiting are
+matched by construction; main_process_first lets it fill the caches before the others read them.
 """
 
 from __future__ import annotations
@@ -14,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from accelerate import Accelerator
 
 from instill.atomic import refuse_to_replace, remove_directory, write_text
 from instill.config import Recipe
@@ -23,7 +31,7 @@ from instill.data.dataset import build_data
 from instill.errors import InstillError
 from instill.eval import SuiteResult
 from instill.eval.suites import attach_anchors, build_tasks, run_tasks
-from instill.jsonl import read_jsonl, write_jsonl
+from instill.jsonl import write_jsonl
 from instill.models import attach_adapter, load_model, pick_device
 from instill.train import TrainResult, train
 from instill.train.checkpoint import (
@@ -32,7 +40,8 @@ from instill.train.checkpoint import (
     resume_info,
     save_model_dir,
 )
-from instill.train.logs import append_record
+from instill.train.logs import Metrics
+from instill.train.loop import on_main
 
 
 @dataclass
@@ -72,21 +81,14 @@ def check_mixed_precision(recipe: Recipe) -> None:
         )
 
 
-def make_accelerator(recipe: Recipe) -> Accelerator:
-    """The run's one Accelerator: CPU or the model's device, and a barrier timeout long enough
-    for the main process's evaluation (train.barrier_timeout_min). Mixed precision is the
-    training loop's (from model.dtype), so accelerate's own is off."""
-    from datetime import timedelta
-
-    from accelerate.utils import InitProcessGroupKwargs
+def make_accelerator(recipe: Recipe):
+    """The run's one Accelerator (train.loop.make_accelerator), once the accelerate
+    configuration's mixed precision is checked against model.dtype."""
+    from instill.train.loop import make_accelerator as build
 
     check_mixed_precision(recipe)
-    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=recipe.train.barrier_timeout_min))
-    return Accelerator(
-        cpu=pick_device(recipe.model.device).type == "cpu",
-        mixed_precision="no",
-        kwargs_handlers=[timeout],
-    )
+    cpu = pick_device(recipe.model.device).type == "cpu"
+    return build(cpu, recipe.train.barrier_timeout_min)
 
 
 def plan_run_dir(recipe: Recipe, overwrite: bool) -> tuple[Path, Path | None, bool]:
@@ -132,12 +134,6 @@ def make_run_dir(run_dir: Path, clear: bool) -> None:
             f"run directory {run_dir} is not writable ({exc.strerror}); set train.output_dir "
             "to a folder you can write"
         ) from None
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop records logged after `step` (the resumed run logs those steps again)."""
-    if path.is_file():  # (a last line cut by the kill that stopped the run is dropped too)
-        write_jsonl(path, [r for r in read_jsonl(path, torn_tail=True) if r["step"] <= step])
 
 
 def data_digest(data) -> str:
@@ -233,82 +229,34 @@ def with_replay(recipe: Recipe, loaded, data, digest: str | None):
     return add_replay(loaded.tokenizer, data, convs, recipe.data)
 
 
-def _train(acc, recipe: Recipe, model, loaded, data, tasks, run_dir: Path, checkpoint):
-    return train(
-        model,
-        loaded.tokenizer,
-        data.train,
-        recipe.train,
-        run_dir,
-        accelerator=acc,
-        pack_length=recipe.data.max_length if recipe.data.packing else None,
-        validation=data.validation,
-        resume_from=checkpoint,
-        fingerprint=fingerprint(recipe, data, acc.num_processes),
-        evaluator=during_training(recipe, tasks, loaded.tokenizer),
-    )
+@dataclass
+class Run:
+    """What setup made ready, the same on every process."""
+
+    recipe: Recipe
+    acc: object  # the run's Accelerator
+    run_dir: Path
+    checkpoint: Path | None  # the checkpoint to resume from
+    loaded: object  # models.LoadedModel: the base model, its tokenizer and source
+    data: object  # data.dataset.Data: training and validation rows, stats, skipped rows
+    tasks: list  # the evaluation suites (eval.tasks.Task)
+    digest: str | None  # the base model's weights digest (drift suites and replay rows)
+    fingerprint: dict  # what a checkpoint and this run must agree on
 
 
-def _follow(acc, recipe: Recipe, loaded, data, tasks, run_dir: Path, checkpoint, t0) -> RunSummary:
-    """A non-main process: wait out the main process's evaluation, train, wait for the save."""
-    model, _ = attach_adapter(loaded.model, recipe.adapter, recipe.train.seed)
-    acc.wait_for_everyone()
-    result = _train(acc, recipe, model, loaded, data, tasks, run_dir, checkpoint)
-    if not result.interrupted:
-        acc.wait_for_everyone()
-    return RunSummary(
-        run_dir, result, {}, {}, time.perf_counter() - t0, model, loaded.tokenizer, main=False
-    )
-
-
-def _base_validation(run_dir: Path, loaded, data, recipe: Recipe) -> float:
-    """The untuned model's validation loss, logged as step 0 so curves start where tuning did."""
-    import torch
-
-    from instill.train.loop import validation_loss
-
-    with torch.no_grad():
-        val = validation_loss(
-            loaded.model, data.validation, recipe.train.batch_size, loaded.tokenizer.pad_token_id
-        )
-    record = {"step": 0, "val_loss": round(val, 6), "tokens": 0, "elapsed_s": 0.0}
-    append_record(run_dir / "metrics.jsonl", record)
-    return round(val, 6)
-
-
-def _packing_efficiency(recipe: Recipe, data) -> float | None:
-    if not recipe.data.packing:
-        return None
-    from instill.data.packing import pack_best_fit, packing_efficiency
-
-    bins = pack_best_fit(data.train, recipe.data.max_length)
-    return round(packing_efficiency(data.train, bins, recipe.data.max_length), 4)
-
-
-def _write_yaml(path: Path, data: dict) -> None:
-    write_text(path, yaml.safe_dump(data, sort_keys=False), "the run's config")
-
-
-def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
-    from instill.report import write_run_report
-
-    t0 = time.perf_counter()
-    # One process, or one of many under accelerate launch / torchrun: every process trains; only
-    # the main one writes files and evaluates.
-    acc = make_accelerator(recipe)
-    main = acc.is_main_process
+def setup(acc, recipe: Recipe, overwrite: bool) -> Run:
+    """Check and make the run directory, load the model, build the data and suites, and check a
+    checkpoint to resume from; a mistake found here leaves no half-made run directory behind."""
+    # every process checks before the main one changes anything
     run_dir, checkpoint, clear = plan_run_dir(recipe, overwrite)
     if recipe.train.compile:  # no C++ compiler (or triton): say so before any work
         from instill.train.compiled import check_compiler
 
         check_compiler(acc.device)
     new = clear or not run_dir.exists() or not any(run_dir.iterdir())
-    acc.wait_for_everyone()  # every process has looked before the main one changes anything
-    if main:
-        make_run_dir(run_dir, clear)
-    acc.wait_for_everyone()
-    try:  # a mistake found while setting up leaves no half-made run directory behind
-        if main:
+    on_main(acc, lambda: make_run_dir(run_dir, clear))
+    try:
+        if acc.is_main_process:
             _write_yaml(run_dir / "config.yaml", recipe.model_dump(mode="json"))
         with acc.main_process_first():  # the main process fills the caches first
             loaded = load_model(recipe.model, seed=recipe.train.seed)
@@ -322,14 +270,22 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
 
                 digest = model_digest(loaded.model)
             data = with_replay(recipe, loaded, data, digest)
+        agreed = fingerprint(recipe, data, acc.num_processes)
         if checkpoint is not None:  # refuse a changed run before the base evaluation
-            resume_step = check_resumable(checkpoint, fingerprint(recipe, data, acc.num_processes))
+            check_resumable(checkpoint, agreed)
     except BaseException:
-        if new and main:
+        if new and acc.is_main_process:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    if not main:
-        return _follow(acc, recipe, loaded, data, tasks, run_dir, checkpoint, t0)
+    run = Run(recipe, acc, run_dir, checkpoint, loaded, data, tasks, digest, agreed)
+    if acc.is_main_process:
+        _describe(run)
+    return run
+
+
+def _describe(run: Run) -> None:
+    """Say what the run is made of, and write data_stats.json (and skipped_rows.jsonl)."""
+    recipe, loaded, data, run_dir = run.recipe, run.loaded, run.data, run.run_dir
     console.print(
         f"[bold]run[/bold] {run_dir}: model {recipe.model.name} ({loaded.source.kind}) on "
         f"{loaded.device}, {loaded.dtype}"
@@ -350,73 +306,132 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
         + (f", {stats.replay_rows} of them replay rows" if stats.replay_rows else "")
         + (f", dropped {stats.dropped}" if stats.dropped else "")
     )
-    before: dict[str, SuiteResult] = {}
-    after: dict[str, SuiteResult] = {}
+
+
+def evaluate_before(run: Run) -> tuple[dict[str, SuiteResult], float | None]:
+    """The untuned model's suites and validation loss (main process). Drift suites' anchors,
+    the base model's replies, are taken here, before any adapter is attached. A resumed run
+    reuses the results its first start wrote."""
+    recipe, loaded, data = run.recipe, run.loaded, run.data
     base_val_loss = None
-    if data.validation and recipe.eval.before and checkpoint is None:
-        base_val_loss = _base_validation(run_dir, loaded, data, recipe)
-    # drift suites score against the base model's replies: taken before any adapter is attached
-    attach_anchors(loaded.model, loaded.tokenizer, tasks, recipe.eval, digest)
-    if tasks and recipe.eval.before:  # main process only (the others wait in _follow)
+    if data.validation and recipe.eval.before and run.checkpoint is None:
+        base_val_loss = _base_validation(run.run_dir, loaded, data, recipe)
+    attach_anchors(loaded.model, loaded.tokenizer, run.tasks, recipe.eval, run.digest)
+    before: dict[str, SuiteResult] = {}
+    if run.tasks and recipe.eval.before:
         before = run_tasks(
             loaded.model,
             loaded.tokenizer,
-            tasks,
+            run.tasks,
             recipe.eval,
             "base",
-            run_dir / "eval",
+            run.run_dir / "eval",
             prefix="base-",
-            reuse=checkpoint is not None,
+            reuse=run.checkpoint is not None,
         )
-    model, report = attach_adapter(loaded.model, recipe.adapter, recipe.train.seed)
-    console.print(str(report))
-    if checkpoint is not None:
-        console.print(f"resuming from {checkpoint}")
-        _trim_metrics(run_dir / "metrics.jsonl", resume_step)
-    acc.wait_for_everyone()  # the others waited here while the base model was evaluated
-    result = _train(acc, recipe, model, loaded, data, tasks, run_dir, checkpoint)
-    if result.interrupted:
-        console.print(
-            f"[yellow]interrupted[/yellow] after step {result.steps}; checkpoint written to "
-            f"{run_dir / 'checkpoints'}; continue with train.resume=auto"
+    return before, base_val_loss
+
+
+def _base_validation(run_dir: Path, loaded, data, recipe: Recipe) -> float:
+    """The untuned model's validation loss, logged as step 0 so curves start where tuning did."""
+    from instill.train.loop import validation_loss
+
+    val = validation_loss(
+        loaded.model, data.validation, recipe.train.batch_size, loaded.tokenizer.pad_token_id
+    )
+    Metrics(run_dir).append({"step": 0, "val_loss": round(val, 6), "tokens": 0, "elapsed_s": 0.0})
+    return round(val, 6)
+
+
+def _packing_efficiency(recipe: Recipe, data) -> float | None:
+    if not recipe.data.packing:
+        return None
+    from instill.data.packing import pack_best_fit, packing_efficiency
+
+    bins = pack_best_fit(data.train, recipe.data.max_length)
+    return round(packing_efficiency(data.train, bins, recipe.data.max_length), 4)
+
+
+def _write_yaml(path: Path, data: dict) -> None:
+    write_text(path, yaml.safe_dump(data, sort_keys=False), "the run's config")
+
+
+def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
+    """Setup -> evaluate before -> train -> save -> evaluate after -> report. One process, or
+    one of many under accelerate launch / torchrun: every process trains; only the main one
+    writes files and evaluates."""
+    t0 = time.perf_counter()
+    acc = make_accelerator(recipe)
+    run = setup(acc, recipe, overwrite)
+    main, loaded, data, run_dir = acc.is_main_process, run.loaded, run.data, run.run_dir
+    before, base_val_loss = on_main(acc, lambda: evaluate_before(run)) or ({}, None)
+    model, params = attach_adapter(loaded.model, recipe.adapter, recipe.train.seed)
+    if main:
+        console.print(str(params))
+        if run.checkpoint is not None:
+            console.print(f"resuming from {run.checkpoint}")
+    result = train(
+        model,
+        loaded.tokenizer,
+        data.train,
+        recipe.train,
+        run_dir,
+        accelerator=acc,
+        pack_length=recipe.data.max_length if recipe.data.packing else None,
+        validation=data.validation,
+        resume_from=run.checkpoint,
+        fingerprint=run.fingerprint,
+        evaluator=during_training(recipe, run.tasks, loaded.tokenizer),
+    )
+    if result.interrupted:  # every process stopped after the same step
+        if main:
+            console.print(
+                f"[yellow]interrupted[/yellow] after step {result.steps}; checkpoint written to "
+                f"{run_dir / 'checkpoints'}; continue with train.resume=auto"
+            )
+        wall = time.perf_counter() - t0
+        return RunSummary(run_dir, result, before, {}, wall, model, loaded.tokenizer, main=main)
+    final = run_dir / "final"
+    on_main(acc, lambda: save_model_dir(model, loaded.tokenizer, final, what="final model"))
+    if not main:
+        wall = time.perf_counter() - t0
+        return RunSummary(run_dir, result, {}, {}, wall, model, loaded.tokenizer, main=False)
+    after: dict[str, SuiteResult] = {}
+    if run.tasks and recipe.eval.after:
+        after = run_tasks(
+            model, loaded.tokenizer, run.tasks, recipe.eval, "tuned", run_dir / "eval"
         )
-        return RunSummary(
-            run_dir, result, before, {}, time.perf_counter() - t0, model, loaded.tokenizer
-        )
-    save_model_dir(model, loaded.tokenizer, run_dir / "final", what="final model")
-    acc.wait_for_everyone()
-    if tasks and recipe.eval.after:
-        after = run_tasks(model, loaded.tokenizer, tasks, recipe.eval, "tuned", run_dir / "eval")
     summary = RunSummary(
         run_dir, result, before, after, time.perf_counter() - t0, model, loaded.tokenizer
     )
-    write_text(
-        run_dir / "run.json",
-        json.dumps(
-            {
-                "name": recipe.name,
-                "model": {
-                    "name": recipe.model.name,
-                    "kind": loaded.source.kind,
-                    "path": loaded.source.path,
-                    "sha256": loaded.source.sha256,
-                    "device": str(loaded.device),
-                    "dtype": str(loaded.dtype).removeprefix("torch."),
-                },
-                "params": {"trainable": report.trainable, "total": report.total},
-                "holdout_clusters": list(recipe.eval.holdout_clusters),
-                "base_val_loss": base_val_loss,
-                "packing_efficiency": _packing_efficiency(recipe, data),
-                "train": result.as_dict(),
-                "data": stats.as_dict(),
-                "eval_before": {k: v.summary() for k, v in before.items()},
-                "eval_after": {k: v.summary() for k, v in after.items()},
-                "wall_s": round(summary.wall_s, 2),
-            },
-            indent=2,
-        )
-        + "\n",
-        "the run record",
-    )
-    write_run_report(run_dir, recipe.report.price_per_hour)
+    report(run, summary, params, base_val_loss)
     return summary
+
+
+def report(run: Run, summary: RunSummary, params, base_val_loss: float | None) -> None:
+    """run.json (what was run and what it measured) and the run report."""
+    from instill.report import write_run_report
+
+    recipe, loaded, data = run.recipe, run.loaded, run.data
+    record = {
+        "name": recipe.name,
+        "model": {
+            "name": recipe.model.name,
+            "kind": loaded.source.kind,
+            "path": loaded.source.path,
+            "sha256": loaded.source.sha256,
+            "device": str(loaded.device),
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+        },
+        "params": {"trainable": params.trainable, "total": params.total},
+        "holdout_clusters": list(recipe.eval.holdout_clusters),
+        "base_val_loss": base_val_loss,
+        "packing_efficiency": _packing_efficiency(recipe, data),
+        "train": summary.train.as_dict(),
+        "data": data.stats.as_dict(),
+        "eval_before": {k: v.summary() for k, v in summary.before.items()},
+        "eval_after": {k: v.summary() for k, v in summary.after.items()},
+        "wall_s": round(summary.wall_s, 2),
+    }
+    write_text(run.run_dir / "run.json", json.dumps(record, indent=2) + "\n", "the run record")
+    write_run_report(run.run_dir, recipe.report.price_per_hour)
