@@ -95,8 +95,8 @@ def choose(
     The score is the choice's log-probability divided by its length in UTF-8 bytes (what
     lm-evaluation-harness calls acc_norm): a longer choice is not penalised for its length, and
     unlike a per-token mean the score does not depend on how the tokenizer splits the words
-    (a per-token mean favours words split into many easy pieces; on the general suite it
-    scored SmolLM2-135M-Instruct at chance, 27%, against 47% per byte)."""
+    (a per-token mean favours words split into many easy pieces, which on the general suite put
+    the default model at chance)."""
     flat = [
         [*prompt, {"role": "assistant", "content": choice}]
         for prompt, options in zip(prompts, choices, strict=True)

@@ -43,7 +43,7 @@ def generate(
     else is in the list and whatever `batch_size`; a seeded one too (each reply draws from its
     own generator seeded with `params.seed`). `batch_invariant=False` runs rows unpadded, which
     a single conversation (chat) decodes faster: its last bits are then a one-row product's
-    (engine.py; the README's Benchmarks have the speeds)."""
+    (engine.py; the README's Generation section has the speeds)."""
     if on_text is not None and len(conversations) != 1:
         raise ValueError("streaming (on_text) takes exactly one conversation")
     jobs = [
