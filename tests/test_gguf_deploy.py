@@ -447,3 +447,73 @@ def test_without_llamacpp_the_fallback_check_runs_and_says_so(tuned, monkeypatch
         assert f.max_logit_diff < 1e-4 and f.greedy_agreement == 1.0
     out = capsys.readouterr().out
     assert "llama.cpp is not installed" in out and "pip install" in out
+
+
+@needs_llamacpp
+def test_report_sets_the_deployed_score_beside_the_in_memory_one(
+    tmp_path, tokenizer, default_source, monkeypatch
+):
+    """`instill eval EXPORT --engine llama.cpp` on an export of a run answers the run's own
+    held-out split and records it in RUN/eval/deployed/; `instill report RUN` then shows it
+    beside the tuned model's in-memory score on the same prompts, and lists the GGUF exports
+    not scored yet. An f32 adapter answers exactly as the tuned model does; a changed in-memory
+    answer shows up in both columns (the negative control)."""
+    from instill.config import EvalConfig
+    from instill.eval.runner import evaluate, write_result
+    from instill.eval.tasks import builtin_task
+    from instill.export.tuned import load_tuned
+    from tests.test_cli import succeed
+    from tests.test_report import FIXTURE
+
+    run, _ = _tuned_run(tmp_path, tokenizer, default_source, embed_std=0.2, linear_std=0.2)
+    recipe = yaml.safe_load((run / "config.yaml").read_text())
+    recipe["data"] = {"builtin": {"eval_per_family": 1, "seed": 3}}
+    recipe["eval"] = {"max_new_tokens": 12, "holdout_clusters": ["tables"]}
+    (run / "config.yaml").write_text(yaml.safe_dump(recipe))
+    # the run's record as instill train writes it (the fixture's), with this run's tiny base
+    record = json.loads((FIXTURE / "run.json").read_text())
+    record["model"] |= json.loads((run / "run.json").read_text())["model"]
+    (run / "run.json").write_text(json.dumps(record))
+    task = builtin_task(1, 3, holdout=["tables"])
+    tuned = load_tuned(run)
+    memory = evaluate(tuned.reference, tokenizer, task, EvalConfig(max_new_tokens=12), "tuned")
+    write_result(memory, run / "eval")
+
+    adapter = export_run(run, fmt="gguf-lora", quant="f32")
+    export_run(run, fmt="gguf", quant="q8_0", min_agreement=0.0)
+    succeed(["eval", str(adapter.path), "--engine", "llama.cpp"], monkeypatch)
+    folder = run / "eval" / "deployed" / adapter.path.name
+    summary = json.loads((folder / "builtin.json").read_text())
+    deployed = [json.loads(line) for line in (folder / "builtin.jsonl").open()]
+    assert [r["id"] for r in deployed] == [ex.id for ex in task.examples]  # the run's split
+    assert summary["holdout_clusters"] == ["tables"]
+    assert summary["deployed"]["format"] == "gguf-lora"
+    assert summary["deployed"]["verification"]["verifier"].startswith("llama.cpp")
+    assert [r["prediction"] for r in deployed] == [r["prediction"] for r in memory.records]
+
+    from instill.report.deployed import deployed_rows
+
+    n = len(deployed)
+    score = 100 * memory.mean
+    rows, lines = deployed_rows(run)
+    assert rows[0][0] == "adapter f32" and rows[0][4] == "builtin"
+    assert rows[0][5:] == [f"{score:.1f}", f"{score:.1f}", "100.0", str(n)]
+    assert rows[1][0] == "merged q8_0" and rows[1][4] == "not scored"
+    assert lines[0] == (
+        f"exported adapter f32: {score:.1f}% vs {score:.1f}% in memory (builtin, {n} prompts; "
+        "100.0% of answers identical)"
+    )
+    changed = [dict(r) for r in memory.records]
+    changed[0] |= {"prediction": changed[0]["prediction"] + " (changed)", "score": 1.0}
+    (run / "eval" / "builtin.jsonl").write_text("".join(json.dumps(r) + "\n" for r in changed))
+    rows, _ = deployed_rows(run)
+    moved = 100 * (sum(r["score"] for r in changed) / n)
+    assert rows[0][5:] == [f"{score:.1f}", f"{moved:.1f}", f"{100 * (n - 1) / n:.1f}", str(n)]
+
+    succeed(["report", str(run)], monkeypatch)
+    report = (run / "report.md").read_text()
+    assert "## Deployed: the exported GGUF files as llama.cpp answers them" in report
+    assert f"exported adapter f32: {score:.1f}% vs {moved:.1f}% in memory" in report
+    assert f"exported merged q8_0: not scored; instill eval {run}/export/gguf-q8_0" in report
+    export_run(run, fmt="gguf-lora", quant="f32", overwrite=True, min_agreement=0.5)
+    assert deployed_rows(run)[0][0][0] == "adapter f32 (an earlier export; score it again)"

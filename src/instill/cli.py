@@ -146,11 +146,18 @@ def eval_cmd(
     holdout: list[str] = typer.Option(
         [], "--holdout", help="A cluster the model was not tuned on (reported as unseen)."
     ),
-    per_family: int = typer.Option(12, help="Built-in suite: held-out examples per family."),
+    per_family: int = typer.Option(
+        None, help="Built-in suite: held-out examples per family (default 12; an export of a "
+        "run with --engine llama.cpp: the run's own split, as are --seed and --holdout)."
+    ),
     max_examples: int = typer.Option(None, help="File suites: at most N examples per cluster."),
-    seed: int = typer.Option(0, help="Seed of the built-in task generator and of sampling."),
+    seed: int = typer.Option(
+        None, help="Seed of the built-in task generator and of sampling (default 0)."
+    ),
     batch_size: int = typer.Option(32, help="Prompts generated together."),
-    max_new_tokens: int = typer.Option(32, help="Longest generated answer."),
+    max_new_tokens: int = typer.Option(
+        None, help="Longest generated answer (default 32; an export of a run: the run's)."
+    ),
     general_gen_per_kind: int = typer.Option(
         None, help="general_gen: at most N prompts of each kind (default: all 136)."
     ),
@@ -177,10 +184,25 @@ def eval_cmd(
 
     check_metric(metric, "--metric") if metric != "auto" else None
     model_spec = _model_spec(model, chat_template)
+    families, deployed_output = None, None
+    if engine == "llama.cpp":
+        from instill.eval.gguf import export_run_dir, run_split
+
+        run_dir = export_run_dir(model)
+        if run_dir is not None:  # the run's own split: the score pairs with the in-memory one
+            split = run_split(run_dir)
+            if per_family is None and seed is None and not holdout:
+                per_family, seed, families = split.per_family, split.seed, split.families
+                holdout = split.holdout
+            max_new_tokens = max_new_tokens or split.max_new_tokens
+            deployed_output = run_dir / "eval" / "deployed" / Path(model.rstrip("/")).name
+    per_family = 12 if per_family is None else per_family
+    seed = 0 if seed is None else seed
+    max_new_tokens = max_new_tokens or 32
     tasks = []
     for name in suite:
         if name == "builtin":
-            tasks.append(builtin_task(per_family, seed, None, holdout))
+            tasks.append(builtin_task(per_family, seed, families, holdout))
         elif name == "general":
             tasks.append(general_task())
         elif name == "general_gen":
@@ -206,7 +228,7 @@ def eval_cmd(
     if engine == "llama.cpp":
         from instill.eval.gguf import run_llamacpp
 
-        folder = output or Path("runs") / "eval"
+        folder = output or deployed_output or Path("runs") / "eval"
         results = run_llamacpp(model, lora, tasks, cfg, folder, chat_template)
         for name, result in results.items():
             s = result.summary()

@@ -228,4 +228,8 @@ def export_run(
     if fmt != "hf":
         modelfile, server = output / "Modelfile", output / "llama-server.sh"
         out.print(f"run it: ollama create NAME -f {modelfile}, or {server}")
+        out.print(
+            f"score it as deployed (shown in instill report {run}): instill eval {output} "
+            "--engine llama.cpp"
+        )
     return ExportResult(output, figures)

@@ -12,6 +12,7 @@ from instill.eval.compare import Side, compare_suite
 from instill.eval.drift import generation_losses, generation_text
 from instill.jsonl import read_jsonl
 from instill.report import plots
+from instill.report.deployed import deployed_blocks
 from instill.report.document import Document, Heading, Image, Para, Table, Verdict, write
 
 GENERAL = "general"  # the forgetting guard scored by choice
@@ -400,6 +401,7 @@ def build_run_report(run_dir: Path, price_per_hour: float = 0.10) -> Document:
     )
     doc.add(Heading("Forgetting: general knowledge and general behaviour"))
     doc.add(*forgetting_blocks(tables))
+    doc.add(*deployed_blocks(run_dir))
     doc.add(Heading("Training time and cost"), Table(["measure", "value"], cost_table, "lr"))
     doc.add(Heading("Training curves"))
     curve = plots.training_curves(run_dir)
