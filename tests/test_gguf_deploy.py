@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -517,3 +518,51 @@ def test_report_sets_the_deployed_score_beside_the_in_memory_one(
     assert f"exported merged q8_0: not scored; instill eval {run}/export/gguf-q8_0" in report
     export_run(run, fmt="gguf-lora", quant="f32", overwrite=True, min_agreement=0.5)
     assert deployed_rows(run)[0][0][0] == "adapter f32 (an earlier export; score it again)"
+
+
+def test_copy_base_makes_a_movable_folder(tuned, tmp_path, monkeypatch):
+    """--copy-base puts the run's exact base GGUF beside the adapter, and the Modelfile,
+    llama-server.sh and instill eval's target name it there, so the folder still runs after it
+    is moved and the original base is gone. A copy whose sha256 differs is refused."""
+    import os
+    import shutil
+
+    from instill.eval.gguf import target
+    from instill.models.resolve import sha256_file
+
+    run, source = tuned
+    result = export_run(run, fmt="gguf-lora", quant="f16", copy_base=True)
+    base = Path(source.gguf_path)
+    inside = result.path / base.name
+    assert sha256_file(inside) == source.sha256
+    assert os.stat(inside).st_ino == os.stat(base).st_ino  # hardlinked: same filesystem here
+    lines = (result.path / "Modelfile").read_text()
+    assert f"\nFROM ./{base.name}\n" in lines
+    assert not [x for x in lines.splitlines() if str(base.parent) in x and x[0] != "#"]
+    script = (result.path / "llama-server.sh").read_text()
+    assert f'-m "$(dirname "$0")"/{base.name} ' in script
+    manifest = json.loads((result.path / "instill.json").read_text())
+    assert manifest["export"]["base_gguf"]["file"] == base.name
+    moved = Path(shutil.move(result.path, tmp_path / "elsewhere"))
+    base.rename(base.with_suffix(".gone"))
+    t = target(str(moved), None)
+    assert t.model == moved / base.name and t.lora.parent == moved
+    if llamacpp.available():  # llama.cpp loads the moved folder's own files
+        engine = llamacpp.open_gguf(t.model, lora=t.lora)
+        assert engine.tokenize("hi")
+        engine.close()
+    base.with_suffix(".gone").rename(base)
+
+    def cross_device(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    def bad_copy(src, dst):
+        Path(dst).write_bytes(b"GGUF not the base")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    monkeypatch.setattr(shutil, "copyfile", bad_copy)
+    with pytest.raises(InstillError, match=r"--copy-base: the base GGUF copied .*another sha256"):
+        export_run(run, fmt="gguf-lora", quant="f16", copy_base=True, output=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(InstillError, match="--copy-base: for --format gguf-lora only"):
+        export_run(run, fmt="gguf", quant="f16", copy_base=True)

@@ -521,6 +521,11 @@ def export(
     min_agreement: float = typer.Option(
         None, help="Replace the verification's greedy-agreement floor (accept more drift)."
     ),
+    copy_base: bool = typer.Option(
+        False,
+        help="gguf-lora: put the base GGUF into the export folder (hardlinked on the same "
+        "filesystem, else copied; sha256 checked), so the folder is self-contained and movable.",
+    ),
 ) -> None:
     """Export a tuned model (HF directory, GGUF, or a llama.cpp LoRA adapter GGUF), verified by
     reloading (GGUF: by llama.cpp when the llamacpp extra is installed), with instill.json; GGUF
@@ -531,7 +536,7 @@ def export(
     export_run(
         run, fmt=fmt, quant=quant, dtype=dtype, parts=parts, output=output,
         overwrite=overwrite, dequantize=dequantize, min_agreement=min_agreement,
-        max_size_mb=max_size,
+        max_size_mb=max_size, copy_base=copy_base,
     )
 
 
