@@ -14,6 +14,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import openai
 import pytest
 import torch
 import yaml
@@ -566,3 +567,95 @@ def test_copy_base_makes_a_movable_folder(tuned, tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()
     with pytest.raises(InstillError, match="--copy-base: for --format gguf-lora only"):
         export_run(run, fmt="gguf", quant="f16", copy_base=True)
+
+
+@needs_llamacpp
+def test_serve_with_llamacpp_answers_as_the_tuned_model(tmp_path, tokenizer, default_source):
+    """`instill serve EXPORT --engine llama.cpp`: the same OpenAI API (the real openai client,
+    auth, limits) with llama.cpp decoding. An f32 adapter's greedy reply is the tuned model's
+    own; streaming gives the same text; max_tokens, stop strings, seeded sampling, raw prompts
+    and the context limit behave as on the torch server."""
+    from instill.export.tuned import load_tuned
+    from instill.infer import GenParams, generate
+    from instill.serve import ServeConfig
+    from instill.serve.llamacpp import CONTEXT, load_llamacpp_server
+    from tests.test_serve import KEY, client, start_server
+
+    run, _ = _tuned_run(tmp_path, tokenizer, default_source, embed_std=0.2, linear_std=0.2)
+    export = export_run(run, fmt="gguf-lora", quant="f32")
+    server = load_llamacpp_server(
+        str(export.path), None, ServeConfig(api_key=KEY, max_tokens_cap=4096)
+    )
+    base, server, stop = start_server(server)
+    try:
+        name = export.path.name
+        c = client(base)
+        assert [m.id for m in c.models.list().data][0] == name
+        msg = [{"role": "user", "content": "Name three primary colours."}]
+        want = generate(load_tuned(run).reference, tokenizer, [msg], GenParams(max_new_tokens=12))
+        reply = c.chat.completions.create(model=name, messages=msg, max_tokens=12)
+        text = reply.choices[0].message.content
+        assert text == want[0].text and len(text) > 6
+        assert reply.choices[0].finish_reason == want[0].finish_reason
+        assert reply.usage.completion_tokens == want[0].completion_tokens
+        assert reply.usage.prompt_tokens == want[0].prompt_tokens
+
+        chunks = list(
+            c.chat.completions.create(
+                model=name,
+                messages=msg,
+                max_tokens=12,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert streamed == text
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == (
+            want[0].finish_reason
+        )
+        assert chunks[-1].usage.completion_tokens == want[0].completion_tokens
+
+        short = c.chat.completions.create(model=name, messages=msg, max_tokens=3)
+        assert short.choices[0].finish_reason == "length"
+        assert short.usage.completion_tokens == 3
+        assert text.startswith(short.choices[0].message.content)
+
+        cut = text[len(text) // 2 : len(text) // 2 + 2]
+        stopped = c.chat.completions.create(model=name, messages=msg, max_tokens=12, stop=[cut])
+        assert stopped.choices[0].message.content == text[: text.find(cut)]
+        assert stopped.choices[0].finish_reason == "stop"
+
+        def sampled(seed):
+            r = c.chat.completions.create(
+                model=name, messages=msg, max_tokens=8, temperature=1.5, seed=seed
+            )
+            return r.choices[0].message.content
+
+        assert sampled(7) == sampled(7)
+        assert len({sampled(s) for s in range(5)} | {text}) > 2  # it does sample
+
+        raw = c.completions.create(model=name, prompt="The sea is", max_tokens=4)
+        assert raw.usage.prompt_tokens == len(tokenizer("The sea is")["input_ids"])
+        assert raw.usage.completion_tokens == 4
+
+        # llama.cpp's context: the tiny model's trained length, under serve's own cap
+        assert server.context == min(CONTEXT, load_tuned(run).merged.config.max_position_embeddings)
+        with pytest.raises(openai.BadRequestError, match=f"context length of {server.context} "):
+            c.chat.completions.create(model=name, messages=msg, max_tokens=server.context)
+        with pytest.raises(openai.AuthenticationError):
+            client(base, key="wrong").chat.completions.create(model=name, messages=msg)
+    finally:
+        stop()
+        server.model.close()
+
+
+def test_serve_engine_mistakes_are_one_line(tmp_path, capsys, monkeypatch):
+    from tests.test_cli import assert_user_error, run
+
+    code, _, err = run(["serve", "x.gguf", "--lora", "a.gguf"], capsys, monkeypatch)
+    assert_user_error(code, err, "--lora", "--engine llama.cpp")
+    code, _, err = run(["serve", str(tmp_path), "--engine", "llama.cpp"], capsys, monkeypatch)
+    assert_user_error(code, err, "needs a .gguf file")
+    code, _, err = run(["serve", "x", "--engine", "vllm"], capsys, monkeypatch)
+    assert_user_error(code, err, "--engine vllm", "torch or llama.cpp")

@@ -447,11 +447,24 @@ def serve(
     max_batch: int = typer.Option(8, help="Requests decoded together."),
     max_concurrent: int = typer.Option(64, help="Requests in flight before 429."),
     max_tokens_cap: int = typer.Option(1024, help="Largest max_tokens a request may ask."),
+    engine: str = typer.Option(
+        "torch",
+        help="torch, or llama.cpp: a .gguf file (or a GGUF export folder) decoded by llama.cpp "
+        "in-process, one request at a time (needs the llamacpp extra).",
+    ),
+    lora: str = typer.Option(None, help="--engine llama.cpp: a LoRA adapter GGUF to apply."),
 ) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health)
     with a web chat page at /. A model without a chat template (and no --chat-template) serves
     raw prompts on /v1/completions; its chat routes answer 400."""
     from instill.serve import ServeConfig, read_api_key, run_server
+
+    if engine not in ("torch", "llama.cpp"):
+        raise InstillError(f"--engine {engine}: choose torch or llama.cpp")
+    if lora is not None and engine != "llama.cpp":
+        raise InstillError(
+            "--lora: an adapter GGUF is applied by llama.cpp; add --engine llama.cpp"
+        )
 
     if api_key_file is not None:
         if api_key is not None:
@@ -466,6 +479,12 @@ def serve(
             soft_wrap=True,
         )
     spec = _model_spec(model, chat_template)
+    if engine == "llama.cpp":
+        from instill.eval.gguf import target
+        from instill.models import llamacpp
+
+        target(model, lora)  # a wrong file or a missing extra is said before anything loads
+        llamacpp.require("--engine llama.cpp")
     _quiet_libraries()
     cfg = ServeConfig(
         api_key=api_key,
@@ -475,7 +494,9 @@ def serve(
         host=host,
         allowed_hosts=tuple(allowed_host),
     )
-    run_server(model, cfg, port=port, spec=spec)
+    run_server(
+        model, cfg, port=port, spec=spec, lora=lora, engine=engine, chat_template=chat_template
+    )
 
 
 @data_app.command("inspect")

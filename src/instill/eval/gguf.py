@@ -126,7 +126,7 @@ def deployed_record(folder: Path) -> dict:
     }
 
 
-def _tokenizer(t: Target, chat_template: Path | None):
+def tokenizer_for(t: Target, chat_template: Path | None, require_template: bool = True):
     """An HF tokenizer read from the GGUF, for rendering the chat template (its tokens are not
     used: llama.cpp tokenises the rendered text itself)."""
     from transformers import AutoTokenizer
@@ -139,7 +139,7 @@ def _tokenizer(t: Target, chat_template: Path | None):
     file = chat_template or t.template
     if file is not None:
         tok.chat_template = load_chat_template(file)
-    if not tok.chat_template:
+    if not tok.chat_template and require_template:
         raise InstillError(f"{t.model}: no chat template in the file; give --chat-template")
     return tok
 
@@ -182,7 +182,7 @@ def run_llamacpp(
                 "replies, which --engine llama.cpp does not do; it scores generated answers "
                 "(builtin, and files with text metrics)"
             )
-    tokenizer = _tokenizer(t, chat_template)
+    tokenizer = tokenizer_for(t, chat_template)
     engine = llamacpp.open_gguf(
         t.model, lora=t.lora, n_ctx=2048, logits_all=False, what="--engine llama.cpp"
     )
