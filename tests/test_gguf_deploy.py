@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import gguf
 import numpy as np
+import openai
 import pytest
 import torch
 import yaml
@@ -447,3 +449,249 @@ def test_without_llamacpp_the_fallback_check_runs_and_says_so(tuned, monkeypatch
         assert f.max_logit_diff < 1e-4 and f.greedy_agreement == 1.0
     out = capsys.readouterr().out
     assert "llama.cpp is not installed" in out and "pip install" in out
+
+
+@needs_llamacpp
+def test_report_sets_the_deployed_score_beside_the_in_memory_one(
+    tmp_path, tokenizer, default_source, monkeypatch
+):
+    """`instill eval EXPORT --engine llama.cpp` on an export of a run answers the run's own
+    held-out split and records it in RUN/eval/deployed/; `instill report RUN` then shows it
+    beside the tuned model's in-memory score on the same prompts, and lists the GGUF exports
+    not scored yet. An f32 adapter answers exactly as the tuned model does; a changed in-memory
+    answer shows up in both columns (the negative control)."""
+    from instill.config import EvalConfig
+    from instill.eval.runner import evaluate, write_result
+    from instill.eval.tasks import builtin_task
+    from instill.export.tuned import load_tuned
+    from tests.test_cli import succeed
+    from tests.test_report import FIXTURE
+
+    run, _ = _tuned_run(tmp_path, tokenizer, default_source, embed_std=0.2, linear_std=0.2)
+    recipe = yaml.safe_load((run / "config.yaml").read_text())
+    recipe["data"] = {"builtin": {"eval_per_family": 1, "seed": 3}}
+    recipe["eval"] = {"max_new_tokens": 12, "holdout_clusters": ["tables"]}
+    (run / "config.yaml").write_text(yaml.safe_dump(recipe))
+    # the run's record as instill train writes it (the fixture's), with this run's tiny base
+    record = json.loads((FIXTURE / "run.json").read_text())
+    record["model"] |= json.loads((run / "run.json").read_text())["model"]
+    (run / "run.json").write_text(json.dumps(record))
+    task = builtin_task(1, 3, holdout=["tables"])
+    tuned = load_tuned(run)
+    memory = evaluate(tuned.reference, tokenizer, task, EvalConfig(max_new_tokens=12), "tuned")
+    write_result(memory, run / "eval")
+
+    adapter = export_run(run, fmt="gguf-lora", quant="f32")
+    export_run(run, fmt="gguf", quant="q8_0", min_agreement=0.0)
+    succeed(["eval", str(adapter.path), "--engine", "llama.cpp"], monkeypatch)
+    folder = run / "eval" / "deployed" / adapter.path.name
+    summary = json.loads((folder / "builtin.json").read_text())
+    deployed = [json.loads(line) for line in (folder / "builtin.jsonl").open()]
+    assert [r["id"] for r in deployed] == [ex.id for ex in task.examples]  # the run's split
+    assert summary["holdout_clusters"] == ["tables"]
+    assert summary["deployed"]["format"] == "gguf-lora"
+    assert summary["deployed"]["verification"]["verifier"].startswith("llama.cpp")
+    assert [r["prediction"] for r in deployed] == [r["prediction"] for r in memory.records]
+
+    from instill.report.deployed import deployed_rows
+
+    n = len(deployed)
+    score = 100 * memory.mean
+    rows, lines = deployed_rows(run)
+    assert rows[0][0] == "adapter f32" and rows[0][4] == "builtin"
+    assert rows[0][5:] == [f"{score:.1f}", f"{score:.1f}", "100.0", str(n)]
+    assert rows[1][0] == "merged q8_0" and rows[1][4] == "not scored"
+    assert lines[0] == (
+        f"exported adapter f32: {score:.1f}% vs {score:.1f}% in memory (builtin, {n} prompts; "
+        "100.0% of answers identical)"
+    )
+    changed = [dict(r) for r in memory.records]
+    changed[0] |= {"prediction": changed[0]["prediction"] + " (changed)", "score": 1.0}
+    (run / "eval" / "builtin.jsonl").write_text("".join(json.dumps(r) + "\n" for r in changed))
+    rows, _ = deployed_rows(run)
+    moved = 100 * (sum(r["score"] for r in changed) / n)
+    assert rows[0][5:] == [f"{score:.1f}", f"{moved:.1f}", f"{100 * (n - 1) / n:.1f}", str(n)]
+
+    succeed(["report", str(run)], monkeypatch)
+    report = (run / "report.md").read_text()
+    assert "## Deployed: the exported GGUF files as llama.cpp answers them" in report
+    assert f"exported adapter f32: {score:.1f}% vs {moved:.1f}% in memory" in report
+    assert f"exported merged q8_0: not scored; instill eval {run}/export/gguf-q8_0" in report
+    export_run(run, fmt="gguf-lora", quant="f32", overwrite=True, min_agreement=0.5)
+    assert deployed_rows(run)[0][0][0] == "adapter f32 (an earlier export; score it again)"
+
+
+def test_copy_base_makes_a_movable_folder(tuned, tmp_path, monkeypatch):
+    """--copy-base puts the run's exact base GGUF beside the adapter, and the Modelfile,
+    llama-server.sh and instill eval's target name it there, so the folder still runs after it
+    is moved and the original base is gone. A copy whose sha256 differs is refused."""
+    import os
+    import shutil
+
+    from instill.eval.gguf import target
+    from instill.models.resolve import sha256_file
+
+    run, source = tuned
+    result = export_run(run, fmt="gguf-lora", quant="f16", copy_base=True)
+    base = Path(source.gguf_path)
+    inside = result.path / base.name
+    assert sha256_file(inside) == source.sha256
+    assert os.stat(inside).st_ino == os.stat(base).st_ino  # hardlinked: same filesystem here
+    lines = (result.path / "Modelfile").read_text()
+    assert f"\nFROM ./{base.name}\n" in lines
+    assert not [x for x in lines.splitlines() if str(base.parent) in x and x[0] != "#"]
+    script = (result.path / "llama-server.sh").read_text()
+    assert f'-m "$(dirname "$0")"/{base.name} ' in script
+    manifest = json.loads((result.path / "instill.json").read_text())
+    assert manifest["export"]["base_gguf"]["file"] == base.name
+    moved = Path(shutil.move(result.path, tmp_path / "elsewhere"))
+    base.rename(base.with_suffix(".gone"))
+    t = target(str(moved), None)
+    assert t.model == moved / base.name and t.lora.parent == moved
+    if llamacpp.available():  # llama.cpp loads the moved folder's own files
+        engine = llamacpp.open_gguf(t.model, lora=t.lora)
+        assert engine.tokenize("hi")
+        engine.close()
+    base.with_suffix(".gone").rename(base)
+
+    def cross_device(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    def bad_copy(src, dst):
+        Path(dst).write_bytes(b"GGUF not the base")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    monkeypatch.setattr(shutil, "copyfile", bad_copy)
+    with pytest.raises(InstillError, match=r"--copy-base: the base GGUF copied .*another sha256"):
+        export_run(run, fmt="gguf-lora", quant="f16", copy_base=True, output=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(InstillError, match="--copy-base: for --format gguf-lora only"):
+        export_run(run, fmt="gguf", quant="f16", copy_base=True)
+
+
+@needs_llamacpp
+def test_serve_with_llamacpp_answers_as_the_tuned_model(tmp_path, tokenizer, default_source):
+    """`instill serve EXPORT --engine llama.cpp`: the same OpenAI API (the real openai client,
+    auth, limits) with llama.cpp decoding. An f32 adapter's greedy reply is the tuned model's
+    own; streaming gives the same text; max_tokens, stop strings, seeded sampling, raw prompts
+    and the context limit behave as on the torch server."""
+    from instill.export.tuned import load_tuned
+    from instill.infer import GenParams, generate
+    from instill.serve import ServeConfig
+    from instill.serve.llamacpp import CONTEXT, load_llamacpp_server
+    from tests.test_serve import KEY, client, start_server
+
+    run, _ = _tuned_run(tmp_path, tokenizer, default_source, embed_std=0.2, linear_std=0.2)
+    export = export_run(run, fmt="gguf-lora", quant="f32")
+    server = load_llamacpp_server(
+        str(export.path), None, ServeConfig(api_key=KEY, max_tokens_cap=4096)
+    )
+    base, server, stop = start_server(server)
+    try:
+        name = export.path.name
+        c = client(base)
+        assert [m.id for m in c.models.list().data][0] == name
+        msg = [{"role": "user", "content": "Name three primary colours."}]
+        want = generate(load_tuned(run).reference, tokenizer, [msg], GenParams(max_new_tokens=12))
+        reply = c.chat.completions.create(model=name, messages=msg, max_tokens=12)
+        text = reply.choices[0].message.content
+        assert text == want[0].text and len(text) > 6
+        assert reply.choices[0].finish_reason == want[0].finish_reason
+        assert reply.usage.completion_tokens == want[0].completion_tokens
+        assert reply.usage.prompt_tokens == want[0].prompt_tokens
+
+        chunks = list(
+            c.chat.completions.create(
+                model=name,
+                messages=msg,
+                max_tokens=12,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert streamed == text
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == (
+            want[0].finish_reason
+        )
+        assert chunks[-1].usage.completion_tokens == want[0].completion_tokens
+
+        short = c.chat.completions.create(model=name, messages=msg, max_tokens=3)
+        assert short.choices[0].finish_reason == "length"
+        assert short.usage.completion_tokens == 3
+        assert text.startswith(short.choices[0].message.content)
+
+        cut = text[len(text) // 2 : len(text) // 2 + 2]
+        stopped = c.chat.completions.create(model=name, messages=msg, max_tokens=12, stop=[cut])
+        assert stopped.choices[0].message.content == text[: text.find(cut)]
+        assert stopped.choices[0].finish_reason == "stop"
+
+        def sampled(seed):
+            r = c.chat.completions.create(
+                model=name, messages=msg, max_tokens=8, temperature=1.5, seed=seed
+            )
+            return r.choices[0].message.content
+
+        assert sampled(7) == sampled(7)
+        assert len({sampled(s) for s in range(5)} | {text}) > 2  # it does sample
+
+        raw = c.completions.create(model=name, prompt="The sea is", max_tokens=4)
+        assert raw.usage.prompt_tokens == len(tokenizer("The sea is")["input_ids"])
+        assert raw.usage.completion_tokens == 4
+
+        # llama.cpp's context: the tiny model's trained length, under serve's own cap
+        assert server.context == min(CONTEXT, load_tuned(run).merged.config.max_position_embeddings)
+        with pytest.raises(openai.BadRequestError, match=f"context length of {server.context} "):
+            c.chat.completions.create(model=name, messages=msg, max_tokens=server.context)
+        with pytest.raises(openai.AuthenticationError):
+            client(base, key="wrong").chat.completions.create(model=name, messages=msg)
+    finally:
+        stop()
+        server.model.close()
+
+
+def test_serve_engine_mistakes_are_one_line(tmp_path, capsys, monkeypatch):
+    from tests.test_cli import assert_user_error, run
+
+    code, _, err = run(["serve", "x.gguf", "--lora", "a.gguf"], capsys, monkeypatch)
+    assert_user_error(code, err, "--lora", "--engine llama.cpp")
+    code, _, err = run(["serve", str(tmp_path), "--engine", "llama.cpp"], capsys, monkeypatch)
+    assert_user_error(code, err, "needs a .gguf file")
+    code, _, err = run(["serve", "x", "--engine", "vllm"], capsys, monkeypatch)
+    assert_user_error(code, err, "--engine vllm", "torch or llama.cpp")
+
+
+def test_gptq_regrid_keeps_the_outputs_closer_than_stochastic_rounding():
+    """Error-compensating rounding onto the base's own grid: on inputs with the calibration
+    second moment, the layer's outputs are closer to the tuned layer's than with stochastic or
+    nearest rounding onto the same grid; an untouched tensor keeps its exact bytes; the result
+    is on the base's grid (same scales, same size)."""
+    from instill.export.regrid import _f16, gptq, regrid
+
+    rng = np.random.default_rng(0)
+    out, inp = 64, 256
+    # inputs that vary mostly along a few directions, as a layer's activations do
+    x = rng.normal(0, 1, (1024, 32)) @ rng.normal(0, 1, (32, inp)) / np.sqrt(32)
+    x = (x + 0.2 * rng.normal(0, 1, (1024, inp))).astype(np.float32)
+    hessian = x.T @ x / len(x)
+    for qtype in (gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q4_0):
+        raw = gguf.quants.quantize(rng.normal(0, 0.1, (out, inp)).astype(np.float32), qtype)
+        base = gguf.quants.dequantize(raw, qtype)
+        step = (base.reshape(-1, 32).max(1) - base.reshape(-1, 32).min(1)).mean() / 15
+        delta = (rng.normal(0, 1, (out, 4)) @ rng.normal(0, 1, (4, inp))).astype(np.float32)
+        tuned = base + 0.2 * step * delta / delta.std()  # an update of a fifth of a step
+
+        def drift(q, qtype=qtype, tuned=tuned):  # mean squared output error against tuned
+            return float((((gguf.quants.dequantize(q, qtype) - tuned) @ x.T) ** 2).mean())
+
+        g = gptq(raw, qtype, tuned, hessian)
+        # with no correlations to use, no error is pushed on: plain nearest rounding, which
+        # puts nearly every weight back on the base's value
+        nearest = gptq(raw, qtype, tuned, np.eye(inp, dtype=np.float32))
+        size = gguf.GGML_QUANT_SIZES[qtype][1]
+        assert g.shape == raw.shape and g.dtype == raw.dtype
+        assert np.array_equal(_f16(g.reshape(-1, size), 0), _f16(raw.reshape(-1, size), 0))
+        assert drift(nearest) > 0.7 * drift(raw)
+        assert drift(g) < 0.5 * drift(nearest)
+        assert drift(g) < 0.2 * drift(regrid(raw, qtype, tuned, "t"))
+        assert np.array_equal(gptq(raw, qtype, base, hessian), raw)

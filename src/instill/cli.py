@@ -156,19 +156,24 @@ def eval_cmd(
         [], "--holdout", help="A cluster the model was not tuned on (reported as unseen)."
     ),
     per_family: int = typer.Option(
-        default(BuiltinDataConfig, "eval_per_family"),
-        help="Built-in suite: held-out examples per family.",
+        None,
+        help="Built-in suite: held-out examples per family (default "
+        f"{default(BuiltinDataConfig, 'eval_per_family')}; an export of a run with --engine "
+        "llama.cpp: the run's own split, as are --seed and --holdout).",
     ),
     max_examples: int = typer.Option(None, help="File suites: at most N examples per cluster."),
     seed: int = typer.Option(
-        default(BuiltinDataConfig, "seed"),
-        help="Seed of the built-in task generator and of sampling.",
+        None,
+        help="Seed of the built-in task generator and of sampling (default "
+        f"{default(BuiltinDataConfig, 'seed')}).",
     ),
     batch_size: int = typer.Option(
         default(EvalConfig, "batch_size"), help=describe(EvalConfig, "batch_size")
     ),
     max_new_tokens: int = typer.Option(
-        default(EvalConfig, "max_new_tokens"), help=describe(EvalConfig, "max_new_tokens")
+        None,
+        help=f"Longest generated answer (default {default(EvalConfig, 'max_new_tokens')}; an "
+        "export of a run: the run's).",
     ),
     general_gen_per_kind: int = typer.Option(
         default(EvalConfig, "general_gen_per_kind"),
@@ -196,10 +201,28 @@ def eval_cmd(
 
     check_metric(metric, "--metric") if metric != "auto" else None
     model_spec = _model_spec(model, chat_template)
+    families, deployed_output = None, None
+    if engine == "llama.cpp":
+        from instill.eval.gguf import export_run_dir, run_split
+
+        run_dir = export_run_dir(model)
+        if run_dir is not None:  # the run's own split: the score pairs with the in-memory one
+            split = run_split(run_dir)
+            if per_family is None and seed is None and not holdout:
+                per_family, seed, families = split.per_family, split.seed, split.families
+                holdout = split.holdout
+            max_new_tokens = max_new_tokens or split.max_new_tokens
+            deployed_output = run_dir / "eval" / "deployed" / Path(model.rstrip("/")).name
+    if per_family is None:
+        per_family = default(BuiltinDataConfig, "eval_per_family")
+    if seed is None:
+        seed = default(BuiltinDataConfig, "seed")
+    if max_new_tokens is None:
+        max_new_tokens = default(EvalConfig, "max_new_tokens")
     tasks = []
     for name in suite:
         if name == "builtin":
-            tasks.append(builtin_task(per_family, seed, None, holdout))
+            tasks.append(builtin_task(per_family, seed, families, holdout))
         elif name == "general":
             tasks.append(general_task())
         elif name == "general_gen":
@@ -225,7 +248,7 @@ def eval_cmd(
     if engine == "llama.cpp":
         from instill.eval.gguf import run_llamacpp
 
-        folder = output or Path("runs") / "eval"
+        folder = output or deployed_output or Path("runs") / "eval"
         results = run_llamacpp(model, lora, tasks, cfg, folder, chat_template)
         for name, result in results.items():
             s = result.summary()
@@ -450,11 +473,24 @@ def serve(
     max_tokens_cap: int = typer.Option(
         default(ServeConfig, "max_tokens_cap"), help=describe(ServeConfig, "max_tokens_cap")
     ),
+    engine: str = typer.Option(
+        "torch",
+        help="torch, or llama.cpp: a .gguf file (or a GGUF export folder) decoded by llama.cpp "
+        "in-process, one request at a time (needs the llamacpp extra).",
+    ),
+    lora: str = typer.Option(None, help="--engine llama.cpp: a LoRA adapter GGUF to apply."),
 ) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health)
     with a web chat page at /. A model without a chat template (and no --chat-template) serves
     raw prompts on /v1/completions; its chat routes answer 400."""
     from instill.serve import read_api_key, run_server
+
+    if engine not in ("torch", "llama.cpp"):
+        raise InstillError(f"--engine {engine}: choose torch or llama.cpp")
+    if lora is not None and engine != "llama.cpp":
+        raise InstillError(
+            "--lora: an adapter GGUF is applied by llama.cpp; add --engine llama.cpp"
+        )
 
     if api_key_file is not None:
         if api_key is not None:
@@ -469,6 +505,12 @@ def serve(
             soft_wrap=True,
         )
     spec = _model_spec(model, chat_template)
+    if engine == "llama.cpp":
+        from instill.eval.gguf import target
+        from instill.models import llamacpp
+
+        target(model, lora)  # a wrong file or a missing extra is said before anything loads
+        llamacpp.require("--engine llama.cpp")
     _quiet_libraries()
     cfg = ServeConfig(
         api_key=api_key,
@@ -478,7 +520,9 @@ def serve(
         host=host,
         allowed_hosts=tuple(allowed_host),
     )
-    run_server(model, cfg, port=port, spec=spec)
+    run_server(
+        model, cfg, port=port, spec=spec, lora=lora, engine=engine, chat_template=chat_template
+    )
 
 
 @data_app.command("inspect")
@@ -526,6 +570,11 @@ def export(
     min_agreement: float = typer.Option(
         None, help="Replace the verification's greedy-agreement floor (accept more drift)."
     ),
+    copy_base: bool = typer.Option(
+        False,
+        help="gguf-lora: put the base GGUF into the export folder (hardlinked on the same "
+        "filesystem, else copied; sha256 checked), so the folder is self-contained and movable.",
+    ),
 ) -> None:
     """Export a tuned model (HF directory, GGUF, or a llama.cpp LoRA adapter GGUF), verified by
     reloading (GGUF: by llama.cpp when the llamacpp extra is installed), with instill.json; GGUF
@@ -536,7 +585,7 @@ def export(
     export_run(
         run, fmt=fmt, quant=quant, dtype=dtype, parts=parts, output=output,
         overwrite=overwrite, dequantize=dequantize, min_agreement=min_agreement,
-        max_size_mb=max_size,
+        max_size_mb=max_size, copy_base=copy_base,
     )
 
 

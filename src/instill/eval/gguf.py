@@ -7,10 +7,16 @@ artifact itself, as llama-server would answer.
 
 The template is the export's chat_template.jinja when there is one (what llama-server.sh
 passes), else --chat-template, else the one inside the GGUF file.
+
+An export folder of a run (RUN/export/NAME, or any folder whose instill.json names the run) is
+scored on the run's own held-out split by default and recorded in RUN/eval/deployed/NAME/, with
+the export's type, size and verification, so the run report can set the deployed artifact's
+score beside the in-memory one (deployed()).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -31,6 +37,8 @@ class Target:
     lora: Path | None  # an adapter GGUF applied on it
     template: Path | None  # a chat template file beside an export
 
+    export: Path | None = None  # the export folder the files came from
+
     @property
     def label(self) -> str:
         return f"{self.model.name}" + (f" + {self.lora.name}" if self.lora else "")
@@ -50,8 +58,10 @@ def target(model: str, lora: str | None) -> Target:
         template = path / "chat_template.jinja"
         template = template if template.is_file() else None
         if export["format"] == "gguf-lora":
-            return Target(Path(export["base_gguf"]["path"]), path / export["file"], template)
-        return Target(path / export["file"], None, template)
+            base = export["base_gguf"]
+            model = path / base["file"] if base.get("file") else Path(base["path"])
+            return Target(model, path / export["file"], template, path)
+        return Target(path / export["file"], None, template, path)
     for what, file in (("MODEL", path), ("--lora", Path(lora) if lora else None)):
         if file is not None and (not file.is_file() or file.suffix != ".gguf"):
             raise InstillError(
@@ -61,7 +71,62 @@ def target(model: str, lora: str | None) -> Target:
     return Target(path, Path(lora) if lora else None, None)
 
 
-def _tokenizer(t: Target, chat_template: Path | None):
+def export_run_dir(model: str) -> Path | None:
+    """The run an export folder was made from (its instill.json's run, when that still holds a
+    tuned model), else None."""
+    manifest = Path(model) / "instill.json"
+    if not manifest.is_file():
+        return None
+    run = json.loads(manifest.read_text()).get("run")
+    return Path(run) if run and (Path(run) / "final").is_dir() else None
+
+
+@dataclass
+class RunSplit:
+    """The held-out split and answer length a run was evaluated with (its recipe's)."""
+
+    per_family: int
+    seed: int
+    families: list[str] | None
+    holdout: list[str]
+    max_new_tokens: int
+
+
+def run_split(run: Path) -> RunSplit:
+    import yaml
+
+    path = run / "config.yaml"
+    cfg = (yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None) or {}
+    builtin = (cfg.get("data") or {}).get("builtin") or {}
+    ev = cfg.get("eval") or {}
+    return RunSplit(
+        builtin.get("eval_per_family", 12),
+        builtin.get("seed", 0),
+        builtin.get("families"),
+        list(ev.get("holdout_clusters") or []),
+        ev.get("max_new_tokens", 32),
+    )
+
+
+def deployed_record(folder: Path) -> dict:
+    """What the run report needs of an export: its kind, size, verification, and the sha256 of
+    its instill.json (a later export into the same folder makes the score stale)."""
+    raw = (folder / "instill.json").read_bytes()
+    manifest = json.loads(raw)
+    export = manifest.get("export") or {}
+    base = export.get("base_gguf") or {}
+    return {
+        "export": str(folder.resolve()),
+        "format": export.get("format"),
+        "quant": export.get("quant"),
+        "size_bytes": export.get("size_bytes"),
+        "base_size_bytes": base.get("size_bytes"),
+        "verification": manifest.get("verification"),
+        "manifest_sha256": hashlib.sha256(raw).hexdigest(),
+    }
+
+
+def tokenizer_for(t: Target, chat_template: Path | None, require_template: bool = True):
     """An HF tokenizer read from the GGUF, for rendering the chat template (its tokens are not
     used: llama.cpp tokenises the rendered text itself)."""
     from transformers import AutoTokenizer
@@ -74,7 +139,7 @@ def _tokenizer(t: Target, chat_template: Path | None):
     file = chat_template or t.template
     if file is not None:
         tok.chat_template = load_chat_template(file)
-    if not tok.chat_template:
+    if not tok.chat_template and require_template:
         raise InstillError(f"{t.model}: no chat template in the file; give --chat-template")
     return tok
 
@@ -117,7 +182,7 @@ def run_llamacpp(
                 "replies, which --engine llama.cpp does not do; it scores generated answers "
                 "(builtin, and files with text metrics)"
             )
-    tokenizer = _tokenizer(t, chat_template)
+    tokenizer = tokenizer_for(t, chat_template)
     engine = llamacpp.open_gguf(
         t.model, lora=t.lora, n_ctx=2048, logits_all=False, what="--engine llama.cpp"
     )
@@ -140,7 +205,11 @@ def run_llamacpp(
                 time.perf_counter() - start,
                 metric=task.metric,
                 holdout=sorted(task.holdout),
-                extra={"engine": engine.name, **speed},
+                extra={
+                    "engine": engine.name,
+                    **speed,
+                    **({"deployed": deployed_record(t.export)} if t.export else {}),
+                },
             )
             write_result(result, folder, task.name)
             results[task.name] = result

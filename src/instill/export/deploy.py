@@ -159,7 +159,8 @@ def llama_server(model: Path, adapter: str | None) -> str:
 
 def write_beside(folder: Path, tokenizer, model: Path, adapter: str | None, source: str):
     """Modelfile, llama-server.sh and the chat template into `folder`; returns the note, if any.
-    `model`: the base GGUF (absolute) for an adapter, else the merged file's name."""
+    `model`: the base GGUF for an adapter (absolute, or its name in the folder with
+    --copy-base), else the merged file's name."""
     text, note = modelfile(tokenizer, model, adapter, source)
     (folder / "Modelfile").write_text(text)
     script = folder / "llama-server.sh"

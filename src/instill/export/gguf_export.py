@@ -117,7 +117,33 @@ def _metadata_bytes(tokenizer, tensors: list[str]) -> int:
     return vocab + merges + len((tokenizer.chat_template or "").encode()) + headers + 4096
 
 
-def write_adapter(tuned: Tuned, tmp: Path, quant: str, run: Path) -> tuple[Figures, dict]:
+def _copy_base(base, folder: Path) -> tuple[Path, str]:
+    """The base GGUF put into the export folder: hardlinked when the folder is on its filesystem
+    (no second copy on disk), else copied; either way its sha256 is checked against the run's,
+    so the folder holds exactly the file the adapter was verified on."""
+    import os
+    import shutil
+
+    from instill.models.resolve import sha256_file
+
+    dest = folder / base.path.name
+    try:
+        os.link(base.path, dest)
+        how = "hardlinked"
+    except OSError:  # another filesystem, or links not allowed there
+        shutil.copyfile(base.path, dest)
+        how = "copied"
+    if sha256_file(dest) != base.sha256:
+        raise InstillError(
+            f"--copy-base: the base GGUF {how} into the export has another sha256 than "
+            f"{base.path} ({base.sha256}); check the disk, or export without --copy-base"
+        )
+    return dest, how
+
+
+def write_adapter(
+    tuned: Tuned, tmp: Path, quant: str, run: Path, copy_base: bool = False
+) -> tuple[Figures, dict]:
     if tuned.adapter is None:
         raise InstillError(
             "--format gguf-lora: this run is a full fine-tune, it has no adapter; export "
@@ -134,8 +160,17 @@ def write_adapter(tuned: Tuned, tmp: Path, quant: str, run: Path) -> tuple[Figur
         f"wrote {path.name}: {path.stat().st_size / 1e6:.1f} MB, alpha {alpha:g}, for the base "
         f"{base.path} ({base.path.stat().st_size / 1e6:.1f} MB, sha256 {base.sha256[:12]}...)"
     )
+    base_file = base.path
+    if copy_base:
+        base_file, how = _copy_base(base, tmp)
+        size = base_file.stat().st_size / 1e6
+        extra_disk = "no extra disk" if how == "hardlinked" else f"{size:.1f} MB more on disk"
+        out.print(
+            f"base GGUF {how} into the export as {base_file.name} ({size:.1f} MB, {extra_disk}; "
+            "sha256 checked): the folder runs wherever it is moved"
+        )
     if _gguf_verifier("the adapter"):
-        figures = _verify_llamacpp(tuned, base.path, path, kind)
+        figures = _verify_llamacpp(tuned, base_file, path, kind)
     else:
         figures = _verify_lora_fallback(tuned, path, kind)
     extra = {
@@ -149,9 +184,11 @@ def write_adapter(tuned: Tuned, tmp: Path, quant: str, run: Path) -> tuple[Figur
             "sha256": base.sha256,
             "size_bytes": base.path.stat().st_size,
             "type": base_quant,
+            "file": base_file.name if copy_base else None,  # in the export folder
         },
     }
-    extra["note"] = deploy.write_beside(tmp, tuned.tokenizer, base.path, path.name, str(run))
+    model = Path(base_file.name) if copy_base else base.path
+    extra["note"] = deploy.write_beside(tmp, tuned.tokenizer, model, path.name, str(run))
     return figures, extra
 
 

@@ -166,6 +166,7 @@ def export_run(
     dequantize: bool = False,
     min_agreement: float | None = None,
     max_size_mb: float | None = None,
+    copy_base: bool = False,
 ) -> ExportResult:
     run = Path(run)
     final_dir(run)
@@ -176,6 +177,11 @@ def export_run(
     if parts not in PARTS:
         raise InstillError(f"--parts {parts}: choose one of {', '.join(PARTS)}")
     _check_quant(fmt, quant, max_size_mb)
+    if copy_base and fmt != "gguf-lora":
+        raise InstillError(
+            "--copy-base: for --format gguf-lora only (a merged GGUF already holds the whole "
+            "model)"
+        )
     if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
         raise InstillError(f"--min-agreement {min_agreement}: give a share between 0 and 1")
     if output is not None and output.exists() and not overwrite:
@@ -206,7 +212,7 @@ def export_run(
             figures, extra = gguf_export.write_merged(tuned, tmp, quant, run, max_size_mb)
             what = f"gguf {quant}"
         else:
-            figures, extra = gguf_export.write_adapter(tuned, tmp, quant, run)
+            figures, extra = gguf_export.write_adapter(tuned, tmp, quant, run, copy_base)
             what = f"gguf-lora {quant}"
         if extra.get("note"):
             out.print(f"note: {extra['note']}")
@@ -228,4 +234,8 @@ def export_run(
     if fmt != "hf":
         modelfile, server = output / "Modelfile", output / "llama-server.sh"
         out.print(f"run it: ollama create NAME -f {modelfile}, or {server}")
+        out.print(
+            f"score it as deployed (shown in instill report {run}): instill eval {output} "
+            "--engine llama.cpp"
+        )
     return ExportResult(output, figures)

@@ -22,6 +22,7 @@ from instill.report.claims import (
     signed,
     training_flops,
 )
+from instill.report.deployed import deployed_blocks
 from instill.report.document import Document, Heading, Image, Para, Table, write
 
 
@@ -287,6 +288,7 @@ def build_run_report(run_dir: Path, price_per_hour: float = 0.10) -> Document:
     )
     doc.add(Heading("Forgetting: general knowledge and general behaviour"))
     doc.add(*forgetting_blocks(tables))
+    doc.add(*deployed_blocks(run_dir))
     doc.add(Heading("Training time and cost"), Table(["measure", "value"], cost_table, "lr"))
     doc.add(Heading("Training curves"))
     curve = plots.training_curves(run_dir)

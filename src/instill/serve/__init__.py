@@ -69,11 +69,25 @@ def startup_warnings(cfg: ServeConfig) -> list[str]:
 
 
 def run_server(
-    model: str, cfg: ServeConfig, port: int = 8000, spec: ModelConfig | None = None
+    model: str,
+    cfg: ServeConfig,
+    port: int = 8000,
+    spec: ModelConfig | None = None,
+    *,
+    lora: str | None = None,
+    engine: str = "torch",
+    chat_template: Path | None = None,
 ) -> None:
+    """Serve until interrupted. engine "llama.cpp": MODEL is a GGUF file (with `lora`, an
+    adapter GGUF) or an export folder, decoded by llama.cpp (serve/llamacpp.py)."""
     import uvicorn
 
-    server = load_server(model, cfg, spec)
+    if engine == "llama.cpp":
+        from instill.serve.llamacpp import load_llamacpp_server
+
+        server = load_llamacpp_server(model, lora, cfg, chat_template)
+    else:
+        server = load_server(model, cfg, spec)
     from rich.markup import escape
 
     from instill.console import console
@@ -81,6 +95,14 @@ def run_server(
     key = "required" if cfg.api_key else "off"
     where = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     console.print(escape(f"serving {server.names[0]} on http://{where}:{port}/ (API key {key})"))
+    if engine == "llama.cpp":
+        console.print(
+            escape(
+                f"decoded by {server.model.name}, one request at a time (--max-batch does not "
+                f"apply), context {server.context} tokens"
+            ),
+            soft_wrap=True,
+        )
     for line in startup_warnings(cfg):
         style = "bold red" if line.startswith("WARNING") else "default"
         console.print(f"[{style}]{escape(line)}[/{style}]", soft_wrap=True)

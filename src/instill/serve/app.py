@@ -178,12 +178,28 @@ def _messages(body: dict) -> list[dict]:
 
 
 class Server:
+    """The requests' side of serving: names, parsing, limits, concurrency slots. What decodes is
+    the scheduler (submit(job), close()); prompts become token ids through chat_ids/text_ids.
+    serve/llamacpp.py puts llama.cpp behind the same three."""
+
     def __init__(self, model, tokenizer, names: list[str], cfg: ServeConfig):
         self.model, self.tokenizer, self.names, self.cfg = model, tokenizer, names, cfg
-        self.context = int(getattr(model.config, "max_position_embeddings", 2048))
-        self.scheduler = Scheduler(model, tokenizer, cfg.max_batch)
+        self.context = self._context()
+        self.scheduler = self._scheduler()
         self.active = 0
         self.lock = threading.Lock()
+
+    def _context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    def _scheduler(self):
+        return Scheduler(self.model, self.tokenizer, self.cfg.max_batch)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        return render_prompt(self.tokenizer, messages)
+
+    def text_ids(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def check_model(self, body: dict) -> str:
         name = body.get("model")
@@ -204,7 +220,7 @@ class Server:
                 raise ApiError(400, NO_TEMPLATE, "messages")
             messages = _messages(body)
             try:
-                ids = render_prompt(self.tokenizer, messages)
+                ids = self.chat_ids(messages)
             except Exception as exc:  # the template is the model's code: its errors are the
                 # request's (raise_exception on a role it refuses, a missing field), not ours
                 raise ApiError(
@@ -214,7 +230,7 @@ class Server:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
                 raise ApiError(400, "'prompt' is required: a string", "prompt")
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids = self.text_ids(prompt)
         if not ids:
             raise ApiError(400, "the prompt is empty", "prompt")
         return ids
