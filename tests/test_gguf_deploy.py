@@ -659,39 +659,3 @@ def test_serve_engine_mistakes_are_one_line(tmp_path, capsys, monkeypatch):
     assert_user_error(code, err, "needs a .gguf file")
     code, _, err = run(["serve", "x", "--engine", "vllm"], capsys, monkeypatch)
     assert_user_error(code, err, "--engine vllm", "torch or llama.cpp")
-
-
-def test_gptq_regrid_keeps_the_outputs_closer_than_stochastic_rounding():
-    """Error-compensating rounding onto the base's own grid: on inputs with the calibration
-    second moment, the layer's outputs are closer to the tuned layer's than with stochastic or
-    nearest rounding onto the same grid; an untouched tensor keeps its exact bytes; the result
-    is on the base's grid (same scales, same size)."""
-    from instill.export.regrid import _f16, gptq, regrid
-
-    rng = np.random.default_rng(0)
-    out, inp = 64, 256
-    # inputs that vary mostly along a few directions, as a layer's activations do
-    x = rng.normal(0, 1, (1024, 32)) @ rng.normal(0, 1, (32, inp)) / np.sqrt(32)
-    x = (x + 0.2 * rng.normal(0, 1, (1024, inp))).astype(np.float32)
-    hessian = x.T @ x / len(x)
-    for qtype in (gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q4_0):
-        raw = gguf.quants.quantize(rng.normal(0, 0.1, (out, inp)).astype(np.float32), qtype)
-        base = gguf.quants.dequantize(raw, qtype)
-        step = (base.reshape(-1, 32).max(1) - base.reshape(-1, 32).min(1)).mean() / 15
-        delta = (rng.normal(0, 1, (out, 4)) @ rng.normal(0, 1, (4, inp))).astype(np.float32)
-        tuned = base + 0.2 * step * delta / delta.std()  # an update of a fifth of a step
-
-        def drift(q, qtype=qtype, tuned=tuned):  # mean squared output error against tuned
-            return float((((gguf.quants.dequantize(q, qtype) - tuned) @ x.T) ** 2).mean())
-
-        g = gptq(raw, qtype, tuned, hessian)
-        # with no correlations to use, no error is pushed on: plain nearest rounding, which
-        # puts nearly every weight back on the base's value
-        nearest = gptq(raw, qtype, tuned, np.eye(inp, dtype=np.float32))
-        size = gguf.GGML_QUANT_SIZES[qtype][1]
-        assert g.shape == raw.shape and g.dtype == raw.dtype
-        assert np.array_equal(_f16(g.reshape(-1, size), 0), _f16(raw.reshape(-1, size), 0))
-        assert drift(nearest) > 0.7 * drift(raw)
-        assert drift(g) < 0.5 * drift(nearest)
-        assert drift(g) < 0.2 * drift(regrid(raw, qtype, tuned, "t"))
-        assert np.array_equal(gptq(raw, qtype, base, hessian), raw)
