@@ -96,13 +96,16 @@ def test_shipped_accelerate_configs_parse(path):
     assert config.num_processes >= 2
 
 
-def _cli_defaults(command: str) -> dict:
+def _cli_params(command: str) -> list:
     import typer
 
     from instill.cli import app
 
-    click_cmd = typer.main.get_command(app).commands[command]
-    return {p.name: p.default for p in click_cmd.params}
+    return typer.main.get_command(app).commands[command].params
+
+
+def _cli_defaults(command: str) -> dict:
+    return {p.name: p.default for p in _cli_params(command)}
 
 
 def test_cli_option_defaults_are_the_config_defaults():
@@ -116,12 +119,16 @@ def test_cli_option_defaults_are_the_config_defaults():
     )
 
     ev = _cli_defaults("eval")
-    assert (ev["batch_size"], ev["max_new_tokens"]) == (
-        EvalConfig().batch_size,
-        EvalConfig().max_new_tokens,
-    )
+    assert ev["batch_size"] == EvalConfig().batch_size
+    # per_family, seed and max_new_tokens are None when not given (an export of a run is then
+    # scored on the run's own split); otherwise they fall back to config/'s defaults, which
+    # their help names
     builtin = BuiltinDataConfig()
-    assert (ev["per_family"], ev["seed"]) == (builtin.eval_per_family, builtin.seed)
+    assert (ev["per_family"], ev["seed"], ev["max_new_tokens"]) == (None, None, None)
+    helps = {p.name: p.help for p in _cli_params("eval")}
+    assert f"default {builtin.eval_per_family};" in helps["per_family"]
+    assert f"(default {builtin.seed})" in helps["seed"]
+    assert f"(default {EvalConfig().max_new_tokens};" in helps["max_new_tokens"]
     assert ev["metric"] == SuiteConfig.model_fields["metric"].default
     serve, cfg = _cli_defaults("serve"), ServeConfig()
     assert (serve["host"], serve["max_batch"], serve["max_concurrent"]) == (
