@@ -18,14 +18,13 @@ the same request with the same seed gets the same reply; without one each reply 
 
 from __future__ import annotations
 
-import queue
-import threading
 from pathlib import Path
 
 from instill.data.render import end_of_turn_ids, render_text
 from instill.infer.engine import Job
 from instill.infer.text import TextStream, cut_at_stop
 from instill.serve.app import ServeConfig, Server
+from instill.serve.scheduler import DecodeThread
 
 CONTEXT = 2048  # tokens of KV cache llama.cpp allocates (at most the model's trained length)
 
@@ -40,7 +39,7 @@ class _Decoder:
         return self.engine.text(ids)
 
 
-class LlamaCppScheduler:
+class LlamaCppScheduler(DecodeThread):
     """scheduler.py's interface (submit, close) over llama.cpp: one decode thread, one reply at
     a time; a failing reply fails its own job and the thread goes on."""
 
@@ -48,18 +47,7 @@ class LlamaCppScheduler:
         self.engine = engine
         self.eot = set(end_of_turn_ids(tokenizer))
         self.decoder = _Decoder(engine)
-        self.queue: queue.Queue[Job | None] = queue.Queue()
-        self.thread = threading.Thread(target=self._loop, daemon=True, name="instill-llamacpp")
-        self.thread.start()
-
-    def submit(self, job: Job) -> Job:
-        self.queue.put(job)
-        return job
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Finish the jobs submitted before this call, then stop."""
-        self.queue.put(None)
-        self.thread.join(timeout)
+        self._start("instill-llamacpp")
 
     def _loop(self) -> None:
         while (job := self.queue.get()) is not None:

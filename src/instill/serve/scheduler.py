@@ -17,28 +17,39 @@ import torch
 
 from instill.infer.engine import Engine, Job
 
-__all__ = ["Job", "Scheduler"]
+__all__ = ["DecodeThread", "Job", "Scheduler"]
 
 
-class Scheduler(Engine):
-    """One decode thread running a batch of up to `max_batch` rows, refilled every step."""
+class DecodeThread:
+    """What the server talks to: submit(job) from any thread, close(). One daemon thread takes
+    the jobs from a queue in `_loop` (a None in the queue: stop after the jobs before it)."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 8):
-        # rows unpadded: a lone request decodes at a single stream's speed (padding it to 4 rows
-        # for batch invariance, as evaluation does, costs a CPU the work of those rows)
-        super().__init__(model, tokenizer, max_batch, row_block=1)
+    def _start(self, name: str) -> None:
         self.queue: queue.Queue[Job | None] = queue.Queue()
-        self.thread = threading.Thread(target=self._loop, daemon=True, name="instill-decode")
+        self.thread = threading.Thread(target=self._loop, daemon=True, name=name)
         self.thread.start()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
 
     def submit(self, job: Job) -> Job:
         self.queue.put(job)
         return job
 
     def close(self, timeout: float = 10.0) -> None:
-        """Finish the running rows and the jobs submitted before this call, then stop."""
+        """Finish the jobs submitted before this call (and rows already running), then stop."""
         self.queue.put(None)
         self.thread.join(timeout)
+
+
+class Scheduler(Engine, DecodeThread):
+    """One decode thread running a batch of up to `max_batch` rows, refilled every step."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 8):
+        # rows unpadded: a lone request decodes at a single stream's speed (padding it to 4 rows
+        # for batch invariance, as evaluation does, costs a CPU the work of those rows)
+        super().__init__(model, tokenizer, max_batch, row_block=1)
+        self._start("instill-decode")
 
     def _loop(self) -> None:
         closing = False
