@@ -29,7 +29,22 @@ class Conversation:
 
 
 def detect_format(row: dict) -> str:
+    """The supervised format of a row, from its keys. A preference row (data/preference.py) is
+    refused rather than read as a supervised one: `prompt`+`completion`+`label` would otherwise
+    train on the undesirable completions too."""
     keys = set(row)
+    if {"chosen", "rejected"} <= keys:
+        raise InstillError(
+            "this row is a preference pair (chosen and rejected replies), not a supervised "
+            "example; to tune on the chosen replies alone, rename them with the source's "
+            "columns (e.g. {chosen: completion}) and drop 'rejected'"
+        )
+    if {"prompt", "completion"} <= keys and isinstance(row.get("label"), bool):
+        raise InstillError(
+            "this row is a labelled completion (prompt, completion, label true/false), not a "
+            "supervised example: supervised tuning would learn the undesirable completions "
+            "too; keep only the rows labelled true and drop the 'label' key"
+        )
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:
@@ -62,11 +77,11 @@ def _str(row: RawRow, key: str, *, allow_empty: bool = False) -> str:
     return value
 
 
-def _meta(row: RawRow) -> dict:
+def meta_of(row: RawRow) -> dict:
     return {k: row.data[k] for k in ("task", "cluster", "dataset", "template") if k in row.data}
 
 
-def _check_turns(row: RawRow, messages: list[dict], key: str) -> None:
+def check_turns(row: RawRow, messages: list[dict], key: str) -> None:
     if not messages:
         raise InstillError(f"{row.where}: field '{key}' has no messages")
     if messages[-1]["role"] != "assistant":
@@ -86,8 +101,11 @@ def instruction_text(instruction: str, extra: object = None) -> str:
     return f"{instruction}\n\n{extra}" if str(extra).strip() else instruction
 
 
-def _chat(row: RawRow, key: str, role_key: str, content_key: str, roles: dict) -> list[dict]:
-    turns = row.data[key]
+def parse_messages(
+    row: RawRow, key: str, turns: object, role_key: str, content_key: str, roles: dict
+) -> list[dict]:
+    """A field holding a list of messages -> [{"role", "content"}], roles mapped through
+    `roles`; errors name the row, the field and the message."""
     if not isinstance(turns, list):
         raise InstillError(f"{row.where}: field '{key}' must be a list of messages")
     messages = []
@@ -106,13 +124,18 @@ def _chat(row: RawRow, key: str, role_key: str, content_key: str, roles: dict) -
                 f"{row.where}: field '{key}' message {i}: '{content_key}' must be a string"
             )
         messages.append({"role": roles[role], "content": content})
-    _check_turns(row, messages, key)
+    return messages
+
+
+def _chat(row: RawRow, key: str, role_key: str, content_key: str, roles: dict) -> list[dict]:
+    messages = parse_messages(row, key, row.data[key], role_key, content_key, roles)
+    check_turns(row, messages, key)
     return messages
 
 
 def to_conversations(row: RawRow, fmt: str) -> list[Conversation]:
     """Convert one raw row (one row may hold several examples: Self-Instruct instances)."""
-    src, meta = row.where, _meta(row)
+    src, meta = row.where, meta_of(row)
     if fmt == "messages":
         msgs = _chat(row, "messages", "role", "content", {r: r for r in ROLES})
         return [Conversation(tuple(msgs), src, meta)]

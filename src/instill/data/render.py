@@ -165,4 +165,23 @@ def render(tokenizer, messages: Sequence[dict], policy: MaskPolicy | str = "assi
 
 def render_prompt(tokenizer, messages: Sequence[dict]) -> list[int]:
     """Token ids of a conversation followed by the assistant generation prompt (for inference)."""
-    return _encode(tokenizer, [render_text(tokenizer, messages, generation_prompt=True)])[0]
+    return render_prompts(tokenizer, [messages])[0]
+
+
+def render_prompts(
+    tokenizer, conversations: Sequence[Sequence[dict]], errors: list[tuple[int, str]] | None = None
+) -> list[list[int] | None]:
+    """render_prompt for many conversations, tokenised in one call. With `errors`, one the
+    template refuses is recorded there as (index, reason) and its result is None; without it,
+    the template's error is raised."""
+    texts: list[str | None] = []
+    for i, messages in enumerate(conversations):
+        try:
+            texts.append(render_text(tokenizer, messages, generation_prompt=True))
+        except TemplateError as exc:
+            if errors is None:
+                raise
+            errors.append((i, f"the chat template refused this prompt ({exc})"))
+            texts.append(None)
+    encoded = iter(_encode(tokenizer, [t for t in texts if t is not None]))
+    return [None if t is None else next(encoded) for t in texts]
