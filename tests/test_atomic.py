@@ -6,6 +6,7 @@ untouched."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -504,6 +505,66 @@ def test_a_report_that_cannot_be_written_names_the_run(tmp_path, monkeypatch):
     assert (
         str(info.value) == f"{run}: cannot write report: No space left on device (free some space)"
     )
+
+
+def test_a_transfer_report_that_cannot_be_written_names_its_folder(tmp_path, monkeypatch):
+    from instill.report.experiment_report import write_transfer_report
+
+    fixture = Path(__file__).parent / "fixtures" / "run"
+    folder = tmp_path / "quickstart-transfer"
+    for start in ("pretrained", "scratch"):
+        shutil.copytree(fixture, folder / start)
+    real = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name == "report.md":
+            no_space()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(InstillError) as info:
+        write_transfer_report(folder)
+    assert str(info.value) == (
+        f"{folder}: cannot write transfer report: No space left on device (free some space)"
+    )
+
+
+@pytest.mark.parametrize("why", ["full", "folder"])
+def test_chat_save_to_a_full_disk_or_a_folder_says_so_and_keeps_the_chat(
+    tmp_path, monkeypatch, capsys, why
+):
+    """/save that cannot write is one line, and the chat goes on with its history, so it can be
+    saved elsewhere; the file it was saved to before is kept whole."""
+    from instill.chat import ChatSession
+
+    chat = ChatSession(None, None, system="Be brief.")
+    chat.history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    path = tmp_path / "chat.json"
+    assert chat.command(f"/save {path}")
+    before = path.read_bytes()
+    assert json.loads(before)[1:] == chat.history
+    chat.history.append({"role": "user", "content": "More"})
+    if why == "full":
+        real = Path.write_text
+
+        def full(self, *args, **kwargs):
+            if self.name == "chat.json" or self.name.startswith(".chat.json.tmp-"):
+                no_space()
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "write_text", full)
+        said = f"error: {path}: cannot write the chat: No space left on device (free some space)"
+        where = path
+    else:
+        where = tmp_path / "folder"
+        where.mkdir()
+        said = f"error: {where}: cannot save the chat: Is a directory"
+    capsys.readouterr()
+    assert chat.command(f"/save {where}") is True  # the chat goes on
+    err = capsys.readouterr().err
+    assert last_line(err) == said + "; the chat is kept: /save it elsewhere"
+    assert len(chat.history) == 3
+    assert path.read_bytes() == before and hidden(tmp_path) == []
 
 
 # --- real full and read-only filesystems ---------------------------------------------------------
