@@ -6,6 +6,7 @@ untouched."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -114,6 +115,86 @@ def test_a_kill_while_the_old_copy_is_deleted_leaves_the_new_one_in_place(tmp_pa
     fill(target, "newer")
     assert hidden(tmp_path) == []
     assert (target / "weights.bin").read_text() == "newer"
+
+
+def test_a_kill_between_the_two_renames_recovers_the_complete_new_copy(tmp_path):
+    """Replacing renames the old directory aside, then the new one in: a kill between the two
+    leaves both hidden and nothing under the name. The new copy has its .complete marker
+    (written after its files were synced), so the next write of the target puts it back under
+    its name before anything else, and deletes the old one: even a write that then fails
+    leaves the new copy in place."""
+    target = tmp_path / "final"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from instill.atomic import atomic_directory
+        target = Path({str(target)!r})
+        with atomic_directory(target) as tmp:
+            (tmp / "weights.bin").write_text("old")
+        real = os.replace
+        def killed(src, dst, *args, **kwargs):
+            if Path(src).name.startswith(".final.tmp-"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(src, dst, *args, **kwargs)
+        os.replace = killed
+        with atomic_directory(target) as tmp:
+            (tmp / "weights.bin").write_text("new")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    assert not target.exists()
+    assert [name.split("-")[0] for name in hidden(tmp_path)] == [".final.old", ".final.tmp"]
+    with pytest.raises(RuntimeError, match="stopped"), atomic_directory(target):
+        raise RuntimeError("stopped")
+    assert snapshot(target) == {".complete": b"ok\n", "weights.bin": b"new"}
+    assert hidden(tmp_path) == []
+
+
+def test_a_killed_write_that_had_not_finished_is_never_recovered(tmp_path):
+    """Only a copy with its marker is recovered: a killed write's folder without one (cut short
+    while its files were written) is deleted, whether or not an old copy was renamed aside."""
+    dead = dead_pid()
+    target = tmp_path / "final"
+    part = tmp_path / f".final.tmp-{dead}-abcd1234"
+    part.mkdir()
+    (part / "weights.bin").write_text("half")
+    old = tmp_path / f".final.old-{dead}-0f0f0f0f"
+    old.mkdir()
+    (old / "weights.bin").write_text("old")
+    with pytest.raises(RuntimeError), atomic_directory(target):
+        raise RuntimeError("stopped")
+    assert not target.exists() and hidden(tmp_path) == []
+
+
+def test_the_folder_is_synced_after_each_rename(tmp_path, monkeypatch):
+    """A rename is durable only once its directory is synced (POSIX): the parent folder is
+    fsynced right after a file or a directory is renamed into place."""
+    from instill.atomic import write_text
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        return real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        events.append(("replace", Path(dst).name))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    folder = tmp_path.stat().st_ino
+    write_text(tmp_path / "run.json", "{}\n")
+    assert events[-2:] == [("replace", "run.json"), ("fsync", folder)]
+    for content in ("first", "second"):  # a new name, then a replacement
+        events.clear()
+        fill(tmp_path / "final", content)
+        assert events[-2:] == [("replace", "final"), ("fsync", folder)]
+        marker = (tmp_path / "final" / COMPLETE).stat().st_ino
+        weights = (tmp_path / "final" / "weights.bin").stat().st_ino
+        synced = [ino for kind, ino in events if kind == "fsync"]
+        assert synced.index(weights) < synced.index(marker)  # the files before their marker
 
 
 def test_leftovers_of_killed_writes_are_removed_when_the_next_write_begins(tmp_path):
@@ -424,6 +505,66 @@ def test_a_report_that_cannot_be_written_names_the_run(tmp_path, monkeypatch):
     assert (
         str(info.value) == f"{run}: cannot write report: No space left on device (free some space)"
     )
+
+
+def test_a_transfer_report_that_cannot_be_written_names_its_folder(tmp_path, monkeypatch):
+    from instill.report.experiment_report import write_transfer_report
+
+    fixture = Path(__file__).parent / "fixtures" / "run"
+    folder = tmp_path / "quickstart-transfer"
+    for start in ("pretrained", "scratch"):
+        shutil.copytree(fixture, folder / start)
+    real = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name == "report.md":
+            no_space()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(InstillError) as info:
+        write_transfer_report(folder)
+    assert str(info.value) == (
+        f"{folder}: cannot write transfer report: No space left on device (free some space)"
+    )
+
+
+@pytest.mark.parametrize("why", ["full", "folder"])
+def test_chat_save_to_a_full_disk_or_a_folder_says_so_and_keeps_the_chat(
+    tmp_path, monkeypatch, capsys, why
+):
+    """/save that cannot write is one line, and the chat goes on with its history, so it can be
+    saved elsewhere; the file it was saved to before is kept whole."""
+    from instill.chat import ChatSession
+
+    chat = ChatSession(None, None, system="Be brief.")
+    chat.history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    path = tmp_path / "chat.json"
+    assert chat.command(f"/save {path}")
+    before = path.read_bytes()
+    assert json.loads(before)[1:] == chat.history
+    chat.history.append({"role": "user", "content": "More"})
+    if why == "full":
+        real = Path.write_text
+
+        def full(self, *args, **kwargs):
+            if self.name == "chat.json" or self.name.startswith(".chat.json.tmp-"):
+                no_space()
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "write_text", full)
+        said = f"error: {path}: cannot write the chat: No space left on device (free some space)"
+        where = path
+    else:
+        where = tmp_path / "folder"
+        where.mkdir()
+        said = f"error: {where}: cannot save the chat: Is a directory"
+    capsys.readouterr()
+    assert chat.command(f"/save {where}") is True  # the chat goes on
+    err = capsys.readouterr().err
+    assert last_line(err) == said + "; the chat is kept: /save it elsewhere"
+    assert len(chat.history) == 3
+    assert path.read_bytes() == before and hidden(tmp_path) == []
 
 
 # --- real full and read-only filesystems ---------------------------------------------------------

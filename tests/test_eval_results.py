@@ -49,3 +49,40 @@ def test_a_broken_summary_names_its_file(tmp_path):
     (tmp_path / "builtin.json").write_text('{"suite": "builtin",\n "score": }')
     with pytest.raises(InstillError, match=r"builtin.json:2: not valid JSON"):
         read_summary(tmp_path, "builtin")
+
+
+def test_a_kill_between_records_and_summary_is_detected(tmp_path):
+    """A result is two atomic writes, records then summary; the summary holds the records'
+    sha256. A kill between the two (new records, old summary) is a mismatched pair: reading it
+    is an error naming both files and how to redo them, and the runner's reuse evaluates the
+    suite again instead of keeping it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from instill.eval import runner
+        folder = Path({str(tmp_path)!r})
+        rec = {{"id": "a", "prompt": "p", "prediction": "x", "score": 1.0}}
+        runner.write_result(runner.SuiteResult("builtin", "m", [rec], 1.0), folder)
+        runner.write_text = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+        again = runner.SuiteResult("builtin", "m", [{{**rec, "score": 0.0}}], 1.0)
+        runner.write_result(again, folder)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["builtin.json", "builtin.jsonl"]
+    said = (
+        f"{tmp_path / 'builtin.json'} and {tmp_path / 'builtin.jsonl'} do not belong together "
+        "(the records were rewritten after this summary: an evaluation was cut short between "
+        f"the two files); evaluate that suite again into {tmp_path} to rewrite both"
+    )
+    for read in (read_summary, read_records):
+        with pytest.raises(InstillError) as info:
+            read(tmp_path, "builtin")
+        assert str(info.value) == said
+    assert load_result(tmp_path, "builtin") is None  # a resumed run evaluates it again
+    _write(tmp_path, "builtin")  # evaluating again rewrites a matching pair
+    assert read_records(tmp_path, "builtin") == RECORDS

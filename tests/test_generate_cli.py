@@ -81,3 +81,13 @@ def test_cli_error_is_one_line(tmp_path):
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "error:" in r.stderr and "missing.jsonl: input file not found" in r.stderr
+
+
+def test_input_that_is_not_utf8_names_the_file_and_line(tiny, tokenizer, tmp_path):
+    """A Latin-1 byte (é as 0xE9) on line 3: one error with FILE:LINE, as training data says."""
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(InstillError) as info:
+        generate_file(tiny, tokenizer, src, tmp_path / "out.jsonl", PARAMS)
+    assert str(info.value) == f"{src}:3: invalid UTF-8 (byte 47); re-encode the file as UTF-8"
+    assert not (tmp_path / "out.jsonl").exists()

@@ -659,3 +659,57 @@ def test_serve_engine_mistakes_are_one_line(tmp_path, capsys, monkeypatch):
     assert_user_error(code, err, "needs a .gguf file")
     code, _, err = run(["serve", "x", "--engine", "vllm"], capsys, monkeypatch)
     assert_user_error(code, err, "--engine vllm", "torch or llama.cpp")
+
+
+@pytest.mark.parametrize("copied", [False, True])
+def test_a_replaced_base_gguf_is_refused_with_both_hashes(tmp_path, capsys, monkeypatch, copied):
+    """An adapter export names its base GGUF and the sha256 it was exported for; `eval` and
+    `serve --engine llama.cpp` check the file before anything loads, and refuse another one
+    (it would score or serve another model under the export's name)."""
+    import hashlib
+
+    from instill.eval.gguf import target
+    from tests.test_cli import assert_user_error, run
+
+    export = tmp_path / "export"
+    export.mkdir()
+    base = export / "base.gguf" if copied else tmp_path / "base.gguf"
+    base.write_bytes(b"GGUF the base it was tuned on")
+    (export / "run.lora-f32.gguf").write_bytes(b"GGUF adapter")
+    recorded = hashlib.sha256(base.read_bytes()).hexdigest()
+    manifest = {
+        "export": {
+            "format": "gguf-lora",
+            "file": "run.lora-f32.gguf",
+            "base_gguf": {"path": str(tmp_path / "base.gguf"), "sha256": recorded,
+                          "file": "base.gguf" if copied else None},
+        }
+    }  # fmt: skip
+    (export / "instill.json").write_text(json.dumps(manifest))
+    from instill.models import resolve
+
+    hashed = []
+    real = resolve.sha256_file
+    monkeypatch.setattr(resolve, "sha256_file", lambda p: hashed.append(p) or real(p))
+    for _ in range(2):  # serve checks before loading, then loads: the file is hashed once
+        assert target(str(export), None).model == base  # the recorded file: accepted
+    assert hashed == [base]
+    base.write_bytes(b"GGUF another model")
+    now = hashlib.sha256(base.read_bytes()).hexdigest()
+    said = (
+        f"{base}: sha256 {now}, but {export} was exported for a base GGUF with sha256 "
+        f"{recorded} (its instill.json); the adapter reproduces the tuned model on that base "
+        f"only: put that exact file back at {base}, or export the run again"
+    )
+    with pytest.raises(InstillError) as info:
+        target(str(export), None)
+    assert str(info.value) == said
+    for command in ("eval", "serve"):
+        code, _, err = run([command, str(export), "--engine", "llama.cpp"], capsys, monkeypatch)
+        assert_user_error(code, err, said)
+    base.unlink()
+    code, _, err = run(["eval", str(export), "--engine", "llama.cpp"], capsys, monkeypatch)
+    assert_user_error(
+        code, err, f"{base}: the base GGUF of the export {export} is missing; put the file "
+        f"with sha256 {recorded} back there, or export the run again"
+    )  # fmt: skip

@@ -146,3 +146,58 @@ def test_compile_without_a_compiler_stops_before_any_work(tiny_dir, tmp_path, mo
     ):
         pipeline.run_recipe(r)
     assert not (tmp_path / r.name).exists()  # no run directory was made
+
+
+def test_resume_auto_never_clears_a_folder_instill_did_not_write(tiny_dir, tmp_path, monkeypatch):
+    """resume=auto with nothing to resume from starts afresh, but only in a folder that holds an
+    instill run: a folder of the user's own files (or a run with files added to it) is refused,
+    naming the folder and what is in it, and nothing in it is touched."""
+    no_base_evaluation(monkeypatch)
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    out = tmp_path / "out"
+    run = out / "quickstart"
+    run.mkdir(parents=True)
+    (run / "notes.txt").write_text("mine")
+    r = recipe(tiny_dir, out, "train.resume=auto")
+    with pytest.raises(InstillError) as info:
+        pipeline.run_recipe(r)
+    assert str(info.value) == (
+        f"{run} holds no instill run (no config.yaml written by instill train for "
+        "quickstart), so train.resume=auto will not clear it to start afresh; move its files "
+        "away, or choose another name (name=...) or train.output_dir"
+    )
+    assert (run / "notes.txt").read_text() == "mine"
+    # a run's own files, with one of the user's among them
+    pipeline._write_yaml(run / "config.yaml", r.model_dump(mode="json"))
+    (run / "metrics.jsonl").write_text('{"step": 0, "val_loss": 2.0}\n')
+    with pytest.raises(InstillError) as info:
+        pipeline.run_recipe(r)
+    assert str(info.value) == (
+        f"{run} holds files instill does not write (notes.txt), so train.resume=auto will not "
+        "clear it to start afresh; move them away, or choose another name (name=...) or "
+        "train.output_dir"
+    )
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl", "notes.txt"]
+
+
+def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(tiny_dir, tmp_path):
+    """What a kill before the first complete checkpoint leaves (the config, the base's
+    validation loss, data stats, a checkpoint cut short as a hidden leftover) is instill's:
+    resume=auto clears it and trains from the start."""
+    from tests.test_atomic import dead_pid
+
+    out = tmp_path / "out"
+    run = out / "quickstart"
+    r = recipe(tiny_dir, out, "train.resume=auto")
+    run.mkdir(parents=True)
+    pipeline._write_yaml(run / "config.yaml", r.model_dump(mode="json"))
+    (run / "metrics.jsonl").write_text('{"step": 0, "val_loss": 2.0}\n')
+    (run / "data_stats.json").write_text("{}\n")
+    cut = run / "checkpoints" / f".step-2.tmp-{dead_pid()}-abcd1234"
+    cut.mkdir(parents=True)
+    (cut / "model.safetensors").write_bytes(b"half")
+    summary = pipeline.run_recipe(r)
+    assert summary.train.steps == 4 and (run / "final" / ".complete").is_file()
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")] == []
+    logged = read_jsonl(run / "metrics.jsonl")
+    assert [rec["step"] for rec in logged if "loss" in rec] == [1, 2, 3, 4]

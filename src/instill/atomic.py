@@ -1,8 +1,9 @@
 """Writes that are complete or absent, and write errors that name the path.
 
-    atomic_directory(target): fill the hidden sibling .NAME.tmp-PID-XXXXXXXX -> .complete marker
-        -> fsync -> the old target renamed aside to .NAME.old-PID-XXXXXXXX -> the new one renamed
-        in (if that fails, the old one is renamed back) -> the old one deleted
+    atomic_directory(target): fill the hidden sibling .NAME.tmp-PID-XXXXXXXX -> fsync its files
+        -> .complete marker, fsynced -> the old target renamed aside to .NAME.old-PID-XXXXXXXX ->
+        the new one renamed in (if that fails, the old one is renamed back) -> the folder
+        fsynced (a rename is durable only then) -> the old one deleted
     atomic_file(target): the same for one file (a rename replaces a file in one step)
     remove_directory(path): renamed aside, then deleted: a half-deleted folder never keeps its name
     refuse_to_replace(path): never replace a filesystem root, the home directory, the working
@@ -17,6 +18,14 @@ same target begins, its leftovers are deleted if the process that made them (PID
 running, or is this process and they predate its start (the PID was reused). Nothing else is
 touched: other names, other targets' leftovers, leftovers of a running process (it may still be
 writing), and files that only look alike.
+
+Recovery: a kill between the two renames of a replacement leaves the old copy and the new one
+both hidden, and nothing under the target's name. The new copy is complete when it holds its
+.complete marker: the marker is written only after every file in it was fsynced, and after it
+nothing but the renames remains. So before leftovers are deleted, a target that is missing gets
+back the newest complete .NAME.tmp-PID-X among them (also the one a first write left when killed
+just before its only rename); the rest are deleted as above. A target that exists is kept as it
+is (a kill before the first rename: the replacement never happened).
 """
 
 from __future__ import annotations
@@ -125,9 +134,19 @@ def _aside(target: Path, kind: str) -> str:
     return f".{target.name}.{kind}-{os.getpid()}-"
 
 
+_LEFTOVER = re.compile(r"\.(.+)\.(tmp|old)-(\d+)-[a-z0-9_]+")
+
+
+def leftover_of(name: str) -> str | None:
+    """The target a hidden sibling named `name` was left by (.NAME.tmp-PID-X or
+    .NAME.old-PID-X gives NAME), or None for any other name."""
+    found = _LEFTOVER.fullmatch(name)
+    return found.group(1) if found else None
+
+
 def _leftover_pid(target: Path, name: str) -> int | None:
-    found = re.fullmatch(rf"\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)-[a-z0-9_]+", name)
-    return int(found.group(1)) if found else None
+    found = _LEFTOVER.fullmatch(name)
+    return int(found.group(3)) if found and found.group(1) == target.name else None
 
 
 def _running(pid: int) -> bool:
@@ -142,28 +161,51 @@ def _running(pid: int) -> bool:
 
 def remove_leftovers(target: Path) -> list[Path]:
     """Delete the .NAME.tmp-PID-X and .NAME.old-PID-X siblings of `target` left by writes that
-    were killed (the rule is in the module docstring); return what was deleted."""
+    were killed, once a missing target got back a complete new copy among them (the rules are
+    in the module docstring); return what was deleted."""
     target = Path(target)
-    removed = []
     try:
         entries = list(os.scandir(target.parent))
     except OSError:
-        return removed
-    for entry in entries:
-        pid = _leftover_pid(target, entry.name)
-        if pid is None:
-            continue
-        if pid == os.getpid():
-            try:
-                stale = entry.stat(follow_symlinks=False).st_mtime < _STARTED
-            except OSError:
-                continue
-        else:
-            stale = not _running(pid)
-        if stale:
-            _delete(Path(entry.path))
-            removed.append(Path(entry.path))
+        return []
+    stale = [Path(e.path) for e in entries if _stale(target, e)]
+    _recover(target, stale)
+    removed = []
+    for path in stale:
+        if os.path.lexists(path):
+            _delete(path)
+            removed.append(path)
     return removed
+
+
+def _stale(target: Path, entry: os.DirEntry) -> bool:
+    pid = _leftover_pid(target, entry.name)
+    if pid is None:
+        return False
+    if pid == os.getpid():
+        try:
+            return entry.stat(follow_symlinks=False).st_mtime < _STARTED
+        except OSError:
+            return False
+    return not _running(pid)
+
+
+def _recover(target: Path, stale: list[Path]) -> None:
+    """Rename the newest complete new copy among `stale` to `target` when `target` is missing:
+    a replacement killed between its two renames had finished writing it."""
+    if os.path.lexists(target):
+        return
+    complete = []
+    for path in stale:
+        if _LEFTOVER.fullmatch(path.name).group(2) != "tmp" or path.is_symlink():
+            continue  # an old copy renamed aside, or not a folder instill made
+        try:
+            complete.append((os.stat(path / COMPLETE).st_mtime_ns, path))
+        except OSError:  # no marker (cut short while its files were written), or a file
+            continue
+    if complete:
+        os.rename(max(complete)[1], target)
+        _fsync_dir(target.parent)
 
 
 def _delete(path: Path) -> None:
@@ -178,6 +220,7 @@ def _swap_in(new: Path, target: Path) -> None:
     or renamed back when `new` cannot be renamed in."""
     if not os.path.lexists(target):
         os.replace(new, target)
+        _fsync_dir(target.parent)
         return
     old = target.parent / (_aside(target, "old") + secrets.token_hex(4))
     os.rename(target, old)
@@ -186,6 +229,7 @@ def _swap_in(new: Path, target: Path) -> None:
     except BaseException:
         os.rename(old, target)
         raise
+    _fsync_dir(target.parent)
     _delete(old)
 
 
@@ -200,16 +244,35 @@ def remove_directory(path: Path) -> None:
     _delete(old)
 
 
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the names in a folder durable (POSIX: a rename or a new file reaches the disk only
+    with its directory). Filesystems that cannot sync a directory say EINVAL: nothing to do."""
+    if os.name != "posix":
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
     finally:
         os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*"), reverse=True):  # a folder after what it holds
+        if p.is_symlink():
+            continue
+        if p.is_file():
+            _fsync_file(p)
+        elif p.is_dir():
+            _fsync_dir(p)
+    _fsync_dir(path)
 
 
 def _umask() -> int:
@@ -242,8 +305,11 @@ def atomic_directory(
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); a plain mkdir would not
         try:
             yield tmp
-            (tmp / COMPLETE).write_text("ok\n")
+            # the files reach the disk before the marker that says they are all there
             _fsync_tree(tmp)
+            (tmp / COMPLETE).write_text("ok\n")
+            _fsync_file(tmp / COMPLETE)
+            _fsync_dir(tmp)
             _swap_in(tmp, target)
         finally:
             if tmp.exists():
@@ -264,9 +330,9 @@ def atomic_file(target: Path, what: str = "file", setting: str | None = None) ->
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); open() would not
         try:
             yield tmp
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+            _fsync_file(tmp)
             os.replace(tmp, target)
+            _fsync_dir(target.parent)
         finally:
             tmp.unlink(missing_ok=True)
 

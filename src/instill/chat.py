@@ -7,7 +7,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
+from instill.atomic import write_text
 from instill.console import console, out
+from instill.errors import InstillError
 from instill.infer import GenParams, generate
 
 HELP = "commands: /reset, /system TEXT, /params [key=value ...], /save FILE, /exit"
@@ -62,11 +64,27 @@ class ChatSession:
             self._set_params(arg)
             console.print(str(self.params), markup=False)
         elif name == "/save" and arg:
-            Path(arg).write_text(json.dumps(self.messages(), indent=2, ensure_ascii=False) + "\n")
-            console.print(f"saved {len(self.history)} messages to {arg}")
+            self._save(Path(arg))
         else:
             console.print(HELP)
         return True
+
+    def _save(self, path: Path) -> None:
+        """Write the conversation to `path` (whole or not at all); a place that cannot be
+        written is one line, and the chat goes on with its history, to be saved elsewhere."""
+        text = json.dumps(self.messages(), indent=2, ensure_ascii=False) + "\n"
+        try:
+            write_text(path, text, "the chat")
+        except InstillError as exc:
+            why = str(exc)
+        except OSError as exc:  # a folder, a missing parent that is a file, ...
+            why = f"{path}: cannot save the chat: {exc.strerror}"
+        else:
+            console.print(f"saved {len(self.history)} messages to {path}", markup=False)
+            return
+        console.print(
+            f"error: {why}; the chat is kept: /save it elsewhere", markup=False, soft_wrap=True
+        )
 
     def _set_params(self, arg: str) -> None:
         types = {

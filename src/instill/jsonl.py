@@ -27,13 +27,29 @@ def lines(text: str) -> Iterator[tuple[int, str]]:
             yield i, line
 
 
+def read_text(path: Path) -> str:
+    """A text file decoded as UTF-8; a file that cannot be read, or is not UTF-8, is an error
+    naming it (and the line of the first bad byte)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise InstillError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise InstillError(
+            f"{path}:{line}: invalid UTF-8 (byte {exc.start}); re-encode the file as UTF-8"
+        ) from None
+
+
 def read_jsonl(path: Path, *, torn_tail: bool = False) -> list:
     """Every record of a JSONL file; a line that is not JSON is an error naming file and line.
 
     torn_tail=True is for files instill appends to while running (metrics.jsonl): a last line
     that has no newline and does not parse was cut by a kill mid-write, and is dropped. A file a
     user wrote may lack the final newline; its last line is then read like any other."""
-    text = Path(path).read_text(encoding="utf-8")
+    text = read_text(path)
     out = []
     last = text.count("\n") + 1
     for i, line in lines(text):

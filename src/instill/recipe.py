@@ -17,6 +17,7 @@ matched by construction; main_process_first lets it fill the caches before the o
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from instill.atomic import refuse_to_replace, remove_directory, write_text
+from instill.atomic import leftover_of, refuse_to_replace, remove_directory, write_text
 from instill.config import Recipe
 from instill.console import console
 from instill.data.dataset import build_data
@@ -117,7 +118,54 @@ def plan_run_dir(recipe: Recipe, overwrite: bool) -> tuple[Path, Path | None, bo
     # --overwrite, or resume=auto with nothing to resume from: start afresh
     if existed and checkpoint is None:  # never the working directory, home or a root
         refuse_to_replace(run_dir, "train.output_dir or name")
+        if not overwrite:  # resume=auto clears only what an earlier start of this run wrote
+            check_restartable(run_dir, recipe.name)
     return run_dir, checkpoint, existed and checkpoint is None
+
+
+# What `instill train` (and export, report) writes at the top of a run directory
+RUN_ENTRIES = frozenset(
+    {
+        "config.yaml", "metrics.jsonl", "checkpoints", "final", "data_stats.json",
+        "skipped_rows.jsonl", "eval", "tensorboard", "run.json", "report.md", "report.html",
+        "loss_curve.png", "performance.png", "generalisation.png", "export", ".write-test",
+    }
+)  # fmt: skip
+
+
+def _written_by_instill(config: Path, name: str) -> bool:
+    """config.yaml as setup writes it: a recipe (only Recipe's sections) named `name`."""
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return (
+        isinstance(data, dict)
+        and data.get("name") == name
+        and {"model", "train"} <= data.keys() <= set(Recipe.model_fields)
+    )
+
+
+def check_restartable(run_dir: Path, name: str) -> None:
+    """Refuse to clear `run_dir` for a fresh start unless it holds an instill run (config.yaml
+    written for this run) and nothing but what a run writes (and the hidden leftovers of its
+    killed writes): a folder that holds anything else is the user's, named in the error."""
+    fix = "or choose another name (name=...) or train.output_dir"
+    if not _written_by_instill(run_dir / "config.yaml", name):
+        raise InstillError(
+            f"{run_dir} holds no instill run (no config.yaml written by instill train for "
+            f"{name}), so train.resume=auto will not clear it to start afresh; move its files "
+            f"away, {fix}"
+        )
+    unknown = sorted(
+        e for e in os.listdir(run_dir) if e not in RUN_ENTRIES and leftover_of(e) not in RUN_ENTRIES
+    )
+    if unknown:
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise InstillError(
+            f"{run_dir} holds files instill does not write ({', '.join(unknown[:5])}{more}), so "
+            f"train.resume=auto will not clear it to start afresh; move them away, {fix}"
+        )
 
 
 def make_run_dir(run_dir: Path, clear: bool) -> None:

@@ -55,17 +55,7 @@ def read_source(
 
 
 def _text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise InstillError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise InstillError(
-            f"{path}:{line}: invalid UTF-8 (byte {exc.start}); re-encode the file as UTF-8"
-        ) from None
+    text = jsonl.read_text(path)
     if not text.strip():
         raise InstillError(f"{path}: file is empty")
     return text.removeprefix("\ufeff")

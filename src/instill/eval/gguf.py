@@ -1,7 +1,8 @@
 """`instill eval FILE.gguf --engine llama.cpp [--lora ADAPTER.gguf]`: score the deployed
 artifact itself, as llama-server would answer.
 
-    target(model, lora)  a .gguf file, or an export folder (its instill.json names the files)
+    target(model, lora)  a .gguf file, or an export folder (its instill.json names the files;
+                         an adapter's base GGUF must still have the sha256 recorded there)
     each prompt: chat template -> text -> llama.cpp's tokenizer -> greedy decode until an
     end-of-generation token -> text  -> the same scorers as every other evaluation
 
@@ -60,6 +61,7 @@ def target(model: str, lora: str | None) -> Target:
         if export["format"] == "gguf-lora":
             base = export["base_gguf"]
             model = path / base["file"] if base.get("file") else Path(base["path"])
+            check_base(model, base.get("sha256"), path)
             return Target(model, path / export["file"], template, path)
         return Target(path / export["file"], None, template, path)
     for what, file in (("MODEL", path), ("--lora", Path(lora) if lora else None)):
@@ -69,6 +71,32 @@ def target(model: str, lora: str | None) -> Target:
                 "written by instill export --format gguf / gguf-lora)"
             )
     return Target(path, Path(lora) if lora else None, None)
+
+
+_HASHED: dict[tuple, str] = {}  # (path, inode, size, mtime) -> sha256: once per file a process
+
+
+def check_base(model: Path, recorded: str | None, export: Path) -> None:
+    """The base GGUF an adapter export names must be the file it was exported for: another
+    base would score (or serve) another model under the export's name."""
+    if recorded is None:  # an export written before the hash was recorded
+        return
+    if not model.is_file():
+        raise InstillError(
+            f"{model}: the base GGUF of the export {export} is missing; put the file with "
+            f"sha256 {recorded} back there, or export the run again"
+        )
+    from instill.models.resolve import sha256_file
+
+    st = model.stat()
+    key = (str(model.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    found = _HASHED.get(key) or _HASHED.setdefault(key, sha256_file(model))
+    if found != recorded:
+        raise InstillError(
+            f"{model}: sha256 {found}, but {export} was exported for a base GGUF with sha256 "
+            f"{recorded} (its instill.json); the adapter reproduces the tuned model on that "
+            f"base only: put that exact file back at {model}, or export the run again"
+        )
 
 
 def export_run_dir(model: str) -> Path | None:

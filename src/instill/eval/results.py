@@ -6,10 +6,16 @@
 A run directory keeps them in eval/: the tuned model's under the suite's name, the base model's
 with the prefix base-. Compare, the run report, the transfer report and evaluation's reuse of
 finished suites all read through here.
+
+The pair is two atomic writes, records first; the summary holds the records file's sha256
+(RECORDS_SHA256), so a kill between the two (new records beside the old summary) is a pair that
+reading refuses (MismatchedResult) rather than a score of one evaluation beside the examples of
+another. Summaries written before this key existed are read as they are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -17,26 +23,49 @@ from instill.errors import InstillError
 from instill.jsonl import read_jsonl
 
 BASE_PREFIX = "base-"
+RECORDS_SHA256 = "records_sha256"
+
+
+class MismatchedResult(InstillError):
+    """A summary beside records it was not written with: an evaluation cut short."""
+
+
+def records_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def read_summary(folder: Path, stem: str) -> dict | None:
-    """<folder>/<stem>.json, or None when that suite was not evaluated."""
+    """<folder>/<stem>.json, or None when that suite was not evaluated; MismatchedResult when
+    <stem>.jsonl beside it is not the records it was written with."""
     path = Path(folder) / f"{stem}.json"
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        summary = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InstillError(
             f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); it is an evaluation summary: "
             "evaluate that suite again to rewrite it"
         ) from None
+    if isinstance(summary, dict):
+        recorded, records = summary.pop(RECORDS_SHA256, None), path.with_suffix(".jsonl")
+        if recorded is not None and records.is_file() and records_sha256(records) != recorded:
+            raise MismatchedResult(
+                f"{path} and {records} do not belong together (the records were rewritten "
+                "after this summary: an evaluation was cut short between the two files); "
+                f"evaluate that suite again into {path.parent} to rewrite both"
+            )
+    return summary
 
 
 def read_records(folder: Path, stem: str) -> list[dict] | None:
-    """<folder>/<stem>.jsonl's records, or None when that suite was not evaluated."""
+    """<folder>/<stem>.jsonl's records, or None when that suite was not evaluated;
+    MismatchedResult when the summary beside them was written with other records."""
     path = Path(folder) / f"{stem}.jsonl"
-    return read_jsonl(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    read_summary(folder, stem)  # the pair's check
+    return read_jsonl(path)
 
 
 def result_stems(folder: Path, prefix: str = "") -> list[str]:

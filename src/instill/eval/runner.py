@@ -19,7 +19,13 @@ from instill.data.constraints import check_all
 from instill.errors import InstillError
 from instill.eval.likelihood import choose, perplexity, reply_logprobs
 from instill.eval.metrics import bootstrap_ci, text_scores
-from instill.eval.results import read_records, read_summary
+from instill.eval.results import (
+    RECORDS_SHA256,
+    MismatchedResult,
+    read_records,
+    read_summary,
+    records_sha256,
+)
 from instill.eval.tasks import Task, builtin_task
 from instill.infer import GenParams, generate
 from instill.jsonl import write_jsonl
@@ -273,7 +279,10 @@ def evaluate_builtin(
 
 def load_result(folder: Path, stem: str) -> SuiteResult | None:
     """A result written by write_result, or None when it is not there."""
-    summary, records = read_summary(folder, stem), read_records(folder, stem)
+    try:
+        summary, records = read_summary(folder, stem), read_records(folder, stem)
+    except MismatchedResult:  # cut short between its two files: evaluated again
+        return None
     if summary is None or records is None:
         return None
     extra = {k: summary[k] for k in ("loss", "perplexity") if k in summary}
@@ -289,10 +298,13 @@ def load_result(folder: Path, stem: str) -> SuiteResult | None:
 
 
 def write_result(result: SuiteResult, folder: Path, stem: str | None = None) -> Path:
-    """<folder>/<stem>.jsonl (one record per example) and <folder>/<stem>.json (the summary)."""
+    """<folder>/<stem>.jsonl (one record per example), then <folder>/<stem>.json (the summary,
+    with the records' sha256: a kill between the two writes leaves a pair the reader refuses)."""
     folder.mkdir(parents=True, exist_ok=True)
     stem = stem or result.suite
-    write_jsonl(folder / f"{stem}.jsonl", result.records, "eval records")
+    records = folder / f"{stem}.jsonl"
+    write_jsonl(records, result.records, "eval records")
+    summary = {**result.summary(), RECORDS_SHA256: records_sha256(records)}
     path = folder / f"{stem}.json"
-    write_text(path, json.dumps(result.summary(), indent=2) + "\n", "eval summary")
+    write_text(path, json.dumps(summary, indent=2) + "\n", "eval summary")
     return path

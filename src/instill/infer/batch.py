@@ -40,7 +40,7 @@ def read_inputs(path: Path) -> list[tuple[object, list[dict]]]:
     if not path.is_file():
         raise InstillError(f"{path}: input file not found")
     rows = []
-    for n, line in jsonl.lines(path.read_text(encoding="utf-8")):
+    for n, line in jsonl.lines(jsonl.read_text(path)):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:

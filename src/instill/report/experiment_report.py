@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from instill.atomic import writing
 from instill.eval.compare import Side, compare_suite
 from instill.eval.results import result_stems
 from instill.report import plots
@@ -203,5 +204,8 @@ def _curve_rows(pre, scratch) -> list[list[str]]:
 
 
 def write_transfer_report(folder: Path, price_per_hour: float = 0.10) -> Path:
-    md, page = write(build_transfer_report(folder, price_per_hour), folder)
+    """report.md, report.html and the plots in the experiment's folder; a full or read-only
+    disk is one error naming the folder."""
+    with writing(folder, "transfer report"):
+        md, page = write(build_transfer_report(folder, price_per_hour), folder)
     return page
