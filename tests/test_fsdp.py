@@ -182,3 +182,29 @@ def test_instill_train_fsdp_under_accelerate_launch(tiny_dir, tmp_path):
     for key in a:
         assert a[key].shape == b[key].shape, key
         assert torch.allclose(a[key], b[key], rtol=0, atol=2e-5), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fsdp_kl_to_base_when_one_process_has_replay_rows(default_source, tmp_path, method):
+    """train.kl_to_base with replay rows on rank 1 alone at step 1, on both at step 2, on rank 0
+    alone at step 3, on neither at step 4: the processes run the same collectives every step
+    (LoRA's base distribution comes from the same sharded layers with the adapters off, whose
+    forward gathers weights from every process: without that, a hang), train exactly as one
+    process does, and metrics.jsonl logs the KL over all processes' replay positions, the
+    one-process value (full fine-tuning's frozen copy is not sharded: no hang, but the KL
+    logged was the main process's alone)."""
+    out = tmp_path / "kl.json"
+    options = {"shard": "fsdp", "steps": 4, "method": method, "kl": 0.5}
+    run_dir = str(tmp_path / "two")
+    run_worker(default_source.path, out, [{"out": str(out), "per_device": 1, "run_dir": run_dir,
+                                           **options}], timeout=300)  # fmt: skip
+    two = load(out)
+    one = run(default_source.path, 2, run_dir=str(tmp_path / "one"), **options)
+    assert_same_training(two, one)
+    # logged at steps 1 (from the base itself: about 0), 2 and 3; step 4 has no replay rows
+    assert sorted(one["kl"]) == [1, 2, 3] and one["kl"][2] > 1e-5 and one["kl"][3] > 1e-5
+    logged = {int(step): kl for step, kl in two["kl"].items()}  # (JSON's keys are strings)
+    assert logged.keys() == one["kl"].keys()
+    for step, value in one["kl"].items():
+        assert abs(logged[step] - value) <= 2e-6, step
