@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist import assert_halved, assert_same_training, launch, load, run_worker
+from dist import assert_halved, assert_same_training, launch, load, ranks, run_worker
 from dist_worker import run
 
 HERE = Path(__file__).resolve().parent
@@ -208,3 +208,29 @@ def test_fsdp_kl_to_base_when_one_process_has_replay_rows(default_source, tmp_pa
     assert logged.keys() == one["kl"].keys()
     for step, value in one["kl"].items():
         assert abs(logged[step] - value) <= 2e-6, step
+
+
+@pytest.mark.slow
+def test_validation_decisions_are_the_same_on_every_process(default_source, tmp_path):
+    """The validation loss behind checkpoints/best and early stopping is one global value: each
+    process scores a share of the validation rows and the sums are reduced, so every process
+    takes the same decisions even when what they were given differs (here: each its own
+    validation rows; a process that alone stopped early, or alone gathered the weights for
+    best/, would leave the others waiting in a collective). With the same rows, 2 processes
+    pick the best step and stop at the step one process does."""
+    differ, same = tmp_path / "differ.json", tmp_path / "same.json"
+    options = {"shard": "fsdp", "steps": 8, "validation": True, "eval_every": 1, "patience": 2,
+               "lr": 3e-2}  # fmt: skip
+    runs = [{"out": str(differ), "rank_validation": True, **options}, {"out": str(same), **options}]
+    run_worker(default_source.path, differ, runs, timeout=300)
+    first, second = ranks(differ)
+    assert first == second and len(first["val_losses"]) >= 3
+    two = load(same)
+    assert ranks(same)[0] == ranks(same)[1]
+    one = run(default_source.path, 4, **options)
+    assert one["stopped_early"] and one["steps"] < 8  # the run is one that stops early
+    assert two["stopped_early"] and two["steps"] == one["steps"]
+    assert two["best"][0] == one["best"][0]
+    assert [s for s, _ in two["val_losses"]] == [s for s, _ in one["val_losses"]]
+    for (_, a), (_, b) in zip(two["val_losses"], one["val_losses"], strict=True):
+        assert abs(a - b) <= 1e-4

@@ -267,20 +267,36 @@ def kl_reference(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module | 
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, rows: list[Row], batch_size: int, pad_id: int) -> float:
-    """Mean token loss over `rows` (the same supervised positions as training)."""
+def validation_loss(
+    model: torch.nn.Module, rows: list[Row], batch_size: int, pad_id: int, acc=None
+) -> float:
+    """Mean token loss over `rows` (the same supervised positions as training).
+
+    With `acc` of several processes (every one calls this, with the same rows), batches of
+    batch_size x processes rows are dealt out as training's are and the loss sums and token
+    counts are summed over processes: each scores its share, and all of them get the same
+    value, the one-process one (to summation order), so the decisions taken on it (best/, early
+    stopping) agree across processes."""
     was_training = model.training
     model.eval()
     # (train.shard: fsdp passes its sharded wrapper; the replay mask is dropped: no KL term)
     lm = model if isinstance(model, SupervisedLM) else SupervisedLM(model)
     device = next(model.parameters()).device
+    rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
     total, count = 0.0, 0
-    for idx in length_grouped_batches(rows, batch_size, seed=0):
-        batch = collate([rows[i] for i in idx], pad_id)
+    for idx in length_grouped_batches(rows, batch_size * world, seed=0):
+        share = idx[rank::world]
+        # a process with no row of the last batch still runs a forward, uncounted: a sharded
+        # model's forward gathers weights from every process
+        batch = collate([rows[i] for i in share or idx[:1]], pad_id)
         skip = ("real_tokens", "replay_mask")
         loss_sum, n = lm(**{k: v.to(device) for k, v in batch.items() if k not in skip})
-        total, count = total + float(loss_sum), count + int(n)
+        if share:
+            total, count = total + float(loss_sum), count + int(n)
     model.train(was_training)
+    if world > 1:
+        summed = torch.tensor([total, count], dtype=torch.float64, device=device)
+        total, count = acc.reduce(summed, reduction="sum").tolist()
     return total / max(count, 1)
 
 
@@ -608,7 +624,9 @@ def _validate(prep, tokenizer, validation, cfg, result, logs, evaluator, start, 
     acc, step = prep.acc, result.steps
     plain = eager if cfg.compile else contextlib.nullcontext
     with plain(), prep.amp():
-        val = validation_loss(prep.scorer(), validation, cfg.batch_size, tokenizer.pad_token_id)
+        val = validation_loss(
+            prep.scorer(), validation, cfg.batch_size, tokenizer.pad_token_id, acc
+        )
     result.val_losses.append((step, val))
     if logs:
         at = round(time.perf_counter() - start, 2)
