@@ -165,3 +165,21 @@ def test_barrier_timeout_is_the_recipes(tmp_path):
     )
     proc = torchrun(str(script))
     assert "0 timeout 3" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_ddp_kl_to_base_when_one_process_has_replay_rows(default_source, tmp_path):
+    """Data parallel, LoRA with train.kl_to_base, replay rows placed as in test_fsdp's test of
+    the same name (rank 1 alone, both, rank 0 alone, neither): trains as one process does, and
+    metrics.jsonl logs the KL over both processes' replay positions, the one-process value."""
+    out = tmp_path / "kl.json"
+    options = {"steps": 4, "method": "lora", "kl": 0.5}
+    runs = [{"out": str(out), "per_device": 1, "run_dir": str(tmp_path / "two"), **options}]
+    run_worker(default_source.path, out, runs, timeout=300)
+    two = load(out)
+    one = run(default_source.path, 2, run_dir=str(tmp_path / "one"), **options)
+    assert_same_training(two, one)
+    assert sorted(one["kl"]) == [1, 2, 3] and one["kl"][2] > 1e-5
+    logged = {int(step): kl for step, kl in two["kl"].items()}  # (JSON's keys are strings)
+    assert logged.keys() == one["kl"].keys()
+    for step, value in one["kl"].items():
+        assert abs(logged[step] - value) <= 2e-6, step
