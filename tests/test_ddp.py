@@ -9,32 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_worker import run
+from dist import (
+    assert_halved,
+    assert_same_training,
+    children,
+    kill_tree,
+    load,
+    run_worker,
+    torchrun,
+)
+from dist_worker import run
 
-HERE = Path(__file__).resolve().parent
-
-
-def torchrun(*args: str, **env: str) -> subprocess.CompletedProcess:
-    """Two CPU processes (one thread each, so they do not fight over the 2 cores). A PYTHONPATH
-    given is put before the caller's (which may name the checkout's src/ to test)."""
-    if "PYTHONPATH" in env and os.environ.get("PYTHONPATH"):
-        env["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        *args,
-    ]
-    return subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
-    )
+pytestmark = pytest.mark.slow  # several processes on the CPU (a minute or more each)
 
 
 @pytest.mark.parametrize(
@@ -48,30 +34,14 @@ def test_two_processes_match_one(default_source, tmp_path, compile, broken):
     decoder layers inside DDP's wrapper. The negative control drops the process-count factor
     from the loss scale: the gradients come out halved and the test must see it (AdamW, being
     nearly scale-invariant, would hide it in the weights)."""
-    from safetensors.torch import load_file
-
     out = tmp_path / "ddp.json"
-    args = [str(HERE / "ddp_worker.py"), default_source.path, "2", str(out)]
-    flags = (["compile"] if compile else []) + (["broken"] if broken else [])
-    proc = torchrun(*args, *flags, PYTHONPATH=str(HERE))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = json.loads(out.read_text())
-    two_grads = load_file(f"{out}.grads.safetensors")
-    two_params = load_file(f"{out}.params.safetensors")
-    one = run(default_source.path, 4, None, compile=compile)
-    assert two["world"] == 2 and one["world"] == 1
-    assert two["tokens"] == one["tokens"]
-    assert two_grads.keys() == one["grads"].keys() and len(two_grads) > 10
-    worst = max((two_grads[k] - g).abs().max().item() for k, g in one["grads"].items())
+    options = {"compile": compile, "broken": broken}
+    run_worker(default_source.path, out, [{"out": str(out), **options}])
+    two, one = load(out), run(default_source.path, 4, compile=compile)
     if broken:
-        halved = max((2 * two_grads[k] - g).abs().max().item() for k, g in one["grads"].items())
-        assert worst > 1e-3 and halved <= 1e-6, (worst, halved)
+        assert_halved(two, one)
         return
-    assert worst <= 1e-6
-    # after 3 AdamW steps of ~1e-2 each: summation order (one batch of 4 against two of 2)
-    # moves float32 gradients by ~1e-8, which AdamW's normalisation turns into ~5e-6 here
-    for name, value in one["params"].items():
-        assert torch.allclose(two_params[name], value, rtol=0, atol=2e-5), name
+    assert_same_training(two, one, min_tensors=11)
 
 
 def test_instill_train_under_torchrun(tiny_dir, tmp_path):
@@ -105,16 +75,13 @@ def test_instill_train_under_torchrun(tiny_dir, tmp_path):
 
 def _rank_pid(parent: int, rank: int) -> int | None:
     """The pid of the child of `parent` (torchrun) that runs local rank `rank`."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for pid in children(parent):
         try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            env = (proc / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
             continue
-        if ppid == parent and f"LOCAL_RANK={rank}".encode() in env:
-            return int(proc.name)
+        if f"LOCAL_RANK={rank}".encode() in env:
+            return pid
     return None
 
 
@@ -146,15 +113,19 @@ def test_sigterm_to_one_rank_stops_both_and_resume_is_exact(tiny_dir, tmp_path):
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
-    metrics, deadline = out / "quickstart" / "metrics.jsonl", time.time() + 300
-    while time.time() < deadline:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    rank1 = _rank_pid(proc.pid, 1)
-    assert rank1 is not None
-    os.kill(rank1, signal.SIGTERM)  # rank 1 only; rank 0 gets no signal
-    _, err = proc.communicate(timeout=300)
+    try:
+        metrics, deadline = out / "quickstart" / "metrics.jsonl", time.time() + 300
+        while time.time() < deadline:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        rank1 = _rank_pid(proc.pid, 1)
+        assert rank1 is not None
+        os.kill(rank1, signal.SIGTERM)  # rank 1 only; rank 0 gets no signal
+        _, err = proc.communicate(timeout=300)
+    finally:  # a hang or a failed assertion: torchrun and its workers go too
+        if proc.poll() is None:
+            kill_tree(proc.pid)
     assert proc.returncode != 0  # torchrun reports the ranks' exit code 130
     run = out / "quickstart"
     (checkpoint,) = list((run / "checkpoints").glob("step-*"))
@@ -194,3 +165,21 @@ def test_barrier_timeout_is_the_recipes(tmp_path):
     )
     proc = torchrun(str(script))
     assert "0 timeout 3" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_ddp_kl_to_base_when_one_process_has_replay_rows(default_source, tmp_path):
+    """Data parallel, LoRA with train.kl_to_base, replay rows placed as in test_fsdp's test of
+    the same name (rank 1 alone, both, rank 0 alone, neither): trains as one process does, and
+    metrics.jsonl logs the KL over both processes' replay positions, the one-process value."""
+    out = tmp_path / "kl.json"
+    options = {"steps": 4, "method": "lora", "kl": 0.5}
+    runs = [{"out": str(out), "per_device": 1, "run_dir": str(tmp_path / "two"), **options}]
+    run_worker(default_source.path, out, runs, timeout=300)
+    two = load(out)
+    one = run(default_source.path, 2, run_dir=str(tmp_path / "one"), **options)
+    assert_same_training(two, one)
+    assert sorted(one["kl"]) == [1, 2, 3] and one["kl"][2] > 1e-5
+    logged = {int(step): kl for step, kl in two["kl"].items()}  # (JSON's keys are strings)
+    assert logged.keys() == one["kl"].keys()
+    for step, value in one["kl"].items():
+        assert abs(logged[step] - value) <= 2e-6, step

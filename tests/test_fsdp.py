@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from fsdp_worker import run
-from test_ddp import torchrun
+from dist import assert_halved, assert_same_training, launch, load, ranks, run_worker
+from dist_worker import run
 
 HERE = Path(__file__).resolve().parent
+SHARDED = {"shard": "fsdp", "steps": 4, "validation": True, "eval_every": 2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method,broken",
     [("full", False), ("lora", False), ("full", True)],
@@ -24,41 +26,27 @@ def test_fsdp_two_processes_match_one(default_source, tmp_path, method, broken):
     also clip the gradient norm and recompute activations: gradient checkpointing). The
     negative control drops the process-count factor from the loss scale: FSDP averages the
     gradients over processes, so they come out halved and the test must see it."""
-    from safetensors.torch import load_file
-
     out = tmp_path / "fsdp.json"
-    args = [str(HERE / "fsdp_worker.py"), default_source.path, method, str(out)]
-    proc = torchrun(*args, *(["broken"] if broken else []), PYTHONPATH=str(HERE))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = json.loads(out.read_text())
-    two_grads = load_file(f"{out}.grads.safetensors")
-    two_params = load_file(f"{out}.params.safetensors")
-    one = run(default_source.path, 4, None, method=method)
-    assert two["world"] == 2 and one["world"] == 1 and one["fractions"] == {}  # 1: not sharded
+    options = {**SHARDED, "method": method, "broken": broken}
+    run_worker(default_source.path, out, [{"out": str(out), **options}])
+    two, one = load(out), run(default_source.path, 4, method=method, **SHARDED)
+    assert one["fractions"] == {}  # 1 process: not sharded
     # sharded: every parameter, trainable or frozen, half on each process
-    assert two["fractions"].keys() == two_params.keys()
+    assert two["fractions"].keys() == two["params"].keys()
     assert set(two["fractions"].values()) == {0.5}
     if method == "lora":
-        frozen = [k for k in two_params if "lora_" not in k]
-        assert frozen and not set(frozen) & set(two_grads)  # base weights: frozen, and sharded
-    assert two["tokens"] == one["tokens"]
-    assert two_grads.keys() == one["grads"].keys() and len(two_grads) >= 8
-    worst = max((two_grads[k] - g).abs().max().item() for k, g in one["grads"].items())
+        frozen = [k for k in two["params"] if "lora_" not in k]
+        assert frozen and not set(frozen) & set(two["grads"])  # base weights: frozen, and sharded
     if broken:
-        halved = max((2 * two_grads[k] - g).abs().max().item() for k, g in one["grads"].items())
-        assert worst > 1e-4 and halved <= 1e-6, (worst, halved)
+        assert_halved(two, one)
         return
-    assert worst <= 1e-6
-    assert max(abs(a - b) for a, b in zip(two["losses"], one["losses"], strict=True)) <= 1e-4
+    assert_same_training(two, one)
     assert [s for s, _ in two["val_losses"]] == [s for s, _ in one["val_losses"]] == [2, 4]
     for (_, a), (_, b) in zip(two["val_losses"], one["val_losses"], strict=True):
         assert abs(a - b) <= 1e-4
-    assert two_params.keys() == one["params"].keys()
-    for name, value in one["params"].items():  # (summation order: see test_ddp's bound)
-        assert two_params[name].shape == value.shape, name
-        assert torch.allclose(two_params[name], value, rtol=0, atol=2e-5), name
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_resume_is_exact(default_source, tmp_path):
     """Stopped after step 2 (as a signal stops it), a sharded run writes one checkpoint in the
     one-process format (full weights, numbered optimiser state), and resuming from it in 2
@@ -66,15 +54,11 @@ def test_fsdp_checkpoint_resume_is_exact(default_source, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "r.json"
-    args = [str(HERE / "fsdp_worker.py"), default_source.path, "resume", str(out)]
-    proc = torchrun(*args, PYTHONPATH=str(HERE))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = {k: json.loads(Path(f"{out}.{k}").read_text()) for k in ("whole", "cut", "resumed")}
-    whole, cut, resumed = runs["whole"], runs["cut"], runs["resumed"]
+    run_worker(default_source.path, out, [{"out": str(out), "resume_runs": True}])
+    whole, cut, resumed = (load(f"{out}.{k}") for k in ("whole", "cut", "resumed"))
     assert cut["interrupted"] and cut["steps"] == 2 and len(whole["losses"]) == 4
     assert resumed["losses"] == whole["losses"]  # the first two restored, the last two trained
-    a = load_file(f"{out}.whole.params.safetensors")
-    b = load_file(f"{out}.resumed.params.safetensors")
+    a, b = whole["params"], resumed["params"]
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -83,7 +67,7 @@ def test_fsdp_checkpoint_resume_is_exact(default_source, tmp_path):
 
     # the same run in one process at batch 4, stopped at the same step: the same files
     one_dir = tmp_path / "one"
-    run(default_source.path, 4, None, run_dir=str(one_dir), stop_at=2)
+    run(default_source.path, 4, run_dir=str(one_dir), stop_at=2, **SHARDED)
     ref = one_dir / "checkpoints" / "step-2"
     # (best/: from the validation at step 2, the only one before the stop; copied aside by the
     # worker before the resumed run went on)
@@ -131,6 +115,7 @@ def test_fsdp_refuses_what_it_cannot_do():
         check(TrainConfig(shard="fsdp"), lambda model: 0.0)
 
 
+@pytest.mark.slow
 def test_instill_train_fsdp_under_accelerate_launch(tiny_dir, tmp_path):
     """The CLI path, started with the shipped configs/accelerate/ddp.yaml (2 processes, which
     instill runs on the CPU here) and train.shard=fsdp: one run directory, written once,
@@ -155,12 +140,9 @@ def test_instill_train_fsdp_under_accelerate_launch(tiny_dir, tmp_path):
 
     config = HERE.parent / "configs" / "accelerate" / "ddp.yaml"
     # (not --cpu: accelerate then starts one process; instill's Accelerator is on the CPU anyway)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-              "--num_processes", "2", "--num_cpu_threads_per_process", "1"]  # fmt: skip
-    proc = subprocess.run(
-        [*launch, *args(tmp_path / "fsdp", "fsdp")], capture_output=True, text=True,
-        timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               "--num_processes", "2", "--num_cpu_threads_per_process", "1"]  # fmt: skip
+    proc = launch([*command, *args(tmp_path / "fsdp", "fsdp")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = proc.stdout + proc.stderr
     assert said.count("weights sharded over 2 processes") == 1  # sharded, said once
@@ -200,3 +182,55 @@ def test_instill_train_fsdp_under_accelerate_launch(tiny_dir, tmp_path):
     for key in a:
         assert a[key].shape == b[key].shape, key
         assert torch.allclose(a[key], b[key], rtol=0, atol=2e-5), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fsdp_kl_to_base_when_one_process_has_replay_rows(default_source, tmp_path, method):
+    """train.kl_to_base with replay rows on rank 1 alone at step 1, on both at step 2, on rank 0
+    alone at step 3, on neither at step 4: the processes run the same collectives every step
+    (LoRA's base distribution comes from the same sharded layers with the adapters off, whose
+    forward gathers weights from every process: without that, a hang), train exactly as one
+    process does, and metrics.jsonl logs the KL over all processes' replay positions, the
+    one-process value (full fine-tuning's frozen copy is not sharded: no hang, but the KL
+    logged was the main process's alone)."""
+    out = tmp_path / "kl.json"
+    options = {"shard": "fsdp", "steps": 4, "method": method, "kl": 0.5}
+    run_dir = str(tmp_path / "two")
+    run_worker(default_source.path, out, [{"out": str(out), "per_device": 1, "run_dir": run_dir,
+                                           **options}], timeout=300)  # fmt: skip
+    two = load(out)
+    one = run(default_source.path, 2, run_dir=str(tmp_path / "one"), **options)
+    assert_same_training(two, one)
+    # logged at steps 1 (from the base itself: about 0), 2 and 3; step 4 has no replay rows
+    assert sorted(one["kl"]) == [1, 2, 3] and one["kl"][2] > 1e-5 and one["kl"][3] > 1e-5
+    logged = {int(step): kl for step, kl in two["kl"].items()}  # (JSON's keys are strings)
+    assert logged.keys() == one["kl"].keys()
+    for step, value in one["kl"].items():
+        assert abs(logged[step] - value) <= 2e-6, step
+
+
+@pytest.mark.slow
+def test_validation_decisions_are_the_same_on_every_process(default_source, tmp_path):
+    """The validation loss behind checkpoints/best and early stopping is one global value: each
+    process scores a share of the validation rows and the sums are reduced, so every process
+    takes the same decisions even when what they were given differs (here: each its own
+    validation rows; a process that alone stopped early, or alone gathered the weights for
+    best/, would leave the others waiting in a collective). With the same rows, 2 processes
+    pick the best step and stop at the step one process does."""
+    differ, same = tmp_path / "differ.json", tmp_path / "same.json"
+    options = {"shard": "fsdp", "steps": 8, "validation": True, "eval_every": 1, "patience": 2,
+               "lr": 3e-2}  # fmt: skip
+    runs = [{"out": str(differ), "rank_validation": True, **options}, {"out": str(same), **options}]
+    run_worker(default_source.path, differ, runs, timeout=300)
+    first, second = ranks(differ)
+    assert first == second and len(first["val_losses"]) >= 3
+    two = load(same)
+    assert ranks(same)[0] == ranks(same)[1]
+    one = run(default_source.path, 4, **options)
+    assert one["stopped_early"] and one["steps"] < 8  # the run is one that stops early
+    assert two["stopped_early"] and two["steps"] == one["steps"]
+    assert two["best"][0] == one["best"][0]
+    assert [s for s, _ in two["val_losses"]] == [s for s, _ in one["val_losses"]]
+    for (_, a), (_, b) in zip(two["val_losses"], one["val_losses"], strict=True):
+        assert abs(a - b) <= 1e-4

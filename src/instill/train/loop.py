@@ -267,20 +267,36 @@ def kl_reference(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module | 
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, rows: list[Row], batch_size: int, pad_id: int) -> float:
-    """Mean token loss over `rows` (the same supervised positions as training)."""
+def validation_loss(
+    model: torch.nn.Module, rows: list[Row], batch_size: int, pad_id: int, acc=None
+) -> float:
+    """Mean token loss over `rows` (the same supervised positions as training).
+
+    With `acc` of several processes (every one calls this, with the same rows), batches of
+    batch_size x processes rows are dealt out as training's are and the loss sums and token
+    counts are summed over processes: each scores its share, and all of them get the same
+    value, the one-process one (to summation order), so the decisions taken on it (best/, early
+    stopping) agree across processes."""
     was_training = model.training
     model.eval()
     # (train.shard: fsdp passes its sharded wrapper; the replay mask is dropped: no KL term)
     lm = model if isinstance(model, SupervisedLM) else SupervisedLM(model)
     device = next(model.parameters()).device
+    rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
     total, count = 0.0, 0
-    for idx in length_grouped_batches(rows, batch_size, seed=0):
-        batch = collate([rows[i] for i in idx], pad_id)
+    for idx in length_grouped_batches(rows, batch_size * world, seed=0):
+        share = idx[rank::world]
+        # a process with no row of the last batch still runs a forward, uncounted: a sharded
+        # model's forward gathers weights from every process
+        batch = collate([rows[i] for i in share or idx[:1]], pad_id)
         skip = ("real_tokens", "replay_mask")
         loss_sum, n = lm(**{k: v.to(device) for k, v in batch.items() if k not in skip})
-        total, count = total + float(loss_sum), count + int(n)
+        if share:
+            total, count = total + float(loss_sum), count + int(n)
     model.train(was_training)
+    if world > 1:
+        summed = torch.tensor([total, count], dtype=torch.float64, device=device)
+        total, count = acc.reduce(summed, reduction="sum").tolist()
     return total / max(count, 1)
 
 
@@ -316,6 +332,10 @@ def accumulate(
     loss_total = torch.zeros((), device=acc.device)
     for i, batch in enumerate(micro):
         batch = {k: v.to(acc.device) for k, v in batch.items() if k != "real_tokens"}
+        if lm.kl_weight > 0 and "replay_mask" not in batch:
+            # no replay rows here: the KL's base forward still runs (SupervisedLM._kl), on every
+            # process alike, so sharded processes issue the same collectives
+            batch["replay_mask"] = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
         last = i == len(micro) - 1
         with acc.no_sync(wrapped) if not last else contextlib.nullcontext():
             with amp() if amp is not None else contextlib.nullcontext():
@@ -537,8 +557,10 @@ def train(
             tps = (result.tokens - tokens_before) / elapsed
             lr = scheduler.get_last_lr()[0]
             progress.update(task, advance=1, loss=loss, lr=lr, tps=tps)
-            if logs and (step % cfg.log_every == 0 or step == steps):
-                _log_step(logs, cfg, result, lr, grad_norm, tps, elapsed, acc.device, kl_parts)
+            if step % cfg.log_every == 0 or step == steps:
+                kl = _kl_since_log(acc, kl_parts) if cfg.kl_to_base > 0 else None  # all processes
+                if logs:
+                    _log_step(logs, result, lr, grad_norm, tps, elapsed, acc.device, kl)
             if validation and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
                 _validate(prep, tokenizer, validation, cfg, result, logs, evaluator, start, run_dir)
             # a signal to any process stops them all after this same step
@@ -561,7 +583,20 @@ def train(
     return result
 
 
-def _log_step(logs, cfg, result, lr, grad_norm, tps, elapsed, device, kl_parts) -> None:
+def _kl_since_log(acc, kl_parts: list[tuple[float, int]]) -> float | None:
+    """train.kl_to_base's KL per replay position since the last log, over every process's
+    replay positions (each process holds only its own micro-batches'), or None when no process
+    had any. Every process calls it at the same steps; the parts are cleared."""
+    summed = [sum(k for k, _ in kl_parts), sum(n for _, n in kl_parts)]
+    kl_parts.clear()
+    if acc.num_processes > 1:
+        local = torch.tensor(summed, dtype=torch.float64, device=acc.device)
+        summed = acc.reduce(local, reduction="sum").tolist()
+    kl_sum, positions = summed
+    return kl_sum / positions if positions else None
+
+
+def _log_step(logs, result, lr, grad_norm, tps, elapsed, device, kl) -> None:
     """One training record in metrics.jsonl, and its scalars in TensorBoard."""
     record = {
         "step": result.steps,
@@ -574,10 +609,8 @@ def _log_step(logs, cfg, result, lr, grad_norm, tps, elapsed, device, kl_parts) 
         "elapsed_s": round(elapsed, 2),
         "peak_mem_mb": round(peak_memory_mb(device), 1),
     }
-    if cfg.kl_to_base > 0 and kl_parts:  # per replay position since the last log
-        positions = sum(n for _, n in kl_parts)
-        record["kl_to_base"] = round(sum(k for k, _ in kl_parts) / positions, 6)
-        kl_parts.clear()
+    if kl is not None:  # per replay position since the last log, over all processes
+        record["kl_to_base"] = round(kl, 6)
     logs.record(record)
     for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
         if record[key] is not None:
@@ -591,7 +624,9 @@ def _validate(prep, tokenizer, validation, cfg, result, logs, evaluator, start, 
     acc, step = prep.acc, result.steps
     plain = eager if cfg.compile else contextlib.nullcontext
     with plain(), prep.amp():
-        val = validation_loss(prep.scorer(), validation, cfg.batch_size, tokenizer.pad_token_id)
+        val = validation_loss(
+            prep.scorer(), validation, cfg.batch_size, tokenizer.pad_token_id, acc
+        )
     result.val_losses.append((step, val))
     if logs:
         at = round(time.perf_counter() - start, 2)

@@ -145,9 +145,10 @@ class SupervisedLM(torch.nn.Module):
     gradient synchronisation sees the whole computation.
 
     kl_weight > 0 adds kl_weight x KL(base || tuned), summed over the supervised positions of
-    replay rows (a batch's `replay_mask`), to the loss sum. The base distribution comes from
-    `reference` (a frozen copy, for full fine-tuning) or, for a peft model, from the same model
-    with its adapters switched off: no second copy of the weights.
+    replay rows (a batch's `replay_mask`; the training loop passes one, all False when the
+    micro-batch has no replay rows, and scoring none), to the loss sum. The base distribution
+    comes from `reference` (a frozen copy, for full fine-tuning) or, for a peft model, from the
+    same model with its adapters switched off: no second copy of the weights.
     """
 
     def __init__(
@@ -198,23 +199,34 @@ class SupervisedLM(torch.nn.Module):
         self.last_kl = None
         if per_row:
             return loss_sum, tokens
-        keep = labels[:, 1:] != IGNORE
         if self.kl_weight > 0 and replay_mask is not None:
-            kl_pos = keep & replay_mask[:, 1:]
-            rows = kl_pos.any(dim=1)
-            if bool(rows.any()):
-                sub = lambda t: None if t is None else t[rows]  # noqa: E731
-                base_hidden, base_head = self._base_hidden(
-                    input_ids[rows], sub(attention_mask), sub(position_ids)
-                )
-                kl = chunked_kl(
-                    head,
-                    hidden[:, :-1][kl_pos],
-                    base_head,
-                    base_hidden[:, :-1][kl_pos[rows]],
-                    self.chunk,
-                    softcap,
-                )
+            kl_pos = (labels[:, 1:] != IGNORE) & replay_mask[:, 1:]
+            kl = self._kl(head, hidden, kl_pos, input_ids, attention_mask, position_ids, softcap)
+            if kl is not None:
                 self.last_kl = (float(kl.detach()), int(kl_pos.sum()))
                 loss_sum = loss_sum + self.kl_weight * kl
         return loss_sum, tokens
+
+    def _kl(self, head, hidden, kl_pos, input_ids, attention_mask, position_ids, softcap):
+        """KL(base || tuned) summed over `kl_pos` (the supervised positions of replay rows), or
+        None when there are none. The base forward runs either way (over one token when there
+        are none): under train.shard: fsdp, LoRA's base is the sharded layers themselves, whose
+        forward gathers each layer's weights from every process, so every process must run it
+        whatever rows its micro-batch holds, or the processes' collectives stop matching."""
+        rows = kl_pos.any(dim=1)
+        if not bool(rows.any()):
+            first = lambda t: None if t is None else t[:1, :1]  # noqa: E731
+            self._base_hidden(first(input_ids), first(attention_mask), first(position_ids))
+            return None
+        sub = lambda t: None if t is None else t[rows]  # noqa: E731
+        base_hidden, base_head = self._base_hidden(
+            input_ids[rows], sub(attention_mask), sub(position_ids)
+        )
+        return chunked_kl(
+            head,
+            hidden[:, :-1][kl_pos],
+            base_head,
+            base_hidden[:, :-1][kl_pos[rows]],
+            self.chunk,
+            softcap,
+        )
