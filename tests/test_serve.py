@@ -278,8 +278,16 @@ def test_a_failing_batch_fails_its_jobs_and_the_thread_goes_on(served, tokenizer
 BAD = [
     (b"{not json", 400, None),
     (json.dumps({"model": "tiny"}).encode(), 400, "messages"),
-    (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(), 400, "messages"),
-    (json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), 400, "messages"),
+    (
+        json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(),
+        400,
+        "messages[0].role",
+    ),
+    (
+        json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(),
+        400,
+        "messages[0].content",
+    ),
     (json.dumps({"messages": MSG, "max_tokens": -1}).encode(), 400, "max_tokens"),
     (json.dumps({"messages": MSG, "max_tokens": 65}).encode(), 400, "max_tokens"),
     (json.dumps({"messages": MSG, "temperature": 3}).encode(), 400, "temperature"),
@@ -304,13 +312,45 @@ BAD = [
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
         ).encode(),
         400,
-        "messages",
+        "messages[0].content[0]",
     ),
     (
         json.dumps({"messages": [{"role": "user", "content": [{"type": "text"}]}]}).encode(),
         400,
-        "messages",
+        "messages[0].content[0].text",
     ),
+    (
+        json.dumps({"messages": [MSG[0], {"role": 5, "content": "x"}]}).encode(),
+        400,
+        "messages[1].role",
+    ),
+    (
+        json.dumps({"messages": [{"role": ["user"], "content": "x"}]}).encode(),
+        400,
+        "messages[0].role",
+    ),
+    (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),
+    (b'{"messages": [], "x": ' + b"[" * 300 + b"]" * 300 + b"}", 400, None),
+    (json.dumps({"messages": MSG, "seed": 2**64}).encode(), 400, "seed"),
+    (json.dumps({"messages": MSG, "seed": -(2**63) - 1}).encode(), 400, "seed"),
+    (json.dumps({"messages": MSG, "seed": 1.5}).encode(), 400, "seed"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "seed": 1' + b"0" * 5000 + b"}", 400, None),
+    (json.dumps({"messages": MSG, "max_tokens": 2.0}).encode(), 400, "max_tokens"),
+    (json.dumps({"messages": MSG, "max_tokens": True}).encode(), 400, "max_tokens"),
+    (
+        json.dumps({"messages": MSG, "max_completion_tokens": 0}).encode(),
+        400,
+        "max_completion_tokens",
+    ),
+    (json.dumps({"messages": MSG, "temperature": "0.5"}).encode(), 400, "temperature"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, "temperature"),
+    (json.dumps({"messages": MSG, "presence_penalty": -2.5}).encode(), 400, "presence_penalty"),
+    (json.dumps({"messages": MSG, "frequency_penalty": 2.5}).encode(), 400, "frequency_penalty"),
+    (json.dumps({"messages": MSG, "stop": [1]}).encode(), 400, "stop"),
+    (json.dumps({"messages": MSG, "stream": "yes"}).encode(), 400, "stream"),
+    (json.dumps({"messages": MSG, "model": 5}).encode(), 400, "model"),
+    (json.dumps({"messages": MSG, "user": 5}).encode(), 400, "user"),
+    (json.dumps([MSG]).encode(), 400, None),
 ]
 
 
@@ -815,3 +855,152 @@ def test_serve_warns_when_reachable_beyond_loopback_without_a_key(
     assert ("WARNING: no API key" in err) == warned, err
     code, err, _ = _cli(["--host", host], capsys, monkeypatch, env={"INSTILL_API_KEY": "k"})
     assert "WARNING: no API key" not in err
+
+
+# --- one request never fails another (issue 24, item 4) -----------------------------------------
+
+
+def _held(sched, tokenizer):
+    """A gate job holding the decode thread, so the jobs submitted next are admitted together;
+    returns the event that opens it."""
+    from instill.infer import GenParams
+
+    opened = threading.Event()
+    _run(sched, tokenizer, MSG, GenParams(max_new_tokens=2), cancelled=_Gate(opened))
+    return opened
+
+
+def _alone(server, tokenizer, msgs, params):
+    from instill.infer import generate
+
+    return generate(server.model, tokenizer, [msgs], params, batch_invariant=False)[0]
+
+
+def test_a_seed_out_of_range_is_a_400_and_its_neighbour_is_answered(served, tokenizer):
+    from instill.infer import GenParams
+
+    base, server = served
+    sched = server.scheduler
+    queued = []
+    submit = sched.submit
+    sched.submit = lambda job: queued.append(job) or submit(job)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    bodies = [
+        {"messages": MSG, "max_tokens": 6, "temperature": 0.7, "seed": 2**64},
+        {"messages": MSG, "max_tokens": 6},
+    ]
+    try:
+        opened = _held(sched, tokenizer)
+        with ThreadPoolExecutor(2) as pool:
+            replies = [
+                pool.submit(httpx.post, base + "/v1/chat/completions", json=b, headers=headers)
+                for b in bodies
+            ]
+            assert _wait_until(lambda: len(queued) == 3 or replies[0].done(), 30)
+            opened.set()
+            bad, good = (r.result() for r in replies)
+    finally:
+        opened.set()
+        del sched.submit
+    assert (bad.status_code, good.status_code) == (400, 200), (bad.text, good.text)
+    assert bad.json()["error"]["param"] == "seed"
+    assert bad.json()["error"]["message"] == (
+        "'seed' must be an integer in [-9223372036854775808, 9223372036854775807], got "
+        "18446744073709551616"
+    )
+    want = _alone(server, tokenizer, MSG, GenParams(max_new_tokens=6))
+    assert good.json()["choices"][0]["message"]["content"] == want.text
+
+
+def test_a_row_whose_setup_fails_fails_alone_in_its_group(served, tokenizer, monkeypatch):
+    from instill.infer import GenParams, sampling
+
+    _, server = served
+    sched = server.scheduler
+    admit = sampling.Sampler.admit
+
+    def admit_or_fail(self, slot, params, prompt, vocab):
+        if params.max_new_tokens == 7:  # the one broken request
+            raise RuntimeError("bad row")
+        return admit(self, slot, params, prompt, vocab)
+
+    monkeypatch.setattr(sampling.Sampler, "admit", admit_or_fail)
+    convs = [[{"role": "user", "content": w}] for w in ("cats", "dogs", "fish")]  # one bucket
+    params = [GenParams(max_new_tokens=9), GenParams(max_new_tokens=7), GenParams(5, 0.8, seed=3)]
+    want = [_alone(server, tokenizer, c, p) for c, p in zip(convs, params, strict=True) if p.seed]
+    opened = _held(sched, tokenizer)
+    jobs = [_run(sched, tokenizer, c, p) for c, p in zip(convs, params, strict=True)]
+    opened.set()
+    assert all(j.done.wait(60) for j in jobs)
+    assert jobs[1].error == "generation failed: bad row"
+    assert jobs[0].error is None and jobs[2].error is None
+    monkeypatch.undo()
+    assert jobs[0].text == _alone(server, tokenizer, convs[0], params[0]).text
+    assert len(jobs[0].ids) == 9
+    assert jobs[2].text == want[0].text and len(jobs[2].ids) == 5
+
+
+def test_a_row_whose_text_callback_raises_fails_alone(served, tokenizer):
+    from instill.infer import GenParams
+
+    _, server = served
+    sched = server.scheduler
+
+    def broken(text):
+        raise RuntimeError("client callback broke")
+
+    opened = _held(sched, tokenizer)
+    bad = _run(sched, tokenizer, MSG, GenParams(max_new_tokens=8), on_text=broken)
+    good = _run(sched, tokenizer, MSG, GenParams(max_new_tokens=8), on_text=lambda t: None)
+    opened.set()
+    assert bad.done.wait(60) and good.done.wait(60)
+    assert bad.error == "generation failed: client callback broke"
+    assert good.error is None
+    assert good.text == _alone(server, tokenizer, MSG, GenParams(max_new_tokens=8)).text
+
+
+def test_a_prompt_that_breaks_the_prefill_fails_alone_in_its_group(served, tokenizer):
+    from instill.infer import GenParams
+    from instill.serve.scheduler import Job
+
+    _, server = served
+    sched = server.scheduler
+    ids = [1, 2, 3]
+    opened = _held(sched, tokenizer)
+    bad = sched.submit(Job([*ids, len(tokenizer) + 5], GenParams(max_new_tokens=3)))
+    good = sched.submit(Job([*ids, 4], GenParams(max_new_tokens=3)))
+    opened.set()
+    assert bad.done.wait(60) and good.done.wait(60)
+    assert "generation failed" in bad.error
+    assert good.error is None and len(good.ids) == 3
+
+
+def test_null_means_absent_and_newer_names_are_read(served, tokenizer):
+    """`"temperature": null` is greedy, as no temperature is (it was a temperature of 1);
+    max_completion_tokens, OpenAI's newer name, is max_tokens."""
+    from instill.infer import GenParams
+
+    base, server = served
+    headers = {"Authorization": f"Bearer {KEY}"}
+    want = _alone(server, tokenizer, MSG, GenParams(max_new_tokens=7)).text
+    nulls = {k: None for k in ("temperature", "top_p", "seed", "stop", "n", "stream", "user")}
+    for body in (
+        {"messages": MSG, "max_tokens": 7, **nulls},
+        {"messages": MSG, "max_completion_tokens": 7, "stream_options": None},
+    ):
+        for _ in range(2):  # a temperature of 1 would not give the greedy reply twice
+            r = httpx.post(base + "/v1/chat/completions", json=body, headers=headers)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == want
+            assert r.json()["usage"]["completion_tokens"] == 7
+
+
+def test_a_deeply_nested_body_is_a_400_that_says_so(served):
+    base, _ = served
+    r = httpx.post(
+        base + "/v1/completions",
+        content=b'{"prompt": "x", "logit_bias": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "request body nests arrays or objects too deeply"
