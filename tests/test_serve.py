@@ -1004,3 +1004,107 @@ def test_a_deeply_nested_body_is_a_400_that_says_so(served):
     )
     assert r.status_code == 400
     assert r.json()["error"]["message"] == "request body nests arrays or objects too deeply"
+
+
+# --- start-up refusals (issue 24, item 5) --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,env,line",
+    [
+        (
+            ["--api-key", ""],
+            {},
+            "error: --api-key: the API key is empty, which would turn authentication off; give "
+            "a key, or set none to serve without one",
+        ),
+        (
+            [],
+            {"INSTILL_API_KEY": ""},
+            "error: INSTILL_API_KEY is set but empty, which would turn authentication off; set "
+            "a key, or unset INSTILL_API_KEY to serve without one",
+        ),
+        (
+            [],
+            {"INSTILL_API_KEY": "  "},
+            "error: INSTILL_API_KEY: the API key is empty, which would turn authentication off; "
+            "give a key, or set none to serve without one",
+        ),
+        (["--api-key-file", "{blank}"], {}, "error: --api-key-file: {blank} is empty"),
+        (["--max-batch", "0"], {}, "error: --max-batch 0: must be at least 1"),
+        (["--max-batch", "-3"], {}, "error: --max-batch -3: must be at least 1"),
+        (["--max-concurrent", "0"], {}, "error: --max-concurrent 0: must be at least 1"),
+        (["--max-tokens-cap", "0"], {}, "error: --max-tokens-cap 0: must be at least 1"),
+    ],
+)
+def test_serve_refuses_an_empty_key_and_no_batch_before_loading(
+    capsys, monkeypatch, tmp_path, args, env, line
+):
+    (tmp_path / "blank").write_text("   \n  \n")
+    args = [a.format(blank=tmp_path / "blank") for a in args]
+    code, err, seen = _cli(args, capsys, monkeypatch, env=env)
+    assert code == 2 and "Traceback" not in err and "cfg" not in seen
+    said = " ".join(err.split())  # a hint about keys in ps may come first
+    assert said.endswith(line.format(blank=tmp_path / "blank")) and said.count("error:") == 1
+
+
+def test_serve_config_refuses_what_cannot_serve():
+    from pydantic import ValidationError
+
+    for bad in ({"max_batch": 0}, {"max_concurrent": -1}, {"api_key": ""}, {"api_key": " \t"}):
+        with pytest.raises(ValidationError):
+            ServeConfig(**bad)
+    assert ServeConfig(api_key=" k ").api_key == " k "  # a key is used as given
+
+
+def _long_head(tokenizer, words: int):
+    """The tokenizer with a template whose fixed head (a system turn) is `words` words long."""
+    import copy
+
+    t = copy.deepcopy(tokenizer)
+    t.chat_template = (
+        "<|im_start|>system\n" + "fixed words " * words + "<|im_end|>\n"
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+        "{% endfor %}<|im_start|>assistant\n"
+    )
+    return t
+
+
+def test_a_template_head_longer_than_the_first_cache_is_served(tokenizer):
+    """The engine's cache starts at 256 columns; a longer head was prefilled before the cache
+    grew for the request, so every chat request failed (and the head was tried again)."""
+    from conftest import build_tiny
+
+    from instill.data.render import render_prompt
+    from instill.infer import GenParams
+    from instill.infer.engine import _template_head
+
+    long = _long_head(tokenizer, 200)
+    assert 300 < len(_template_head(long)) < 1000
+    base, server, stop = start(build_tiny(tokenizer), long, ServeConfig())
+    try:
+        for _ in range(2):
+            r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 5})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["prompt_tokens"] == len(render_prompt(long, MSG))
+            want = _alone(server, long, MSG, GenParams(max_new_tokens=5))
+            assert r.json()["choices"][0]["message"]["content"] == want.text
+    finally:
+        stop()
+
+
+def test_a_template_head_over_the_context_is_refused_at_start(tokenizer):
+    from conftest import build_tiny
+
+    from instill.errors import InstillError
+    from instill.infer.engine import _template_head
+
+    long = _long_head(tokenizer, 600)
+    head = len(_template_head(long))
+    with pytest.raises(InstillError) as err:
+        Server(build_tiny(tokenizer), long, ["tiny"], ServeConfig())
+    assert str(err.value) == (
+        f"the chat template's fixed head is {head} tokens (a one-letter user message renders "
+        f"to {head + 6}): with one token of reply that is over the context of 1024 tokens, so "
+        "every chat request would be refused; give a shorter template with --chat-template FILE"
+    )

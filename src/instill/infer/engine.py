@@ -231,6 +231,7 @@ class Engine:
             self.head = _template_head(self.tokenizer)
             if len(self.head) >= HEAD_MIN:
                 try:
+                    self._make_room(len(self.head), 0)
                     self._prefill([], 0, _round_up(len(self.head), PREFILL_BLOCK), head=True)
                 except Exception:
                     self.head = None  # never a half-written head: the next admission retries

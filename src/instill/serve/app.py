@@ -28,6 +28,7 @@ from starlette.requests import ClientDisconnect
 
 from instill.config import ServeConfig
 from instill.data.render import render_prompt
+from instill.errors import InstillError
 from instill.serve.requests import ChatBody, CompletionBody, InvalidRequest, parse
 from instill.serve.scheduler import Job, Scheduler
 
@@ -101,6 +102,7 @@ class Server:
     def __init__(self, model, tokenizer, names: list[str], cfg: ServeConfig):
         self.model, self.tokenizer, self.names, self.cfg = model, tokenizer, names, cfg
         self.context = self._context()
+        self._check_template()
         self.scheduler = self._scheduler()
         self.active = 0
         self.lock = threading.Lock()
@@ -110,6 +112,25 @@ class Server:
 
     def _scheduler(self):
         return Scheduler(self.model, self.tokenizer, self.cfg.max_batch)
+
+    def _check_template(self) -> None:
+        """Refuse to start when no chat request could fit: the template's fixed text around a
+        one-letter message (its fixed head, which the engine prefills once, and the tail that
+        opens the reply) leaves no room for a token of reply in the context."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return
+        try:
+            a, b = (self.chat_ids([{"role": "user", "content": c}]) for c in "AZ")
+        except Exception:  # a template that refuses a lone user turn: each request hears why
+            return
+        head = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
+        if len(a) + 1 > self.context:
+            raise InstillError(
+                f"the chat template's fixed head is {head} tokens (a one-letter user message "
+                f"renders to {len(a)}): with one token of reply that is over the context of "
+                f"{self.context} tokens, so every chat request would be refused; give a "
+                "shorter template with --chat-template FILE"
+            )
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         return render_prompt(self.tokenizer, messages)
