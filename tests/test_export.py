@@ -169,3 +169,29 @@ def test_four_bit_drift_fails_with_advice_unless_accepted(run):
     result = export_run(run, fmt="gguf", quant="q4_1", min_agreement=0.0)
     manifest = json.loads((result.path / "instill.json").read_text())
     assert manifest["verification"]["agreement_tolerance"] == 0.0
+
+
+def test_auto_refuses_a_max_size_below_its_smallest_file_before_writing(tmp_path, tokenizer):
+    """--quant auto kept every tensor at its cheapest type and wrote over the budget; now a
+    budget below the smallest file is refused before anything is written, naming that size,
+    and that size is one it can meet."""
+    import re
+
+    run = _fake_run(tmp_path, tokenizer)
+    with pytest.raises(InstillError) as err:
+        export_run(run, fmt="gguf", quant="auto", max_size_mb=1.0)
+    message = str(err.value)
+    found = re.fullmatch(
+        r"--max-size 1: the smallest file --quant auto can write for this model is "
+        r"(\d+\.\d) MB \(every tensor at its cheapest type, norms f32, with the vocabulary and "
+        r"headers\); give --max-size \1 or more",
+        message,
+    )
+    assert found, message
+    assert not (run / "export").exists()  # nothing written, not even a temporary folder
+    smallest = float(found.group(1))
+    with pytest.raises(InstillError, match="smallest file"):
+        export_run(run, fmt="gguf", quant="auto", max_size_mb=smallest - 0.1)
+    result = export_run(run, fmt="gguf", quant="auto", max_size_mb=smallest, min_agreement=0.0)
+    [path] = result.path.glob("*.gguf")
+    assert path.stat().st_size <= smallest * 1e6

@@ -278,8 +278,16 @@ def test_a_failing_batch_fails_its_jobs_and_the_thread_goes_on(served, tokenizer
 BAD = [
     (b"{not json", 400, None),
     (json.dumps({"model": "tiny"}).encode(), 400, "messages"),
-    (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(), 400, "messages"),
-    (json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), 400, "messages"),
+    (
+        json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(),
+        400,
+        "messages[0].role",
+    ),
+    (
+        json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(),
+        400,
+        "messages[0].content",
+    ),
     (json.dumps({"messages": MSG, "max_tokens": -1}).encode(), 400, "max_tokens"),
     (json.dumps({"messages": MSG, "max_tokens": 65}).encode(), 400, "max_tokens"),
     (json.dumps({"messages": MSG, "temperature": 3}).encode(), 400, "temperature"),
@@ -304,13 +312,45 @@ BAD = [
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
         ).encode(),
         400,
-        "messages",
+        "messages[0].content[0]",
     ),
     (
         json.dumps({"messages": [{"role": "user", "content": [{"type": "text"}]}]}).encode(),
         400,
-        "messages",
+        "messages[0].content[0].text",
     ),
+    (
+        json.dumps({"messages": [MSG[0], {"role": 5, "content": "x"}]}).encode(),
+        400,
+        "messages[1].role",
+    ),
+    (
+        json.dumps({"messages": [{"role": ["user"], "content": "x"}]}).encode(),
+        400,
+        "messages[0].role",
+    ),
+    (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),
+    (b'{"messages": [], "x": ' + b"[" * 300 + b"]" * 300 + b"}", 400, None),
+    (json.dumps({"messages": MSG, "seed": 2**64}).encode(), 400, "seed"),
+    (json.dumps({"messages": MSG, "seed": -(2**63) - 1}).encode(), 400, "seed"),
+    (json.dumps({"messages": MSG, "seed": 1.5}).encode(), 400, "seed"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "seed": 1' + b"0" * 5000 + b"}", 400, None),
+    (json.dumps({"messages": MSG, "max_tokens": 2.0}).encode(), 400, "max_tokens"),
+    (json.dumps({"messages": MSG, "max_tokens": True}).encode(), 400, "max_tokens"),
+    (
+        json.dumps({"messages": MSG, "max_completion_tokens": 0}).encode(),
+        400,
+        "max_completion_tokens",
+    ),
+    (json.dumps({"messages": MSG, "temperature": "0.5"}).encode(), 400, "temperature"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, "temperature"),
+    (json.dumps({"messages": MSG, "presence_penalty": -2.5}).encode(), 400, "presence_penalty"),
+    (json.dumps({"messages": MSG, "frequency_penalty": 2.5}).encode(), 400, "frequency_penalty"),
+    (json.dumps({"messages": MSG, "stop": [1]}).encode(), 400, "stop"),
+    (json.dumps({"messages": MSG, "stream": "yes"}).encode(), 400, "stream"),
+    (json.dumps({"messages": MSG, "model": 5}).encode(), 400, "model"),
+    (json.dumps({"messages": MSG, "user": 5}).encode(), 400, "user"),
+    (json.dumps([MSG]).encode(), 400, None),
 ]
 
 
@@ -815,3 +855,256 @@ def test_serve_warns_when_reachable_beyond_loopback_without_a_key(
     assert ("WARNING: no API key" in err) == warned, err
     code, err, _ = _cli(["--host", host], capsys, monkeypatch, env={"INSTILL_API_KEY": "k"})
     assert "WARNING: no API key" not in err
+
+
+# --- one request never fails another (issue 24, item 4) -----------------------------------------
+
+
+def _held(sched, tokenizer):
+    """A gate job holding the decode thread, so the jobs submitted next are admitted together;
+    returns the event that opens it."""
+    from instill.infer import GenParams
+
+    opened = threading.Event()
+    _run(sched, tokenizer, MSG, GenParams(max_new_tokens=2), cancelled=_Gate(opened))
+    return opened
+
+
+def _alone(server, tokenizer, msgs, params):
+    from instill.infer import generate
+
+    return generate(server.model, tokenizer, [msgs], params, batch_invariant=False)[0]
+
+
+def test_a_seed_out_of_range_is_a_400_and_its_neighbour_is_answered(served, tokenizer):
+    from instill.infer import GenParams
+
+    base, server = served
+    sched = server.scheduler
+    queued = []
+    submit = sched.submit
+    sched.submit = lambda job: queued.append(job) or submit(job)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    bodies = [
+        {"messages": MSG, "max_tokens": 6, "temperature": 0.7, "seed": 2**64},
+        {"messages": MSG, "max_tokens": 6},
+    ]
+    try:
+        opened = _held(sched, tokenizer)
+        with ThreadPoolExecutor(2) as pool:
+            replies = [
+                pool.submit(httpx.post, base + "/v1/chat/completions", json=b, headers=headers)
+                for b in bodies
+            ]
+            assert _wait_until(lambda: len(queued) == 3 or replies[0].done(), 30)
+            opened.set()
+            bad, good = (r.result() for r in replies)
+    finally:
+        opened.set()
+        del sched.submit
+    assert (bad.status_code, good.status_code) == (400, 200), (bad.text, good.text)
+    assert bad.json()["error"]["param"] == "seed"
+    assert bad.json()["error"]["message"] == (
+        "'seed' must be an integer in [-9223372036854775808, 9223372036854775807], got "
+        "18446744073709551616"
+    )
+    want = _alone(server, tokenizer, MSG, GenParams(max_new_tokens=6))
+    assert good.json()["choices"][0]["message"]["content"] == want.text
+
+
+def test_a_row_whose_setup_fails_fails_alone_in_its_group(served, tokenizer, monkeypatch):
+    from instill.infer import GenParams, sampling
+
+    _, server = served
+    sched = server.scheduler
+    admit = sampling.Sampler.admit
+
+    def admit_or_fail(self, slot, params, prompt, vocab):
+        if params.max_new_tokens == 7:  # the one broken request
+            raise RuntimeError("bad row")
+        return admit(self, slot, params, prompt, vocab)
+
+    monkeypatch.setattr(sampling.Sampler, "admit", admit_or_fail)
+    convs = [[{"role": "user", "content": w}] for w in ("cats", "dogs", "fish")]  # one bucket
+    params = [GenParams(max_new_tokens=9), GenParams(max_new_tokens=7), GenParams(5, 0.8, seed=3)]
+    want = [_alone(server, tokenizer, c, p) for c, p in zip(convs, params, strict=True) if p.seed]
+    opened = _held(sched, tokenizer)
+    jobs = [_run(sched, tokenizer, c, p) for c, p in zip(convs, params, strict=True)]
+    opened.set()
+    assert all(j.done.wait(60) for j in jobs)
+    assert jobs[1].error == "generation failed: bad row"
+    assert jobs[0].error is None and jobs[2].error is None
+    monkeypatch.undo()
+    assert jobs[0].text == _alone(server, tokenizer, convs[0], params[0]).text
+    assert len(jobs[0].ids) == 9
+    assert jobs[2].text == want[0].text and len(jobs[2].ids) == 5
+
+
+def test_a_row_whose_text_callback_raises_fails_alone(served, tokenizer):
+    from instill.infer import GenParams
+
+    _, server = served
+    sched = server.scheduler
+
+    def broken(text):
+        raise RuntimeError("client callback broke")
+
+    opened = _held(sched, tokenizer)
+    bad = _run(sched, tokenizer, MSG, GenParams(max_new_tokens=8), on_text=broken)
+    good = _run(sched, tokenizer, MSG, GenParams(max_new_tokens=8), on_text=lambda t: None)
+    opened.set()
+    assert bad.done.wait(60) and good.done.wait(60)
+    assert bad.error == "generation failed: client callback broke"
+    assert good.error is None
+    assert good.text == _alone(server, tokenizer, MSG, GenParams(max_new_tokens=8)).text
+
+
+def test_a_prompt_that_breaks_the_prefill_fails_alone_in_its_group(served, tokenizer):
+    from instill.infer import GenParams
+    from instill.serve.scheduler import Job
+
+    _, server = served
+    sched = server.scheduler
+    ids = [1, 2, 3]
+    opened = _held(sched, tokenizer)
+    bad = sched.submit(Job([*ids, len(tokenizer) + 5], GenParams(max_new_tokens=3)))
+    good = sched.submit(Job([*ids, 4], GenParams(max_new_tokens=3)))
+    opened.set()
+    assert bad.done.wait(60) and good.done.wait(60)
+    assert "generation failed" in bad.error
+    assert good.error is None and len(good.ids) == 3
+
+
+def test_null_means_absent_and_newer_names_are_read(served, tokenizer):
+    """`"temperature": null` is greedy, as no temperature is (it was a temperature of 1);
+    max_completion_tokens, OpenAI's newer name, is max_tokens."""
+    from instill.infer import GenParams
+
+    base, server = served
+    headers = {"Authorization": f"Bearer {KEY}"}
+    want = _alone(server, tokenizer, MSG, GenParams(max_new_tokens=7)).text
+    nulls = {k: None for k in ("temperature", "top_p", "seed", "stop", "n", "stream", "user")}
+    for body in (
+        {"messages": MSG, "max_tokens": 7, **nulls},
+        {"messages": MSG, "max_completion_tokens": 7, "stream_options": None},
+    ):
+        for _ in range(2):  # a temperature of 1 would not give the greedy reply twice
+            r = httpx.post(base + "/v1/chat/completions", json=body, headers=headers)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == want
+            assert r.json()["usage"]["completion_tokens"] == 7
+
+
+def test_a_deeply_nested_body_is_a_400_that_says_so(served):
+    base, _ = served
+    r = httpx.post(
+        base + "/v1/completions",
+        content=b'{"prompt": "x", "logit_bias": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "request body nests arrays or objects too deeply"
+
+
+# --- start-up refusals (issue 24, item 5) --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,env,line",
+    [
+        (
+            ["--api-key", ""],
+            {},
+            "error: --api-key: the API key is empty, which would turn authentication off; give "
+            "a key, or set none to serve without one",
+        ),
+        (
+            [],
+            {"INSTILL_API_KEY": ""},
+            "error: INSTILL_API_KEY is set but empty, which would turn authentication off; set "
+            "a key, or unset INSTILL_API_KEY to serve without one",
+        ),
+        (
+            [],
+            {"INSTILL_API_KEY": "  "},
+            "error: INSTILL_API_KEY: the API key is empty, which would turn authentication off; "
+            "give a key, or set none to serve without one",
+        ),
+        (["--api-key-file", "{blank}"], {}, "error: --api-key-file: {blank} is empty"),
+        (["--max-batch", "0"], {}, "error: --max-batch 0: must be at least 1"),
+        (["--max-batch", "-3"], {}, "error: --max-batch -3: must be at least 1"),
+        (["--max-concurrent", "0"], {}, "error: --max-concurrent 0: must be at least 1"),
+        (["--max-tokens-cap", "0"], {}, "error: --max-tokens-cap 0: must be at least 1"),
+    ],
+)
+def test_serve_refuses_an_empty_key_and_no_batch_before_loading(
+    capsys, monkeypatch, tmp_path, args, env, line
+):
+    (tmp_path / "blank").write_text("   \n  \n")
+    args = [a.format(blank=tmp_path / "blank") for a in args]
+    code, err, seen = _cli(args, capsys, monkeypatch, env=env)
+    assert code == 2 and "Traceback" not in err and "cfg" not in seen
+    said = " ".join(err.split())  # a hint about keys in ps may come first
+    assert said.endswith(line.format(blank=tmp_path / "blank")) and said.count("error:") == 1
+
+
+def test_serve_config_refuses_what_cannot_serve():
+    from pydantic import ValidationError
+
+    for bad in ({"max_batch": 0}, {"max_concurrent": -1}, {"api_key": ""}, {"api_key": " \t"}):
+        with pytest.raises(ValidationError):
+            ServeConfig(**bad)
+    assert ServeConfig(api_key=" k ").api_key == " k "  # a key is used as given
+
+
+def _long_head(tokenizer, words: int):
+    """The tokenizer with a template whose fixed head (a system turn) is `words` words long."""
+    import copy
+
+    t = copy.deepcopy(tokenizer)
+    t.chat_template = (
+        "<|im_start|>system\n" + "fixed words " * words + "<|im_end|>\n"
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+        "{% endfor %}<|im_start|>assistant\n"
+    )
+    return t
+
+
+def test_a_template_head_longer_than_the_first_cache_is_served(tokenizer):
+    """The engine's cache starts at 256 columns; a longer head was prefilled before the cache
+    grew for the request, so every chat request failed (and the head was tried again)."""
+    from conftest import build_tiny
+
+    from instill.data.render import render_prompt
+    from instill.infer import GenParams
+    from instill.infer.engine import _template_head
+
+    long = _long_head(tokenizer, 200)
+    assert 300 < len(_template_head(long)) < 1000
+    base, server, stop = start(build_tiny(tokenizer), long, ServeConfig())
+    try:
+        for _ in range(2):
+            r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 5})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["prompt_tokens"] == len(render_prompt(long, MSG))
+            want = _alone(server, long, MSG, GenParams(max_new_tokens=5))
+            assert r.json()["choices"][0]["message"]["content"] == want.text
+    finally:
+        stop()
+
+
+def test_a_template_head_over_the_context_is_refused_at_start(tokenizer):
+    from conftest import build_tiny
+
+    from instill.errors import InstillError
+    from instill.infer.engine import _template_head
+
+    long = _long_head(tokenizer, 600)
+    head = len(_template_head(long))
+    with pytest.raises(InstillError) as err:
+        Server(build_tiny(tokenizer), long, ["tiny"], ServeConfig())
+    assert str(err.value) == (
+        f"the chat template's fixed head is {head} tokens (a one-letter user message renders "
+        f"to {head + 6}): with one token of reply that is over the context of 1024 tokens, so "
+        "every chat request would be refused; give a shorter template with --chat-template FILE"
+    )

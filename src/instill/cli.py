@@ -6,6 +6,7 @@ User mistakes raise InstillError anywhere below; `main` prints them as one line 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -483,6 +484,8 @@ def serve(
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health)
     with a web chat page at /. A model without a chat template (and no --chat-template) serves
     raw prompts on /v1/completions; its chat routes answer 400."""
+    from pydantic import ValidationError
+
     from instill.serve import read_api_key, run_server
 
     if engine not in ("torch", "llama.cpp"):
@@ -511,15 +514,32 @@ def serve(
 
         target(model, lora)  # a wrong file or a missing extra is said before anything loads
         llamacpp.require("--engine llama.cpp")
+    if api_key is None and os.environ.get("INSTILL_API_KEY") == "":  # click reads "" as unset
+        raise InstillError(
+            "INSTILL_API_KEY is set but empty, which would turn authentication off; set a key, "
+            "or unset INSTILL_API_KEY to serve without one"
+        )
+    try:
+        cfg = ServeConfig(
+            api_key=api_key,
+            max_batch=max_batch,
+            max_concurrent=max_concurrent,
+            max_tokens_cap=max_tokens_cap,
+            host=host,
+            allowed_hosts=tuple(allowed_host),
+        )
+    except ValidationError as exc:  # before the model loads
+        error = exc.errors()[0]
+        field = str(error["loc"][0])
+        source = getattr(ctx.get_parameter_source(field), "name", "")
+        option = "INSTILL_API_KEY" if source == "ENVIRONMENT" else "--" + field.replace("_", "-")
+        if error["type"] == "greater_than_equal":
+            message = f"must be at least {error['ctx']['ge']}"
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+        shown = "" if field == "api_key" else f" {error['input']}"  # never echo a key
+        raise InstillError(f"{option}{shown}: {message}") from None
     _quiet_libraries()
-    cfg = ServeConfig(
-        api_key=api_key,
-        max_batch=max_batch,
-        max_concurrent=max_concurrent,
-        max_tokens_cap=max_tokens_cap,
-        host=host,
-        allowed_hosts=tuple(allowed_host),
-    )
     run_server(
         model, cfg, port=port, spec=spec, lora=lora, engine=engine, chat_template=chat_template
     )

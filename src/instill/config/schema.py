@@ -467,11 +467,11 @@ class ServeConfig(_Section):
     """`instill serve`'s settings (a command's options, not a recipe section)."""
 
     api_key: str | None = Field(None, description="Required bearer key; None: no key.")
-    max_batch: int = Field(8, description="Requests decoded together.")
-    max_concurrent: int = Field(64, description="Requests in flight before 429.")
-    max_tokens_cap: int = Field(1024, description="Largest max_tokens a request may ask.")
-    max_n: int = Field(1, description="Largest n (replies per request) a request may ask.")
-    max_body_bytes: int = Field(1_000_000, description="Largest request body read, in bytes.")
+    max_batch: int = Field(8, ge=1, description="Requests decoded together.")
+    max_concurrent: int = Field(64, ge=1, description="Requests in flight before 429.")
+    max_tokens_cap: int = Field(1024, ge=1, description="Largest max_tokens a request may ask.")
+    max_n: int = Field(1, ge=1, description="Largest n (replies per request) a request may ask.")
+    max_body_bytes: int = Field(1_000_000, ge=1, description="Largest request body read, in bytes.")
     host: str = Field(
         "127.0.0.1",
         description="Address to listen on (beyond loopback, set an API key). Requests must name "
@@ -480,6 +480,17 @@ class ServeConfig(_Section):
     allowed_hosts: tuple[str, ...] = Field(
         (), description="More names to answer to; '*' turns the Host check off."
     )
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, key: str | None) -> str | None:
+        # an empty key would compare equal to a missing Authorization header's: auth off
+        if key is not None and not key.strip():
+            raise ValueError(
+                "the API key is empty, which would turn authentication off; give a key, or "
+                "set none to serve without one"
+            )
+        return key
 
 
 def default(section: type[BaseModel], key: str):

@@ -10,6 +10,7 @@ Ollama Modelfile and llama-server.sh are written beside either (deploy.py).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -96,13 +97,33 @@ def write_merged(
     return figures, extra
 
 
+def check_auto_size(tuned: Tuned, max_size_mb: float) -> None:
+    """Refuse, before anything is written, a --max-size no file --quant auto writes can meet
+    (its plan would keep every tensor at its cheapest type and still write over the budget)."""
+    from instill.export import mixed
+
+    least = mixed.smallest_bytes(tuned.merged, tuned.source.gguf_path)
+    if _auto_budget(tuned, max_size_mb) < least:
+        smallest = least + _metadata_bytes(tuned.tokenizer, _tensor_names(tuned))
+        mb = math.ceil(smallest / 1e5) / 10  # rounded up: a --max-size that works
+        raise InstillError(
+            f"--max-size {max_size_mb:g}: the smallest file --quant auto can write for this "
+            f"model is {mb:.1f} MB (every tensor at its cheapest type, norms f32, with the "
+            f"vocabulary and headers); give --max-size {mb:.1f} or more"
+        )
+
+
+def _tensor_names(tuned: Tuned) -> list[str]:
+    config = tuned.merged.config
+    return [t for t in (gguf_file.gguf_name(n, config) for n in tuned.merged.state_dict()) if t]
+
+
 def _auto_budget(tuned: Tuned, max_size_mb: float | None) -> int:
     """Bytes of tensor data --quant auto may spend: --max-size less what the file holds besides
     (vocabulary, merges, template, tensor headers), or DEFAULT_AUTO_BITS a weight."""
     config = tuned.merged.config
-    names = [t for t in (gguf_file.gguf_name(n, config) for n in tuned.merged.state_dict()) if t]
     if max_size_mb is not None:
-        return int(max_size_mb * 1e6) - _metadata_bytes(tuned.tokenizer, names)
+        return int(max_size_mb * 1e6) - _metadata_bytes(tuned.tokenizer, _tensor_names(tuned))
     params = sum(
         p.numel() for n, p in tuned.merged.state_dict().items() if gguf_file.gguf_name(n, config)
     )

@@ -226,6 +226,33 @@ def _base_tensors(base_gguf: str | None, config) -> dict[str, tuple[np.ndarray, 
     return {t.name: (np.asarray(t.data), T(int(t.tensor_type))) for t in reader.tensors}
 
 
+def smallest_bytes(model, base_gguf: str | None) -> int:
+    """The tensor data of the smallest file plan() can lead to, known from shapes (and the
+    base's types) before any measurement: every 2-D tensor at its cheapest candidate, the one
+    plan starts from before buying upgrades; norms f32."""
+    config = model.config
+    base = _base_tensors(base_gguf, config)
+    total = 0
+    for tensor, w in gguf_file.tensors(model, config):
+        if w.ndim != 2:
+            total += w.size * 4
+            continue
+        fresh = (T.F16,) if w.shape[-1] % 32 else CANDIDATES  # as _options
+        least = min(_nbytes(w.shape, qtype) for qtype in fresh)
+        found = base.get(tensor)
+        if found is not None and found[0].nbytes < least:  # a base type smaller than q4_0
+            raw, qtype = found
+            fits = _nbytes(w.shape, qtype) == raw.nbytes
+            # kept as an option only as _options keeps it: regridded, or untouched bytes
+            if fits and (
+                qtype in regrid.SUPPORTED
+                or np.array_equal(gguf.quants.dequantize(raw, qtype).reshape(w.shape), w)
+            ):
+                least = raw.nbytes
+        total += least
+    return total
+
+
 def plan(model, tokenizer, base_gguf: str | None, budget_bytes: int) -> list[Choice]:
     """Per 2-D tensor of the merged model, the measured options and the one chosen."""
     config = model.config

@@ -193,6 +193,8 @@ def export_run(
     if fmt == "gguf":
         gguf_file.check_arch(tuned.merged.config)
         quant = quant or gguf_file.source_quant(tuned.source.gguf_path) or "f16"
+        if quant == gguf_file.AUTO and max_size_mb is not None:
+            gguf_export.check_auto_size(tuned, max_size_mb)
     elif fmt == "gguf-lora":
         gguf_file.check_arch(tuned.merged.config)
         quant = quant or "f16"

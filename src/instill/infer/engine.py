@@ -83,16 +83,25 @@ def _round_up(n: int, block: int) -> int:
 
 
 class _Row:
-    def __init__(self, job: Job, tokenizer):
-        self.job = job
+    def __init__(self, job: Job, text: TextStream | None = None):
+        self.job, self.text = job, text
         self.live = job.live or bool(job.params.stop) or job.on_text is not None
-        wants_text = job.on_text is not None or bool(job.params.stop)
-        self.text = TextStream(tokenizer, job.params.stop, job.on_text) if wants_text else None
         self.finished = False
 
 
+def _new_row(job: Job, tokenizer) -> _Row:
+    wants_text = job.on_text is not None or bool(job.params.stop)
+    return _Row(job, TextStream(tokenizer, job.params.stop, job.on_text) if wants_text else None)
+
+
 class Engine:
-    """Runs jobs on up to `max_batch` rows, refilled between decode steps."""
+    """Runs jobs on up to `max_batch` rows, refilled between decode steps.
+
+    `isolate_rows`: a row whose own part fails (its sampler or seed, its text, its callback)
+    ends with `job.error` while the other rows go on (the server: one request must never fail
+    another); off, the error propagates to the caller (a batch run stops on it)."""
+
+    isolate_rows = False
 
     def __init__(
         self,
@@ -188,9 +197,15 @@ class Engine:
         fails goes to `on_error(jobs, exc)` when given (the others are admitted)."""
         groups: dict[tuple[int, int], list[Job]] = {}
         for job in jobs:
-            if not job.prompt:
-                raise ValueError("cannot generate from an empty prompt")
-            start = self._head_length(job.prompt)
+            try:
+                if not job.prompt:
+                    raise ValueError("cannot generate from an empty prompt")
+                start = self._head_length(job.prompt)
+            except Exception as exc:
+                if on_error is None:
+                    raise
+                on_error([job], exc)
+                continue
             bucket = _round_up(len(job.prompt) - start, PREFILL_BLOCK)
             groups.setdefault((start, bucket), []).append(job)
         for (start, bucket), group in groups.items():
@@ -200,7 +215,14 @@ class Engine:
             try:
                 self._prefill(group, start, bucket)
             except Exception as exc:
-                on_error(group, exc)
+                if len(group) > 1 and not any(r.job is j for r in self.rows for j in group):
+                    # one prompt can break the group's forward pass (a token the model does
+                    # not have): prefill each alone, so that only it fails; a row's prefill is
+                    # the same alone or in a group
+                    for job in group:
+                        self.admit([job], on_error)
+                else:
+                    on_error(group, exc)
 
     def _head_length(self, prompt: list[int]) -> int:
         """How many of the prompt's first tokens are the chat template's fixed head (its
@@ -208,7 +230,12 @@ class Engine:
         if self.head is None:
             self.head = _template_head(self.tokenizer)
             if len(self.head) >= HEAD_MIN:
-                self._prefill([], 0, _round_up(len(self.head), PREFILL_BLOCK), head=True)
+                try:
+                    self._make_room(len(self.head), 0)
+                    self._prefill([], 0, _round_up(len(self.head), PREFILL_BLOCK), head=True)
+                except Exception:
+                    self.head = None  # never a half-written head: the next admission retries
+                    raise
         n = len(self.head)
         return n if n >= HEAD_MIN and len(prompt) > n and prompt[:n] == self.head else 0
 
@@ -258,17 +285,37 @@ class Engine:
         if self.vocab is None:
             self.vocab = logits.shape[-1]
         for i, job in enumerate(jobs):
-            slot = first + i
-            self.sampler.admit(slot, job.params, job.prompt, self.vocab)
-            row = _Row(job, self.tokenizer)
+            row = self._setup(job, first + i)
             self.rows.append(row)
             if row.live:
-                self._live.append(slot)
+                self._live.append(first + i)
         span = slice(first, first + n)
         self.lens[span] = ends
         self.count[span] = 0
         self.limit[span] = torch.tensor([j.params.max_new_tokens for j in jobs], device=dev)
         self._take(self.sampler.choose(logits, first=first), first)
+
+    def _setup(self, job: Job, slot: int) -> _Row:
+        """The row's sampler settings and text; when they fail (a seed its generator refuses, a
+        stop string...), with isolate_rows, a failed row that leaves at the next _drop, its
+        slot a plain greedy one until then (never the generator a moved row left behind)."""
+        try:
+            self.sampler.admit(slot, job.params, job.prompt, self.vocab)
+            return _new_row(job, self.tokenizer)
+        except Exception as exc:
+            if not self.isolate_rows:
+                raise
+            self.sampler.admit(slot, GenParams(), job.prompt, self.vocab)
+            row = _Row(job)
+            row.live = False
+            self._fail(row, exc)
+            return row
+
+    def _fail(self, row: _Row, exc: Exception) -> None:
+        """This row alone ends with an error; the others go on."""
+        row.finished = self._ended = True
+        row.job.error = f"generation failed: {exc}"
+        row.job.done.set()
 
     def _step(self) -> None:
         """One decode step for every running row."""
@@ -315,13 +362,20 @@ class Engine:
             toks = tokens.tolist()
             for i in live:
                 row = self.rows[first + i]
-                if toks[i] in self._eot_set:
+                if row.finished or toks[i] in self._eot_set:
                     continue
                 row.job.ids.append(toks[i])
-                if row.text is not None and row.text.push(toks[i]):
-                    over.add(i)  # a stop string
+                try:
+                    if row.text is not None and row.text.push(toks[i]):
+                        over.add(i)  # a stop string
+                except Exception as exc:  # the row's own text or callback
+                    if not self.isolate_rows:
+                        raise
+                    self._fail(row, exc)
         for i in sorted(over):
             row = self.rows[first + i]
+            if row.finished:  # failed: already answered
+                continue
             row.finished = self._ended = True
             self._end(row, first + i)
 
@@ -331,13 +385,19 @@ class Engine:
         ids = self.out[slot, : int(self.count[slot])].tolist()
         if ids and ids[-1] in self.eot:
             job.end_of_turn = ids.pop()
-        text, stopped = cut_at_stop(
-            self.tokenizer.decode(ids, skip_special_tokens=True), job.params.stop
-        )
-        job.ids, job.text = ids, text
-        job.finish_reason = "stop" if stopped or job.end_of_turn is not None else "length"
-        if row.text is not None:
-            row.text.finish(text)
+        try:
+            text, stopped = cut_at_stop(
+                self.tokenizer.decode(ids, skip_special_tokens=True), job.params.stop
+            )
+            job.ids, job.text = ids, text
+            job.finish_reason = "stop" if stopped or job.end_of_turn is not None else "length"
+            if row.text is not None:
+                row.text.finish(text)
+        except Exception as exc:  # the row's own text or callback
+            if not self.isolate_rows:
+                raise
+            self._fail(row, exc)
+            return
         job.done.set()
         if self._on_done is not None:
             self._on_done(job)

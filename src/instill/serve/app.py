@@ -2,7 +2,8 @@
 engine's, run by the scheduler's decode thread.
 
     request -> Host check (every route) -> API key -> Content-Type -> body (read up to the limit)
-            -> model, messages or prompt, parameters -> a concurrency slot -> Job
+            -> parsed and validated whole (requests.py: OpenAI's types and ranges, 400 naming
+               the field) -> model, prompt tokens, context -> a concurrency slot -> Job
             -> scheduler -> one JSON reply, or SSE chunks ending in [DONE] (an error event if
                generation failed); a client that hangs up cancels its job and frees its slot.
 """
@@ -27,13 +28,10 @@ from starlette.requests import ClientDisconnect
 
 from instill.config import ServeConfig
 from instill.data.render import render_prompt
-from instill.infer.generate import GenParams
+from instill.errors import InstillError
+from instill.serve.requests import ChatBody, CompletionBody, InvalidRequest, parse
 from instill.serve.scheduler import Job, Scheduler
 
-# OpenAI's newer clients send `developer` where older ones sent `system`; both are the system turn.
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-MAX_STOP = 4  # as OpenAI's API
-MAX_STOP_CHARS = 256  # each stop string is matched against the text's tail at every token
 LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 PAGE = Path(__file__).with_name("page.html")
 NO_TEMPLATE = (
@@ -96,87 +94,6 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "") 
     return JSONResponse(_error_body(status, message, param, kind), status_code=status)
 
 
-def _number(body: dict, name: str, default, lo, hi, integer=False):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not lo <= value <= hi:
-        kind = "an integer" if integer else "a number"
-        raise ApiError(400, f"'{name}' must be {kind} in [{lo}, {hi}], got {value!r}", name)
-    return value
-
-
-def _params(body: dict, cfg: ServeConfig) -> GenParams:
-    cap = cfg.max_tokens_cap
-    max_tokens = _number(body, "max_tokens", min(256, cap), 1, cap, integer=True)
-    _number(body, "n", 1, 1, cfg.max_n, integer=True)
-    stop = body.get("stop") or ()
-    stop = (stop,) if isinstance(stop, str) else stop
-    if not isinstance(stop, list | tuple) or not all(isinstance(s, str) for s in stop):
-        raise ApiError(400, "'stop' must be a string or a list of strings", "stop")
-    if len(stop) > MAX_STOP:
-        raise ApiError(400, f"'stop' takes at most {MAX_STOP} strings, got {len(stop)}", "stop")
-    for i, s in enumerate(stop):
-        if len(s) > MAX_STOP_CHARS:
-            raise ApiError(
-                400,
-                f"'stop' strings must be at most {MAX_STOP_CHARS} characters; stop[{i}] has "
-                f"{len(s)}",
-                "stop",
-            )
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ApiError(400, "'seed' must be an integer", "seed")
-    return GenParams(
-        max_new_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0 if "temperature" in body else 0.0, 0, 2),
-        top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
-        top_k=_number(body, "top_k", 0, 0, 100_000, integer=True),
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, 1e-9, 10.0),
-        seed=seed,
-        stop=tuple(stop),
-    )
-
-
-def _text(i: int, content) -> str:
-    """A message's content: a string, or OpenAI's list of {"type": "text", "text": ...} parts
-    (joined by newlines)."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise ApiError(
-            400, f"messages[{i}].content must be a string or a list of text parts", "messages"
-        )
-    texts = []
-    for j, part in enumerate(content):
-        where = f"messages[{i}].content[{j}]"
-        if not isinstance(part, dict):
-            raise ApiError(400, f"{where} must be an object with a 'type'", "messages")
-        if part.get("type") != "text":
-            raise ApiError(
-                400,
-                f"{where} is a {part.get('type')!r} part; this server reads text parts only",
-                "messages",
-            )
-        if not isinstance(part.get("text"), str):
-            raise ApiError(400, f"{where}.text must be a string", "messages")
-        texts.append(part["text"])
-    return "\n".join(texts)
-
-
-def _messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' is required: a non-empty list", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}", "messages")
-        out.append({"role": ROLES[m["role"]], "content": _text(i, m.get("content"))})
-    return out
-
-
 class Server:
     """The requests' side of serving: names, parsing, limits, concurrency slots. What decodes is
     the scheduler (submit(job), close()); prompts become token ids through chat_ids/text_ids.
@@ -185,6 +102,7 @@ class Server:
     def __init__(self, model, tokenizer, names: list[str], cfg: ServeConfig):
         self.model, self.tokenizer, self.names, self.cfg = model, tokenizer, names, cfg
         self.context = self._context()
+        self._check_template()
         self.scheduler = self._scheduler()
         self.active = 0
         self.lock = threading.Lock()
@@ -195,14 +113,33 @@ class Server:
     def _scheduler(self):
         return Scheduler(self.model, self.tokenizer, self.cfg.max_batch)
 
+    def _check_template(self) -> None:
+        """Refuse to start when no chat request could fit: the template's fixed text around a
+        one-letter message (its fixed head, which the engine prefills once, and the tail that
+        opens the reply) leaves no room for a token of reply in the context."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return
+        try:
+            a, b = (self.chat_ids([{"role": "user", "content": c}]) for c in "AZ")
+        except Exception:  # a template that refuses a lone user turn: each request hears why
+            return
+        head = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
+        if len(a) + 1 > self.context:
+            raise InstillError(
+                f"the chat template's fixed head is {head} tokens (a one-letter user message "
+                f"renders to {len(a)}): with one token of reply that is over the context of "
+                f"{self.context} tokens, so every chat request would be refused; give a "
+                "shorter template with --chat-template FILE"
+            )
+
     def chat_ids(self, messages: list[dict]) -> list[int]:
         return render_prompt(self.tokenizer, messages)
 
     def text_ids(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
-    def check_model(self, body: dict) -> str:
-        name = body.get("model")
+    def check_model(self, body: ChatBody | CompletionBody) -> str:
+        name = body.model
         if name is None:
             return self.names[0]
         if name not in self.names:
@@ -214,11 +151,11 @@ class Server:
             )
         return name
 
-    def prompt_ids(self, body: dict, chat: bool) -> list[int]:
-        if chat:
+    def prompt_ids(self, body: ChatBody | CompletionBody) -> list[int]:
+        if isinstance(body, ChatBody):
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ApiError(400, NO_TEMPLATE, "messages")
-            messages = _messages(body)
+            messages = body.conversation()
             try:
                 ids = self.chat_ids(messages)
             except Exception as exc:  # the template is the model's code: its errors are the
@@ -227,20 +164,18 @@ class Server:
                     400, f"the chat template refused these messages: {exc}", "messages"
                 ) from None
         else:
-            prompt = body.get("prompt")
-            if not isinstance(prompt, str):
-                raise ApiError(400, "'prompt' is required: a string", "prompt")
-            ids = self.text_ids(prompt)
+            ids = self.text_ids(body.prompt)
         if not ids:
             raise ApiError(400, "the prompt is empty", "prompt")
         return ids
 
-    def job(self, body: dict, chat: bool) -> tuple[str, Job]:
+    def job(self, body: ChatBody | CompletionBody) -> tuple[str, Job]:
+        """The body's job; `body` is already valid in itself (requests.py): what is left to
+        check needs this server (its model names, template, context)."""
+        chat = isinstance(body, ChatBody)
         name = self.check_model(body)
-        ids = self.prompt_ids(body, chat)
-        params = self._params(body)
-        if not isinstance(body.get("stream_options") or {}, dict):
-            raise ApiError(400, "'stream_options' must be an object", "stream_options")
+        ids = self.prompt_ids(body)
+        params = body.gen_params(self.cfg)
         if len(ids) + params.max_new_tokens > self.context:
             raise ApiError(
                 400,
@@ -249,9 +184,6 @@ class Server:
                 "messages" if chat else "prompt",
             )
         return name, Job(prompt=ids, params=params)
-
-    def _params(self, body: dict) -> GenParams:
-        return _params(body, self.cfg)
 
     def admit(self) -> bool:
         with self.lock:
@@ -288,14 +220,13 @@ async def _wait(job: Job, request: Request) -> bool:
     return True
 
 
-def _stream(server: Server, job: Job, name: str, chat: bool, request: Request):
+def _stream(server: Server, job: Job, name: str, chat: bool, include_usage: bool):
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
     pieces: asyncio.Queue[str] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     job.on_text = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
-    include_usage = bool((request.state.body.get("stream_options") or {}).get("include_usage"))
 
     def chunk(delta: str | None, finish: str | None, role: bool = False) -> str:
         if chat:
@@ -401,7 +332,7 @@ def build_app(server: Server) -> FastAPI:
             return _error(413, too_big)
         return None
 
-    async def body_of(request: Request) -> dict:
+    async def body_of(request: Request, chat: bool) -> ChatBody | CompletionBody:
         raw = bytearray()  # read piece by piece: a chunked body declares no length up front
         try:
             async with contextlib.aclosing(request.stream()) as pieces:
@@ -412,20 +343,16 @@ def build_app(server: Server) -> FastAPI:
         except ClientDisconnect:
             raise ApiError(400, "the client hung up before sending the whole body") from None
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"request body is not valid JSON ({exc})") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        request.state.body = body
-        return body
+            return parse(bytes(raw), ChatBody if chat else CompletionBody, cfg)
+        except InvalidRequest as exc:
+            raise ApiError(400, exc.message, exc.param) from None
 
     async def complete(request: Request, chat: bool):
         if (denied := refused(request, has_body=True)) is not None:
             return denied
         try:
-            body = await body_of(request)
-            name, job = server.job(body, chat)
+            body = await body_of(request, chat)
+            name, job = server.job(body)
         except ApiError as err:
             return _error(err.status, err.message, err.param, err.kind)
         if not server.admit():
@@ -434,8 +361,8 @@ def build_app(server: Server) -> FastAPI:
                 f"server busy: {cfg.max_concurrent} requests in flight; retry",
                 kind="rate_limit_exceeded",
             )
-        if body.get("stream"):
-            return _stream(server, job, name, chat, request)
+        if body.stream:
+            return _stream(server, job, name, chat, body.include_usage)
         try:
             server.scheduler.submit(job)
             answered = await _wait(job, request)

@@ -4,8 +4,11 @@ batch between decode steps (continuous batching: a new request starts within one
     submit(job) -> queue -> decode thread: drop finished and cancelled rows, admit waiting jobs
                    (up to max_batch rows), one decode step -> job.on_text, job.done
 
-Generation itself is infer/engine.py's, shared with evaluation, `instill generate` and chat. A
-failing prefill fails its own job; a failing step fails the running rows; the thread goes on.
+Generation itself is infer/engine.py's, shared with evaluation, `instill generate` and chat. One
+request never fails another: a row whose own part fails (its sampler or seed, its stop strings,
+its text callback) fails alone (Engine.isolate_rows); a prefill that fails is retried one prompt
+at a time, so only the prompt that breaks it fails; a failing decode step, which every row
+shares, fails the running rows; the thread goes on.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class DecodeThread:
 
 class Scheduler(Engine, DecodeThread):
     """One decode thread running a batch of up to `max_batch` rows, refilled every step."""
+
+    isolate_rows = True
 
     def __init__(self, model, tokenizer, max_batch: int = 8):
         # rows unpadded: a lone request decodes at a single stream's speed (padding it to 4 rows
@@ -94,7 +99,7 @@ class Scheduler(Engine, DecodeThread):
     def _failed_prefill(self, jobs: list[Job], exc: Exception) -> None:
         """A failed prefill fails the jobs prefilled together; the running rows go on."""
         for row in self.rows:
-            if row.job in jobs:
+            if any(row.job is job for job in jobs):
                 row.finished = self._ended = True
         for job in jobs:
             job.error = f"generation failed: {exc}"
