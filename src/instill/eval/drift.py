@@ -37,7 +37,7 @@ SHORT_WORDS = 10  # a reply under this many words is "short" (a one-line answer)
 # SHORT_RISE, or drift above DRIFT_LIMIT nats per token. README "Forgetting" says why these lines.
 LENGTH_FLOOR = 0.8
 SHORT_RISE = 0.10
-DRIFT_LIMIT = 0.25  # half the drift of a q4_0 requantization (README "Forgetting")
+DRIFT_LIMIT = 0.19  # half the drift of a q4_0 requantization (README "Forgetting")
 
 
 def _prompt_id(messages) -> str:
