@@ -8,7 +8,8 @@
 
 --calibrate puts numbers beside the verdict's drift limit: the drift on general_gen's prompts of
 the default model against copies of itself whose linear weights were rounded as llama.cpp's
-q8_0 and q4_0 round them (32-weight blocks, one scale each), which users treat as the same model.
+q8_0 and q4_0 round them (by the gguf package's own quantizers: 32-weight blocks, one fp16 scale
+each), which users treat as the same model.
 
 Each variant is a space-separated list of recipe overrides and must set a distinct name=. Runs go
 to runs/<name> (replaced). Columns: wall time, the task suite's gain, the held-out clusters'
@@ -83,14 +84,16 @@ def row(run_dir: Path) -> list[str]:
     return cells
 
 
-def _round_blocks(w, levels: int):
-    """Symmetric rounding of 32-weight blocks to `levels` steps each side (q8_0: 127, q4_0: 7)."""
+def _round_blocks(w, kind: str):
+    """w rounded the way llama.cpp stores it as `kind` (q8_0 or q4_0), by gguf's own quantizer:
+    32-weight blocks with one fp16 scale each; q4_0 has 16 levels, d = max / -8 (asymmetric)."""
+    import gguf
     import torch
 
-    flat = w.reshape(-1, 32)
-    scale = flat.abs().amax(dim=1, keepdim=True) / levels
-    q = torch.where(scale > 0, torch.round(flat / scale.clamp_min(1e-12)), torch.zeros_like(flat))
-    return (q * scale).reshape(w.shape)
+    qtype = gguf.GGMLQuantizationType[kind.upper()]
+    data = w.detach().float().cpu().numpy()
+    back = gguf.quants.dequantize(gguf.quants.quantize(data, qtype), qtype)
+    return torch.from_numpy(back).to(w.dtype).reshape(w.shape)
 
 
 def calibrate(max_new_tokens: int = 64, per_kind: int = 8) -> None:
@@ -112,16 +115,16 @@ def calibrate(max_new_tokens: int = 64, per_kind: int = 8) -> None:
     ids = [anchor.replies[p.id].ids for p in prompts]
     print("| copy of the base | drift nats/token [95% CI] |")
     print("|---|---|")
-    for name, levels in (("q8_0 rounding", 127), ("q4_0 rounding", 7)):
+    for kind in ("q8_0", "q4_0"):
         model = copy.deepcopy(base)
         with torch.no_grad():
             for mod in model.modules():
                 if isinstance(mod, torch.nn.Linear) and mod.weight.shape[-1] % 32 == 0:
-                    mod.weight.copy_(_round_blocks(mod.weight, levels))
+                    mod.weight.copy_(_round_blocks(mod.weight, kind))
         nll = reply_nll(model, tok, prompts, ids, 8)
         d = [n - anchor.replies[p.id].nll for p, n in zip(prompts, nll, strict=True)]
         lo, hi = bootstrap_ci(d)
-        print(f"| {name} | {sum(d) / len(d):+.3f} [{lo:+.3f}, {hi:+.3f}] |", flush=True)
+        print(f"| {kind} rounding | {sum(d) / len(d):+.3f} [{lo:+.3f}, {hi:+.3f}] |", flush=True)
 
 
 def main() -> None:

@@ -149,7 +149,23 @@ SUITES = typer.Option(
 def eval_cmd(
     model: str = typer.Argument(..., help="A run directory, a final/ directory, or a model name."),
     suite: list[str] = SUITES,
-    output: Path = typer.Option(None, help="Folder for results (default: <run>/eval)."),
+    output: Path = typer.Option(
+        None,
+        help="Folder for results (default: a run's evals/<name>/, beside the run's own eval/; "
+        "runs/eval for a model that is not a run).",
+    ),
+    name: str = typer.Option(
+        None,
+        help="A run: the name of this evaluation, written to <run>/evals/<name>/ (default: the "
+        "suites and the options that differ from the run's, e.g. builtin or "
+        "builtin.per_family-4).",
+    ),
+    replace_run_results: bool = typer.Option(
+        False,
+        "--replace-run-results",
+        help="A run: write over the run's own tuned results in <run>/eval/ (what compare and "
+        "report read), on the run's split only.",
+    ),
     metric: str = typer.Option(
         default(SuiteConfig, "metric"), help="Primary metric of file suites."
     ),
@@ -158,9 +174,9 @@ def eval_cmd(
     ),
     per_family: int = typer.Option(
         None,
-        help="Built-in suite: held-out examples per family (default "
-        f"{default(BuiltinDataConfig, 'eval_per_family')}; an export of a run with --engine "
-        "llama.cpp: the run's own split, as are --seed and --holdout).",
+        help="Built-in suite: held-out examples per family (default: a run's own split, as are "
+        "--seed, --holdout and --max-new-tokens; else "
+        f"{default(BuiltinDataConfig, 'eval_per_family')}).",
     ),
     max_examples: int = typer.Option(None, help="File suites: at most N examples per cluster."),
     seed: int = typer.Option(
@@ -177,8 +193,8 @@ def eval_cmd(
         "export of a run: the run's).",
     ),
     general_gen_per_kind: int = typer.Option(
-        default(EvalConfig, "general_gen_per_kind"),
-        help="general_gen: at most N prompts of each kind (default: all 136).",
+        None,
+        help="general_gen: at most N prompts of each kind (default: a run's own, else all 136).",
     ),
     base: str = typer.Option(
         None,
@@ -196,13 +212,16 @@ def eval_cmd(
     confidence intervals to <output>/<suite>.jsonl and <suite>.json."""
     from pydantic import ValidationError
 
-    from instill.eval.suites import run_tasks, suite_file_task
+    from instill.eval.results import EVALUATIONS, RUN_RESULTS, run_of
+    from instill.eval.suites import evaluation_folder_for, run_tasks, suite_file_task
     from instill.eval.tasks import builtin_task, check_metric, general_gen_task, general_task
     from instill.models import load_for_inference
 
     check_metric(metric, "--metric") if metric != "auto" else None
     model_spec = _model_spec(model, chat_template)
     families, deployed_output = None, None
+    run_dir = None if engine == "llama.cpp" else run_of(model)
+    changed: dict = {}  # the options that make this evaluation differ from the run's own
     if engine == "llama.cpp":
         from instill.eval.gguf import export_run_dir, run_split
 
@@ -214,6 +233,24 @@ def eval_cmd(
                 holdout = split.holdout
             max_new_tokens = max_new_tokens or split.max_new_tokens
             deployed_output = run_dir / "eval" / "deployed" / Path(model.rstrip("/")).name
+    elif run_dir is not None:  # the run's own split, option by option, so results pair
+        from instill.eval.gguf import run_split
+
+        split = run_split(run_dir)
+        own = {"per_family": split.per_family, "seed": split.seed,
+               "holdout": ",".join(split.holdout), "max_new_tokens": split.max_new_tokens,
+               "general_gen_per_kind": split.general_gen_per_kind}  # fmt: skip
+        asked = {"per_family": per_family, "seed": seed, "holdout": ",".join(holdout) or None,
+                 "max_new_tokens": max_new_tokens, "general_gen_per_kind": general_gen_per_kind,
+                 "max_examples": max_examples, "base": base}  # fmt: skip
+        changed = {k: v for k, v in asked.items() if v is not None and v != own.get(k)}
+        families = split.families
+        per_family = split.per_family if per_family is None else per_family
+        seed = split.seed if seed is None else seed
+        holdout = holdout or split.holdout
+        max_new_tokens = split.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if general_gen_per_kind is None:
+            general_gen_per_kind = split.general_gen_per_kind
     if per_family is None:
         per_family = default(BuiltinDataConfig, "eval_per_family")
     if seed is None:
@@ -221,20 +258,20 @@ def eval_cmd(
     if max_new_tokens is None:
         max_new_tokens = default(EvalConfig, "max_new_tokens")
     tasks = []
-    for name in suite:
-        if name == "builtin":
+    for each in suite:
+        if each == "builtin":
             tasks.append(builtin_task(per_family, seed, families, holdout))
-        elif name == "general":
+        elif each == "general":
             tasks.append(general_task())
-        elif name == "general_gen":
+        elif each == "general_gen":
             tasks.append(general_gen_task(general_gen_per_kind))
         else:
             try:
                 spec = SuiteConfig(
-                    name=Path(name).stem, path=name, metric=metric, max_examples=max_examples
+                    name=Path(each).stem, path=each, metric=metric, max_examples=max_examples
                 )
             except ValidationError as exc:
-                raise InstillError(f"--suite {name}: {exc.errors()[0]['msg']}") from None
+                raise InstillError(f"--suite {each}: {exc.errors()[0]['msg']}") from None
             task = suite_file_task(spec, seed)
             task.holdout = frozenset(holdout)
             tasks.append(task)
@@ -251,14 +288,22 @@ def eval_cmd(
 
         folder = output or deployed_output or Path("runs") / "eval"
         results = run_llamacpp(model, lora, tasks, cfg, folder, chat_template)
-        for name, result in results.items():
+        for each, result in results.items():
             s = result.summary()
             out.print(
-                f"{name}: {s['metric']} {100 * s['score']:.1f}% (95% CI {100 * s['ci95'][0]:.1f}"
+                f"{each}: {s['metric']} {100 * s['score']:.1f}% (95% CI {100 * s['ci95'][0]:.1f}"
                 f"–{100 * s['ci95'][1]:.1f}, n={s['n']}); llama.cpp decoded "
-                f"{s['decode_tokens_per_s']} tokens/s; written to {folder / name}.json"
+                f"{s['decode_tokens_per_s']} tokens/s; written to {folder / each}.json"
             )
         return
+    if engine == "llama.cpp" and (name is not None or replace_run_results):
+        raise InstillError(
+            "--name and --replace-run-results are for a run's own evaluation; --engine "
+            "llama.cpp writes an export's score to <run>/eval/deployed/<export> (or --output)"
+        )
+    folder = evaluation_folder_for(
+        model, run_dir, output, name, replace_run_results, tasks, changed
+    )
     if any(t.metric == "drift" for t in tasks):
         from instill.eval.suites import attach_anchors
 
@@ -268,25 +313,30 @@ def eval_cmd(
         attach_anchors(anchor_model.model, anchor_model.tokenizer, tasks, cfg)
         del anchor_model
     loaded = load_for_inference(model, model_spec)
-    path = Path(model)
-    folder = output or (path / "eval" if (path / "final").is_dir() else Path("runs") / "eval")
     results = run_tasks(loaded.model, loaded.tokenizer, tasks, cfg, model, folder)
-    for name, result in results.items():
+    for each, result in results.items():
         s = result.summary()
         if "generation" in s:  # scored against the base model's replies, in nats and tokens
             g = s["generation"]
             d, r = g["drift"], g["length_ratio"]
             out.print(
-                f"{name}: drift {d['value']:+.3f} nats/token (95% CI {d['ci95'][0]:+.3f} to "
+                f"{each}: drift {d['value']:+.3f} nats/token (95% CI {d['ci95'][0]:+.3f} to "
                 f"{d['ci95'][1]:+.3f}); reply length x{r['value']:.2f} of the base's "
                 f"({g['tokens']:.1f} vs {g['base_tokens']:.1f} tokens); under 10 words "
                 f"{100 * g['short_share']:.1f}% vs {100 * g['base_short_share']:.1f}%; "
-                f"n={s['n']}; written to {folder / name}.json"
+                f"n={s['n']}; written to {folder / each}.json"
             )
             continue
         out.print(
-            f"{name}: {s['metric']} {100 * s['score']:.1f}% (95% CI {100 * s['ci95'][0]:.1f}–"
-            f"{100 * s['ci95'][1]:.1f}, n={s['n']}); written to {folder / name}.json"
+            f"{each}: {s['metric']} {100 * s['score']:.1f}% (95% CI {100 * s['ci95'][0]:.1f}–"
+            f"{100 * s['ci95'][1]:.1f}, n={s['n']}); written to {folder / each}.json"
+        )
+    if run_dir is not None and folder != run_dir / RUN_RESULTS:
+        out.print(
+            f"the run's own results in {run_dir / RUN_RESULTS} are unchanged; compare with its "
+            f"base: instill compare {run_dir} --eval {folder.name}"
+            if folder.parent == run_dir / EVALUATIONS
+            else f"the run's own results in {run_dir / RUN_RESULTS} are unchanged"
         )
 
 
@@ -309,6 +359,12 @@ def compare(
     a: str = typer.Argument(..., help="Results folder or run directory (the baseline)."),
     b: str = typer.Argument(None, help="Results folder or run directory (default: A's base)."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+    evaluation: str = typer.Option(
+        None,
+        "--eval",
+        help="With one run: its tuned side from a later evaluation, <run>/evals/<name>/ "
+        "(default: the run's own results in <run>/eval/).",
+    ),
 ) -> None:
     """Per suite and cluster: A, B, the delta and its 95% interval (seen and unseen clusters
     apart). With one run directory: its base model against its tuned model."""
@@ -317,7 +373,7 @@ def compare(
     from instill.eval.compare import print_tables
     from instill.report.run_report import forgetting_verdict
 
-    sa, sb, tables = run_compare(a, b)
+    sa, sb, tables = run_compare(a, b, evaluation)
     if as_json:
         verdict = forgetting_verdict(tables, sb.label)
         data = to_json(sa, sb, tables)

@@ -128,7 +128,7 @@ RUN_ENTRIES = frozenset(
     {
         "config.yaml", "metrics.jsonl", "checkpoints", "final", "data_stats.json",
         "skipped_rows.jsonl", "eval", "tensorboard", "run.json", "report.md", "report.html",
-        "loss_curve.png", "performance.png", "generalisation.png", "export", ".write-test",
+        "loss_curve.png", "performance.png", "generalisation.png", "export", "evals", ".write-test",
     }
 )  # fmt: skip
 
@@ -249,6 +249,22 @@ def during_training(recipe: Recipe, tasks, tokenizer):
     return evaluator
 
 
+def check_replay_prompts(recipe: Recipe, tasks) -> None:
+    """data.replay's prompts must not be prompts of a forgetting guard (general, drift suites)."""
+    from instill.eval.drift import OPEN_FILE, check_replay_overlap, prompt_file, shipped_prompts
+
+    cfg = recipe.data.replay
+    guards = [(t.name, t.examples) for t in tasks if t.metric == "drift" or t.name == "general"]
+    if cfg is None or not guards:
+        return
+    if cfg.prompts is None:
+        check_replay_overlap(shipped_prompts("replay"), f"instill's replay prompts ({OPEN_FILE})",
+                             guards)  # fmt: skip
+    else:
+        check_replay_overlap(prompt_file(cfg.prompts, "data.replay.prompts"), str(cfg.prompts),
+                             guards)  # fmt: skip
+
+
 def with_replay(recipe: Recipe, loaded, data, digest: str | None):
     """data.replay: the base model answers general prompts (cached) and its replies join the
     training rows at the set fraction."""
@@ -312,6 +328,7 @@ def setup(acc, recipe: Recipe, overwrite: bool) -> Run:
                 loaded.tokenizer, recipe.data, holdout=frozenset(recipe.eval.holdout_clusters)
             )
             tasks = build_tasks(recipe)
+            check_replay_prompts(recipe, tasks)
             digest = None
             if recipe.data.replay is not None or any(t.metric == "drift" for t in tasks):
                 from instill.eval.drift import model_digest

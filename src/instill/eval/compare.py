@@ -3,7 +3,9 @@ each delta (paired bootstrap over the examples both sides scored).
 
 A side is a folder of <suite>.json/.jsonl results (what `instill eval` writes), or a run
 directory: its eval/ folder holds the tuned model's results and, with the prefix base-, the base
-model's. `instill compare RUN` alone compares a run's base with its tuned model.
+model's. `instill compare RUN` alone compares a run's base with its tuned model;
+`--eval NAME` takes the tuned side from a later evaluation of the run (evals/NAME/). Two sides
+are paired suite by suite only when they were evaluated on the same split.
 """
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ from pathlib import Path
 
 from instill.errors import InstillError
 from instill.eval.metrics import bootstrap_ci, bootstrap_delta_ci, bootstrap_ratio_ci
-from instill.eval.results import read_records, read_summary, result_stems
+from instill.eval.results import (
+    BASE_PREFIX,
+    RUN_RESULTS,
+    check_same_split,
+    evaluation_folder,
+    read_records,
+    read_summary,
+    result_stems,
+)
 
 
 @dataclass(frozen=True)
@@ -31,21 +41,41 @@ class Side:
     def summary(self, suite: str) -> dict:
         return read_summary(self.folder, f"{self.prefix}{suite}") or {}
 
+    def where(self, suite: str | None = None) -> str:
+        """The results this side reads: one suite's summary file, or the folder (and prefix)."""
+        if suite is None:
+            return f"{self.folder}/{self.prefix}*" if self.prefix else f"{self.folder}/"
+        return str(self.folder / f"{self.prefix}{suite}.json")
 
-def sides(a: str, b: str | None) -> tuple[Side, Side]:
+
+def sides(a: str, b: str | None, evaluation: str | None = None) -> tuple[Side, Side]:
+    """A alone: a run's base (eval/base-*) against its tuned model: the run's own results, or
+    with `evaluation` a later `instill eval` of it (evals/<name>/). A and B: two result folders
+    (a run directory stands for its own eval/)."""
     pa = Path(a)
     if b is None:
-        folder = pa / "eval" if (pa / "eval").is_dir() else pa
-        if not list(folder.glob("base-*.json")):
+        folder = pa / RUN_RESULTS if (pa / RUN_RESULTS).is_dir() else pa
+        if not list(folder.glob(f"{BASE_PREFIX}*.json")):
             raise InstillError(
-                f"{a}: no base-model results (eval/base-*.json) to compare with; give two "
-                "result folders: instill compare BASE TUNED"
+                f"{a}: no base-model results ({RUN_RESULTS}/{BASE_PREFIX}*.json) to compare "
+                "with; give two result folders: instill compare BASE TUNED"
             )
-        return Side("base", folder, "base-"), Side("tuned", folder)
+        if evaluation is None:
+            return Side("base", folder, BASE_PREFIX), Side("tuned", folder)
+        tuned = evaluation_folder(pa, evaluation)
+        if not Side("tuned", tuned).suites():
+            found = sorted(p.name for p in tuned.parent.glob("*") if p.is_dir())
+            raise InstillError(
+                f"--eval {evaluation}: no results in {tuned} (evaluations of this run: "
+                f"{', '.join(found) or 'none'})"
+            )
+        return Side("base", folder, BASE_PREFIX), Side("tuned", tuned)
+    if evaluation is not None:
+        raise InstillError("--eval names an evaluation of one run: give only that run (A)")
     out = []
     for name in (a, b):
         p = Path(name)
-        folder = p / "eval" if (p / "eval").is_dir() else p
+        folder = p / RUN_RESULTS if (p / RUN_RESULTS).is_dir() else p
         if not folder.is_dir() or not Side(name, folder).suites():
             raise InstillError(f"{name}: no evaluation results (<suite>.json and .jsonl) found")
         out.append(Side(p.name or name, folder))
@@ -144,7 +174,9 @@ def generation_change(ra: list[dict], rb: list[dict], moved: int = 3) -> dict:
 
 def compare_suite(sa: Side, sb: Side, suite: str) -> dict:
     """Rows: overall, seen and unseen clusters (when some were held out), then each cluster.
-    A drift suite adds `generation` (generation_change) and its rows are drift per kind."""
+    A drift suite adds `generation` (generation_change) and its rows are drift per kind.
+    Refuses two sides evaluated on different splits (results.check_same_split)."""
+    check_same_split(sa.summary(suite), sb.summary(suite), sa.where(suite), sb.where(suite))
     ra, rb = sa.records(suite), sb.records(suite)
     if sb.summary(suite).get("metric") == "drift":
         rows = [_row("overall", ra, rb)]
@@ -187,8 +219,10 @@ def compare_suite(sa: Side, sb: Side, suite: str) -> dict:
     return {"suite": suite, "metric": summary.get("metric", "score"), "rows": rows}
 
 
-def compare(a: str, b: str | None = None) -> tuple[Side, Side, list[dict]]:
-    sa, sb = sides(a, b)
+def compare(
+    a: str, b: str | None = None, evaluation: str | None = None
+) -> tuple[Side, Side, list[dict]]:
+    sa, sb = sides(a, b, evaluation)
     common = [s for s in sa.suites() if s in set(sb.suites())]
     if not common:
         raise InstillError(
@@ -220,8 +254,8 @@ def _generation_json(gen: dict) -> dict:
 
 def as_json(sa: Side, sb: Side, tables: list[dict]) -> dict:
     return {
-        "a": str(sa.folder / sa.prefix),
-        "b": str(sb.folder / sb.prefix),
+        "a": sa.where(),
+        "b": sb.where(),
         "suites": [
             {
                 "suite": t["suite"],
@@ -290,6 +324,7 @@ def _print_generation(sa: Side, sb: Side, t: dict, out) -> None:
 def print_tables(sa: Side, sb: Side, tables: list[dict], out) -> None:
     from rich.table import Table
 
+    out.print(f"{sa.label}: {sa.where()}\n{sb.label}: {sb.where()}", highlight=False)
     pct = lambda v: "—" if v is None else f"{100 * v:.1f}"  # noqa: E731
     for t in tables:
         if "generation" in t:

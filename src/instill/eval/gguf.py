@@ -26,7 +26,13 @@ from pathlib import Path
 from instill.config import EvalConfig
 from instill.console import console
 from instill.errors import InstillError
-from instill.eval.runner import SuiteResult, check_renders, generation_records, write_result
+from instill.eval.runner import (
+    SuiteResult,
+    check_renders,
+    generation_records,
+    task_split,
+    write_result,
+)
 from instill.eval.tasks import Task
 from instill.infer.generate import Generation
 from instill.models import llamacpp
@@ -118,6 +124,7 @@ class RunSplit:
     families: list[str] | None
     holdout: list[str]
     max_new_tokens: int
+    general_gen_per_kind: int | None = None
 
 
 def run_split(run: Path) -> RunSplit:
@@ -133,6 +140,7 @@ def run_split(run: Path) -> RunSplit:
         builtin.get("families"),
         list(ev.get("holdout_clusters") or []),
         ev.get("max_new_tokens", 32),
+        ev.get("general_gen_per_kind"),
     )
 
 
@@ -233,6 +241,7 @@ def run_llamacpp(
                 time.perf_counter() - start,
                 metric=task.metric,
                 holdout=sorted(task.holdout),
+                split=task_split(task),
                 extra={
                     "engine": engine.name,
                     **speed,

@@ -3,9 +3,12 @@
     <folder>/<stem>.json    the suite's summary (metric, score, intervals, clusters, ...)
     <folder>/<stem>.jsonl   one record per example (id, prompt, prediction, score, ...)
 
-A run directory keeps them in eval/: the tuned model's under the suite's name, the base model's
-with the prefix base-. Compare, the run report, the transfer report and evaluation's reuse of
-finished suites all read through here.
+A run directory keeps its own before/after in eval/ (written by the training run only): the
+tuned model's under the suite's name, the base model's with the prefix base-. A later
+`instill eval RUN` writes beside them, to evals/<name>/, and never over them unless asked by name
+(--replace-run-results). Compare, the run report, the transfer report and evaluation's reuse of
+finished suites all read through here, and pair two sides' records only when check_same_split
+finds them drawn the same way.
 
 The pair is two atomic writes, records first; the summary holds the records file's sha256
 (RECORDS_SHA256), so a kill between the two (new records beside the old summary) is a pair that
@@ -24,6 +27,8 @@ from instill.jsonl import read_jsonl
 
 BASE_PREFIX = "base-"
 RECORDS_SHA256 = "records_sha256"
+RUN_RESULTS = "eval"  # <run>/eval/: the run's own before/after, which compare and report read
+EVALUATIONS = "evals"  # <run>/evals/<name>/: later evaluations of the run (instill eval RUN)
 
 
 class MismatchedResult(InstillError):
@@ -32,6 +37,44 @@ class MismatchedResult(InstillError):
 
 def records_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run_of(model: str) -> Path | None:
+    """The run directory `model` names (a run, or its final/), else None."""
+    path = Path(model)
+    if (path / "final").is_dir():
+        return path
+    if path.name == "final" and path.is_dir() and (path.parent / "config.yaml").is_file():
+        return path.parent
+    return None
+
+
+def evaluation_folder(run_dir: Path, name: str) -> Path:
+    """<run>/evals/<name>/, for a name that is one plain folder name."""
+    if not name or name in (".", "..") or Path(name).name != name:
+        raise InstillError(f"--name {name!r}: give a plain folder name (no / or ..)")
+    return Path(run_dir) / EVALUATIONS / name
+
+
+def check_same_split(a: dict, b: dict, where_a: str, where_b: str) -> None:
+    """Refuse to pair two results whose examples were drawn differently (per family, seed,
+    held-out clusters, max examples, ...): their records would pair the wrong examples, or mark
+    the same cluster seen on one side and unseen on the other. A result written before splits
+    were recorded is checked on its held-out clusters only."""
+    sa, sb = a.get("split"), b.get("split")
+    if sa is not None and sb is not None:
+        keys = sorted(set(sa) | set(sb))
+        diff = [f"{k} {sa.get(k)!r} vs {sb.get(k)!r}" for k in keys if sa.get(k) != sb.get(k)]
+    else:
+        ha, hb = a.get("holdout_clusters") or [], b.get("holdout_clusters") or []
+        diff = [] if sorted(ha) == sorted(hb) else [f"holdout_clusters {ha!r} vs {hb!r}"]
+    if diff:
+        raise InstillError(
+            f"{where_a} and {where_b} were evaluated on different splits ({'; '.join(diff)}), "
+            "so their records cannot be paired; evaluate both with the same split (instill eval "
+            "RUN uses the run's own split unless --per-family, --seed, --holdout or "
+            "--max-examples say otherwise)"
+        )
 
 
 def read_summary(folder: Path, stem: str) -> dict | None:

@@ -47,6 +47,7 @@ class SuiteResult:
     metric: str = "exact_match"
     holdout: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # loss / perplexity when measured
+    split: dict | None = None  # how the examples were drawn (Task.split); None: not recorded
 
     @property
     def scores(self) -> list[float]:
@@ -88,6 +89,7 @@ class SuiteResult:
             "by_family": self.by_family,
             "by_cluster": clusters,
             "holdout_clusters": sorted(self.holdout),
+            **({} if self.split is None else {"split": self.split}),
             "wall_s": round(self.wall_s, 2),
             **self.extra,
         }
@@ -260,7 +262,14 @@ def evaluate(
         metric=task.metric,
         holdout=sorted(task.holdout),
         extra=extra,
+        split=task_split(task),
     )
+
+
+def task_split(task: Task) -> dict:
+    """What a result records of how its examples were drawn: the suite, its Task.split and the
+    held-out clusters (eval/results.check_same_split compares two of these)."""
+    return {"suite": task.name, **task.split, "holdout_clusters": sorted(task.holdout)}
 
 
 def _first(reference) -> str:
@@ -294,6 +303,7 @@ def load_result(folder: Path, stem: str) -> SuiteResult | None:
         metric=summary.get("metric", "exact_match"),
         holdout=summary.get("holdout_clusters", []),
         extra=extra,
+        split=summary.get("split"),
     )
 
 

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from instill.config import EvalConfig, Recipe, SuiteConfig
 from instill.console import console
 from instill.data.dataset import load_conversations
 from instill.errors import InstillError
-from instill.eval.runner import SuiteResult, evaluate, load_result, write_result
+from instill.eval.results import (
+    BASE_PREFIX,
+    RUN_RESULTS,
+    check_same_split,
+    evaluation_folder,
+    read_summary,
+    run_of,
+)
+from instill.eval.runner import SuiteResult, evaluate, load_result, task_split, write_result
 from instill.eval.tasks import (
     Task,
     builtin_task,
@@ -124,3 +133,62 @@ def run_tasks(
         write_result(result, folder, stem)
         results[task.name] = result
     return results
+
+
+def evaluation_folder_for(
+    model: str,
+    run_dir: Path | None,
+    output: Path | None,
+    name: str | None,
+    replace: bool,
+    tasks: list[Task],
+    changed: dict,
+) -> Path:
+    """Where `instill eval` writes. A run's own before/after in <run>/eval/ is never replaced
+    unless `replace` asks for it by name (and then only on the run's split: its base results
+    must still pair); otherwise a run's evaluation goes beside it, to <run>/evals/<name>/, the
+    name given or made of the suites and the options that differ from the run's (`changed`)."""
+    if output is not None and output.name == RUN_RESULTS and run_of(str(output.parent)):
+        raise InstillError(
+            f"--output {output}: that is a run's own results (what compare and report read); "
+            "evaluate the run without --output to write beside them, or with "
+            "--replace-run-results (and no --output) to replace them"
+        )
+    if run_dir is None:
+        if name is not None or replace:
+            flag = "--name" if name is not None else "--replace-run-results"
+            raise InstillError(f"{flag}: {model} is not a run directory (one with final/)")
+        return output or Path("runs") / RUN_RESULTS
+    if replace:
+        if output is not None or name is not None:
+            raise InstillError(
+                "--replace-run-results writes to the run's eval/: drop --output and --name"
+            )
+        if changed:  # the run's base results were scored on its own settings: keep them paired
+            given = ", ".join(f"{k} {v}" for k, v in changed.items())
+            raise InstillError(
+                f"--replace-run-results: the run's base results in {run_dir / RUN_RESULTS} were "
+                f"scored with the run's own split and settings, and this evaluation differs "
+                f"({given}); drop those options, or write beside them (without the flag)"
+            )
+        folder = run_dir / RUN_RESULTS
+        for task in tasks:
+            base = read_summary(folder, f"{BASE_PREFIX}{task.name}")
+            if base is not None:
+                mine = {"split": task_split(task), "holdout_clusters": sorted(task.holdout)}
+                where = str(folder / f"{BASE_PREFIX}{task.name}.json")
+                check_same_split(base, mine, where, f"this evaluation of {task.name}")
+        return folder
+    if output is not None:
+        if name is not None:
+            raise InstillError("--output and --name both say where to write: give one")
+        return output
+    return evaluation_folder(run_dir, name or evaluation_name(tasks, changed))
+
+
+def evaluation_name(tasks: list[Task], changed: dict) -> str:
+    """builtin, builtin+general_gen, builtin.per_family-4.seed-1: the suites, then each option
+    that differs from the run's own, as a folder name."""
+    parts = ["+".join(t.name for t in tasks)]
+    parts += [f"{k}-{v}" for k, v in changed.items()]
+    return re.sub(r"[^A-Za-z0-9_.,+=-]", "_", ".".join(parts))

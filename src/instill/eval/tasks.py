@@ -44,6 +44,9 @@ class Task:
     max_new_tokens: int | None = None  # None: the eval config's value
     holdout: frozenset[str] = field(default_factory=frozenset)  # clusters kept out of training
     anchor: object = None  # metric drift: the base model's replies (drift.Anchor) to score against
+    # How the examples were drawn (per family, seed, ...): recorded in each result's summary so
+    # that base and tuned records of different splits are never paired (eval/results.py)
+    split: dict = field(default_factory=dict)
 
 
 def _id(*parts: str) -> str:
@@ -65,7 +68,8 @@ def builtin_task(
         )
         for ex in builtin.generate("eval", per_family, seed, families)
     ]
-    return Task("builtin", examples, "builtin", holdout=frozenset(holdout))
+    split = {"per_family": per_family, "seed": seed, "families": families}
+    return Task("builtin", examples, "builtin", holdout=frozenset(holdout), split=split)
 
 
 def _choices(raw: RawRow) -> tuple[tuple[str, ...] | None, str | None]:
@@ -192,7 +196,7 @@ def file_task(
         examples = prompt_file(path, f"suite {name}")
         if max_examples is not None and len(examples) > max_examples:
             examples = sample_per_cluster(examples, max_examples, seed)
-        return Task(name, examples, "drift")
+        return Task(name, examples, "drift", split=_sampled(max_examples, seed))
     examples = [ex for raw in read_source(str(path), "train", None) for ex in _from_row(raw, fmt)]
     if not examples:
         raise InstillError(f"{path}: the suite file holds no rows")
@@ -206,7 +210,12 @@ def file_task(
         raise InstillError(f"suite {name}: metric choice needs a 'choices' list in every row")
     if max_examples is not None and len(examples) > max_examples:
         examples = sample_per_cluster(examples, max_examples, seed)
-    return Task(name, examples, metric)
+    return Task(name, examples, metric, split=_sampled(max_examples, seed))
+
+
+def _sampled(max_examples: int | None, seed: int) -> dict:
+    """The split of a file's rows: all of them, or at most N per cluster drawn by seed."""
+    return {"max_examples": max_examples, "seed": seed if max_examples is not None else None}
 
 
 def general_task() -> Task:
@@ -230,7 +239,7 @@ def general_gen_task(per_kind: int | None = None) -> Task:
             if taken[ex.family] <= per_kind:
                 keep.append(ex)
         examples = keep
-    return Task(GEN_SUITE, examples, "drift")
+    return Task(GEN_SUITE, examples, "drift", split={"per_kind": per_kind})
 
 
 def conversations_task(
@@ -263,7 +272,8 @@ def conversations_task(
     if max_per_cluster is not None:
         examples = sample_per_cluster(examples, max_per_cluster, seed)
     check_metric(metric, f"suite {name}")
-    return Task(name, examples, metric, holdout=frozenset(holdout))
+    split = _sampled(max_per_cluster, seed)
+    return Task(name, examples, metric, holdout=frozenset(holdout), split=split)
 
 
 def sample_per_cluster(examples: list[EvalExample], n: int, seed: int) -> list[EvalExample]:

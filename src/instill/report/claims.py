@@ -106,16 +106,30 @@ def forgetting_verdict(tables: list[dict], b: str = "tuned") -> Verdict:
             None,
             "no forgetting guard was evaluated (add general and general_gen to eval.suites)",
         )
-    losses, measured = [], []
+    losses, measured, unmeasured = [], [], []
     if general is not None:
         r = row(general, "overall")
-        measured.append(f"general knowledge (choice) {change(r)}")
-        if r.significant and r.delta < 0:
-            losses.append(f"general knowledge (choice) {signed(r.delta)} points")
+        if r.delta is None:  # one side has no records of it: nothing to weigh
+            unmeasured.append(f"{GENERAL} (no records on both sides)")
+        else:
+            measured.append(f"general knowledge (choice) {change(r)}")
+            if r.significant and r.delta < 0:
+                losses.append(f"general knowledge (choice) {signed(r.delta)} points")
     for t in drift:
         gen = t["generation"]
+        if not gen["n"]:
+            unmeasured.append(f"{t['suite']} (no prompt answered on both sides)")
+            continue
         measured.append(f"{t['suite']}: {generation_text(gen)}")
         losses += [f"{t['suite']}: {x}" for x in generation_losses(gen)]
+    if not measured:  # guards were evaluated, but none has data on both sides to compare
+        return Verdict(
+            "No forgetting",
+            None,
+            "No forgetting guard has results on both sides to pair: "
+            + "; ".join(unmeasured)
+            + ".",
+        )
     if losses:
         gains = [row(t, "overall").delta for t in tables if not is_guard(t)]
         text = f"Forgetting found in the {b} model: " + "; ".join(losses) + "."
@@ -127,9 +141,9 @@ def forgetting_verdict(tables: list[dict], b: str = "tuned") -> Verdict:
         if drift:
             text += " The replies that moved most are listed with the general_gen results."
         return Verdict("No forgetting", False, text)
-    missing = (
-        "" if drift else " (general behaviour by generation was not measured: add general_gen)"
-    )
+    missing = "".join(f" Not measured: {x}." for x in unmeasured)
+    if not drift:
+        missing += " (general behaviour by generation was not measured: add general_gen)"
     return Verdict(
         "No forgetting",
         True,

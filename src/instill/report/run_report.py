@@ -9,7 +9,13 @@ from pathlib import Path
 
 from instill.atomic import writing
 from instill.eval.compare import Side, compare_suite
-from instill.eval.results import all_summaries, read_records, read_summary
+from instill.eval.results import (
+    EVALUATIONS,
+    RUN_RESULTS,
+    all_summaries,
+    read_records,
+    read_summary,
+)
 from instill.report import plots
 from instill.report.claims import (
     GENERAL,
@@ -250,7 +256,9 @@ def build_run_report(run_dir: Path, price_per_hour: float = 0.10) -> Document:
         Para(
             f"Base model **{m['name']}** ({m['kind']}, sha256 {(m.get('sha256') or 'n/a')[:16]}), "
             f"tuned on {m['device']} in {m['dtype']}; held-out clusters: "
-            f"{', '.join(sorted(holdout)) or 'none'}."
+            f"{', '.join(sorted(holdout)) or 'none'}. Base and tuned results read from "
+            f"`{run_dir / RUN_RESULTS}/` (the run's own evaluation; later ones, in "
+            f"`{EVALUATIONS}/`, are compared with instill compare RUN --eval NAME)."
         ),
         Heading("Claims and what the numbers say"),
         performance_verdict(tables),
