@@ -33,8 +33,10 @@ def tokenizer(default_source):
     return load_tokenizer(default_source.path, ModelConfig())
 
 
-def build_tiny(tokenizer, seed: int = 0):
-    """A 2-layer, 64-dim Llama with the real SmolLM2 vocabulary, random weights."""
+def build_tiny(tokenizer, seed: int = 0, tied: bool = True):
+    """A 2-layer, 64-dim Llama with the real SmolLM2 vocabulary, random weights. Tied, its
+    greedy reply repeats the prompt's last token (the residual stream stays near that token's
+    embedding): every chat reply is newlines. Untied, its replies are varied words."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -45,7 +47,7 @@ def build_tiny(tokenizer, seed: int = 0):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -57,6 +59,13 @@ def build_tiny(tokenizer, seed: int = 0):
 @pytest.fixture
 def tiny(tokenizer):
     return build_tiny(tokenizer)
+
+
+@pytest.fixture
+def chatty(tokenizer):
+    """The tiny model with its own output layer: replies differ by prompt, so a test of what
+    generation returns can tell one prompt's reply from another's."""
+    return build_tiny(tokenizer, tied=False)
 
 
 @pytest.fixture(scope="session")
