@@ -68,6 +68,30 @@ def chatty(tokenizer):
     return build_tiny(tokenizer, tied=False)
 
 
+RECIPES = REPO / "src" / "instill" / "recipes"
+# The built-in data of every tiny run: two task families, 6 training and 2 eval rows each.
+TINY_DATA = [
+    "data.builtin.families=[addition,uppercase]",
+    "data.builtin.train_per_family=6",
+    "data.builtin.eval_per_family=2",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe(tiny_dir):
+    """make(out, *overrides, recipe="quickstart.yaml"): a shipped recipe run on the tiny model,
+    writing under `out`, with TINY_DATA; `overrides` come last, so they win."""
+    from instill.config import load_recipe
+
+    def make(out, *overrides: str, recipe: str = "quickstart.yaml"):
+        return load_recipe(
+            RECIPES / recipe,
+            [f"model.name={tiny_dir}", f"train.output_dir={out}", *TINY_DATA, *overrides],
+        )
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tokenizer, tmp_path_factory):
     """The tiny model saved as a local Hugging Face directory (loadable by model.name)."""

@@ -319,7 +319,7 @@ def test_compare_prints_the_verdict_and_the_replies_that_moved(recorded, capsys,
     assert gen["losses"] and len(gen["moved"]) == 3
 
 
-def test_a_run_with_replay_kl_and_general_gen(tiny_dir, tmp_path, home, tokenizer, monkeypatch):
+def test_a_run_with_replay_kl_and_general_gen(tiny_recipe, tmp_path, home, tokenizer, monkeypatch):
     from instill.infer.generate import Generation
     from instill.recipe import run_recipe
 
@@ -334,25 +334,19 @@ def test_a_run_with_replay_kl_and_general_gen(tiny_dir, tmp_path, home, tokenize
 
     monkeypatch.setattr("instill.infer.generate", fixed)
 
-    recipe = load_recipe(
-        RECIPES / "quickstart.yaml",
-        [
-            f"model.name={tiny_dir}",
-            f"train.output_dir={tmp_path}",
-            "data.builtin.families=[addition,uppercase]",
-            "data.builtin.train_per_family=8",
-            "data.builtin.eval_per_family=2",
-            "data.replay.fraction=0.2",
-            "data.replay.max_new_tokens=6",
-            "train.kl_to_base=0.5",
-            "train.max_steps=3",
-            "train.batch_size=4",
-            "train.log_every=1",
-            "eval.suites=[general_gen]",
-            "eval.general_gen_per_kind=1",
-            "eval.gen_max_new_tokens=5",
-            "eval.holdout_clusters=[]",
-        ],
+    recipe = tiny_recipe(
+        tmp_path,
+        "data.builtin.train_per_family=8",
+        "data.replay.fraction=0.2",
+        "data.replay.max_new_tokens=6",
+        "train.kl_to_base=0.5",
+        "train.max_steps=3",
+        "train.batch_size=4",
+        "train.log_every=1",
+        "eval.suites=[general_gen]",
+        "eval.general_gen_per_kind=1",
+        "eval.gen_max_new_tokens=5",
+        "eval.holdout_clusters=[]",
     )
     run = run_recipe(recipe).run_dir
     stats = json.loads((run / "data_stats.json").read_text())
