@@ -78,6 +78,27 @@ TINY_DATA = [
 
 
 @pytest.fixture(scope="session")
+def builtin_data(tokenizer):
+    """data(per_family): the built-in data of TINY_DATA's two families, `per_family` training
+    rows each, built once per size for the session."""
+    from instill.config import BuiltinDataConfig, DataConfig
+    from instill.data.dataset import build_data
+
+    built = {}
+
+    def data(per_family: int):
+        if per_family not in built:
+            builtin = BuiltinDataConfig(
+                train_per_family=per_family, families=["addition", "uppercase"]
+            )
+            cfg = DataConfig(builtin=builtin)
+            built[per_family] = build_data(tokenizer, cfg)
+        return built[per_family]
+
+    return data
+
+
+@pytest.fixture(scope="session")
 def tiny_recipe(tiny_dir):
     """make(out, *overrides, recipe="quickstart.yaml"): a shipped recipe run on the tiny model,
     writing under `out`, with TINY_DATA; `overrides` come last, so they win."""
