@@ -96,6 +96,7 @@ def test_compile_without_a_compiler_is_a_clear_error(tokenizer, rows):
     assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
 
 
+@pytest.mark.slow  # a whole run compiled by inductor (its worker processes): 11 min loaded
 def test_shipped_lora_recipe_runs_compiled(tiny_recipe, tmp_path):
     """recipes/lora.yaml trains compiled and checkpointed, with validation and an in-training
     score between steps, and the run evaluates and saves as usual."""
