@@ -33,8 +33,10 @@ def tokenizer(default_source):
     return load_tokenizer(default_source.path, ModelConfig())
 
 
-def build_tiny(tokenizer, seed: int = 0):
-    """A 2-layer, 64-dim Llama with the real SmolLM2 vocabulary, random weights."""
+def build_tiny(tokenizer, seed: int = 0, tied: bool = True):
+    """A 2-layer, 64-dim Llama with the real SmolLM2 vocabulary, random weights. Tied, its
+    greedy reply repeats the prompt's last token (the residual stream stays near that token's
+    embedding): every chat reply is newlines. Untied, its replies are varied words."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -45,7 +47,7 @@ def build_tiny(tokenizer, seed: int = 0):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -57,6 +59,58 @@ def build_tiny(tokenizer, seed: int = 0):
 @pytest.fixture
 def tiny(tokenizer):
     return build_tiny(tokenizer)
+
+
+@pytest.fixture
+def chatty(tokenizer):
+    """The tiny model with its own output layer: replies differ by prompt, so a test of what
+    generation returns can tell one prompt's reply from another's."""
+    return build_tiny(tokenizer, tied=False)
+
+
+RECIPES = REPO / "src" / "instill" / "recipes"
+# The built-in data of every tiny run: two task families, 6 training and 2 eval rows each.
+TINY_DATA = [
+    "data.builtin.families=[addition,uppercase]",
+    "data.builtin.train_per_family=6",
+    "data.builtin.eval_per_family=2",
+]
+
+
+@pytest.fixture(scope="session")
+def builtin_data(tokenizer):
+    """data(per_family): the built-in data of TINY_DATA's two families, `per_family` training
+    rows each, built once per size for the session."""
+    from instill.config import BuiltinDataConfig, DataConfig
+    from instill.data.dataset import build_data
+
+    built = {}
+
+    def data(per_family: int):
+        if per_family not in built:
+            builtin = BuiltinDataConfig(
+                train_per_family=per_family, families=["addition", "uppercase"]
+            )
+            cfg = DataConfig(builtin=builtin)
+            built[per_family] = build_data(tokenizer, cfg)
+        return built[per_family]
+
+    return data
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe(tiny_dir):
+    """make(out, *overrides, recipe="quickstart.yaml"): a shipped recipe run on the tiny model,
+    writing under `out`, with TINY_DATA; `overrides` come last, so they win."""
+    from instill.config import load_recipe
+
+    def make(out, *overrides: str, recipe: str = "quickstart.yaml"):
+        return load_recipe(
+            RECIPES / recipe,
+            [f"model.name={tiny_dir}", f"train.output_dir={out}", *TINY_DATA, *overrides],
+        )
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -60,11 +60,8 @@ def dead_pid() -> int:
 
 
 @pytest.fixture(scope="module")
-def rows(tokenizer):
-    cfg = DataConfig(
-        builtin=BuiltinDataConfig(train_per_family=2, families=["addition", "uppercase"])
-    )
-    return build_data(tokenizer, cfg).train
+def rows(builtin_data):
+    return builtin_data(2).train
 
 
 # --- replacement ---------------------------------------------------------------------------------

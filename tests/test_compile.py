@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from instill.config import AdapterConfig, BuiltinDataConfig, DataConfig, TrainConfig
-from instill.data.dataset import build_data
+from instill.config import AdapterConfig, TrainConfig
 from instill.errors import InstillError
 from instill.models import attach_adapter
 from instill.train import train
@@ -15,11 +14,8 @@ from tests.conftest import build_tiny
 
 
 @pytest.fixture(scope="module")
-def rows(tokenizer):
-    cfg = DataConfig(
-        builtin=BuiltinDataConfig(train_per_family=4, families=["addition", "uppercase"])
-    )
-    return build_data(tokenizer, cfg).train
+def rows(builtin_data):
+    return builtin_data(4).train
 
 
 def _run(tokenizer, rows, validation=None, dropout=0.0, **train_kw):
@@ -100,35 +96,28 @@ def test_compile_without_a_compiler_is_a_clear_error(tokenizer, rows):
     assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
 
 
-def test_shipped_lora_recipe_runs_compiled(tiny_dir, tmp_path):
+@pytest.mark.slow  # a whole run compiled by inductor (its worker processes): 11 min loaded
+def test_shipped_lora_recipe_runs_compiled(tiny_recipe, tmp_path):
     """recipes/lora.yaml trains compiled and checkpointed, with validation and an in-training
     score between steps, and the run evaluates and saves as usual."""
     import json
-    from pathlib import Path
 
-    from instill.config import load_recipe
     from instill.recipe import run_recipe
 
-    recipe = load_recipe(
-        Path(__file__).resolve().parent.parent / "recipes" / "lora.yaml",
-        [
-            f"model.name={tiny_dir}",
-            f"train.output_dir={tmp_path}",
-            "data.builtin.families=[addition,uppercase]",
-            "data.builtin.train_per_family=6",
-            "data.builtin.eval_per_family=2",
-            "data.validation=0.25",
-            "train.max_steps=3",
-            "train.batch_size=2",
-            "train.grad_accum=1",
-            "train.eval_every=2",
-            "eval.during_training=builtin",
-            "eval.during_training_sample=2",
-            "eval.max_new_tokens=4",
-            "eval.general_gen_per_kind=1",
-            "eval.gen_max_new_tokens=4",
-            "data.replay.max_new_tokens=4",
-        ],
+    recipe = tiny_recipe(
+        tmp_path,
+        "data.validation=0.25",
+        "train.max_steps=3",
+        "train.batch_size=2",
+        "train.grad_accum=1",
+        "train.eval_every=2",
+        "eval.during_training=builtin",
+        "eval.during_training_sample=2",
+        "eval.max_new_tokens=4",
+        "eval.general_gen_per_kind=1",
+        "eval.gen_max_new_tokens=4",
+        "data.replay.max_new_tokens=4",
+        recipe="lora.yaml",  # recipes/ is a link to the packaged folder
     )
     assert recipe.train.compile and recipe.train.gradient_checkpointing is True
     summary = run_recipe(recipe)

@@ -319,7 +319,7 @@ def test_compare_prints_the_verdict_and_the_replies_that_moved(recorded, capsys,
     assert gen["losses"] and len(gen["moved"]) == 3
 
 
-def test_a_run_with_replay_kl_and_general_gen(tiny_dir, tmp_path, home, tokenizer, monkeypatch):
+def test_a_run_with_replay_kl_and_general_gen(tiny_recipe, tmp_path, home, tokenizer, monkeypatch):
     from instill.infer.generate import Generation
     from instill.recipe import run_recipe
 
@@ -334,25 +334,19 @@ def test_a_run_with_replay_kl_and_general_gen(tiny_dir, tmp_path, home, tokenize
 
     monkeypatch.setattr("instill.infer.generate", fixed)
 
-    recipe = load_recipe(
-        RECIPES / "quickstart.yaml",
-        [
-            f"model.name={tiny_dir}",
-            f"train.output_dir={tmp_path}",
-            "data.builtin.families=[addition,uppercase]",
-            "data.builtin.train_per_family=8",
-            "data.builtin.eval_per_family=2",
-            "data.replay.fraction=0.2",
-            "data.replay.max_new_tokens=6",
-            "train.kl_to_base=0.5",
-            "train.max_steps=3",
-            "train.batch_size=4",
-            "train.log_every=1",
-            "eval.suites=[general_gen]",
-            "eval.general_gen_per_kind=1",
-            "eval.gen_max_new_tokens=5",
-            "eval.holdout_clusters=[]",
-        ],
+    recipe = tiny_recipe(
+        tmp_path,
+        "data.builtin.train_per_family=8",
+        "data.replay.fraction=0.2",
+        "data.replay.max_new_tokens=6",
+        "train.kl_to_base=0.5",
+        "train.max_steps=3",
+        "train.batch_size=4",
+        "train.log_every=1",
+        "eval.suites=[general_gen]",
+        "eval.general_gen_per_kind=1",
+        "eval.gen_max_new_tokens=5",
+        "eval.holdout_clusters=[]",
     )
     run = run_recipe(recipe).run_dir
     stats = json.loads((run / "data_stats.json").read_text())
@@ -373,7 +367,10 @@ def test_a_run_with_replay_kl_and_general_gen(tiny_dir, tmp_path, home, tokenize
     logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().split("\n") if x]
     assert any("kl_to_base" in r for r in logged)
     text = (run / "report.md").read_text()
-    assert "General behaviour: general_gen" in text and "No forgetting" in text
+    assert "General behaviour: general_gen" in text
+    # every reply is the base's own words: the verdict is no forgetting, at a length ratio of 1
+    assert "**No forgetting: supported.** No significant loss: general_gen: drift" in text
+    assert "reply length 1.00x" in text
 
 
 @pytest.mark.slow
@@ -410,7 +407,13 @@ def test_real_model_replay_kl_and_general_gen(default_source, tmp_path):
     kl = [json.loads(x) for x in (run / "metrics.jsonl").read_text().split("\n") if x]
     assert all(r["kl_to_base"] >= 0 for r in kl if "kl_to_base" in r)
     assert any("kl_to_base" in r for r in kl)
-    assert "No forgetting" in (run / "report.md").read_text()
+    # the report states the verdict that the run's own records give, and two steps of LoRA
+    # with replay and the KL term cost nothing measurable
+    folder = run / "eval"
+    tables = [compare_suite(_side(folder, "base-"), _side(folder, ""), "general_gen")]
+    verdict = forgetting_verdict(tables)
+    assert verdict.supported is True, verdict.text
+    assert f"**No forgetting: supported.** {verdict.text}" in (run / "report.md").read_text()
 
 
 def test_instill_eval_scores_a_drift_suite_file_against_a_base(tiny_dir, tmp_path, home):

@@ -82,9 +82,37 @@ def test_unpadded_rows_are_not_batch_invariant(tiny, tokenizer):
     assert not all(torch.equal(a, b) for a, b in zip(alone, got, strict=True))
 
 
+def grown_mid_reply(model, tokenizer, capacity: int):
+    """The target is admitted alone and decodes 4 tokens; then a long prompt is admitted beside
+    it (the cache grows when it is too small), and both run to the end. Returns the target's
+    logits and ids, and the cache's capacity before and after the long prompt came in."""
+    target = Job(render_prompt(tokenizer, TARGET), GenParams(max_new_tokens=16), live=False)
+    long = Job(render_prompt(tokenizer, OTHERS[0]), GenParams(max_new_tokens=8), live=False)
+    engine = Recording(model, tokenizer, 2, capacity=capacity)
+    with torch.inference_mode():
+        engine.admit([target])
+        for _ in range(4):
+            engine._step()
+        before = engine.cache.capacity
+        engine.admit([long])
+        after = engine.cache.capacity
+        while engine.rows:
+            engine._step()
+            engine._drop()
+    return engine.seen[id(target)], target.ids, (before, after)
+
+
 def test_growing_the_cache_changes_nothing(tiny, tokenizer):
-    big, ids = logits_of(tiny, tokenizer, [OTHERS[0], TARGET], 1, 2, capacity=1024)
-    small, small_ids = logits_of(tiny, tokenizer, [OTHERS[0], TARGET], 1, 2, capacity=4)
+    """A cache that grows while a row is mid-reply (its prompt, its head copy and 4 generated
+    tokens in the cache) keeps that row's keys and values: its logits are the same bits as
+    when the cache was big enough from the start."""
+    big, ids, (b0, b1) = grown_mid_reply(tiny, tokenizer, 1024)
+    # 32 columns hold the template's 24-token head; the target (42 + 16) and the long prompt
+    # (76 + 8) each grow the cache, the second time while the target is mid-reply.
+    small, small_ids, (s0, s1) = grown_mid_reply(tiny, tokenizer, 32)
+    assert b0 == b1 == 1024  # the reference never grows ...
+    assert s0 < len(render_prompt(tokenizer, OTHERS[0])) < s1  # ... the other grows with data
+    assert len(big) == len(small) == 16
     assert small_ids == ids and all(torch.equal(a, b) for a, b in zip(big, small, strict=True))
 
 

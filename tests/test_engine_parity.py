@@ -84,12 +84,16 @@ def run_jobs(sched, tokenizer, convs, params, **kw) -> list[Job]:
 def model(tokenizer):
     from conftest import build_tiny
 
-    return build_tiny(tokenizer, seed=3)
+    # untied: its replies differ by prompt (the tied model answers every prompt with newlines,
+    # so a reply given to the wrong row would match)
+    return build_tiny(tokenizer, seed=3, tied=False)
 
 
 @pytest.fixture(scope="module")
 def want(model, tokenizer):
-    return [hf_greedy(model, tokenizer, c) for c in CONVS]
+    replies = [hf_greedy(model, tokenizer, c) for c in CONVS]
+    assert len({tuple(r) for r in replies}) == len(CONVS)
+    return replies
 
 
 # --- greedy: every caller gives transformers' tokens ------------------------------------------

@@ -275,12 +275,21 @@ def test_run_tasks_writes_records_and_summary(tiny, tokenizer, tmp_path):
 
 
 def test_builtin_scorer_is_the_primary_metric(tiny, tokenizer):
+    from instill.eval.runner import generation_records
     from instill.eval.tasks import builtin_task
+    from instill.infer.generate import Generation
 
     task = builtin_task(1, 0, ["addition"])
     result = evaluate(tiny, tokenizer, task, EvalConfig(max_new_tokens=2), "tiny")
     for r in result.records:
         assert r["score"] == r["scores"]["builtin"]
+    # the tiny model's replies score 0 by every metric; a reply that only the family's own
+    # scorer accepts (the JSON object, fenced and spaced otherwise) shows which one is primary
+    task = builtin_task(1, 0, ["json_person"])
+    reply = "```json\n" + json.dumps(json.loads(task.examples[0].reference), indent=1) + "\n```"
+    (r,) = generation_records(task, [Generation(reply, 1, 1, "stop")])
+    assert r["scores"]["builtin"] == 1.0 and r["scores"]["exact_match"] == 0.0
+    assert r["score"] == 1.0
 
 
 def test_a_template_that_cannot_render_a_prompt_names_the_row(tiny, tokenizer, tmp_path):

@@ -66,27 +66,21 @@ def test_scratch_trains_every_weight_even_when_the_recipe_freezes_some(tmp_path)
     assert any("adapter.freeze ['embed_tokens'] dropped" in n for n in notes)
 
 
-def _transfer_recipe(tiny_dir, out):
-    return load_recipe(
-        RECIPES / "full.yaml",
-        [
-            f"model.name={tiny_dir}",
-            f"train.output_dir={out}",
-            "data.builtin.families=[addition,uppercase]",
-            "data.builtin.train_per_family=6",
-            "data.builtin.eval_per_family=2",
-            "train.batch_size=2",
-            "train.grad_accum=1",
-            "train.lr=1e-3",
-            "train.save_every=null",
-            "eval.suites=[builtin]",
-            "eval.holdout_clusters=[]",
-            "eval.max_new_tokens=2",
-        ],
+def _transfer_recipe(tiny_recipe, out):
+    return tiny_recipe(
+        out,
+        "train.batch_size=2",
+        "train.grad_accum=1",
+        "train.lr=1e-3",
+        "train.save_every=null",
+        "eval.suites=[builtin]",
+        "eval.holdout_clusters=[]",
+        "eval.max_new_tokens=2",
+        recipe="full.yaml",
     )
 
 
-def test_transfer_runs_both_starts_and_writes_the_report(tiny_dir, tmp_path):
+def test_transfer_runs_both_starts_and_writes_the_report(tiny_recipe, tiny_dir, tmp_path):
     """The whole experiment on the tiny model with full.yaml: the pretrained run keeps its
     frozen embeddings, the scratch run trains its random ones, and the report is written."""
     from safetensors.torch import load_file
@@ -94,7 +88,7 @@ def test_transfer_runs_both_starts_and_writes_the_report(tiny_dir, tmp_path):
     from instill.experiment import transfer
     from instill.models import load_model
 
-    recipe = _transfer_recipe(tiny_dir, tmp_path)
+    recipe = _transfer_recipe(tiny_recipe, tmp_path)
     page = transfer(recipe, max_steps=4)
     folder = tmp_path / "full-transfer"
     assert page.parent == folder and page.is_file() and (folder / "report.md").is_file()
@@ -110,7 +104,7 @@ def test_transfer_runs_both_starts_and_writes_the_report(tiny_dir, tmp_path):
         transfer(recipe, max_steps=4)
 
 
-def test_interrupted_transfer_stops_and_resumes(tiny_dir, tmp_path, monkeypatch):
+def test_interrupted_transfer_stops_and_resumes(tiny_recipe, tmp_path, monkeypatch):
     from instill.experiment import transfer
     from instill.train import loop
 
@@ -120,7 +114,7 @@ def test_interrupted_transfer_stops_and_resumes(tiny_dir, tmp_path, monkeypatch)
             self.requested = True
             return self
 
-    recipe = _transfer_recipe(tiny_dir, tmp_path)
+    recipe = _transfer_recipe(tiny_recipe, tmp_path)
     folder = tmp_path / "full-transfer"
     with monkeypatch.context() as m:
         m.setattr(loop, "_StopFlag", StopAtOnce)

@@ -4,37 +4,26 @@ training: what lands in the run directory, and that the report and comparison re
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from instill.config import load_recipe
 from instill.data import builtin
 from instill.eval.compare import compare
 from instill.recipe import run_recipe
 
-RECIPES = Path(__file__).resolve().parent.parent / "src" / "instill" / "recipes"
 
-
-def test_run_with_suites_holdout_and_during_training(tiny_dir, tmp_path):
+def test_run_with_suites_holdout_and_during_training(tiny_recipe, tmp_path):
     held = builtin.FAMILIES["uppercase"].cluster
     assert builtin.FAMILIES["addition"].cluster != held
-    recipe = load_recipe(
-        RECIPES / "quickstart.yaml",
-        [
-            f"model.name={tiny_dir}",
-            f"train.output_dir={tmp_path}",
-            "data.builtin.families=[addition,uppercase]",
-            "data.builtin.train_per_family=6",
-            "data.builtin.eval_per_family=2",
-            "data.validation=0.25",
-            "train.max_steps=4",
-            "train.batch_size=2",
-            "train.eval_every=2",
-            "eval.suites=[builtin,general,data]",
-            f"eval.holdout_clusters=[{held}]",
-            "eval.during_training=builtin",
-            "eval.during_training_sample=2",
-            "eval.max_new_tokens=4",
-        ],
+    recipe = tiny_recipe(
+        tmp_path,
+        "data.validation=0.25",
+        "train.max_steps=4",
+        "train.batch_size=2",
+        "train.eval_every=2",
+        "eval.suites=[builtin,general,data]",
+        f"eval.holdout_clusters=[{held}]",
+        "eval.during_training=builtin",
+        "eval.during_training_sample=2",
+        "eval.max_new_tokens=4",
     )
     summary = run_recipe(recipe)
     run = summary.run_dir

@@ -14,38 +14,29 @@ from instill.errors import InstillError
 from instill.jsonl import read_jsonl
 from instill.train.checkpoint import check_resumable
 
-RECIPES = Path(__file__).resolve().parent.parent / "src" / "instill" / "recipes"
+RUN = [
+    "data.validation=0.25",
+    "data.replay=null",
+    "train.max_steps=4",
+    "train.batch_size=2",
+    "train.eval_every=2",
+    "train.save_every=2",
+    "train.log_every=1",
+    "eval.suites=[builtin]",
+    "eval.holdout_clusters=[]",
+    "eval.max_new_tokens=2",
+]
 
 
-def recipe(tiny_dir, out, *extra):
-    return load_recipe(
-        RECIPES / "quickstart.yaml",
-        [
-            f"model.name={tiny_dir}",
-            f"train.output_dir={out}",
-            "data.builtin.families=[addition,uppercase]",
-            "data.builtin.train_per_family=6",
-            "data.builtin.eval_per_family=2",
-            "data.validation=0.25",
-            "data.replay=null",
-            "train.max_steps=4",
-            "train.batch_size=2",
-            "train.eval_every=2",
-            "train.save_every=2",
-            "train.log_every=1",
-            "eval.suites=[builtin]",
-            "eval.holdout_clusters=[]",
-            "eval.max_new_tokens=2",
-            *extra,
-        ],
-    )
+def recipe(tiny_recipe, out, *extra):
+    return tiny_recipe(out, *RUN, *extra)
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_dir, tmp_path_factory):
+def finished(tiny_recipe, tmp_path_factory):
     """A finished 4-step run with checkpoints at steps 2 and 4, and checkpoints/best."""
     out = tmp_path_factory.mktemp("runs")
-    summary = pipeline.run_recipe(recipe(tiny_dir, out))
+    summary = pipeline.run_recipe(recipe(tiny_recipe, out))
     run = summary.run_dir
     assert (run / "checkpoints" / "step-2" / "resume.json").is_file()
     assert (run / "checkpoints" / "best" / ".complete").is_file()
@@ -86,7 +77,7 @@ def test_validation_written_like_5e_2_is_a_fraction(tmp_path):
 
 
 def test_resume_from_best_or_final_is_refused_before_any_work(
-    finished, unfinished, tiny_dir, monkeypatch
+    finished, unfinished, tiny_recipe, monkeypatch
 ):
     out, run = unfinished
     no_base_evaluation(monkeypatch)
@@ -94,24 +85,24 @@ def test_resume_from_best_or_final_is_refused_before_any_work(
     # final/ holds weights only, like best/ (copied in, as a user might point at it)
     shutil.copytree(finished[1] / "final", run / "weights")
     for folder in ("checkpoints/best", "weights"):
-        r = recipe(tiny_dir, out, f"train.resume={run / folder}")
+        r = recipe(tiny_recipe, out, f"train.resume={run / folder}")
         with pytest.raises(InstillError, match=r"holds weights only.*checkpoints/step-N"):
             pipeline.run_recipe(r)
-    r = recipe(tiny_dir, out, f"train.resume={run / 'nothing'}")
+    r = recipe(tiny_recipe, out, f"train.resume={run / 'nothing'}")
     with pytest.raises(InstillError, match=r"nothing is not a complete checkpoint"):
         pipeline.run_recipe(r)
 
 
 def test_resume_of_changed_data_or_processes_is_refused_saying_what(
-    unfinished, tiny_dir, monkeypatch
+    unfinished, tiny_recipe, monkeypatch
 ):
     out, run = unfinished
     no_base_evaluation(monkeypatch)
-    changed = recipe(tiny_dir, out, "train.resume=auto", "data.builtin.train_per_family=7")
+    changed = recipe(tiny_recipe, out, "train.resume=auto", "data.builtin.train_per_family=7")
     with pytest.raises(InstillError, match=r"data\.sha256: checkpoint has '[0-9a-f]{64}'"):
         pipeline.run_recipe(changed)
     # the same data with two processes: each step would see other rows
-    same = recipe(tiny_dir, out, "train.resume=auto")
+    same = recipe(tiny_recipe, out, "train.resume=auto")
     from instill.data.dataset import build_data
     from instill.models import load_model
 
@@ -125,21 +116,23 @@ def test_resume_of_changed_data_or_processes_is_refused_saying_what(
         check_resumable(run / "checkpoints" / "step-2", pipeline.fingerprint(same, data, 2))
 
 
-def test_resume_after_a_kill_with_a_torn_metrics_line(unfinished, tiny_dir):
+def test_resume_after_a_kill_with_a_torn_metrics_line(unfinished, tiny_recipe):
     out, run = unfinished
-    summary = pipeline.run_recipe(recipe(tiny_dir, out, f"train.resume={run}/checkpoints/step-2"))
+    summary = pipeline.run_recipe(
+        recipe(tiny_recipe, out, f"train.resume={run}/checkpoints/step-2")
+    )
     assert summary.train.steps == 4 and (run / "final" / ".complete").is_file()
     logged = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in logged if "val_loss" in r] == [0, 2, 4]
 
 
-def test_compile_without_a_compiler_stops_before_any_work(tiny_dir, tmp_path, monkeypatch):
+def test_compile_without_a_compiler_stops_before_any_work(tiny_recipe, tmp_path, monkeypatch):
     import torch._inductor.config as inductor_config
 
     no_base_evaluation(monkeypatch)
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded"))
-    r = recipe(tiny_dir, tmp_path, "train.compile=true")
+    r = recipe(tiny_recipe, tmp_path, "train.compile=true")
     with (
         inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",)}),
         pytest.raises(InstillError, match=r"train\.compile: .*C\+\+ compiler"),

@@ -7,7 +7,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 
+
+@pytest.mark.slow  # two `instill train` processes, 300 steps
 def test_sigterm_checkpoints_and_resume_auto_finishes(tiny_dir, tmp_path):
     args = [
         sys.executable,

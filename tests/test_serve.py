@@ -52,8 +52,10 @@ def start_server(server: Server):
 def served(tokenizer):
     from conftest import build_tiny
 
+    # untied: replies differ by prompt (the tied model answers every prompt with newlines, so
+    # a reply sent to the wrong request would pass)
     base, server, stop = start(
-        build_tiny(tokenizer), tokenizer, ServeConfig(api_key=KEY, max_tokens_cap=64)
+        build_tiny(tokenizer, tied=False), tokenizer, ServeConfig(api_key=KEY, max_tokens_cap=64)
     )
     yield base, server
     stop()
@@ -140,6 +142,7 @@ def test_concurrent_greedy_equals_sequential(served):
             )
         )
     assert together == one_by_one
+    assert len(set(one_by_one)) == len(prompts)  # each its own reply: a mix-up would show
 
 
 def test_disconnect_stops_generation_and_frees_the_slot(tokenizer):
@@ -258,6 +261,7 @@ def test_mixed_params_share_a_batch_and_match_alone(served, tokenizer):
     assert all(j.done.wait(60) for j in jobs)
     assert max(rows) == len(jobs) + 1  # all of them ran in one batch beside the gate job
     assert [j.text for j in jobs[:4]] == [w.text for w in want]
+    assert len({w.text for w in want}) == 4
     assert [j.finish_reason for j in jobs[:4]] == [w.finish_reason for w in want]
     assert [len(j.ids) for j in jobs[:4]] == [w.completion_tokens for w in want]
     assert jobs[4].text == first.text and len(jobs[4].ids) == 14  # seeded: same beside others

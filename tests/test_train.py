@@ -6,8 +6,7 @@ import math
 import pytest
 import torch
 
-from instill.config import AdapterConfig, BuiltinDataConfig, DataConfig, TrainConfig
-from instill.data.dataset import build_data
+from instill.config import AdapterConfig, TrainConfig
 from instill.errors import InstillError
 from instill.models import attach_adapter
 from instill.train import train
@@ -15,11 +14,8 @@ from instill.train.checkpoint import complete_checkpoints, save_model_dir
 
 
 @pytest.fixture(scope="module")
-def rows(tokenizer):
-    cfg = DataConfig(
-        builtin=BuiltinDataConfig(train_per_family=2, families=["addition", "uppercase"])
-    )
-    data = build_data(tokenizer, cfg)
+def rows(builtin_data):
+    data = builtin_data(2)
     rows, stats = data.train, data.stats
     assert stats.rows == 4 and stats.trained_tokens > 0
     return rows
