@@ -138,11 +138,12 @@ def test_eval_command_writes_records(run):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    from instill.data.builtin import FAMILIES
-
+    # an evaluation of a run takes the run's families (its split), with the options given
+    families = {"addition", "uppercase"}
     summary = json.loads((run.run_dir / "eval-cli" / "builtin.json").read_text())
-    assert summary["n"] == len(FAMILIES)  # one held-out example per family
-    assert set(summary["by_family"]) == set(FAMILIES)
+    assert summary["n"] == len(families)  # one held-out example per family
+    assert set(summary["by_family"]) == families
+    assert summary["split"]["per_family"] == 1 and set(summary["split"]["families"]) == families
     lines = (run.run_dir / "eval-cli" / "builtin.jsonl").read_text().splitlines()
-    assert len(lines) == len(FAMILIES)
+    assert len(lines) == len(families)
     assert "builtin: builtin" in proc.stdout and "95% CI" in proc.stdout

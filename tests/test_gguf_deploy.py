@@ -461,6 +461,7 @@ def test_report_sets_the_deployed_score_beside_the_in_memory_one(
     not scored yet. An f32 adapter answers exactly as the tuned model does; a changed in-memory
     answer shows up in both columns (the negative control)."""
     from instill.config import EvalConfig
+    from instill.eval.results import RECORDS_SHA256, MismatchedResult, records_sha256
     from instill.eval.runner import evaluate, write_result
     from instill.eval.tasks import builtin_task
     from instill.export.tuned import load_tuned
@@ -508,6 +509,11 @@ def test_report_sets_the_deployed_score_beside_the_in_memory_one(
     changed = [dict(r) for r in memory.records]
     changed[0] |= {"prediction": changed[0]["prediction"] + " (changed)", "score": 1.0}
     (run / "eval" / "builtin.jsonl").write_text("".join(json.dumps(r) + "\n" for r in changed))
+    with pytest.raises(MismatchedResult):  # records changed behind their summary's back
+        deployed_rows(run)
+    summary = json.loads((run / "eval" / "builtin.json").read_text())
+    summary[RECORDS_SHA256] = records_sha256(run / "eval" / "builtin.jsonl")  # as written whole
+    (run / "eval" / "builtin.json").write_text(json.dumps(summary))
     rows, _ = deployed_rows(run)
     moved = 100 * (sum(r["score"] for r in changed) / n)
     assert rows[0][5:] == [f"{score:.1f}", f"{moved:.1f}", f"{100 * (n - 1) / n:.1f}", str(n)]

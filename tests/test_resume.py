@@ -141,7 +141,9 @@ def test_compile_without_a_compiler_stops_before_any_work(tiny_recipe, tmp_path,
     assert not (tmp_path / r.name).exists()  # no run directory was made
 
 
-def test_resume_auto_never_clears_a_folder_instill_did_not_write(tiny_dir, tmp_path, monkeypatch):
+def test_resume_auto_never_clears_a_folder_instill_did_not_write(
+    tiny_recipe, tmp_path, monkeypatch
+):
     """resume=auto with nothing to resume from starts afresh, but only in a folder that holds an
     instill run: a folder of the user's own files (or a run with files added to it) is refused,
     naming the folder and what is in it, and nothing in it is touched."""
@@ -151,7 +153,7 @@ def test_resume_auto_never_clears_a_folder_instill_did_not_write(tiny_dir, tmp_p
     run = out / "quickstart"
     run.mkdir(parents=True)
     (run / "notes.txt").write_text("mine")
-    r = recipe(tiny_dir, out, "train.resume=auto")
+    r = recipe(tiny_recipe, out, "train.resume=auto")
     with pytest.raises(InstillError) as info:
         pipeline.run_recipe(r)
     assert str(info.value) == (
@@ -173,7 +175,7 @@ def test_resume_auto_never_clears_a_folder_instill_did_not_write(tiny_dir, tmp_p
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl", "notes.txt"]
 
 
-def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(tiny_dir, tmp_path):
+def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(tiny_recipe, tmp_path):
     """What a kill before the first complete checkpoint leaves (the config, the base's
     validation loss, data stats, a checkpoint cut short as a hidden leftover) is instill's:
     resume=auto clears it and trains from the start."""
@@ -181,7 +183,7 @@ def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(tiny_dir,
 
     out = tmp_path / "out"
     run = out / "quickstart"
-    r = recipe(tiny_dir, out, "train.resume=auto")
+    r = recipe(tiny_recipe, out, "train.resume=auto")
     run.mkdir(parents=True)
     pipeline._write_yaml(run / "config.yaml", r.model_dump(mode="json"))
     (run / "metrics.jsonl").write_text('{"step": 0, "val_loss": 2.0}\n')
