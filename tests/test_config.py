@@ -176,3 +176,81 @@ def test_serve_config_is_a_config_section():
         cfg.max_batch = 2  # frozen
     assert default(ServeConfig, "max_tokens_cap") == 1024
     assert describe(ServeConfig, "max_batch") == "Requests decoded together."
+
+
+def _enum_fields(model=None, prefix=""):
+    """(dotted key, allowed values) of every Literal field in the schema, found by walking it, so
+    a field added later is covered too."""
+    import types
+    import typing
+
+    from pydantic import BaseModel
+
+    from instill.config import Recipe
+
+    model = model or Recipe
+    for name, field in model.model_fields.items():
+        args = [field.annotation]
+        while args:  # unwrap X | None, list[X], ...
+            ann = args.pop()
+            if typing.get_origin(ann) is typing.Literal:
+                yield prefix + name, typing.get_args(ann)
+            elif isinstance(ann, type) and issubclass(ann, BaseModel):
+                yield from _enum_fields(ann, f"{prefix}{name}.")
+            elif typing.get_origin(ann) in (typing.Union, types.UnionType, list):
+                args.extend(typing.get_args(ann))
+
+
+def _help_entries(text: str) -> dict[str, str]:
+    """recipe_help's text as {dotted key: its whole entry}."""
+    entries = [e.strip() for e in text.split("\n\n") if e.startswith("  ")]
+    return {e.split(" ", 1)[0]: e for e in entries}
+
+
+def test_recipe_help_lists_every_enum_fields_values():
+    entries = _help_entries(recipe_help())
+    found = list(_enum_fields())
+    assert ("model.dtype", ("auto", "float32", "bfloat16", "float16")) in found
+    assert {"train.schedule", "data.mask", "data.sources.format"} <= {k for k, _ in found}
+    for key, values in found:
+        if key in entries:  # list-of-section keys (data.sources) appear as one entry
+            for value in values:
+                assert value in entries[key].split("[", 1)[1].split("]", 1)[0], (key, value)
+
+
+def test_recipe_help_is_yaml_and_shows_the_described_recipe():
+    """Values as YAML writes them (null, false, [builtin]); a required key says so; with a
+    recipe, its values (the quickstart's, not the schema's)."""
+    import re
+
+    from instill.config import load_recipe
+
+    text = recipe_help()
+    for leak in ("PydanticUndefined", "None", "False", "True", "['"):
+        assert leak not in text, leak
+    entries = _help_entries(text)
+    assert entries["eval.suites"].startswith("eval.suites [default: [builtin]]")
+    assert entries["train.max_steps"].startswith("train.max_steps [default: null]")
+    assert entries["train.compile"].startswith("train.compile [default: false]")
+    assert entries["data.replay.fraction"].startswith("data.replay.fraction [required]")
+    quick = _help_entries(recipe_help(load_recipe(REPO / "recipes" / "quickstart.yaml")))
+    assert quick["train.lr"].startswith("train.lr [default: 0.001]")
+    assert quick["data.max_length"].startswith("data.max_length [default: 256]")
+    assert quick["data.builtin.train_per_family"].startswith(
+        "data.builtin.train_per_family [default: 32]"
+    )
+    assert quick["eval.suites"].startswith("eval.suites [default: [builtin, general, general_gen]]")
+    assert quick["eval.holdout_clusters"].startswith("eval.holdout_clusters [default: [tables]]")
+    assert quick["data.replay.fraction"].startswith("data.replay.fraction [default: 0.1]")
+    assert not re.search(r"\bNone\b|PydanticUndefined", "\n".join(quick.values()))
+
+
+def test_sampling_defaults_are_the_engines():
+    """generate's and chat's option defaults (SamplingConfig) are GenParams' own."""
+    import dataclasses
+
+    from instill.config.schema import SamplingConfig
+    from instill.infer import GenParams
+
+    engine = {f.name: f.default for f in dataclasses.fields(GenParams) if f.name != "stop"}
+    assert SamplingConfig().model_dump() == engine

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import TextIO
 
 from instill.atomic import write_text
+from instill.config import SamplingConfig
+from instill.config.load import parse_override, yaml_text
 from instill.console import console, out
 from instill.errors import InstillError
 from instill.infer import GenParams, generate
@@ -24,10 +26,11 @@ class ChatSession:
         system: str | None = None,
         max_new_tokens: int = 256,
         temperature: float = 0.0,
+        **sampling,  # top_k, top_p, repetition_penalty, seed: GenParams' own
     ):
         self.model, self.tokenizer = model, tokenizer
         self.system = system
-        self.params = GenParams(max_new_tokens=max_new_tokens, temperature=temperature)
+        self.params = GenParams(max_new_tokens=max_new_tokens, temperature=temperature, **sampling)
         self.history: list[dict] = []
 
     def messages(self) -> list[dict]:
@@ -62,7 +65,7 @@ class ChatSession:
             console.print(f"system prompt {'set' if arg else 'removed'}; history cleared")
         elif name == "/params":
             self._set_params(arg)
-            console.print(str(self.params), markup=False)
+            console.print(self._show_params(), markup=False)
         elif name == "/save" and arg:
             self._save(Path(arg))
         else:
@@ -87,23 +90,28 @@ class ChatSession:
         )
 
     def _set_params(self, arg: str) -> None:
-        types = {
-            "max_new_tokens": int,
-            "temperature": float,
-            "top_p": float,
-            "top_k": int,
-            "repetition_penalty": float,
-            "seed": int,
-        }
+        """key=value items, each held to the option of the same name's type and limits
+        (SamplingConfig); a bad one is said and its setting kept."""
+        from pydantic import ValidationError
+
+        known = SamplingConfig.model_fields
         for item in arg.split():
             key, _, value = item.partition("=")
-            if key not in types:
-                console.print(f"unknown parameter {key!r}; known: {', '.join(types)}")
+            if key not in known:
+                console.print(f"unknown parameter {key!r}; known: {', '.join(known)}")
                 continue
-            try:
-                self.params = replace(self.params, **{key: types[key](value)})
-            except ValueError:
-                console.print(f"{key}: {value!r} is not a {types[key].__name__}")
+            try:  # values are YAML, as in a recipe: 0.7, 4, null (a seed back to random)
+                checked = SamplingConfig.model_validate({key: parse_override(item)[1]})
+            except (ValidationError, InstillError) as exc:
+                why = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+                console.print(f"{item}: {why}", markup=False)
+                continue
+            self.params = replace(self.params, **{key: getattr(checked, key)})
+
+    def _show_params(self) -> str:
+        """The settings /params changes, as key=value (YAML values: seed=null)."""
+        keys = SamplingConfig.model_fields
+        return " ".join(f"{k}={yaml_text(getattr(self.params, k))}" for k in keys)
 
     def run(self, stream: TextIO, interactive: bool) -> None:
         """Interactive: prompt and stream. Piped: one reply per input line, printed whole."""

@@ -19,7 +19,9 @@ from instill.config import (
     DataConfig,
     EvalConfig,
     ModelConfig,
+    Recipe,
     ReportConfig,
+    SamplingConfig,
     ServeConfig,
     SuiteConfig,
     default,
@@ -27,6 +29,7 @@ from instill.config import (
     load_recipe,
     recipe_help,
 )
+from instill.config.load import allowed_values, read_yaml
 from instill.console import console, out
 from instill.errors import InstillError
 
@@ -42,7 +45,40 @@ experiment_app = typer.Typer(no_args_is_help=True, help="Experiments that answer
 app.add_typer(experiment_app, name="experiment")
 
 RECIPES = Path(__file__).parent / "recipes"
-OVERRIDES = typer.Argument(None, help="Dotted overrides such as train.lr=1e-4 adapter.r=8.")
+SHIPPED = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+OVERRIDES = typer.Argument(
+    None, help="Dotted overrides such as train.lr=1e-4 adapter.r=8 (values in YAML)."
+)
+RECIPE = typer.Argument(
+    ..., help=f"Recipe YAML file, or the name of a shipped recipe: {SHIPPED}."
+)
+
+
+def _version(show: bool) -> None:
+    if show:
+        from instill import __version__
+
+        print(f"instill {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_version, help="Print the version and exit."
+    ),
+) -> None:
+    """Instruction-tune a pretrained language model, measure what it bought, and use it."""
+
+
+def _quickstart_help() -> str:
+    """quickstart --help: the values the quickstart runs with, read from its recipe."""
+    recipe = Recipe.model_validate(read_yaml(RECIPES / "quickstart.yaml"))
+    return recipe_help(
+        recipe,
+        "Recipe keys with the quickstart's values (src/instill/recipes/quickstart.yaml; "
+        "change them as key=value overrides):",
+    )
 
 
 def _quiet_libraries() -> None:
@@ -88,9 +124,11 @@ def _print_before_after(summary) -> None:
     out.print(f"total wall time: {summary.wall_s:.0f} s; run directory: {summary.run_dir}")
 
 
-@app.command(epilog=recipe_help())
+@app.command(
+    epilog=f"Shipped recipes: {SHIPPED} (src/instill/recipes/).\n\n" + recipe_help()
+)
 def train(
-    recipe: str = typer.Argument(..., help="Recipe YAML file, or a shipped recipe name."),
+    recipe: str = RECIPE,
     overrides: list[str] = OVERRIDES,
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
 ) -> None:
@@ -108,7 +146,7 @@ def train(
     out.print(f"chat with it: instill chat {summary.run_dir / 'final'}")
 
 
-@app.command(epilog=recipe_help())
+@app.command(epilog=_quickstart_help())
 def quickstart(
     overrides: list[str] = OVERRIDES,
     overwrite: bool = typer.Option(False, help="Replace an existing runs/quickstart."),
@@ -167,22 +205,30 @@ def eval_cmd(
         "report read), on the run's split only.",
     ),
     metric: str = typer.Option(
-        default(SuiteConfig, "metric"), help="Primary metric of file suites."
+        default(SuiteConfig, "metric"),
+        help="Primary metric of file suites: "
+        f"{', '.join(allowed_values(SuiteConfig.model_fields['metric'].annotation))}. "
+        + describe(SuiteConfig, "metric").removeprefix("Primary metric. "),
     ),
     holdout: list[str] = typer.Option(
-        [], "--holdout", help="A cluster the model was not tuned on (reported as unseen)."
+        [],
+        "--holdout",
+        help="A cluster the model was not tuned on, reported as unseen (repeatable; default: "
+        "none, or a run's own held-out clusters).",
     ),
     per_family: int = typer.Option(
         None,
-        help="Built-in suite: held-out examples per family (default: a run's own split, as are "
-        "--seed, --holdout and --max-new-tokens; else "
-        f"{default(BuiltinDataConfig, 'eval_per_family')}).",
+        help="Built-in suite: held-out examples per family (default "
+        f"{default(BuiltinDataConfig, 'eval_per_family')}; a run: its own split, as are --seed, "
+        "--holdout and --max-new-tokens).",
     ),
-    max_examples: int = typer.Option(None, help="File suites: at most N examples per cluster."),
+    max_examples: int = typer.Option(
+        None, help="File suites: at most N examples per cluster, picked by --seed (default: all)."
+    ),
     seed: int = typer.Option(
         None,
-        help="Seed of the built-in task generator and of sampling (default "
-        f"{default(BuiltinDataConfig, 'seed')}).",
+        help="Seed of the built-in task generator and of --max-examples' pick (default "
+        f"{default(BuiltinDataConfig, 'seed')}); answers are greedy, so it does not sample.",
     ),
     batch_size: int = typer.Option(
         default(EvalConfig, "batch_size"), help=describe(EvalConfig, "batch_size")
@@ -403,7 +449,9 @@ def print_forgetting(sa, sb, tables: list[dict]) -> None:
 def report(
     run: Path = typer.Argument(..., help="A run directory (runs/<name>)."),
     price_per_hour: float = typer.Option(
-        None, help="Price of a device-hour for the cost estimate (default: the recipe's)."
+        None,
+        help="Price of a device-hour for the cost estimate, in your currency (default: the "
+        f"run's report.price_per_hour, else {default(ReportConfig, 'price_per_hour')}).",
     ),
 ) -> None:
     """Write report.md and a self-contained report.html (with PNG plots) for a finished run."""
@@ -425,9 +473,13 @@ def report(
 
 @experiment_app.command("transfer")
 def experiment_transfer(
-    recipe: str = typer.Argument(..., help="Recipe YAML file, or a shipped recipe name."),
+    recipe: str = RECIPE,
     overrides: list[str] = OVERRIDES,
-    max_steps: int = typer.Option(None, help="Training steps of both starts (the budget)."),
+    max_steps: int = typer.Option(
+        None,
+        help="Optimiser steps of both starts, the budget (default: the recipe's train.max_steps, "
+        "else its epochs).",
+    ),
     overwrite: bool = typer.Option(False, help="Replace an existing experiment folder."),
     resume: bool = typer.Option(
         False, help="Continue an interrupted experiment: finished trainings are kept."
@@ -446,29 +498,63 @@ def experiment_transfer(
     out.print(f"report: {page} (and report.md beside it)")
 
 
+def _sampling_option(key: str):
+    """An option of generate and chat that sets one of the engine's sampling settings."""
+    flag = "--" + key.replace("_", "-")
+    return typer.Option(default(SamplingConfig, key), flag, help=describe(SamplingConfig, key))
+
+
+MAX_NEW_TOKENS = _sampling_option("max_new_tokens")
+TEMPERATURE = _sampling_option("temperature")
+TOP_K = _sampling_option("top_k")
+TOP_P = _sampling_option("top_p")
+REPETITION_PENALTY = _sampling_option("repetition_penalty")
+SEED = _sampling_option("seed")
+
+
+def _sampling(**values) -> dict:
+    """The sampling options, checked against SamplingConfig's limits before the model loads."""
+    from pydantic import ValidationError
+
+    try:
+        return SamplingConfig(**values).model_dump()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        option = "--" + str(error["loc"][0]).replace("_", "-")
+        raise InstillError(f"{option} {error['input']}: {error['msg']}") from None
+
+
 @app.command()
 def chat(
     model: str = typer.Argument(..., help="A run directory, a final/ directory, or a model name."),
-    system: str = typer.Option(None, help="System prompt."),
-    max_new_tokens: int = typer.Option(256, help="Longest reply."),
-    temperature: float = typer.Option(0.0, help="0 is greedy."),
+    system: str = typer.Option(None, help="System prompt (default: none)."),
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    temperature: float = TEMPERATURE,
+    top_k: int = TOP_K,
+    top_p: float = TOP_P,
+    repetition_penalty: float = REPETITION_PENALTY,
+    seed: int = SEED,
     chat_template: Path = CHAT_TEMPLATE,
 ) -> None:
     """Chat in the terminal. With stdin from a pipe, each line is a user turn and each reply
-    is printed on stdout (commands: /reset, /system TEXT, /params [k=v], /save FILE)."""
+    is printed on stdout.
+
+    Commands: /reset clears the history. /system TEXT sets the system prompt and clears the
+    history. /params shows the sampling settings; /params key=value ... changes them for the
+    replies that follow (keys: max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+    seed; the same as the options), e.g. /params temperature=0.7 top_p=0.9 seed=1. /save FILE
+    writes the conversation as JSON. /exit leaves."""
     from instill.chat import ChatSession
     from instill.models import load_for_inference
 
+    params = _sampling(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, seed=seed,
+    )  # fmt: skip
     spec = _model_spec(model, chat_template)
     _quiet_libraries()
     loaded = load_for_inference(model, spec)
-    session = ChatSession(
-        loaded.model,
-        loaded.tokenizer,
-        system=system,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-    )
+    session = ChatSession(loaded.model, loaded.tokenizer, system=system, **params)
     session.run(sys.stdin, interactive=sys.stdin.isatty())
 
 
@@ -477,9 +563,12 @@ def generate(
     model: str = typer.Argument(..., help="A run directory, a final/ directory, or a model name."),
     input: Path = typer.Option(..., help="JSONL: rows with 'messages' or 'prompt'."),
     output: Path = typer.Option(..., help="JSONL written row by row; rerun to resume."),
-    max_new_tokens: int = typer.Option(256, help="Longest reply."),
-    temperature: float = typer.Option(0.0, help="0 is greedy."),
-    seed: int = typer.Option(None, help="Sampling seed."),
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    temperature: float = TEMPERATURE,
+    top_k: int = TOP_K,
+    top_p: float = TOP_P,
+    repetition_penalty: float = REPETITION_PENALTY,
+    seed: int = SEED,
     batch_size: int = typer.Option(8, help="Rows generated together."),
     chat_template: Path = CHAT_TEMPLATE,
 ) -> None:
@@ -490,7 +579,10 @@ def generate(
     from instill.models import load_for_inference
 
     _quiet_libraries()
-    params = GenParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    params = GenParams(**_sampling(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, seed=seed,
+    ))  # fmt: skip
     if not input.is_file():  # before the slow model load
         raise InstillError(f"{input}: input file not found (--input)")
     loaded = load_for_inference(model, _model_spec(model, chat_template))
@@ -607,7 +699,8 @@ def data_inspect(
     model: str = typer.Option(default(ModelConfig, "name"), help="Tokenizer and template to use."),
     rows: int = typer.Option(2, help="How many rows to show rendered."),
     max_length: int = typer.Option(
-        default(DataConfig, "max_length"), help="max_length for a data file."
+        default(DataConfig, "max_length"),
+        help="A data file: longest tokenised row, in tokens (a recipe: its data.max_length).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
 ) -> None:
@@ -644,7 +737,9 @@ def export(
         False, help="Merge an adapter trained on a 4-bit base into the full-precision base."
     ),
     min_agreement: float = typer.Option(
-        None, help="Replace the verification's greedy-agreement floor (accept more drift)."
+        None,
+        help="Replace the verification's greedy-agreement floor, a share from 0 to 1 (lower "
+        "accepts more drift; default: the export type's own floor, printed with the check).",
     ),
     copy_base: bool = typer.Option(
         False,
@@ -677,9 +772,14 @@ def main() -> None:
     except Exception as exc:  # click's usage errors arrive here in non-standalone mode
         import click
 
-        if isinstance(exc, click.exceptions.ClickException):
+        # typer may ship its own copy of click, whose exceptions are not click's: both kinds
+        # carry show() and exit_code
+        code = getattr(exc, "exit_code", None)
+        if isinstance(exc, click.exceptions.ClickException) or (
+            callable(getattr(exc, "show", None)) and isinstance(code, int)
+        ):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, click.exceptions.Abort | typer.Abort):
             sys.exit(1)
         raise

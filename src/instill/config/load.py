@@ -136,25 +136,56 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     return build_recipe(data, where)
 
 
-def iter_fields(model: type[BaseModel] = Recipe, prefix: str = ""):
-    """Yield (dotted key, type text, default text, description) for every leaf field."""
+def yaml_text(value: Any) -> str:
+    """A value as a recipe spells it (null, false, [builtin], 0.001), for help text."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    if isinstance(value, tuple):
+        value = list(value)
+    text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip()
+    return text.removesuffix("...").strip()  # a plain scalar's document-end marker
+
+
+def allowed_values(annotation: Any) -> tuple[str, ...]:
+    """The values a Literal field (or `Literal[...] | None`) allows; () for any other field."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return tuple(yaml_text(v) for v in typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return tuple(v for a in typing.get_args(annotation) for v in allowed_values(a))
+    return ()
+
+
+def iter_fields(model: type[BaseModel] = Recipe, prefix: str = "", values: Any = None):
+    """Yield (dotted key, allowed values, value text, description) for every leaf field. The
+    value is the one in `values` (a recipe, or one of its sections) where given, else the
+    field's default; "required" for a key that has none."""
     for name, field in model.model_fields.items():
         inner = _section_model(field.annotation)
         key = f"{prefix}{name}"
+        value = getattr(values, name) if values is not None else None
         if inner is not None and inner is not model:
-            yield from iter_fields(inner, key + ".")
+            yield from iter_fields(inner, key + ".", value if isinstance(value, inner) else None)
             continue
-        default = field.get_default(call_default_factory=True)
-        ann = getattr(field.annotation, "__name__", None) or str(field.annotation)
-        ann = ann.replace("typing.", "")
-        yield key, ann, default, field.description or ""
+        if values is None:
+            if field.is_required():
+                yield key, allowed_values(field.annotation), None, field.description or ""
+                continue
+            value = field.get_default(call_default_factory=True)
+        yield key, allowed_values(field.annotation), yaml_text(value), field.description or ""
 
 
-def recipe_help() -> str:
-    """The recipe reference shown by `instill train --help` (built from the field descriptions)."""
-    lines = ["Recipe keys (set in YAML or as key=value overrides):", ""]
-    for key, _ann, default, desc in iter_fields():
-        if isinstance(default, BaseModel):
-            default = "{...}"
-        lines.append(f"  {key} [default: {default}]: {desc}")
+def recipe_help(recipe: Recipe | None = None, title: str | None = None) -> str:
+    """The recipe reference of `instill train --help` (the schema's defaults) or, given a recipe,
+    of the command that runs it (`instill quickstart --help`: the quickstart's values), built
+    from the field descriptions."""
+    heading = title or (
+        "Recipe keys (set in YAML or as key=value overrides), with the defaults a recipe gets "
+        "for the keys it leaves out:"
+    )
+    lines = [heading, ""]
+    for key, allowed, value, desc in iter_fields(values=recipe):
+        shown = "required" if value is None else f"default: {value}"
+        if allowed:
+            shown += f"; one of: {', '.join(allowed)}"
+        lines.append(f"  {key} [{shown}]: {desc}")
     return "\n\n".join(lines)

@@ -33,7 +33,7 @@ class ModelConfig(_Section):
     chat_template: str | None = Field(
         None,
         description="Path to a Jinja chat template file; replaces the tokenizer's own template "
-        "(required when the model has none).",
+        "(required when the model has none). null: the tokenizer's own.",
     )
     quantize: Literal["none", "4bit"] = Field(
         "none",
@@ -114,7 +114,8 @@ class ReplayConfig(_Section):
     max_new_tokens: int = Field(
         64,
         gt=0,
-        description="Longest base reply; a reply cut there is trained without its end of turn.",
+        description="Longest base reply, in tokens; a reply cut there is trained without its end "
+        "of turn.",
     )
 
 
@@ -126,7 +127,7 @@ class DataConfig(_Section):
         default_factory=list, description="Instruction data files, mixed by weight."
     )
     max_length: int = Field(
-        512, gt=8, description="Longest tokenised row; longer rows are truncated."
+        512, gt=8, description="Longest tokenised row, in tokens; longer rows are truncated."
     )
     validation: float | str = Field(
         0.0,
@@ -189,7 +190,10 @@ class TrainConfig(_Section):
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(
-        None, gt=0, description="Stop after this many optimiser steps (overrides epochs)."
+        None,
+        gt=0,
+        description="Stop after this many optimiser steps (overrides epochs; null: epochs "
+        "decide).",
     )
     batch_size: int = Field(8, gt=0, description="Rows per micro-batch (per process).")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimiser step.")
@@ -208,13 +212,14 @@ class TrainConfig(_Section):
     eval_every: int | None = Field(
         None,
         gt=0,
-        description="Validation loss every N steps (always once at the end when there is a "
-        "validation split).",
+        description="Validation loss every N optimiser steps (always once at the end when "
+        "there is a validation split; null: only then).",
     )
     early_stopping_patience: int | None = Field(
         None,
         gt=0,
-        description="Stop when validation loss has not improved for this many evaluations.",
+        description="Stop when validation loss has not improved for this many evaluations (null: "
+        "no early stopping).",
     )
     select_best: bool = Field(
         False,
@@ -222,7 +227,10 @@ class TrainConfig(_Section):
         "(checkpoints/best) instead of the last ones.",
     )
     save_every: int | None = Field(
-        None, gt=0, description="Write a checkpoint every N steps (always one at the end)."
+        None,
+        gt=0,
+        description="Write a checkpoint every N steps (always one at the end; null: only "
+        "that one).",
     )
     keep_checkpoints: int = Field(2, ge=1, description="Keep the last N step checkpoints.")
     barrier_timeout_min: float = Field(
@@ -237,7 +245,7 @@ class TrainConfig(_Section):
         None,
         description="auto: continue from the run directory's last complete checkpoint (start "
         "afresh when there is none); or the path of a checkpoint. Weights, optimiser, "
-        "scheduler, RNG and data position are restored.",
+        "scheduler, RNG and data position are restored. null: start afresh.",
     )
     mmap_threshold_mb: float = Field(
         0.0625,
@@ -313,10 +321,12 @@ class SuiteConfig(_Section):
         "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "selfinstruct"
     ] = Field("auto", description="Row format; auto detects it from each row's keys.")
     max_examples: int | None = Field(
-        None, gt=0, description="At most this many examples per cluster (sampled by seed)."
+        None,
+        gt=0,
+        description="At most this many examples per cluster (sampled by seed; null: all).",
     )
     max_new_tokens: int | None = Field(
-        None, gt=0, description="Longest generated answer (default: eval.max_new_tokens)."
+        None, gt=0, description="Longest generated answer, in tokens (null: eval.max_new_tokens)."
     )
 
 
@@ -335,18 +345,21 @@ class EvalConfig(_Section):
     )
     before: bool = Field(True, description="Evaluate the untuned model before training.")
     after: bool = Field(True, description="Evaluate the tuned model after training.")
-    max_new_tokens: int = Field(32, gt=0, description="Longest generated answer.")
+    max_new_tokens: int = Field(
+        32, gt=0, description="Longest generated answer, in tokens."
+    )
     gen_max_new_tokens: int = Field(
         64,
         gt=0,
-        description="Longest reply to an open prompt (general_gen, and file suites with metric "
-        "drift that set no max_new_tokens of their own).",
+        description="Longest reply to an open prompt, in tokens (general_gen, and file suites "
+        "with metric drift that set no max_new_tokens of their own).",
     )
     general_gen_per_kind: int | None = Field(
         None,
         gt=0,
         description="general_gen: at most this many prompts of each of its 8 kinds (17 each, 136 "
-        "in all; the same ones every run). Fewer prompts evaluate faster, with wider intervals.",
+        "in all; the same ones every run; null: all). Fewer prompts evaluate faster, with wider "
+        "intervals.",
     )
     batch_size: int = Field(32, gt=0, description="Prompts generated together.")
     holdout_clusters: list[str] = Field(
@@ -367,7 +380,7 @@ class EvalConfig(_Section):
         None,
         description="A suite (one of eval.suites) scored on a sample at every validation point "
         "(train.eval_every); checkpoints/best, train.select_best and early stopping then "
-        "follow its score instead of the validation loss.",
+        "follow its score instead of the validation loss. null: none.",
     )
     during_training_sample: int = Field(
         32, gt=0, description="Examples of the during_training suite scored each time."
@@ -466,10 +479,12 @@ class Recipe(_Section):
 class ServeConfig(_Section):
     """`instill serve`'s settings (a command's options, not a recipe section)."""
 
-    api_key: str | None = Field(None, description="Required bearer key; None: no key.")
+    api_key: str | None = Field(None, description="Required bearer key; null: no key.")
     max_batch: int = Field(8, ge=1, description="Requests decoded together.")
     max_concurrent: int = Field(64, ge=1, description="Requests in flight before 429.")
-    max_tokens_cap: int = Field(1024, ge=1, description="Largest max_tokens a request may ask.")
+    max_tokens_cap: int = Field(
+        1024, ge=1, description="Largest max_tokens a request may ask, in tokens."
+    )
     max_n: int = Field(1, ge=1, description="Largest n (replies per request) a request may ask.")
     max_body_bytes: int = Field(1_000_000, ge=1, description="Largest request body read, in bytes.")
     host: str = Field(
@@ -491,6 +506,42 @@ class ServeConfig(_Section):
                 "set none to serve without one"
             )
         return key
+
+
+
+class SamplingConfig(_Section):
+    """The sampling settings of `instill generate` and `instill chat` (options, and chat's
+    /params), with the engine's defaults (GenParams, which a test holds equal)."""
+
+    max_new_tokens: int = Field(256, gt=0, description="Longest reply, in tokens.")
+    temperature: float = Field(
+        0.0,
+        ge=0,
+        description="Divides the logits before sampling: higher is more varied. 0 is greedy "
+        "(the most likely token every step; top-k, top-p and the seed then do nothing).",
+    )
+    top_k: int = Field(
+        0, ge=0, description="Sample from the k most likely tokens only (0: all tokens)."
+    )
+    top_p: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Sample from the most likely tokens whose probabilities add up to this "
+        "share, 0 to 1 (nucleus sampling; 1: all tokens).",
+    )
+    repetition_penalty: float = Field(
+        1.0,
+        gt=0,
+        description="Make tokens already in the prompt or reply less likely: positive logits "
+        "are divided by it, negative ones multiplied (1: off; above 1 repeats less). Applies "
+        "to greedy decoding too.",
+    )
+    seed: int | None = Field(
+        None,
+        description="Seed of sampling: the same seed, settings and prompt give the same reply "
+        "(default: a fresh random draw each time).",
+    )
 
 
 def default(section: type[BaseModel], key: str):
