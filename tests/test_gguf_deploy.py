@@ -639,6 +639,10 @@ def test_serve_with_llamacpp_answers_as_the_tuned_model(tmp_path, tokenizer, def
             return r.choices[0].message.content
 
         assert sampled(7) == sampled(7)
+        # every seed the request schema takes (OpenAI's int64) repeats its reply, including
+        # llama.cpp's "random" seed 0xFFFFFFFF and seeds past its 32 bits
+        for seed in (2**32 - 1, 2**63 - 1, -(2**63)):
+            assert sampled(seed) == sampled(seed)
         assert len({sampled(s) for s in range(5)} | {text}) > 2  # it does sample
 
         raw = c.completions.create(model=name, prompt="The sea is", max_tokens=4)

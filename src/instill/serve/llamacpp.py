@@ -39,6 +39,13 @@ class _Decoder:
         return self.engine.text(ids)
 
 
+def llamacpp_seed(seed: int) -> int:
+    """A request's seed (any int64, as OpenAI's) as llama.cpp's 32-bit sampler seed: taken modulo
+    0xFFFFFFFF, so it is never LLAMA_DEFAULT_SEED (0xFFFFFFFF, which llama.cpp reads as "draw a
+    random seed") and never wraps silently in ctypes; the same seed gives the same reply."""
+    return seed % 0xFFFFFFFF
+
+
 class LlamaCppScheduler(DecodeThread):
     """scheduler.py's interface (submit, close) over llama.cpp: one decode thread, one reply at
     a time; a failing reply fails its own job and the thread goes on."""
@@ -63,7 +70,7 @@ class LlamaCppScheduler(DecodeThread):
         import llama_cpp
 
         p, llm = job.params, self.engine.llm
-        llm.set_seed(p.seed if p.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
+        llm.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if p.seed is None else llamacpp_seed(p.seed))
         stream = TextStream(self.decoder, p.stop, job.on_text)
         end = None
         tokens = llm.generate(
