@@ -15,7 +15,7 @@ from instill.config import DataConfig
 from instill.data import builtin
 from instill.data.formats import Conversation, detect_format, to_conversations
 from instill.data.render import end_of_turn_ids, render_batch
-from instill.data.sources import RawRow, read_source
+from instill.data.sources import convert_source
 from instill.errors import InstillError
 
 
@@ -88,22 +88,7 @@ def read_conversations(
     """Conversations of one source; with `skipped`, bad rows are recorded there, not raised.
 
     `columns` renames a row's keys (old -> new) before its format is detected."""
-    convs: list[Conversation] = []
-    for raw in read_source(path, split, skipped):
-        if columns:
-            raw = RawRow({columns.get(k, k): v for k, v in raw.data.items()}, raw.file, raw.line)
-        try:
-            if fmt == "auto":
-                try:
-                    fmt = detect_format(raw.data)
-                except InstillError as exc:
-                    raise InstillError(f"{raw.where}: {exc}") from None
-            convs.extend(to_conversations(raw, fmt))
-        except InstillError as exc:
-            if skipped is None:
-                raise
-            skipped.append({"where": raw.where, "reason": str(exc)})
-    return convs, fmt
+    return convert_source(path, fmt, split, skipped, columns, detect_format, to_conversations)
 
 
 def held_out(conv: Conversation, holdout) -> bool:

@@ -34,7 +34,7 @@ from instill.data.formats import (
     meta_of,
     parse_messages,
 )
-from instill.data.sources import RawRow, read_source
+from instill.data.sources import RawRow, convert_source
 from instill.errors import InstillError
 
 FORMATS = ("pairs", "conversation_pairs", "hh", "sharegpt_pairs", "alpaca_pairs", "kto")
@@ -245,22 +245,10 @@ def read_preferences(
     """Every preference row of one source and its format (detected from the first row when
     `fmt` is "auto"). With `skipped`, bad rows are recorded there ({"where", "reason"}) instead
     of raised; `columns` renames a row's keys (old -> new) before its format is detected."""
-    out: list[Pair | Labelled] = []
-    for raw in read_source(path, split, skipped):
-        if columns:
-            raw = RawRow({columns.get(k, k): v for k, v in raw.data.items()}, raw.file, raw.line)
-        try:
-            if fmt == "auto":
-                try:
-                    fmt = detect_preference_format(raw.data)
-                except InstillError as exc:
-                    raise InstillError(f"{raw.where}: {exc}") from None
-            out.append(to_preference(raw, fmt))
-        except InstillError as exc:
-            if skipped is None:
-                raise
-            skipped.append({"where": raw.where, "reason": str(exc)})
-    return out, fmt
+    return convert_source(
+        path, fmt, split, skipped, columns, detect_preference_format,
+        lambda raw, f: [to_preference(raw, f)],
+    )  # fmt: skip
 
 
 def unpaired(pairs: list[Pair]) -> list[Labelled]:

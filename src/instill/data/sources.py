@@ -7,7 +7,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,37 @@ def read_source(
         ) from None
     for i, row in enumerate(dataset, 1):
         yield RawRow(dict(row), f"{path}[{split}]", i)
+
+
+def convert_source(
+    path: str,
+    fmt: str,
+    split: str,
+    skipped: list[dict] | None,
+    columns: dict[str, str] | None,
+    detect: Callable[[dict], str],
+    convert: Callable[[RawRow, str], list],
+) -> tuple[list, str]:
+    """Every row of one source converted by `convert(row, fmt)` (a list per row), and the
+    format: `detect` reads it from the first row when `fmt` is "auto". `columns` renames a row's
+    keys (old -> new) before that; with `skipped`, a bad row is recorded there ({"where",
+    "reason"}) instead of raised. One loop for supervised and preference sources alike."""
+    out: list = []
+    for raw in read_source(path, split, skipped):
+        if columns:
+            raw = RawRow({columns.get(k, k): v for k, v in raw.data.items()}, raw.file, raw.line)
+        try:
+            if fmt == "auto":
+                try:
+                    fmt = detect(raw.data)
+                except InstillError as exc:
+                    raise InstillError(f"{raw.where}: {exc}") from None
+            out.extend(convert(raw, fmt))
+        except InstillError as exc:
+            if skipped is None:
+                raise
+            skipped.append({"where": raw.where, "reason": str(exc)})
+    return out, fmt
 
 
 def _text(path: Path) -> str:
