@@ -112,7 +112,8 @@ def _precomputed(rows) -> list[float] | None:
         return None
     if any(r is None for r in refs):
         raise InstillError("some rows have precomputed reference log-probs and some do not")
-    return [x for r in refs for x in r]
+    # in the batch's order: every row's first sequence (chosen, completion), then every second
+    return [r[0] for r in refs] + [r[1] for r in refs]
 
 
 class Preference:
@@ -260,6 +261,8 @@ def precompute_reference(model, objective: Preference, rows: list, pad_id: int, 
     precompute_reference by the recipe's checks.)"""
     was = model.training
     model.eval()
+    if reference is None and not hasattr(model, "disable_adapter"):
+        reference = model  # full fine-tuning, before its first step: the model is the reference
     lm = PreferenceLM(model, objective, reference)
     device = next(model.parameters()).device
     out = []
