@@ -53,7 +53,7 @@ def test_pair_batch_puts_the_loss_on_reply_tokens_only(tokenizer):
     batch = objective().collate(rows, pad_id=0)
     assert batch["input_ids"].shape[0] == 6  # chosen rows, then rejected rows
     seqs = [r.chosen() for r in rows] + [r.rejected() for r in rows]
-    for i, (ids, mask) in enumerate(seqs):
+    for i, (ids, _) in enumerate(seqs):
         n, prompt = len(ids), len(rows[i % 3].prompt_ids)
         assert batch["input_ids"][i, :n].tolist() == ids
         labels = batch["labels"][i].tolist()
