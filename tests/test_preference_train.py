@@ -323,3 +323,24 @@ def test_dpo_from_a_supervised_run_chains_both_stages(tiny_recipe, tiny_dir, tmp
         assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-4)
         stage1 = load_for_inference(str(first.run_dir)).model(input_ids=ids).logits
     assert not torch.allclose(stage1, expected, atol=1e-4)  # the second stage moved it
+
+
+def test_data_inspect_reads_a_pair_file_as_pairs(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from instill.cli import app
+
+    rows = [
+        {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Hello there, how are you today?"},
+        {"prompt": "Say bye.", "chosen": "Goodbye, and see you tomorrow!", "rejected": "Bye."},
+        {"prompt": "Count.", "chosen": "1 2 3", "rejected": "one"},
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    result = CliRunner().invoke(
+        app, ["data", "inspect", str(path), "--model", str(tiny_dir), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["objective"] == "dpo" and report["pairs"] == 3
+    assert report["formats"] == {"pairs": 3}
+    assert report["chosen_longer_share"] == pytest.approx(2 / 3, abs=1e-4)

@@ -48,15 +48,35 @@ def _show_row(tokenizer, row: Row, n: int) -> None:
     out.print()
 
 
+def _preference_file(source: str) -> str | None:
+    """ "dpo" for a file of pairs, "kto" for one of labelled replies (from its first row's keys),
+    None for supervised data."""
+    from instill.data.sources import read_source
+
+    first = next(iter(read_source(source, "train", [])), None)
+    keys = set(first.data) if first is not None else set()
+    if {"chosen", "rejected"} <= keys:
+        return "dpo"
+    if {"prompt", "completion"} <= keys and isinstance(first.data.get("label"), bool):
+        return "kto"
+    return None
+
+
 def inspect_data(source: str, *, model: str, show_rows: int, max_length: int) -> dict:
     path = Path(source)
+    objective = None
     if path.suffix in (".yaml", ".yml"):
         recipe = load_recipe(path)
         data_cfg, model_cfg = recipe.data, recipe.model
+        if recipe.train.objective != "sft":
+            objective = recipe.train.objective
     else:
         data_cfg = DataConfig(sources=[SourceConfig(path=source)], max_length=max_length)
         model_cfg = ModelConfig(name=model)
+        objective = _preference_file(source)
     tokenizer = load_tokenizer(resolve_model(model_cfg.name).path, model_cfg)
+    if objective is not None:
+        return inspect_preferences(tokenizer, data_cfg, objective, source, show_rows)
     start = time.perf_counter()
     data = build_data(tokenizer, data_cfg)
     rows, stats = data.train, data.stats
@@ -115,3 +135,63 @@ def inspect_data(source: str, *, model: str, show_rows: int, max_length: int) ->
         for n, row in enumerate(rows[:show_rows]):
             _show_row(tokenizer, row, n)
     return report
+
+
+def _mean(xs: list[int]) -> float:
+    return round(sum(xs) / len(xs), 1) if xs else 0.0
+
+
+def inspect_preferences(tokenizer, data_cfg, objective: str, source: str, show_rows: int) -> dict:
+    """The preference side of `data inspect`: pairs (or labelled rows), their reply lengths and
+    the data's own length bias (how often the chosen reply is the longer one: DPO on data
+    where it usually is teaches longer replies)."""
+    from instill.data.preference_data import build_preference_data
+
+    data = build_preference_data(tokenizer, data_cfg, objective)
+    rows, stats = data.train, data.stats
+    pairs = objective != "kto"
+    report = {
+        "objective": objective,
+        "formats": stats.formats,
+        "rows_in": stats.rows_in,
+        "pairs" if pairs else "labelled_rows": stats.rows,
+        "skipped": stats.skipped,
+        "validation_rows": stats.validation_rows,
+        "truncated": stats.truncated,
+        "tokens": stats.tokens,
+        "trained_tokens": stats.trained_tokens,
+        "prompt_tokens_mean": _mean([len(r.prompt_ids) for r in rows]),
+        "max_length": data_cfg.max_length,
+    }
+    if pairs:
+        chosen, rejected = [len(r.chosen_ids) for r in rows], [len(r.rejected_ids) for r in rows]
+        longer = sum(c > r for c, r in zip(chosen, rejected, strict=True))
+        report.update(
+            chosen_tokens_mean=_mean(chosen),
+            rejected_tokens_mean=_mean(rejected),
+            chosen_longer_share=round(longer / len(rows), 4),
+        )
+    else:
+        report["desirable_share"] = round(sum(r.desirable for r in rows) / len(rows), 4)
+    if show_rows:
+        table = Table(title=f"preference data: {source}", show_header=False)
+        for key, value in report.items():
+            table.add_row(key, str(value))
+        out.print(table)
+        for n, row in enumerate(rows[:show_rows]):
+            _show_preference(tokenizer, row, n)
+    return report
+
+
+def _show_preference(tokenizer, row, n: int) -> None:
+    out.print(f"[bold]row {n}[/bold] ({row.source}); [dim]prompt[/dim]")
+    out.print(Text(tokenizer.decode(row.prompt_ids), style="dim"))
+    replies = (
+        [("chosen", row.chosen_ids, "bold green"), ("rejected", row.rejected_ids, "bold red")]
+        if hasattr(row, "chosen_ids")
+        else [("desirable" if row.desirable else "undesirable", row.completion_ids, "bold")]
+    )
+    for label, ids, style in replies:
+        out.print(f"[{style}]{label}[/{style}] ({len(ids)} tokens)")
+        out.print(Text(tokenizer.decode(ids), style=style))
+    out.print()

@@ -507,6 +507,7 @@ def report(run: Run, summary: RunSummary, params, base_val_loss: float | None) -
             "dtype": str(loaded.dtype).removeprefix("torch."),
         },
         "params": {"trainable": params.trainable, "total": params.total},
+        "objective": objective_record(recipe, loaded),
         "holdout_clusters": list(recipe.eval.holdout_clusters),
         "base_val_loss": base_val_loss,
         "packing_efficiency": _packing_efficiency(recipe, data),
@@ -518,3 +519,32 @@ def report(run: Run, summary: RunSummary, params, base_val_loss: float | None) -
     }
     write_text(run.run_dir / "run.json", json.dumps(record, indent=2) + "\n", "the run record")
     write_run_report(run.run_dir, recipe.report.price_per_hour)
+
+
+def objective_record(recipe: Recipe, loaded) -> dict:
+    """What the run optimised, and against which reference, in words a report can print: peers
+    differ on the reference (the base, or the supervised model the preference stage starts
+    from), and their users file bugs over it."""
+    t = recipe.train
+    record: dict = {"name": t.objective}
+    start = recipe.model.name
+    if loaded.source.kind == "run":
+        from instill.config.load import load_recipe
+
+        first = load_recipe(Path(start) / "config.yaml")
+        record["started_from"] = {"run": start, "its_model": first.model.name,
+                                  "its_objective": first.train.objective}  # fmt: skip
+        start = f"run {start} (tuned from {first.model.name})"
+    if t.objective == "sft":
+        return record
+    p = t.preference
+    record["preference"] = {"beta": p.beta_for(t.objective), **p.model_dump(exclude={"beta"})}
+    if t.objective in ("simpo", "orpo"):
+        record["reference"] = "none: the method is reference-free"
+    elif p.precompute_reference:
+        record["reference"] = f"the starting model, {start}, scored once before training"
+    elif recipe.adapter.method == "lora":
+        record["reference"] = f"the starting model, {start} (the LoRA adapters switched off)"
+    else:
+        record["reference"] = f"the starting model, {start} (a frozen copy)"
+    return record

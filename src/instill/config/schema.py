@@ -523,12 +523,15 @@ class Recipe(_Section):
         if t.objective == "sft":
             return self
         where = f"train.objective: {t.objective}"
-        if d.builtin is not None:
+        if d.builtin is not None and d.builtin.train_per_family > 0:
             raise ValueError(
                 f"{where} trains on preference pairs, and data.builtin gives supervised rows; "
-                "remove data.builtin and add a pair file to data.sources (instill pairs make "
-                "writes one from the built-in tasks)"
+                "set data.builtin.train_per_family: 0 (its evaluation split still feeds the "
+                "builtin suite) and add a pair file to data.sources (instill pairs make writes "
+                "one from the built-in tasks)"
             )
+        if not d.sources:
+            raise ValueError(f"{where}: add a file of preference pairs to data.sources")
         if d.replay is not None or t.kl_to_base > 0:
             raise ValueError(
                 f"{where}: data.replay and train.kl_to_base add supervised rows, which a "

@@ -39,10 +39,25 @@ def training_curves(run_dir: Path) -> Path | None:
         ax_step.plot(
             [r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation"
         )
-    ax_step.set(xlabel="step", ylabel="loss (per supervised token)", title="loss by step")
+    preference = "chosen_logp" in train[0]
+    unit = "per supervised token"
+    if preference:
+        unit = "per pair" if "pairs" in train[0] else "per row"
+    ax_step.set(xlabel="step", ylabel=f"loss ({unit})", title="loss by step")
     ax_step.legend()
-    ax_tok.plot([r["tokens"] for r in train], [r["loss"] for r in train])
-    ax_tok.set(xlabel="tokens seen", ylabel="loss", title="loss by tokens")
+    if preference:  # a chosen log-prob that falls while the margin grows is visible here
+        for side, style in (("chosen", "-"), ("rejected", "--")):
+            ax_tok.plot(steps, [r[f"{side}_logp"] for r in train], style, label=side)
+            points = [r for r in val if f"val_{side}_logp" in r]
+            if points:
+                ax_tok.plot([r["step"] for r in points], [r[f"val_{side}_logp"] for r in points],
+                            "o" + style, label=f"{side} (validation)")  # fmt: skip
+        ax_tok.set(xlabel="step", ylabel="mean log-prob per reply token",
+                   title="chosen and rejected replies")  # fmt: skip
+        ax_tok.legend()
+    else:
+        ax_tok.plot([r["tokens"] for r in train], [r["loss"] for r in train])
+        ax_tok.set(xlabel="tokens seen", ylabel="loss", title="loss by tokens")
     ax_lr.plot(steps, [r["lr"] for r in train])
     ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
     fig.tight_layout()
