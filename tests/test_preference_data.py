@@ -228,8 +228,16 @@ def test_a_prompt_leaving_no_room_is_an_error_counting_rows(tokenizer):
     assert str(exc.value) == (
         f"2 of 3 preference rows have a prompt of {len(PROMPT_IDS)} tokens or more, which "
         f"leaves no room for a reply within data.max_length={len(PROMPT_IDS)} (first: f:2); "
-        "raise data.max_length or shorten those prompts"
+        "raise data.max_length, shorten those prompts, or skip them (data.on_error: skip "
+        "lists them in the run's skipped_rows.jsonl)"
     )
+    skipped = []  # data.on_error: skip: each such row listed, never silently dropped
+    rows, _ = tokenize_preferences(
+        tokenizer, [short, long, long], max_length=len(PROMPT_IDS), skipped=skipped
+    )
+    assert [r.source for r in rows] == ["f:1"]
+    reason = f"the prompt leaves no room for a reply within data.max_length={len(PROMPT_IDS)}"
+    assert skipped == [{"where": "f:2", "reason": reason}] * 2
 
 
 def test_template_refusal_is_skipped_or_raised(tokenizer):

@@ -119,8 +119,9 @@ def tokenize_preferences(
     setting: str = "data.max_length",
 ) -> tuple[list[PairRow | LabelledRow], DataStats]:
     """Render pairs and labelled completions (see the module docstring). With `skipped`, a row
-    the chat template refuses or cannot render prefix-stably is recorded there; without it, it
-    raises. A prompt that leaves no room for a reply within `max_length` always raises."""
+    the chat template refuses or cannot render prefix-stably, or whose prompt leaves no room
+    for a reply within `max_length`, is recorded there; without it, it raises (the latter
+    counting every such row and naming the setting)."""
     stats = DataStats(rows_in=len(items))
     convs, where = [], []
     for item in items:
@@ -167,11 +168,15 @@ def tokenize_preferences(
         else:
             ((c, cm),) = parts
             rows.append(LabelledRow(prompt, c, cm, item.desirable, item.source))
-    if no_room:
+    if no_room and skipped is not None:  # data.on_error: skip: listed in skipped_rows.jsonl
+        reason = f"the prompt leaves no room for a reply within {setting}={max_length}"
+        skipped += [{"where": where, "reason": reason} for where in no_room]
+    elif no_room:
         raise InstillError(
             f"{len(no_room)} of {len(items)} preference rows have a prompt of {max_length} "
             f"tokens or more, which leaves no room for a reply within {setting}={max_length} "
-            f"(first: {no_room[0]}); raise {setting} or shorten those prompts"
+            f"(first: {no_room[0]}); raise {setting}, shorten those prompts, or skip them "
+            "(data.on_error: skip lists them in the run's skipped_rows.jsonl)"
         )
     stats.rows = len(rows)
     stats.tokens = sum(r.tokens for r in rows)
