@@ -40,7 +40,6 @@ from instill.eval.metrics import bootstrap_clustered_ci
 from instill.eval.results import (
     PREFERENCE,
     RECORDS_SHA256,
-    check_same_split,
     read_records,
     read_summary,
     records_sha256,
@@ -261,8 +260,14 @@ def pair_preference(before: Path, after: Path) -> dict:
             raise InstillError(f"{folder}: no {PREFERENCE}.json (instill eval-pairs writes it)")
         sides.append(got)
     (sa, ra), (sb, rb) = sides
-    check_same_split(sa, sb, str(Path(before) / f"{PREFERENCE}.json"),
-                     str(Path(after) / f"{PREFERENCE}.json"))  # fmt: skip
+    da, db = (sa.get("split") or {}).get("rows_sha256"), (sb.get("split") or {}).get("rows_sha256")
+    if da is None or da != db:
+        raise InstillError(
+            f"{Path(before) / PREFERENCE}.json and {Path(after) / PREFERENCE}.json were measured "
+            f"on different tokenised pairs (rows_sha256 {da!r} vs {db!r}: another file, "
+            "--max-length or tokenizer), so their pairs cannot be paired; measure both on the "
+            "same file with the same --max-length"
+        )
     return preference_summary(
         side_records(rb, "model"), side_records(rb, "reference"), side_records(ra, "model")
     )
