@@ -397,6 +397,61 @@ def run_base_model(model: str) -> str | None:
     return None
 
 
+@app.command("eval-pairs")
+def eval_pairs(
+    model: str = typer.Argument(..., help="A run directory, a final/ directory, or a model name."),
+    pairs: Path = typer.Option(
+        ..., help="Held-out preference pairs (prompt/chosen/rejected or any pair format)."
+    ),
+    reference: str = typer.Option(
+        None,
+        help="Model for the implicit reward (log-ratio to it). Default: a run's starting model "
+        "(its model.name), which is also scored as the 'before' side; else none.",
+    ),
+    max_length: int = typer.Option(
+        default(DataConfig, "max_length"), min=1,
+        help="Prompt plus reply, in tokens; longer replies are cut to fit.",
+    ),
+    batch_size: int = typer.Option(8, min=1, help="Pairs per forward (each is two rows)."),
+    output: Path = typer.Option(
+        None,
+        help="Folder for preference.json and preference.jsonl (default: a run's "
+        "evals/pairs-<file>/; runs/eval/pairs-<file>/ for a model that is not a run). The run "
+        "report shows <run>/eval/preference.json.",
+    ),
+    chat_template: Path = CHAT_TEMPLATE,
+) -> None:
+    """Preference on held-out pairs: how often the model gives the chosen reply a higher
+    (length-normalised, and summed) log-probability than the rejected one, and with a reference
+    the implicit reward margin; 95% intervals resample prompts."""
+    from instill.eval.preference import (
+        evaluate_pairs,
+        print_preference,
+        run_start,
+        write_preference,
+    )
+    from instill.eval.results import EVALUATIONS, run_of
+
+    run_dir = run_of(model)
+    ref_spec, is_start = None, False
+    if reference is not None:
+        ref_spec = _model_spec(reference, chat_template)
+    elif run_dir is not None:
+        ref_spec, is_start = run_start(run_dir), True
+    if not pairs.is_file():
+        raise InstillError(f"--pairs {pairs}: file not found")
+    _quiet_libraries()
+    summary, records, split = evaluate_pairs(
+        _model_spec(model, chat_template), str(pairs), ref_spec,
+        reference_is_start=is_start, max_length=max_length, batch_size=batch_size,
+    )  # fmt: skip
+    name = f"pairs-{pairs.stem}"
+    folder = output or (run_dir / EVALUATIONS / name if run_dir else Path("runs") / "eval" / name)
+    print_preference(summary, out)
+    path = write_preference(folder, summary, records, split)
+    out.print(f"written to {path} and {path.with_suffix('.jsonl')}", highlight=False)
+
+
 @app.command()
 def compare(
     a: str = typer.Argument(..., help="Results folder or run directory (the baseline)."),

@@ -1,4 +1,5 @@
-"""Text metrics for generated answers, and the bootstrap confidence interval of a mean.
+"""Text metrics for generated answers, and the bootstrap confidence interval of a mean (of
+independent examples, or clustered: examples sharing a prompt resampled together).
 
 Every generation record is scored with all of them (they are cheap), so a summary can report
 each; a suite names one as its primary metric. Exact match and containment compare texts after
@@ -137,3 +138,28 @@ def bootstrap_delta_ci(
             deltas.append(sum(rb) / len(rb) - sum(ra) / len(ra))
     deltas.sort()
     return deltas[int(0.025 * n_boot)], deltas[int(0.975 * n_boot) - 1]
+
+
+def bootstrap_clustered_ci(
+    scores: list[float], clusters: list, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean of `scores` when examples of one cluster
+    (e.g. pairs sharing a prompt) are not independent: whole clusters are resampled, and each
+    resample's mean is over the examples it holds. With one example per cluster it equals
+    bootstrap_ci (the same draws)."""
+    if not scores:
+        return (0.0, 0.0)
+    if len(clusters) != len(scores):
+        raise ValueError("one cluster per score")
+    groups: dict = {}
+    for score, cluster in zip(scores, clusters, strict=True):
+        total, n = groups.get(cluster, (0.0, 0))
+        groups[cluster] = (total + score, n + 1)
+    sums = list(groups.values())
+    rng = random.Random(seed)
+    means = []
+    for _ in range(n_boot):
+        pick = rng.choices(sums, k=len(sums))
+        means.append(sum(t for t, _ in pick) / sum(n for _, n in pick))
+    means.sort()
+    return means[int(0.025 * n_boot)], means[int(0.975 * n_boot) - 1]

@@ -27,6 +27,7 @@ from instill.jsonl import read_jsonl
 
 BASE_PREFIX = "base-"
 RECORDS_SHA256 = "records_sha256"
+PREFERENCE = "preference"  # <folder>/preference.json(l): held-out pairs (eval/preference.py)
 RUN_RESULTS = "eval"  # <run>/eval/: the run's own before/after, which compare and report read
 EVALUATIONS = "evals"  # <run>/evals/<name>/: later evaluations of the run (instill eval RUN)
 
@@ -113,11 +114,13 @@ def read_records(folder: Path, stem: str) -> list[dict] | None:
 
 def result_stems(folder: Path, prefix: str = "") -> list[str]:
     """The suites with both a summary and records in `folder` whose files start with `prefix`,
-    named without it, sorted. With no prefix the base model's results (base-*) are left out."""
+    named without it, sorted. With no prefix the base model's results (base-*) are left out, and
+    so are held-out pairs' (preference.json: one summary holding its own before and after, not
+    a suite of scored examples)."""
     names = []
     for p in sorted(Path(folder).glob(f"{prefix}*.json")):
         stem = p.stem.removeprefix(prefix)
-        if not prefix and stem.startswith(BASE_PREFIX):
+        if (not prefix and stem.startswith(BASE_PREFIX)) or p.stem == PREFERENCE:
             continue
         if p.with_suffix(".jsonl").is_file():
             names.append(stem)

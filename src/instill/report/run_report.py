@@ -30,6 +30,7 @@ from instill.report.claims import (
 )
 from instill.report.deployed import deployed_blocks
 from instill.report.document import Document, Heading, Image, Para, Table, write
+from instill.report.preference import preference_block
 
 
 def load_run(run_dir: Path) -> dict:
@@ -287,6 +288,7 @@ def build_run_report(run_dir: Path, price_per_hour: float = 0.10) -> Document:
     if not tables:
         doc.add(Para("No suite was evaluated both before and after tuning."))
     doc.add(Para("* the delta's 95% interval (paired bootstrap) excludes 0."))
+    doc.add(*preference_block(run_dir))  # nothing unless the run measured held-out pairs
     doc.add(Heading("Generalisation: seen vs held-out clusters"))
     gen = plots.generalisation(run_dir, tables)
     doc.add(
