@@ -344,3 +344,26 @@ def test_data_inspect_reads_a_pair_file_as_pairs(tiny_dir, tmp_path):
     assert report["objective"] == "dpo" and report["pairs"] == 3
     assert report["formats"] == {"pairs": 3}
     assert report["chosen_longer_share"] == pytest.approx(2 / 3, abs=1e-4)
+
+
+def test_a_dpo_run_measures_its_held_out_pairs_before_and_after(tiny_dir, tmp_path):
+    """eval/preference.json: the validation pairs (whole prompts) scored by the starting model
+    and the tuned one, the implicit reward against the start; the report names the objective
+    and the reference."""
+    from instill.recipe import run_recipe
+
+    pairs = pair_file(tmp_path / "p.jsonl", prompts=6, per_prompt=2)
+    source = f"data.sources=[{{path: {pairs}}}]"
+    recipe = preference_recipe(
+        tiny_dir, tmp_path, source, "data.validation=0.34", "train.lr=0.05", "train.max_steps=4"
+    )
+    run = run_recipe(recipe)
+    summary = json.loads((run.run_dir / "eval" / "preference.json").read_text())
+    assert summary["n"] == 4 and summary["prompts"] == 2
+    reward = summary["measures"]["reward_accuracy"]
+    assert reward["start"]["value"] == 0.0  # the start against itself: every margin a tie
+    assert reward["model"]["value"] == 1.0  # 4 steps at a high rate learnt these prompts' style
+    assert (run.run_dir / "eval" / "base" / "preference.json").is_file()
+    report = (run.run_dir / "report.md").read_text()
+    assert "Objective **dpo** (beta 0.1, loss sigmoid); reference: the starting model" in report
+    assert "## Preference on held-out pairs" in report

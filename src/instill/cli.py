@@ -409,7 +409,8 @@ def eval_pairs(
         "(its model.name), which is also scored as the 'before' side; else none.",
     ),
     max_length: int = typer.Option(
-        default(DataConfig, "max_length"), min=1,
+        default(DataConfig, "max_length"),
+        min=1,
         help="Prompt plus reply, in tokens; longer replies are cut to fit.",
     ),
     batch_size: int = typer.Option(8, min=1, help="Pairs per forward (each is two rows)."),

@@ -318,6 +318,7 @@ class Run:
     tasks: list  # the evaluation suites (eval.tasks.Task)
     digest: str | None  # the base model's weights digest (drift suites and replay rows)
     fingerprint: dict  # what a checkpoint and this run must agree on
+    start_pairs: list | None = None  # a preference run's held-out pairs scored by its start
 
 
 def setup(acc, recipe: Recipe, overwrite: bool) -> Run:
@@ -390,6 +391,48 @@ def _describe(run: Run) -> None:
     )
 
 
+def held_out_pairs(run: Run, model, side: str) -> list[dict] | None:
+    """A preference run's validation pairs scored by `model` (main process): "start" before
+    training (the starting model, also DPO's reference), "model" after. The start's records
+    are written to eval/base-preference.jsonl so a resumed run reuses them; after training the
+    summary (before, after, change, length split) goes to eval/preference.json."""
+    from instill.eval.preference import (
+        pair_records,
+        preference_summary,
+        read_preference,
+        rows_sha256,
+        score_pairs,
+        side_records,
+        write_preference,
+    )
+
+    recipe, data, folder = run.recipe, run.data, run.run_dir / "eval"
+    if recipe.train.objective in ("sft", "kto") or not data.validation:
+        return None  # (kto's validation rows are labelled replies, not pairs)
+    pad, split = run.loaded.tokenizer.pad_token_id, {"rows_sha256": rows_sha256(data.validation)}
+    if side == "start":
+        base = folder / "base"
+        found = read_preference(base) if run.checkpoint is not None else None
+        if found and (found[0].get("split") or {}).get("rows_sha256") == split["rows_sha256"]:
+            return side_records(found[1], "model")
+        records = score_pairs(model, pad, data.validation, recipe.eval.batch_size)
+        write_preference(base, preference_summary(records), pair_records(records), split)
+        return records
+    start = run.start_pairs
+    records = score_pairs(model, pad, data.validation, recipe.eval.batch_size)
+    reference = start if recipe.train.objective in ("dpo", "kto") else None
+    summary = preference_summary(records, reference, start)
+    summary |= {
+        "model": "the tuned model",
+        "start": f"the starting model, {recipe.model.name}",
+        "reference": f"the starting model, {recipe.model.name}" if reference else None,
+        "pairs": "the run's validation split (data.validation: whole prompts held out)",
+        "max_length": recipe.data.max_length,
+    }
+    write_preference(folder, summary, pair_records(records, reference, start), split)
+    return records
+
+
 def evaluate_before(run: Run) -> tuple[dict[str, SuiteResult], float | None]:
     """The untuned model's suites and validation loss (main process). Drift suites' anchors,
     the base model's replies, are taken here, before any adapter is attached. A resumed run
@@ -399,6 +442,8 @@ def evaluate_before(run: Run) -> tuple[dict[str, SuiteResult], float | None]:
     supervised = recipe.train.objective == "sft"
     if data.validation and recipe.eval.before and run.checkpoint is None and supervised:
         base_val_loss = _base_validation(run.run_dir, loaded, data, recipe)
+    if recipe.eval.before:
+        run.start_pairs = held_out_pairs(run, loaded.model, "start")
     attach_anchors(loaded.model, loaded.tokenizer, run.tasks, recipe.eval, run.digest)
     before: dict[str, SuiteResult] = {}
     if run.tasks and recipe.eval.before:
@@ -484,6 +529,8 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
         after = run_tasks(
             model, loaded.tokenizer, run.tasks, recipe.eval, "tuned", run_dir / "eval"
         )
+    if recipe.eval.after and run.start_pairs is not None:
+        held_out_pairs(run, model, "model")
     summary = RunSummary(
         run_dir, result, before, after, time.perf_counter() - t0, model, loaded.tokenizer
     )

@@ -245,6 +245,28 @@ def data_rows(run: dict) -> list[list[str]]:
     return rows
 
 
+def objective_para(run: dict) -> Para | None:
+    """What the run optimised and against which reference (preference runs), and the run it
+    started from (a second stage): both stages named, so the report's "before" is clear."""
+    o = run.get("objective") or {}
+    parts = []
+    if o.get("started_from"):
+        f = o["started_from"]
+        parts.append(
+            f"This is a second stage: it started from run **{f['run']}** ({f['its_objective']} "
+            f'on {f["its_model"]}); "before" below is that run\'s tuned model.'
+        )
+    if o.get("name", "sft") != "sft":
+        p = o.get("preference") or {}
+        knobs = f"beta {p.get('beta')}"
+        if o["name"] == "dpo":
+            knobs += f", loss {p.get('loss_type')}"
+        if p.get("sft_weight"):
+            knobs += f", supervised term {p['sft_weight']}"
+        parts.append(f"Objective **{o['name']}** ({knobs}); reference: {o.get('reference')}.")
+    return Para(" ".join(parts)) if parts else None
+
+
 def build_run_report(run_dir: Path, price_per_hour: float = 0.10) -> Document:
     run = load_run(run_dir)
     tables = suite_tables(run_dir)
@@ -261,6 +283,7 @@ def build_run_report(run_dir: Path, price_per_hour: float = 0.10) -> Document:
             f"`{run_dir / RUN_RESULTS}/` (the run's own evaluation; later ones, in "
             f"`{EVALUATIONS}/`, are compared with instill compare RUN --eval NAME)."
         ),
+        objective_para(run),
         Heading("Claims and what the numbers say"),
         performance_verdict(tables),
         generalisation_verdict(tables),
