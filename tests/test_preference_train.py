@@ -367,3 +367,10 @@ def test_a_dpo_run_measures_its_held_out_pairs_before_and_after(tiny_dir, tmp_pa
     report = (run.run_dir / "report.md").read_text()
     assert "Objective **dpo** (beta 0.1, loss sigmoid); reference: the starting model" in report
     assert "## Preference on held-out pairs" in report
+    from typer.testing import CliRunner
+
+    from instill.cli import app
+
+    shown = CliRunner().invoke(app, ["compare", str(run.run_dir), "--json"])
+    assert shown.exit_code == 0, shown.output  # no suites: the pairs are the comparison
+    assert json.loads(shown.output)["preference"]["measures"] == summary["measures"]

@@ -470,17 +470,32 @@ def compare(
     from instill.eval.compare import as_json as to_json
     from instill.eval.compare import compare as run_compare
     from instill.eval.compare import print_tables
+    from instill.eval.preference import print_preference, read_preference
     from instill.report.run_report import forgetting_verdict
 
-    sa, sb, tables = run_compare(a, b, evaluation)
+    # a preference run's held-out pairs, before and after (eval/preference.json)
+    pairs = read_preference(Path(a) / "eval") if b is None and evaluation is None else None
+    try:
+        sa, sb, tables = run_compare(a, b, evaluation)
+    except InstillError:
+        if pairs is None:
+            raise
+        sa = None  # a preference run without suites: its pairs are the comparison
     if as_json:
-        verdict = forgetting_verdict(tables, sb.label)
-        data = to_json(sa, sb, tables)
-        data["forgetting"] = {"supported": verdict.supported, "text": verdict.text}
+        data = {}
+        if sa is not None:
+            verdict = forgetting_verdict(tables, sb.label)
+            data = to_json(sa, sb, tables)
+            data["forgetting"] = {"supported": verdict.supported, "text": verdict.text}
+        if pairs is not None:
+            data["preference"] = pairs[0]
         print(json.dumps(data, indent=2))
         return
-    print_tables(sa, sb, tables, out)
-    print_forgetting(sa, sb, tables)
+    if sa is not None:
+        print_tables(sa, sb, tables, out)
+        print_forgetting(sa, sb, tables)
+    if pairs is not None:
+        print_preference(pairs[0], out)
 
 
 def print_forgetting(sa, sb, tables: list[dict]) -> None:

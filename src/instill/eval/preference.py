@@ -389,4 +389,5 @@ def print_preference(summary: dict, out) -> None:
     if summary.get("truncated"):
         out.print(f"{summary['truncated']} pairs had a reply cut to fit --max-length "
                   f"{summary['max_length']}; they are scored on the part that fits")  # fmt: skip
-    out.print(summary["note"] + f"; {summary['wall_s']:.0f} s", highlight=False)
+    took = f"; {summary['wall_s']:.0f} s" if "wall_s" in summary else ""
+    out.print(summary["note"] + took, highlight=False)
