@@ -203,3 +203,19 @@ def test_cli_bad_option_is_one_line(chatty_run, tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert err.strip().startswith("error: --k 1: Input should be greater than or equal to 2")
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_suite_file_rows_with_references(tmp_path):
+    suite = tmp_path / "mine.jsonl"
+    rows = [{"prompt": f"Say {w}.", "reference": w, "cluster": c}
+            for w, c in (("yes", "a"), ("no", "a"), ("maybe", "b"))]  # fmt: skip
+    suite.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = pairs.training_task(str(suite), None, 0, "auto", frozenset({"b"}), ("b",))
+    assert task.metric == "exact_match"
+    assert [ex.reference for ex in task.examples] == ["yes", "no"]
+    assert pairs.score_replies(task, [gen("Yes"), gen("no"), gen("no"), gen("No.")], 2) == [
+        1.0, 0.0, 1.0, 1.0]  # fmt: skip
+    with pytest.raises(InstillError, match="--metric choice: pairs need a reply scored"):
+        pairs.training_task(str(suite), None, 0, "choice", frozenset(), ())
+    with pytest.raises(InstillError, match="--holdout c: no such cluster"):
+        pairs.training_task(str(suite), None, 0, "auto", frozenset({"c"}), ("c",))
