@@ -19,6 +19,7 @@ from instill.config import (
     DataConfig,
     EvalConfig,
     ModelConfig,
+    PairsConfig,
     Recipe,
     ReportConfig,
     SamplingConfig,
@@ -43,6 +44,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Look at training data before 
 app.add_typer(data_app, name="data")
 experiment_app = typer.Typer(no_args_is_help=True, help="Experiments that answer a question.")
 app.add_typer(experiment_app, name="experiment")
+pairs_app = typer.Typer(no_args_is_help=True, help="Preference pairs for preference tuning.")
+app.add_typer(pairs_app, name="pairs")
 
 RECIPES = Path(__file__).parent / "recipes"
 SHIPPED = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
@@ -758,6 +761,85 @@ def serve(
     _quiet_libraries()
     run_server(
         model, cfg, port=port, spec=spec, lora=lora, engine=engine, chat_template=chat_template
+    )
+
+
+def _pairs_option(key: str, flag: str | None = None):
+    """An option of `pairs make` that sets one PairsConfig field."""
+    flag = flag or "--" + key.replace("_", "-")
+    return typer.Option(default(PairsConfig, key), flag, help=describe(PairsConfig, key))
+
+
+@pairs_app.command("make")
+def pairs_make(
+    model: str = typer.Argument(..., help="A run directory, a final/ directory, or a model name."),
+    out_file: Path = typer.Option(
+        ...,
+        "--out",
+        help="Pairs JSONL to write (format pairs); a summary goes to OUT.summary.json.",
+    ),
+    k: int = _pairs_option("k"),
+    temperature: float = _pairs_option("temperature"),
+    per_family: int = _pairs_option("per_family"),
+    seed: int = _pairs_option("seed"),
+    max_new_tokens: int = _pairs_option("max_new_tokens"),
+    threshold: float = _pairs_option("threshold"),
+    batch_size: int = _pairs_option("batch_size"),
+    suite: str = typer.Option(
+        "builtin",
+        help="builtin (the built-in families' training split), or a file of rows with "
+        "reference answers (as `instill eval --suite FILE` reads).",
+    ),
+    metric: str = typer.Option(
+        "auto",
+        help="A suite file's scorer: exact_match (auto), contains, token_f1 or rouge_l.",
+    ),
+    holdout: list[str] = typer.Option(
+        [],
+        "--holdout",
+        help="A cluster whose prompts are never sampled (repeatable). A run's own "
+        "eval.holdout_clusters are always left out too.",
+    ),
+    kto: Path = typer.Option(
+        None, help="Also write every distinct reply as a prompt/completion/label row (KTO)."
+    ),
+    chat_template: Path = CHAT_TEMPLATE,
+) -> None:
+    """Self-checked preference pairs: the model samples k replies to each training prompt of
+    tasks whose answers can be checked, the task's own scorer splits them into passing and
+    failing, and each prompt with both gives a pair (the shortest passing reply chosen, a
+    failing one drawn by seed rejected). Held-out prompts (the eval split, held-out clusters)
+    are never used."""
+    from pydantic import ValidationError
+
+    from instill.pairs import make_pairs, summary_path, summary_table
+
+    try:
+        opts = PairsConfig(
+            k=k, temperature=temperature, per_family=per_family, seed=seed,
+            max_new_tokens=max_new_tokens, threshold=threshold, batch_size=batch_size,
+        )  # fmt: skip
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        option = "--" + str(error["loc"][0]).replace("_", "-")
+        raise InstillError(f"{option} {error['input']}: {error['msg']}") from None
+    spec = _model_spec(model, chat_template)
+    _quiet_libraries()
+    summary = make_pairs(
+        model, out_file, opts, suite=suite, metric=metric, holdout=holdout, kto=kto, spec=spec
+    )
+    out.print(summary_table(summary))
+    if summary["pairs_written"] == 0:
+        out.print(
+            "no prompt gave both a passing and a failing reply: raise --k or --temperature "
+            "(all failing), or use harder prompts (all passing)",
+            soft_wrap=True,
+        )
+    kept = f"; {summary['kto_rows']} labelled rows to {kto}" if kto is not None else ""
+    out.print(
+        f"{summary['pairs_written']} pairs from {summary['prompts']} prompts written to "
+        f"{out_file}{kept}; summary {summary_path(out_file)} ({summary['wall_s']:.0f} s)",
+        soft_wrap=True,
     )
 
 

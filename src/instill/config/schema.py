@@ -637,6 +637,43 @@ class SamplingConfig(_Section):
     )
 
 
+class PairsConfig(_Section):
+    """The options of `instill pairs make`: sample replies to training prompts whose answers can
+    be checked, and pair a passing reply with a failing one."""
+
+    k: int = Field(4, ge=2, description="Replies sampled for each prompt (at least 2).")
+    temperature: float = Field(
+        0.8,
+        gt=0,
+        description="Sampling temperature (above 0: greedy replies would all be the same).",
+    )
+    per_family: int | None = Field(
+        None,
+        gt=0,
+        description="Built-in tasks: training prompts per family (default 8). A suite file: at "
+        "most this many rows per cluster, picked by --seed (default: all).",
+    )
+    seed: int = Field(
+        0,
+        description="Seed of the built-in prompts, of each reply's sampling and of the pick of "
+        "the rejected reply: the same seed gives the same file.",
+    )
+    max_new_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Longest reply, in tokens; a reply cut there never passes (default: a run's "
+        "eval.max_new_tokens, else 32, what evaluation scores).",
+    )
+    threshold: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="A reply passes when its score reaches this (0 to 1). The built-in "
+        "scorers, exact_match and contains score 0 or 1; token_f1 and rouge_l are graded.",
+    )
+    batch_size: int = Field(32, gt=0, description="Replies generated together.")
+
+
 def default(section: type[BaseModel], key: str):
     """A field's default: where a command-line option sets the same thing as a config field, the
     option's default is read here, so the two cannot disagree."""

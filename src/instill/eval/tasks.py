@@ -53,11 +53,12 @@ def _id(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:12]
 
 
-def builtin_task(
-    per_family: int, seed: int, families: list[str] | None = None, holdout=frozenset()
-) -> Task:
-    """The eval split of the built-in tasks, each scored by its own family's scorer."""
-    examples = [
+def builtin_examples(
+    split: str, per_family: int, seed: int, families: list[str] | None = None
+) -> list[EvalExample]:
+    """One split of the built-in tasks (data/builtin.py) as examples with their own scorers:
+    "eval" for evaluation, "train" for what training (and `instill pairs make`) draws on."""
+    return [
         EvalExample(
             id=_id(ex.family, json.dumps(ex.messages)),
             prompt=tuple(ex.prompt_messages),
@@ -66,8 +67,15 @@ def builtin_task(
             cluster=ex.cluster,
             scorer=ex,
         )
-        for ex in builtin.generate("eval", per_family, seed, families)
+        for ex in builtin.generate(split, per_family, seed, families)
     ]
+
+
+def builtin_task(
+    per_family: int, seed: int, families: list[str] | None = None, holdout=frozenset()
+) -> Task:
+    """The eval split of the built-in tasks, each scored by its own family's scorer."""
+    examples = builtin_examples("eval", per_family, seed, families)
     split = {"per_family": per_family, "seed": seed, "families": families}
     return Task("builtin", examples, "builtin", holdout=frozenset(holdout), split=split)
 

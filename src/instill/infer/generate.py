@@ -30,7 +30,7 @@ def generate(
     model,
     tokenizer,
     conversations: Sequence[Sequence[dict]],
-    params: GenParams = GenParams(),
+    params: GenParams | Sequence[GenParams] = GenParams(),
     *,
     batch_size: int = 16,
     on_text: Callable[[str], None] | None = None,
@@ -43,11 +43,16 @@ def generate(
     else is in the list and whatever `batch_size`; a seeded one too (each reply draws from its
     own generator seeded with `params.seed`). `batch_invariant=False` runs rows unpadded, which
     a single conversation (chat) decodes faster: its last bits are then a one-row product's
-    (engine.py; the README's Generation section has the speeds)."""
+    (engine.py; the README's Generation section has the speeds). `params` may also be one
+    GenParams per conversation (several seeded samples of one prompt, each with its own seed)."""
     if on_text is not None and len(conversations) != 1:
         raise ValueError("streaming (on_text) takes exactly one conversation")
+    each = [params] * len(conversations) if isinstance(params, GenParams) else list(params)
+    if len(each) != len(conversations):
+        raise ValueError(f"{len(each)} GenParams for {len(conversations)} conversations")
     jobs = [
-        Job(render_prompt(tokenizer, c), params, on_text=on_text, live=False) for c in conversations
+        Job(render_prompt(tokenizer, c), p, on_text=on_text, live=False)
+        for c, p in zip(conversations, each, strict=True)
     ]
     if not jobs:
         return []
