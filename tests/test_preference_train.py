@@ -205,14 +205,23 @@ def test_resume_of_a_dpo_run_is_exact(default_source, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_train_dpo_as_one(default_source, tmp_path):
+@pytest.mark.parametrize(
+    "shard,method", [("none", "lora"), ("fsdp", "lora"), ("fsdp", "full")],
+    ids=["ddp-lora", "fsdp-lora", "fsdp-full"],
+)  # fmt: skip
+def test_two_processes_train_dpo_as_one(default_source, tmp_path, shard, method):
+    """The loss divided by the global pair count: 2 processes at 2 pairs each train as 1 at 4,
+    with validation pairs scored in shares; FSDP runs the reference forward (adapters off, or
+    the frozen copy) on every process, every micro-batch."""
     from dist import assert_same_training, load, run_worker
 
     out = tmp_path / "dpo.json"
-    run_worker(default_source.path, out, [{"out": str(out), "method": "lora", "objective": "dpo"}])
-    two = load(out)
-    one = run(default_source.path, 4, method="lora", objective="dpo")
+    options = {"method": method, "objective": "dpo", "shard": shard, "steps": 3,
+               "validation": True, "eval_every": 3}  # fmt: skip
+    run_worker(default_source.path, out, [{"out": str(out), **options}])
+    two, one = load(out), run(default_source.path, 4, **options)
     assert_same_training(two, one, min_tensors=8)
+    assert two["val_losses"][0][1] == pytest.approx(one["val_losses"][0][1], abs=1e-5)
 
 
 # --- recipes ---------------------------------------------------------------------------------
@@ -374,3 +383,24 @@ def test_a_dpo_run_measures_its_held_out_pairs_before_and_after(tiny_dir, tmp_pa
     shown = CliRunner().invoke(app, ["compare", str(run.run_dir), "--json"])
     assert shown.exit_code == 0, shown.output  # no suites: the pairs are the comparison
     assert json.loads(shown.output)["preference"]["measures"] == summary["measures"]
+
+
+def test_precomputed_reference_is_cached_by_model_and_pairs(tokenizer, tmp_path, monkeypatch):
+    """A second run on the same start and pairs reads the reference log-probs instead of
+    scoring them, and trains the same; other weights miss the cache."""
+    from instill.train import objective as objective_module
+
+    monkeypatch.setenv("INSTILL_HOME", str(tmp_path / "home"))
+    cfg = TrainConfig(objective="dpo", max_steps=2, batch_size=2, lr=1e-2,
+                      preference=PreferenceConfig(precompute_reference=True))  # fmt: skip
+    rows = make_pairs(4, seed=8)
+    first = train(lora(tokenizer, moved=False), tokenizer, rows, cfg, None)
+    assert len(list((tmp_path / "home" / "reference-cache").glob("*.npy"))) == 1
+    scored = []
+    real = objective_module.precompute_reference
+    monkeypatch.setattr(objective_module, "precompute_reference",
+                        lambda *a, **k: scored.append(1) or real(*a, **k))  # fmt: skip
+    second = train(lora(tokenizer, moved=False), tokenizer, rows, cfg, None)
+    assert scored == [] and second.losses == first.losses
+    train(lora(tokenizer, seed=3, moved=False), tokenizer, rows, cfg, None)  # other weights
+    assert scored == [1]

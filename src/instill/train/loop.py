@@ -46,7 +46,7 @@ from instill.train.compiled import compile_error, compiled_layers, eager, is_com
 from instill.train.logs import TrainLogs
 from instill.train.loss import SupervisedLM
 from instill.train.memory import enable_checkpointing, fix_mmap_threshold
-from instill.train.objective import Figures, make_objective, precompute_reference
+from instill.train.objective import Figures, cached_reference, make_objective
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -681,9 +681,9 @@ def _precompute(model, objective, rows, validation, tokenizer, cfg, acc):
         console.print(f"scoring {n} pairs with the reference model (precompute_reference)")
     pad, size = tokenizer.pad_token_id, cfg.batch_size
     with eager():
-        rows = precompute_reference(model, objective, rows, pad, size)
+        rows = cached_reference(model, objective, rows, pad, size)
         if validation:
-            validation = precompute_reference(model, objective, validation, pad, size)
+            validation = cached_reference(model, objective, validation, pad, size)
     return rows, validation
 
 

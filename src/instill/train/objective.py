@@ -308,3 +308,58 @@ class Figures:
             local = torch.tensor(flat, dtype=torch.float64, device=acc.device)
             flat = acc.reduce(local, reduction="sum").tolist()
         return {k: flat[2 * i] / flat[2 * i + 1] for i, k in enumerate(names) if flat[2 * i + 1]}
+
+
+def _rows_digest(rows: list) -> str:
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for r in rows:
+        for ids, mask in _pair_seqs(r):
+            h.update(len(ids).to_bytes(8, "little"))
+            h.update(np.asarray(ids, dtype=np.int64).tobytes())
+            h.update(np.asarray(mask, dtype=np.int8).tobytes())
+    return h.hexdigest()
+
+
+def _pair_seqs(row) -> list:
+    return [row.chosen(), row.rejected()]
+
+
+def cached_reference(model, objective: Preference, rows: list, pad_id: int, batch_size: int):
+    """precompute_reference through a cache under $INSTILL_HOME/reference-cache, keyed by the
+    model's weights (every tensor: the reference is the start), the tokenised pairs (so the
+    data, the chat template and the length policy) and the code's version: a second run on the
+    same start and pairs (another beta, learning rate or method) reads them instead of scoring.
+    A cache that cannot be written only costs the scoring next time."""
+    import hashlib
+
+    import numpy as np
+
+    from instill.atomic import WriteError, atomic_file
+    from instill.console import console
+    from instill.eval.drift import model_digest
+    from instill.models.resolve import instill_home
+
+    key = hashlib.sha256(
+        f"v1\x1f{model_digest(model)}\x1f{_rows_digest(rows)}".encode()
+    ).hexdigest()[:24]
+    path = instill_home() / "reference-cache" / f"{key}.npy"
+    if path.is_file():
+        try:
+            refs = np.load(path, allow_pickle=False)
+            if refs.shape == (len(rows), 2):
+                return [replace(r, reference=(float(a), float(b)))
+                        for r, (a, b) in zip(rows, refs.tolist(), strict=True)]  # fmt: skip
+        except (OSError, ValueError):
+            pass  # a damaged entry is scored again
+    out = precompute_reference(model, objective, rows, pad_id, batch_size)
+    try:
+        with atomic_file(path, "reference cache", "INSTILL_HOME") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray([r.reference for r in out], dtype=np.float64))
+    except WriteError as exc:
+        console.print(f"[yellow]reference log-probs not cached[/yellow]: {exc}", soft_wrap=True)
+    return out
