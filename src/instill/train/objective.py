@@ -91,10 +91,6 @@ class Supervised:
     def module(self, model, reference=None) -> torch.nn.Module:
         return SupervisedLM(model, kl_weight=self.cfg.kl_to_base, reference=reference)
 
-    def scorer(self, model, reference=None) -> torch.nn.Module:
-        """What validation scores with: the loss without the KL term."""
-        return SupervisedLM(model)
-
 
 def _sequences(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict:
     ids, attn, mask = pad_right(pairs, pad_id)
@@ -169,9 +165,6 @@ class Preference:
         return len(batch["input_ids"]) // 2
 
     def module(self, model, reference=None) -> torch.nn.Module:
-        return PreferenceLM(model, self, reference)
-
-    def scorer(self, model, reference=None) -> torch.nn.Module:
         return PreferenceLM(model, self, reference)
 
     def loss(self, policy: torch.Tensor, tokens: torch.Tensor, ref: torch.Tensor | None, batch):
