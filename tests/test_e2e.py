@@ -147,3 +147,40 @@ def test_eval_command_writes_records(run):
     lines = (run.run_dir / "eval-cli" / "builtin.jsonl").read_text().splitlines()
     assert len(lines) == len(families)
     assert "builtin: builtin" in proc.stdout and "95% CI" in proc.stdout
+
+
+def test_dpo_recipe_chains_from_the_run(run, tmp_path):
+    """recipes/dpo.yaml on the real model: the second stage starts from the quickstart run,
+    measures its held-out pairs and both suites' sides, and its adapter loads back through the
+    first run."""
+    from instill.models.load import load_for_inference
+
+    rows = [
+        {"prompt": f"What is {a} plus {b}?", "chosen": str(a + b),
+         "rejected": f"The answer is probably {a + b + 1}, but I am not sure."}
+        for a in range(2, 8) for b in (3, 11)
+    ]  # fmt: skip
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(
+        RECIPES / "dpo.yaml",
+        [
+            f"model.name={run.run_dir}", f"train.output_dir={tmp_path}",
+            f"data.sources=[{{path: {pairs}}}]", "data.validation=0.25",
+            "data.builtin.families=[addition,uppercase]", "data.builtin.eval_per_family=2",
+            "eval.holdout_clusters=[]", "eval.suites=[builtin]", "eval.max_new_tokens=12",
+            "train.max_steps=2", "train.eval_every=null",
+        ],
+    )  # fmt: skip
+    second = run_recipe(recipe)
+    record = json.loads((second.run_dir / "run.json").read_text())
+    assert record["objective"]["started_from"]["run"] == str(run.run_dir)
+    assert "LoRA adapters switched off" in record["objective"]["reference"]
+    assert set(record["eval_before"]) == set(record["eval_after"]) == {"builtin"}
+    summary = json.loads((second.run_dir / "eval" / "preference.json").read_text())
+    assert summary["n"] == 3 and summary["measures"]["reward_accuracy"]["start"]["value"] == 0.0
+    ids = torch.tensor([[1, 504, 3180, 314, 2066]])
+    with torch.no_grad():
+        expected = second.model.eval()(input_ids=ids).logits
+        reloaded = load_for_inference(str(second.run_dir)).model(input_ids=ids).logits
+    assert torch.allclose(reloaded, expected, atol=1e-4)
