@@ -417,13 +417,18 @@ def compare(
     from instill.eval.compare import as_json as to_json
     from instill.eval.compare import compare as run_compare
     from instill.eval.compare import print_tables
+    from instill.eval.drift import guard_limits
     from instill.report.run_report import forgetting_verdict
 
     sa, sb, tables = run_compare(a, b, evaluation)
     if as_json:
         verdict = forgetting_verdict(tables, sb.label)
         data = to_json(sa, sb, tables)
-        data["forgetting"] = {"supported": verdict.supported, "text": verdict.text}
+        data["forgetting"] = {
+            "supported": verdict.supported,
+            "text": verdict.text,
+            "limits": guard_limits(),
+        }
         print(json.dumps(data, indent=2))
         return
     print_tables(sa, sb, tables, out)
