@@ -131,7 +131,7 @@ def test_replies_twice_the_base_length_are_flagged(tmp_path):
     tables, verdict = _verdict(_gen_folder(tmp_path, 2.0))
     assert tables[0]["generation"]["tokens"][2] == pytest.approx(2.0)
     assert verdict.supported is False, verdict.text
-    assert "general_gen: replies 2.00x the base's length (limit 1.5x): longer replies" in (
+    assert "general_gen: replies 2.00x the base's length (limit 1.3x): longer replies" in (
         verdict.text
     )
 
@@ -145,7 +145,7 @@ def test_replies_1_2x_the_base_length_are_not_flagged(tmp_path):
 
 def test_the_verdict_shows_each_guards_limit_beside_its_value(tmp_path):
     _, verdict = _verdict(_gen_folder(tmp_path, 1.2))
-    assert "reply length 1.20x (limits 0.8x to 1.5x" in verdict.text
+    assert "reply length 1.20x (limits 0.8x to 1.3x" in verdict.text
     assert "drift +0.000 nats/token (limit +0.19" in verdict.text
     assert "(limit a rise of 10 points)" in verdict.text
 
@@ -164,7 +164,7 @@ def test_compare_json_carries_the_limits_and_the_table_prints_them(tmp_path, mon
         "general_choice": "no drop with a 95% interval below 0",
         "drift_max": 0.19,
         "length_ratio_min": 0.8,
-        "length_ratio_max": 1.5,
+        "length_ratio_max": 1.3,
         "short_share_rise_max": 0.1,
         "rouge_l": "no drop with a 95% interval below 0",
     }
@@ -173,7 +173,7 @@ def test_compare_json_carries_the_limits_and_the_table_prints_them(tmp_path, mon
     result = CliRunner().invoke(app, ["compare", str(run)])
     assert result.exit_code == 0, result.output
     line = next(x for x in result.output.splitlines() if "reply tokens (mean)" in x)
-    assert "x2.00" in line and "x0.80 to x1.50" in line
+    assert "x2.00" in line and "x0.80 to x1.30" in line
     line = next(x for x in result.output.splitlines() if "drift, nats/token" in x)
     assert "≤ +0.19" in line
 
@@ -185,14 +185,14 @@ def test_the_run_report_table_shows_the_limits(tmp_path):
     block = drift_block(tables[0])
     assert block.header[-1] == "limit"
     rows = {r[0]: r for r in block.rows}
-    assert rows["**reply tokens (mean)**"][-1] == "x0.80 to x1.50"
+    assert rows["**reply tokens (mean)**"][-1] == "x0.80 to x1.30"
     assert rows["**drift, nats/token**"][-1] == "≤ +0.19"
     assert rows["**replies under 10 words (%)**"][-1] == "rise ≤ 10 points"
 
 
 def test_a_length_cap_that_hides_longer_replies_is_said(tmp_path):
     # The real quickstart's base wrote to the 64-token cap on 57 of 64 prompts: no reply of the
-    # tuned model can be 1.5x as long, so the upper limit cannot be seen to be crossed.
+    # tuned model can be 1.3x as long, so the upper limit cannot be seen to be crossed.
     folder = Path(shutil.copytree(FIXTURE / "eval", tmp_path / "eval"))
     side = Side("base", folder, "base-")
     tables = [compare_suite(side, side, "general_gen")]
@@ -200,7 +200,7 @@ def test_a_length_cap_that_hides_longer_replies_is_said(tmp_path):
     assert verdict.supported is True
     assert (
         "general_gen: longer replies cannot be seen: 57 of 64 base replies were cut at 64 "
-        "tokens, so a reply can be at most 1.06x the base's length, under the 1.5x limit "
+        "tokens, so a reply can be at most 1.06x the base's length, under the 1.3x limit "
         "(raise eval.gen_max_new_tokens)" in verdict.text
     )
     # with room above the base's replies, no such note
