@@ -84,3 +84,125 @@ def test_the_shipped_replay_prompts_are_checked_against_a_users_drift_suite(tmp_
     recipe = load_recipe(QUICKSTART, [f"eval.suites=[{json.dumps(spec)}]"])
     with pytest.raises(InstillError, match=r"1 prompt\(s\) of instill's replay prompts .* mine"):
         check_replay_prompts(recipe, build_tasks(recipe))
+
+
+# --- the reply-length guard is two-sided (issue 23, item 8) -----------------------------------
+
+
+def _gen_records(factor: float, n: int = 40, cap: int = 256) -> tuple[list[dict], list[dict]]:
+    """A base's and a tuned model's general_gen records over n prompts: the base ends every
+    reply (20 to 98 tokens, under the cap), the tuned model writes `factor` times as many tokens
+    (cut at `cap`); the tuned model's replies are the base's own (drift 0)."""
+    base, tuned = [], []
+    for i in range(n):
+        b = 20 + 2 * i
+        t = min(cap, round(factor * b))
+        common = {"id": f"p{i:02d}", "family": "explain", "cluster": "explain", "seen": True,
+                  "prompt": f"prompt {i}", "base_reply": "y " * b, "reference": None,
+                  "base_tokens": b, "base_words": b, "anchor": "a", "score": 0.0,
+                  "scores": {"drift": 0.0}}  # fmt: skip
+        base.append({**common, "prediction": "y " * b, "finish_reason": "stop", "tokens": b,
+                     "words": b})  # fmt: skip
+        tuned.append({**common, "prediction": "x " * t, "tokens": t, "words": t,
+                      "finish_reason": "stop" if t < cap else "length"})  # fmt: skip
+    return base, tuned
+
+
+def _gen_folder(tmp_path: Path, factor: float, cap: int = 256) -> Path:
+    """A run-like results folder (base-general_gen.* and general_gen.*) of _gen_records."""
+    folder = tmp_path / f"x{factor}" / "eval"
+    folder.mkdir(parents=True)
+    for prefix, records in zip(("base-", ""), _gen_records(factor, cap=cap), strict=True):
+        summary = {"suite": "general_gen", "metric": "drift", "split": {"per_kind": None}}
+        (folder / f"{prefix}general_gen.json").write_text(json.dumps(summary))
+        (folder / f"{prefix}general_gen.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records)
+        )
+    return folder
+
+
+def _verdict(folder: Path):
+    base, tuned = Side("base", folder, "base-"), Side("tuned", folder)
+    tables = [compare_suite(base, tuned, "general_gen")]
+    return tables, forgetting_verdict(tables)
+
+
+def test_replies_twice_the_base_length_are_flagged(tmp_path):
+    tables, verdict = _verdict(_gen_folder(tmp_path, 2.0))
+    assert tables[0]["generation"]["tokens"][2] == pytest.approx(2.0)
+    assert verdict.supported is False, verdict.text
+    assert "general_gen: replies 2.00x the base's length (limit 1.3x): longer replies" in (
+        verdict.text
+    )
+
+
+def test_replies_1_2x_the_base_length_are_not_flagged(tmp_path):
+    tables, verdict = _verdict(_gen_folder(tmp_path, 1.2))
+    assert tables[0]["generation"]["tokens"][2] == pytest.approx(1.2, abs=0.01)
+    assert verdict.supported is True, verdict.text
+    assert "longer replies" not in verdict.text
+
+
+def test_the_verdict_shows_each_guards_limit_beside_its_value(tmp_path):
+    _, verdict = _verdict(_gen_folder(tmp_path, 1.2))
+    assert "reply length 1.20x (limits 0.8x to 1.3x" in verdict.text
+    assert "drift +0.000 nats/token (limit +0.19" in verdict.text
+    assert "(limit a rise of 10 points)" in verdict.text
+
+
+def test_compare_json_carries_the_limits_and_the_table_prints_them(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from instill.cli import app
+
+    run = _gen_folder(tmp_path, 2.0).parent
+    result = CliRunner().invoke(app, ["compare", str(run), "--json"])
+    assert result.exit_code == 0, result.output
+    forgetting = json.loads(result.output)["forgetting"]
+    assert forgetting["supported"] is False
+    assert forgetting["limits"] == {
+        "general_choice": "no drop with a 95% interval below 0",
+        "drift_max": 0.19,
+        "length_ratio_min": 0.8,
+        "length_ratio_max": 1.3,
+        "short_share_rise_max": 0.1,
+        "rouge_l": "no drop with a 95% interval below 0",
+    }
+    assert "longer replies" in forgetting["text"]
+    monkeypatch.setenv("COLUMNS", "200")
+    result = CliRunner().invoke(app, ["compare", str(run)])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if "reply tokens (mean)" in x)
+    assert "x2.00" in line and "x0.80 to x1.30" in line
+    line = next(x for x in result.output.splitlines() if "drift, nats/token" in x)
+    assert "≤ +0.19" in line
+
+
+def test_the_run_report_table_shows_the_limits(tmp_path):
+    from instill.report.run_report import drift_block
+
+    tables, _ = _verdict(_gen_folder(tmp_path, 2.0))
+    block = drift_block(tables[0])
+    assert block.header[-1] == "limit"
+    rows = {r[0]: r for r in block.rows}
+    assert rows["**reply tokens (mean)**"][-1] == "x0.80 to x1.30"
+    assert rows["**drift, nats/token**"][-1] == "≤ +0.19"
+    assert rows["**replies under 10 words (%)**"][-1] == "rise ≤ 10 points"
+
+
+def test_a_length_cap_that_hides_longer_replies_is_said(tmp_path):
+    # The real quickstart's base wrote to the 64-token cap on 57 of 64 prompts: no reply of the
+    # tuned model can be 1.3x as long, so the upper limit cannot be seen to be crossed.
+    folder = Path(shutil.copytree(FIXTURE / "eval", tmp_path / "eval"))
+    side = Side("base", folder, "base-")
+    tables = [compare_suite(side, side, "general_gen")]
+    verdict = forgetting_verdict(tables)
+    assert verdict.supported is True
+    assert (
+        "general_gen: longer replies cannot be seen: 57 of 64 base replies were cut at 64 "
+        "tokens, so a reply can be at most 1.06x the base's length, under the 1.3x limit "
+        "(raise eval.gen_max_new_tokens)" in verdict.text
+    )
+    # with room above the base's replies, no such note
+    _, verdict = _verdict(_gen_folder(tmp_path, 1.0))
+    assert "cannot be seen" not in verdict.text

@@ -473,6 +473,7 @@ def compare(
     from instill.eval.compare import as_json as to_json
     from instill.eval.compare import compare as run_compare
     from instill.eval.compare import print_tables
+    from instill.eval.drift import guard_limits
     from instill.eval.preference import print_preference, read_preference
     from instill.report.run_report import forgetting_verdict
 
@@ -489,7 +490,11 @@ def compare(
         if sa is not None:
             verdict = forgetting_verdict(tables, sb.label)
             data = to_json(sa, sb, tables)
-            data["forgetting"] = {"supported": verdict.supported, "text": verdict.text}
+            data["forgetting"] = {
+                "supported": verdict.supported,
+                "text": verdict.text,
+                "limits": guard_limits(),
+            }
         if pairs is not None:
             data["preference"] = pairs[0]
         print(json.dumps(data, indent=2))

@@ -153,6 +153,7 @@ def generation_change(ra: list[dict], rb: list[dict], moved: int = 3) -> dict:
             (sum(short_b) - sum(short_a)) / n if n else None,
             bootstrap_delta_ci(short_a, short_b, paired=True) if n else None,
         ),
+        "base_cut": _cut(a, b),
         "rouge_l": None,
         "moved": [],
     }
@@ -170,6 +171,13 @@ def generation_change(ra: list[dict], rb: list[dict], moved: int = 3) -> dict:
         for i in order[:moved]
     ]
     return out
+
+
+def _cut(a: list[dict], b: list[dict]) -> tuple[int, int | None]:
+    """How many of A's replies were cut at the generation cap, and the cap (the length of any
+    reply on either side cut there; None when none was): the upper length guard's headroom."""
+    cut = [r["tokens"] for r in a + b if r.get("finish_reason") == "length"]
+    return sum(r.get("finish_reason") == "length" for r in a), max(cut) if cut else None
 
 
 def compare_suite(sa: Side, sb: Side, suite: str) -> dict:
@@ -244,6 +252,7 @@ def _generation_json(gen: dict) -> dict:
         "drift": {"a": d.a, "b": d.b, "delta": d.delta, "delta_ci95": list(d.ci or ())},
         "tokens": {"a": ta, "b": tb, "ratio": ratio, "ratio_ci95": list(ci or ())},
         "short_share": {"a": sa, "b": sb, "delta": delta, "delta_ci95": list(sci or ())},
+        "base_cut": {"replies": gen["base_cut"][0], "at_tokens": gen["base_cut"][1]},
         "rouge_l": None
         if r is None
         else {"a": r.a, "b": r.b, "delta": r.delta, "delta_ci95": list(r.ci or ())},
@@ -287,21 +296,26 @@ def _print_generation(sa: Side, sb: Side, t: dict, out) -> None:
     if not gen["n"]:
         out.print(f"{t['suite']}: no prompt was answered on both sides")
         return
+    from instill.eval.drift import limit_cells
+
+    limit = limit_cells()
     table = Table(title=f"{t['suite']}: against the base model's replies (n={gen['n']})")
-    for col in ("", sa.label, sb.label, "change", "95% CI"):
+    for col in ("", sa.label, sb.label, "change", "95% CI", "limit"):
         table.add_column(col, justify="left" if not col else "right")
     for r in t["rows"]:
+        overall = r.label == "overall"  # the verdict weighs the overall drift, not each kind's
         table.add_row(
-            f"drift, nats/token {r.label.strip()}" if r.label == "overall" else r.label,
+            f"drift, nats/token {r.label.strip()}" if overall else r.label,
             f"{r.a:.3f}",
             f"{r.b:.3f}",
             f"{r.delta:+.3f}" + (" *" if r.significant else ""),
             f"{r.ci[0]:+.3f} … {r.ci[1]:+.3f}",
+            limit["drift"] if overall else "",
             style="bold" if not r.label.startswith(" ") else None,
         )
     ta, tb, ratio, ci = gen["tokens"]
     table.add_row("reply tokens (mean)", f"{ta:.1f}", f"{tb:.1f}", f"x{ratio:.2f}",
-                  f"x{ci[0]:.2f} … x{ci[1]:.2f}", style="bold")  # fmt: skip
+                  f"x{ci[0]:.2f} … x{ci[1]:.2f}", limit["tokens"], style="bold")  # fmt: skip
     sa_, sb_, delta, sci = gen["short"]
     table.add_row(
         "replies under 10 words (%)",
@@ -309,13 +323,14 @@ def _print_generation(sa: Side, sb: Side, t: dict, out) -> None:
         f"{100 * sb_:.1f}",
         f"{100 * delta:+.1f}",
         f"{100 * sci[0]:+.1f} … {100 * sci[1]:+.1f}",
+        limit["short"],
         style="bold",
     )
     r = gen["rouge_l"]
     if r is not None:
         table.add_row("ROUGE-L vs references (%)", f"{100 * r.a:.1f}", f"{100 * r.b:.1f}",
                       f"{100 * r.delta:+.1f}", f"{100 * r.ci[0]:+.1f} … {100 * r.ci[1]:+.1f}",
-                      style="bold")  # fmt: skip
+                      limit["rouge_l"], style="bold")  # fmt: skip
     out.print(table)
     if not gen["same_anchor"]:
         out.print("note: the two sides were scored against different base models' replies")

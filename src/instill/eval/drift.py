@@ -33,11 +33,36 @@ GEN_SUITE = "general_gen"
 SHORT_WORDS = 10  # a reply under this many words is "short" (a one-line answer)
 
 # What counts as a loss in the forgetting verdict (each needs its whole 95% interval past the line):
-# replies shorter than LENGTH_FLOOR of the base's, the share of short replies up by more than
-# SHORT_RISE, or drift above DRIFT_LIMIT nats per token. README "Forgetting" says why these lines.
+# replies shorter than LENGTH_FLOOR of the base's or longer than LENGTH_CEILING of them, the share
+# of short replies up by more than SHORT_RISE, or drift above DRIFT_LIMIT nats per token. README
+# "Forgetting" says why these lines (bench/length_guard.py measures the length ones).
 LENGTH_FLOOR = 0.8
+LENGTH_CEILING = 1.3  # between models that did not forget and one asked to ramble (README)
 SHORT_RISE = 0.10
 DRIFT_LIMIT = 0.19  # half the drift of a q4_0 requantization (README "Forgetting")
+NO_DROP = "no drop with a 95% interval below 0"
+
+
+def guard_limits() -> dict:
+    """The lines the forgetting verdict draws, by guard (`instill compare --json` carries them)."""
+    return {
+        "general_choice": NO_DROP,
+        "drift_max": DRIFT_LIMIT,
+        "length_ratio_min": LENGTH_FLOOR,
+        "length_ratio_max": LENGTH_CEILING,
+        "short_share_rise_max": SHORT_RISE,
+        "rouge_l": NO_DROP,
+    }
+
+
+def limit_cells() -> dict[str, str]:
+    """Each generation measure's limit as a table shows it beside the value."""
+    return {
+        "drift": f"≤ {DRIFT_LIMIT:+g}",
+        "tokens": f"x{LENGTH_FLOOR:.2f} to x{LENGTH_CEILING:.2f}",
+        "short": f"rise ≤ {100 * SHORT_RISE:g} points",
+        "rouge_l": "no significant drop",
+    }
 
 
 def _prompt_id(messages) -> str:
@@ -400,6 +425,11 @@ def generation_losses(gen: dict) -> list[str]:
             f"replies {ratio:.2f}x as long as before ({ta:.1f} -> {tb:.1f} tokens on average, "
             f"95% CI {ci[0]:.2f}x to {ci[1]:.2f}x), below the {LENGTH_FLOOR}x floor"
         )
+    if ci is not None and ci[0] > LENGTH_CEILING:  # preference tuning's known failure
+        losses.append(
+            f"replies {ratio:.2f}x the base's length (limit {LENGTH_CEILING:g}x): longer replies "
+            f"({ta:.1f} -> {tb:.1f} tokens on average, 95% CI {ci[0]:.2f}x to {ci[1]:.2f}x)"
+        )
     sa, sb, delta, ci = gen["short"]
     if ci is not None and ci[0] > SHORT_RISE:
         losses.append(
@@ -424,9 +454,11 @@ def generation_text(gen: dict) -> str:
     ta, tb, ratio, ci = gen["tokens"]
     sa, sb, delta, sci = gen["short"]
     text = (
-        f"drift {d.delta:+.3f} nats/token (95% CI {d.ci[0]:+.3f} to {d.ci[1]:+.3f}); reply "
-        f"length {ratio:.2f}x ({ta:.1f} -> {tb:.1f} tokens, CI {ci[0]:.2f}x to {ci[1]:.2f}x); "
-        f"replies under {SHORT_WORDS} words {100 * sa:.1f}% -> {100 * sb:.1f}%"
+        f"drift {d.delta:+.3f} nats/token (limit {DRIFT_LIMIT:+g}; 95% CI {d.ci[0]:+.3f} to "
+        f"{d.ci[1]:+.3f}); reply length {ratio:.2f}x (limits {LENGTH_FLOOR:g}x to "
+        f"{LENGTH_CEILING:g}x; {ta:.1f} -> {tb:.1f} tokens, CI {ci[0]:.2f}x to {ci[1]:.2f}x); "
+        f"replies under {SHORT_WORDS} words {100 * sa:.1f}% -> {100 * sb:.1f}% (limit a rise of "
+        f"{100 * SHORT_RISE:g} points)"
     )
     r = gen["rouge_l"]
     if r is not None:
@@ -434,3 +466,21 @@ def generation_text(gen: dict) -> str:
     if not gen["same_anchor"]:
         text += " (the two sides were scored against different base models)"
     return text + f"; n={gen['n']}"
+
+
+def longer_unseen(gen: dict) -> str | None:
+    """Why the upper length limit cannot be crossed, when it cannot: the base's replies were cut
+    at the generation cap, so even a tuned model writing to the cap on every prompt stays under
+    LENGTH_CEILING times the base's length (a longer-replies loss would go unseen)."""
+    cut, cap = gen.get("base_cut", (0, None))
+    ta = gen["tokens"][0]
+    if not gen["n"] or cap is None or not ta:
+        return None
+    reach = cap / ta
+    if reach > LENGTH_CEILING:
+        return None
+    return (
+        f"longer replies cannot be seen: {cut} of {gen['n']} base replies were cut at {cap} "
+        f"tokens, so a reply can be at most {reach:.2f}x the base's length, under the "
+        f"{LENGTH_CEILING:g}x limit (raise eval.gen_max_new_tokens)"
+    )

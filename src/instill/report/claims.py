@@ -6,7 +6,7 @@ interval that excludes 0."""
 
 from __future__ import annotations
 
-from instill.eval.drift import generation_losses, generation_text
+from instill.eval.drift import generation_losses, generation_text, longer_unseen
 from instill.report.document import Verdict
 
 GENERAL = "general"  # the forgetting guard scored by choice
@@ -97,7 +97,8 @@ def generalisation_verdict(tables: list[dict]) -> Verdict:
 def forgetting_verdict(tables: list[dict], b: str = "tuned") -> Verdict:
     """Supported only when no guard shows a significant loss: general knowledge by choice
     accuracy (a drop whose interval excludes 0), and general behaviour by generation (drift,
-    reply length, short replies, ROUGE-L; eval/drift.py holds the lines)."""
+    reply length both ways, short replies, ROUGE-L; eval/drift.py holds the lines). A length
+    cap that leaves no room for longer replies is said beside the numbers."""
     general = next((t for t in tables if t["suite"] == GENERAL), None)
     drift = [t for t in tables if t["metric"] == "drift"]
     if general is None and not drift:
@@ -106,7 +107,7 @@ def forgetting_verdict(tables: list[dict], b: str = "tuned") -> Verdict:
             None,
             "no forgetting guard was evaluated (add general and general_gen to eval.suites)",
         )
-    losses, measured, unmeasured = [], [], []
+    losses, measured, unmeasured, blind = [], [], [], []
     if general is not None:
         r = row(general, "overall")
         if r.delta is None:  # one side has no records of it: nothing to weigh
@@ -122,6 +123,8 @@ def forgetting_verdict(tables: list[dict], b: str = "tuned") -> Verdict:
             continue
         measured.append(f"{t['suite']}: {generation_text(gen)}")
         losses += [f"{t['suite']}: {x}" for x in generation_losses(gen)]
+        if (why := longer_unseen(gen)) is not None:
+            blind.append(f"{t['suite']}: {why}")
     if not measured:  # guards were evaluated, but none has data on both sides to compare
         return Verdict(
             "No forgetting",
@@ -136,10 +139,12 @@ def forgetting_verdict(tables: list[dict], b: str = "tuned") -> Verdict:
             if r.significant and r.delta < 0 and -r.delta > max(x or 0 for x in gains):
                 text += " The loss on general knowledge is larger than the gain on the tuned tasks."
         text += " Measured: " + "; ".join(measured) + "."
+        text += "".join(f" {x}." for x in blind)
         if drift:
             text += " The replies that moved most are listed with the general_gen results."
         return Verdict("No forgetting", False, text)
     missing = "".join(f" Not measured: {x}." for x in unmeasured)
+    missing += "".join(f" {x}." for x in blind)
     if not drift:
         missing += " (general behaviour by generation was not measured: add general_gen)"
     return Verdict(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from instill.atomic import writing
 from instill.eval.compare import Side, compare_suite
+from instill.eval.drift import limit_cells
 from instill.eval.results import (
     EVALUATIONS,
     RUN_RESULTS,
@@ -66,24 +67,29 @@ def table_block(t: dict, first: str = "") -> Table:
 def drift_block(t: dict) -> Table:
     """A drift suite, base vs tuned: drift per kind, reply length, short replies, ROUGE-L."""
     gen = t["generation"]
+    header = ["measure (kind)", "base", "tuned", "change", "95% CI", "limit"]
     rows: list[list[str]] = []
     if not gen["n"]:
-        return Table(["measure (kind)", "base", "tuned", "change", "95% CI"], rows)
+        return Table(header, rows)
+    limit = limit_cells()
     for r in t["rows"]:
-        label = r.label.strip() if r.label.startswith(" ") else "**drift, nats/token**"
+        kind = r.label.startswith(" ")  # the verdict weighs the overall drift, not each kind's
+        label = r.label.strip() if kind else "**drift, nats/token**"
         sig = " *" if r.significant else ""
         ci = "—" if r.ci is None else f"{r.ci[0]:+.3f} to {r.ci[1]:+.3f}"
-        rows.append([label, f"{r.a:.3f}", f"{r.b:.3f}", f"{r.delta:+.3f}{sig}", ci])
+        rows.append([label, f"{r.a:.3f}", f"{r.b:.3f}", f"{r.delta:+.3f}{sig}", ci,
+                     "" if kind else limit["drift"]])  # fmt: skip
     ta, tb, ratio, ci = gen["tokens"]
     rows.append(["**reply tokens (mean)**", f"{ta:.1f}", f"{tb:.1f}", f"x{ratio:.2f}",
-                 f"x{ci[0]:.2f} to x{ci[1]:.2f}"])  # fmt: skip
+                 f"x{ci[0]:.2f} to x{ci[1]:.2f}", limit["tokens"]])  # fmt: skip
     sa, sb, delta, sci = gen["short"]
-    rows.append(["**replies under 10 words (%)**", pct(sa), pct(sb), signed(delta), interval(sci)])
+    rows.append(["**replies under 10 words (%)**", pct(sa), pct(sb), signed(delta), interval(sci),
+                 limit["short"]])  # fmt: skip
     r = gen["rouge_l"]
     if r is not None:
         rows.append(["**ROUGE-L vs references (%)**", pct(r.a), pct(r.b), signed(r.delta),
-                     interval(r.ci)])  # fmt: skip
-    return Table(["measure (kind)", "base", "tuned", "change", "95% CI"], rows)
+                     interval(r.ci), limit["rouge_l"]])  # fmt: skip
+    return Table(header, rows)
 
 
 def moved_block(t: dict, a: str = "base", b: str = "tuned") -> Table | None:
