@@ -25,6 +25,24 @@ from safetensors.torch import save_file
 from test_loss import make_rows
 
 
+def make_pairs(n: int, seed: int = 0, vocab: int = 49152) -> list:
+    """Random preference pairs of different lengths (each reply trained on every token)."""
+    import random
+
+    from instill.data.preference_tokens import PairRow
+
+    rng = random.Random(seed)
+    ids = lambda k: [rng.randrange(3, vocab) for _ in range(k)]  # noqa: E731
+    rows = []
+    for i in range(n):
+        chosen, rejected = ids(rng.randint(2, 12)), ids(rng.randint(2, 12))
+        prompt = ids(rng.randint(3, 16))
+        rows.append(
+            PairRow(prompt, chosen, [1] * len(chosen), rejected, [1] * len(rejected), f"p:{i}")
+        )
+    return rows
+
+
 def replay_rows(rows: list, global_batch: int, seed: int) -> list:
     """`rows` with some marked as replay (train.kl_to_base): with 2 processes at batch 1 (or 1 at
     batch 2), step 1's replay row goes to rank 1 alone, step 2 has one on each rank, step 3 one
@@ -55,6 +73,7 @@ def run(
     run_dir: str | None = None,
     stop_at: int | None = None,
     resume: str | None = None,
+    objective: str = "sft",
 ) -> dict:
     """One training run. `validation`: 4 validation rows (`rank_validation`: different ones on
     each process, as processes whose validation losses disagree); `kl`: train.kl_to_base, with
@@ -109,17 +128,18 @@ def run(
     cfg = TrainConfig(
         lr=lr, max_steps=steps, batch_size=per_device, warmup_ratio=0, compile=compile,
         shard=shard, eval_every=eval_every, early_stopping_patience=patience, kl_to_base=kl,
-        log_every=1,
+        log_every=1, objective=objective,
         max_grad_norm=None if method == "full" else 1.0,  # the recorded gradients are raw; the
         gradient_checkpointing=method == "lora",  # LoRA runs clip, and recompute each layer
     )  # fmt: skip
     acc = Accelerator(cpu=True)
-    rows = make_rows(12, seed=5)
+    rows = make_rows(12, seed=5) if objective == "sft" else make_pairs(12, seed=5)
     if kl:
         rows = replay_rows(rows, per_device * acc.num_processes, cfg.seed)
     held_out = None
     if validation:
-        held_out = make_rows(4, seed=9 + (acc.process_index if rank_validation else 0))
+        seed = 9 + (acc.process_index if rank_validation else 0)
+        held_out = make_rows(4, seed=seed) if objective == "sft" else make_pairs(4, seed=seed)
     try:
         result = train(
             model, tokenizer, rows, cfg, Path(run_dir) if run_dir else None, accelerator=acc,

@@ -256,9 +256,10 @@ def test_option_helps_name_values_defaults_and_units():
     assert "greedy" in helps["eval", "seed"] and "of sampling" not in helps["eval", "seed"]
     assert "default:" in helps["generate", "seed"]
     assert "default:" in helps["export", "min_agreement"]
-    assert "default:" in helps["report", "price_per_hour"] and "currency" in helps[
-        "report", "price_per_hour"
-    ]
+    assert (
+        "default:" in helps["report", "price_per_hour"]
+        and "currency" in helps["report", "price_per_hour"]
+    )
     inspect = root.commands["data"].commands["inspect"]
     assert "tokens" in next(p.help for p in inspect.params if p.name == "max_length")
     transfer = root.commands["experiment"].commands["transfer"]

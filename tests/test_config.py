@@ -146,6 +146,7 @@ def test_cli_option_defaults_are_the_config_defaults():
     assert d["model"] == ModelConfig().name
     assert d["max_length"] == DataConfig.model_fields["max_length"].default
 
+
 def test_cli_defaults_follow_a_changed_config_default(monkeypatch):
     """Negative control: the CLI reads the config's default at import, so a different config
     default shows up as a different option default (a copied literal would not follow)."""

@@ -22,8 +22,9 @@ def _fake_run(tmp_path, tokenizer, quantize="none"):
     base = build_tiny(tokenizer)
     base.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
-    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                  "o_proj", "up_proj"]))
+    model = get_peft_model(
+        base, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"])
+    )
     torch.manual_seed(1)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at zero: perturb it so the merge changes weights
@@ -36,9 +37,11 @@ def _fake_run(tmp_path, tokenizer, quantize="none"):
     (run / "final" / "adapter_config.json").write_text(json.dumps(cfg))
     data = tmp_path / "rows.jsonl"
     data.write_text('{"prompt": "a", "response": "b"}\n')
-    (run / "config.yaml").write_text(yaml.safe_dump(
-        {"model": {"quantize": quantize}, "data": {"sources": [{"path": str(data)}]}}
-    ))
+    (run / "config.yaml").write_text(
+        yaml.safe_dump(
+            {"model": {"quantize": quantize}, "data": {"sources": [{"path": str(data)}]}}
+        )
+    )
     (run / "data_stats.json").write_text(json.dumps({"rows": 3}))
     return run
 
@@ -150,7 +153,8 @@ def test_cli_error_is_one_line(tmp_path):
 
     proc = subprocess.run(
         [sys.executable, "-m", "instill", "export", str(tmp_path)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "no final/" in proc.stderr

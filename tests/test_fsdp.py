@@ -161,11 +161,27 @@ def test_instill_train_fsdp_under_accelerate_launch(tiny_dir, tmp_path):
     config = HERE.parent / "configs" / "accelerate" / "multi_node.yaml"
     machines = [
         subprocess.Popen(
-            [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-             "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip",
-             "127.0.0.1", "--main_process_port", port, "--num_cpu_threads_per_process", "1",
-             *args(tmp_path / "ddp", "none")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(config),
+                "--num_processes",
+                "2",
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                port,
+                "--num_cpu_threads_per_process",
+                "1",
+                *args(tmp_path / "ddp", "none"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )  # fmt: skip
         for rank in (0, 1)

@@ -13,8 +13,12 @@ from instill.infer.batch import generate_file
 
 ROWS = [
     {"prompt": "Name a colour."},
-    {"messages": [{"role": "system", "content": "Be brief."},
-                  {"role": "user", "content": "Count to three, please, slowly."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Count to three, please, slowly."},
+        ]
+    },
     "What is two plus two?",
     {"prompt": "Hi", "id": 7},
 ]
@@ -34,8 +38,12 @@ def test_rows_in_order_equal_generate(chatty, tokenizer, tmp_path):
     _write(src, ROWS)
     assert generate_file(chatty, tokenizer, src, dst, PARAMS, batch_size=3) == (4, 0)
     out = _read(dst)
-    convs = [[{"role": "user", "content": "Name a colour."}], ROWS[1]["messages"],
-             [{"role": "user", "content": ROWS[2]}], [{"role": "user", "content": "Hi"}]]
+    convs = [
+        [{"role": "user", "content": "Name a colour."}],
+        ROWS[1]["messages"],
+        [{"role": "user", "content": ROWS[2]}],
+        [{"role": "user", "content": "Hi"}],
+    ]
     want = generate(chatty, tokenizer, convs, PARAMS)
     assert [r["output"] for r in out] == [g.text for g in want]
     assert len({r["output"] for r in out}) == 4  # each row its own reply: the order shows
@@ -77,9 +85,19 @@ def test_cli_error_is_one_line(tmp_path):
     import sys
 
     r = subprocess.run(
-        [sys.executable, "-m", "instill", "generate", str(tmp_path), "--input",
-         str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o.jsonl")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "instill",
+            "generate",
+            str(tmp_path),
+            "--input",
+            str(tmp_path / "missing.jsonl"),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "error:" in r.stderr and "missing.jsonl: input file not found" in r.stderr

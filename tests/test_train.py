@@ -176,7 +176,7 @@ def test_early_stopping_and_best_selection(tiny, tokenizer, rows, tmp_path, monk
     scripted = iter([5.0, 4.0, 4.5, 4.6, 4.7, 4.8])  # best at step 2, then worse
     snapshots = {}
 
-    def fake_validation_loss(model, rows, batch_size, pad_id, acc=None):
+    def fake_validation_loss(model, rows, batch_size, pad_id, acc=None, *rest):
         step = len(snapshots) + 1
         snapshots[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
         return next(scripted)

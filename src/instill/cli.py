@@ -49,9 +49,7 @@ SHIPPED = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
 OVERRIDES = typer.Argument(
     None, help="Dotted overrides such as train.lr=1e-4 adapter.r=8 (values in YAML)."
 )
-RECIPE = typer.Argument(
-    ..., help=f"Recipe YAML file, or the name of a shipped recipe: {SHIPPED}."
-)
+RECIPE = typer.Argument(..., help=f"Recipe YAML file, or the name of a shipped recipe: {SHIPPED}.")
 
 
 def _version(show: bool) -> None:
@@ -124,9 +122,7 @@ def _print_before_after(summary) -> None:
     out.print(f"total wall time: {summary.wall_s:.0f} s; run directory: {summary.run_dir}")
 
 
-@app.command(
-    epilog=f"Shipped recipes: {SHIPPED} (src/instill/recipes/).\n\n" + recipe_help()
-)
+@app.command(epilog=f"Shipped recipes: {SHIPPED} (src/instill/recipes/).\n\n" + recipe_help())
 def train(
     recipe: str = RECIPE,
     overrides: list[str] = OVERRIDES,
@@ -249,8 +245,9 @@ def eval_cmd(
     ),
     chat_template: Path = CHAT_TEMPLATE,
     engine: str = typer.Option(
-        "torch", help="torch, or llama.cpp: a .gguf file (or a GGUF export folder) answered by "
-        "llama.cpp as deployed (needs the llamacpp extra; generated-answer suites only)."
+        "torch",
+        help="torch, or llama.cpp: a .gguf file (or a GGUF export folder) answered by "
+        "llama.cpp as deployed (needs the llamacpp extra; generated-answer suites only).",
     ),
     lora: str = typer.Option(None, help="--engine llama.cpp: a LoRA adapter GGUF to apply."),
 ) -> None:
@@ -719,12 +716,14 @@ def data_inspect(
 def export(
     run: Path = typer.Argument(..., help="A run directory (with final/)."),
     fmt: str = typer.Option(
-        "hf", "--format", help="hf, gguf (merged) or gguf-lora (a llama.cpp adapter for the "
-        "run's base GGUF)."
+        "hf",
+        "--format",
+        help="hf, gguf (merged) or gguf-lora (a llama.cpp adapter for the run's base GGUF).",
     ),
     quant: str = typer.Option(
-        None, help="GGUF type: f32, f16, q8_0, q4_0, q4_1, or auto (per-tensor types chosen by "
-        "measurement; default: the GGUF base's own). gguf-lora: f32, f16 (default), q8_0."
+        None,
+        help="GGUF type: f32, f16, q8_0, q4_0, q4_1, or auto (per-tensor types chosen by "
+        "measurement; default: the GGUF base's own). gguf-lora: f32, f16 (default), q8_0.",
     ),
     max_size: float = typer.Option(
         None, help="--quant auto: the file's size budget in MB (default: 5.5 bits a weight)."
@@ -754,9 +753,17 @@ def export(
 
     _quiet_libraries()
     export_run(
-        run, fmt=fmt, quant=quant, dtype=dtype, parts=parts, output=output,
-        overwrite=overwrite, dequantize=dequantize, min_agreement=min_agreement,
-        max_size_mb=max_size, copy_base=copy_base,
+        run,
+        fmt=fmt,
+        quant=quant,
+        dtype=dtype,
+        parts=parts,
+        output=output,
+        overwrite=overwrite,
+        dequantize=dequantize,
+        min_agreement=min_agreement,
+        max_size_mb=max_size,
+        copy_base=copy_base,
     )
 
 

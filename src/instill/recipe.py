@@ -195,9 +195,17 @@ def data_digest(data) -> str:
     for part in (data.train, data.validation):
         h.update(len(part).to_bytes(8, "little"))
         for row in part:
-            h.update(np.asarray(row.input_ids, dtype=np.int64).tobytes())
-            h.update(np.asarray(row.mask, dtype=np.int8).tobytes())
-            h.update(b"r" if row.replay else b"-")
+            if hasattr(row, "input_ids"):  # a supervised row (hashed as it always was)
+                h.update(np.asarray(row.input_ids, dtype=np.int64).tobytes())
+                h.update(np.asarray(row.mask, dtype=np.int8).tobytes())
+                h.update(b"r" if row.replay else b"-")
+                continue
+            pair = hasattr(row, "chosen_ids")
+            for ids, mask in [row.chosen(), row.rejected()] if pair else [row.sequence()]:
+                h.update(len(ids).to_bytes(8, "little"))
+                h.update(np.asarray(ids, dtype=np.int64).tobytes())
+                h.update(np.asarray(mask, dtype=np.int8).tobytes())
+            h.update(b"p" if pair else (b"+" if row.desirable else b"x"))
     return h.hexdigest()
 
 
@@ -205,7 +213,11 @@ def fingerprint(recipe: Recipe, data=None, processes: int = 1) -> dict:
     """What a checkpoint and the run resuming from it must agree on: model, adapter, batching,
     the data's content and the number of processes (which sets each step's rows)."""
     t, d = recipe.train, recipe.data
+    objective = {}
+    if t.objective != "sft":  # (absent for sft, so checkpoints of earlier versions still resume)
+        objective = {"objective": t.objective, "preference": t.preference.model_dump(mode="json")}
     return {
+        **objective,
         "model": recipe.model.model_dump(mode="json"),
         "adapter": recipe.adapter.model_dump(mode="json"),
         "batching": {
@@ -324,9 +336,14 @@ def setup(acc, recipe: Recipe, overwrite: bool) -> Run:
             _write_yaml(run_dir / "config.yaml", recipe.model_dump(mode="json"))
         with acc.main_process_first():  # the main process fills the caches first
             loaded = load_model(recipe.model, seed=recipe.train.seed)
-            data = build_data(
-                loaded.tokenizer, recipe.data, holdout=frozenset(recipe.eval.holdout_clusters)
-            )
+            if recipe.train.objective == "sft":
+                data = build_data(
+                    loaded.tokenizer, recipe.data, holdout=frozenset(recipe.eval.holdout_clusters)
+                )
+            else:
+                from instill.data.preference_data import build_preference_data
+
+                data = build_preference_data(loaded.tokenizer, recipe.data, recipe.train.objective)
             tasks = build_tasks(recipe)
             check_replay_prompts(recipe, tasks)
             digest = None
@@ -379,7 +396,8 @@ def evaluate_before(run: Run) -> tuple[dict[str, SuiteResult], float | None]:
     reuses the results its first start wrote."""
     recipe, loaded, data = run.recipe, run.loaded, run.data
     base_val_loss = None
-    if data.validation and recipe.eval.before and run.checkpoint is None:
+    supervised = recipe.train.objective == "sft"
+    if data.validation and recipe.eval.before and run.checkpoint is None and supervised:
         base_val_loss = _base_validation(run.run_dir, loaded, data, recipe)
     attach_anchors(loaded.model, loaded.tokenizer, run.tasks, recipe.eval, run.digest)
     before: dict[str, SuiteResult] = {}

@@ -93,8 +93,13 @@ class SourceConfig(_Section):
         "answer: completion}.",
     )
     format: Literal[
-        "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "selfinstruct", "text"
-    ] = Field("auto", description="Row format; auto detects it from the keys of the first row.")
+        "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "selfinstruct", "text",
+        "pairs", "conversation_pairs", "hh", "sharegpt_pairs", "alpaca_pairs", "kto",
+    ] = Field(
+        "auto",
+        description="Row format; auto detects it from the keys of the first row. The last six "
+        "are preference formats (train.objective other than sft).",
+    )  # fmt: skip
     weight: float = Field(
         1.0, gt=0, description="Sampling weight: 2.0 repeats the source twice, 0.5 keeps half."
     )
@@ -185,6 +190,52 @@ class DataConfig(_Section):
         return self
 
 
+METHOD_BETA = {"dpo": 0.1, "simpo": 2.0, "orpo": 0.1, "kto": 0.1}
+
+
+class PreferenceConfig(_Section):
+    """train.objective's knobs when it is a preference method (peers' defaults beside ours are
+    in the README's "Preference tuning" section and train/preference.py)."""
+
+    beta: float | None = Field(
+        None,
+        gt=0,
+        description="Strength of the preference term. null: the method's default (dpo 0.1, "
+        "ipo's tau 0.1, simpo 2.0, orpo 0.1 (its lambda), kto 0.1).",
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid",
+        description="dpo only: sigmoid (DPO), ipo (IPO; beta is its tau) or hinge (RSO's hinge).",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="dpo (sigmoid) and simpo: the share of labels taken as flipped "
+        "(conservative DPO), for noisy preference data.",
+    )
+    gamma: float = Field(0.5, ge=0, description="simpo only: the target reward margin.")
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="dpo and simpo: weight of a supervised term, the chosen reply's mean token "
+        "loss (TRL's rpo_alpha); the remedy for chosen log-probs that fall while training.",
+    )
+    desirable_weight: float = Field(1.0, gt=0, description="kto only: weight of desirable rows.")
+    undesirable_weight: float = Field(
+        1.0, gt=0, description="kto only: weight of undesirable rows."
+    )
+    precompute_reference: bool = Field(
+        False,
+        description="dpo: score every row with the reference model once before training and "
+        "train with those log-probs, so no reference forward runs while training (and full "
+        "fine-tuning needs no frozen copy of the model).",
+    )
+
+    def beta_for(self, objective: str) -> float:
+        return self.beta if self.beta is not None else METHOD_BETA[objective]
+
+
 class TrainConfig(_Section):
     output_dir: str = Field("runs", description="Parent folder of run directories.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
@@ -192,8 +243,7 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(
         None,
         gt=0,
-        description="Stop after this many optimiser steps (overrides epochs; null: epochs "
-        "decide).",
+        description="Stop after this many optimiser steps (overrides epochs; null: epochs decide).",
     )
     batch_size: int = Field(8, gt=0, description="Rows per micro-batch (per process).")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimiser step.")
@@ -263,6 +313,17 @@ class TrainConfig(_Section):
         "layers in three), trading less memory saved for less recomputation.",
     )
 
+    objective: Literal["sft", "dpo", "simpo", "orpo", "kto"] = Field(
+        "sft",
+        description="sft: supervised tuning on instruction rows. dpo (with "
+        "train.preference.loss_type sigmoid, ipo or hinge), simpo, orpo: preference tuning on "
+        "pairs (prompt, chosen, rejected); kto: on labelled replies (or pairs, each split in "
+        "two). dpo and kto compare against a reference: the starting model (LoRA: the same "
+        "weights with the adapters off).",
+    )
+    preference: PreferenceConfig = Field(
+        default_factory=PreferenceConfig, description="Preference objectives' settings."
+    )
     kl_to_base: float = Field(
         0.0,
         ge=0,
@@ -345,9 +406,7 @@ class EvalConfig(_Section):
     )
     before: bool = Field(True, description="Evaluate the untuned model before training.")
     after: bool = Field(True, description="Evaluate the tuned model after training.")
-    max_new_tokens: int = Field(
-        32, gt=0, description="Longest generated answer, in tokens."
-    )
+    max_new_tokens: int = Field(32, gt=0, description="Longest generated answer, in tokens.")
     gen_max_new_tokens: int = Field(
         64,
         gt=0,
@@ -459,6 +518,38 @@ class Recipe(_Section):
         return self
 
     @model_validator(mode="after")
+    def _preference_data(self) -> Recipe:
+        t, d = self.train, self.data
+        if t.objective == "sft":
+            return self
+        where = f"train.objective: {t.objective}"
+        if d.builtin is not None:
+            raise ValueError(
+                f"{where} trains on preference pairs, and data.builtin gives supervised rows; "
+                "remove data.builtin and add a pair file to data.sources (instill pairs make "
+                "writes one from the built-in tasks)"
+            )
+        if d.replay is not None or t.kl_to_base > 0:
+            raise ValueError(
+                f"{where}: data.replay and train.kl_to_base add supervised rows, which a "
+                "preference objective does not train on; remove them (the reference model "
+                "already holds the tuned model near its start)"
+            )
+        if d.packing:
+            raise ValueError(f"{where}: data.packing is for supervised rows; set it to false")
+        if t.objective == "kto" and t.preference.precompute_reference:
+            raise ValueError(
+                "train.preference.precompute_reference: kto's reference point is taken on each "
+                "batch's mismatched rows, which change with the batch; set it to false for kto"
+            )
+        if t.preference.loss_type != "sigmoid" and t.objective != "dpo":
+            raise ValueError(
+                f"train.preference.loss_type: {t.preference.loss_type} applies to "
+                "train.objective: dpo only"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _validation_needed(self) -> Recipe:
         t = self.train
         if (
@@ -506,7 +597,6 @@ class ServeConfig(_Section):
                 "set none to serve without one"
             )
         return key
-
 
 
 class SamplingConfig(_Section):

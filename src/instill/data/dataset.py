@@ -30,6 +30,10 @@ class Row:
     def trained(self) -> int:
         return sum(self.mask)
 
+    @property
+    def tokens(self) -> int:
+        return len(self.input_ids)
+
 
 @dataclass
 class DataStats:
@@ -298,17 +302,18 @@ def add_replay(tokenizer, data: Data, convs: list[Conversation], cfg: DataConfig
 
 
 def length_grouped_batches(
-    rows: list[Row], batch_size: int, seed: int, epoch: int = 0
+    rows: list, batch_size: int, seed: int, epoch: int = 0
 ) -> list[list[int]]:
-    """Shuffle, then sort by length within windows of 32 batches so padding stays small,
-    then shuffle the batch order. Deterministic in (seed, epoch)."""
+    """Shuffle, then sort by length (a row's `tokens`: a pair's are its prompt's and both
+    replies') within windows of 32 batches so padding stays small, then shuffle the batch
+    order. Deterministic in (seed, epoch)."""
     rng = random.Random(f"{seed}:{epoch}")
     order = list(range(len(rows)))
     rng.shuffle(order)
     window = batch_size * 32
     batches = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda i: len(rows[i].input_ids))
+        chunk = sorted(order[start : start + window], key=lambda i: rows[i].tokens)
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches

@@ -36,8 +36,9 @@ def detect_format(row: dict) -> str:
     if {"chosen", "rejected"} <= keys:
         raise InstillError(
             "this row is a preference pair (chosen and rejected replies), not a supervised "
-            "example; to tune on the chosen replies alone, rename them with the source's "
-            "columns (e.g. {chosen: completion}) and drop 'rejected'"
+            "example; to tune on the preference, set train.objective: dpo (or simpo, orpo, "
+            "kto); to tune on the chosen replies alone, rename them with the source's columns "
+            "(e.g. {chosen: completion}) and drop 'rejected'"
         )
     if {"prompt", "completion"} <= keys and isinstance(row.get("label"), bool):
         raise InstillError(

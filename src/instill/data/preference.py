@@ -76,11 +76,20 @@ def detect_preference_format(row: dict) -> str:
         return "hh" if isinstance(row["chosen"], str) else "conversation_pairs"
     if {"prompt", "completion", "label"} <= keys:
         return "kto"
+    supervised = keys & {"messages", "conversations", "completion", "output", "response"}
+    hint = (
+        "; this looks like a supervised row: a preference objective does not train on those. "
+        "Tune on them first (train.objective: sft) and start the preference run from that run "
+        "(model.name: runs/NAME), or add a supervised term on the chosen replies "
+        "(train.preference.sft_weight)"
+        if supervised
+        else ""
+    )
     raise InstillError(
         f"cannot detect a preference format from keys {sorted(keys)}; expected "
         "prompt+chosen+rejected, chosen+rejected (whole conversations or Human:/Assistant: "
         "transcripts), conversations+chosen+rejected, instruction+chosen+rejected, or "
-        "prompt+completion+label"
+        f"prompt+completion+label{hint}"
     )
 
 

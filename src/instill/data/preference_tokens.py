@@ -39,6 +39,8 @@ class PairRow:
     rejected_ids: list[int]
     rejected_mask: list[int]
     source: str
+    # the reference model's summed log-probs of (chosen, rejected), when precomputed
+    reference: tuple[float, float] | None = None
 
     def chosen(self) -> tuple[list[int], list[int]]:
         """(ids, mask) of prompt + chosen reply, mask 0 over the prompt."""
@@ -66,6 +68,7 @@ class LabelledRow:
     completion_mask: list[int]
     desirable: bool
     source: str
+    reference: tuple[float, float] | None = None  # (completion, KL partner), when precomputed
 
     def sequence(self) -> tuple[list[int], list[int]]:
         """(ids, mask) of prompt + completion, mask 0 over the prompt."""

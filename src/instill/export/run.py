@@ -179,8 +179,7 @@ def export_run(
     _check_quant(fmt, quant, max_size_mb)
     if copy_base and fmt != "gguf-lora":
         raise InstillError(
-            "--copy-base: for --format gguf-lora only (a merged GGUF already holds the whole "
-            "model)"
+            "--copy-base: for --format gguf-lora only (a merged GGUF already holds the whole model)"
         )
     if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
         raise InstillError(f"--min-agreement {min_agreement}: give a share between 0 and 1")

@@ -90,6 +90,9 @@ def load_model(cfg: ModelConfig, *, seed: int = 0, require_template: bool = True
     """Load the pretrained model (or the same architecture with random weights: `init: scratch`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    run_final = run_model_dir(cfg.name)
+    if run_final is not None:
+        return _load_run(cfg, run_final, require_template)
     source = resolve_model(cfg.name)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
@@ -111,6 +114,48 @@ def load_model(cfg: ModelConfig, *, seed: int = 0, require_template: bool = True
     if cfg.quantize == "none":
         model.to(device)  # a quantised model is placed by device_map
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=device, dtype=dtype)
+
+
+def run_model_dir(name: str) -> Path | None:
+    """A run directory given as a model (it holds config.yaml and a final/ without a model of
+    its own at the top): its final/ folder; else None."""
+    path = Path(name).expanduser()
+    if (path / "config.yaml").is_file() and (path / "final").is_dir():
+        if not (path / "config.json").exists():
+            return path / "final"
+    return None
+
+
+def _load_run(cfg: ModelConfig, final: Path, require_template: bool) -> LoadedModel:
+    """A finished run as the start of another (preference tuning after supervised tuning): its
+    tuned weights (an adapter is merged into its base), and the tokenizer and chat template it
+    was trained with. The model records the run directory as its name, so an adapter trained
+    on it names the run as its base and loads back onto the same weights."""
+    from instill.models.resolve import ModelSource
+
+    run_dir = final.parent
+    if cfg.init != "pretrained" or cfg.quantize != "none":
+        raise InstillError(
+            f"model.name: {cfg.name} is a run; a run starts another with model.init: "
+            "pretrained and model.quantize: none"
+        )
+    if trained_quantize(final) == "4bit":
+        raise InstillError(
+            f"model.name: {cfg.name} was tuned on a 4-bit base (QLoRA); merging its adapter "
+            "would round it to 4 bits. Export it merged into the dequantised base (instill "
+            "export RUN --dequantize) and start from that export"
+        )
+    if (final / "adapter_config.json").is_file():
+        loaded = load_adapter_model(final, cfg, require_template=require_template)
+        loaded.model = loaded.model.merge_and_unload()
+    else:
+        loaded = load_model(cfg.model_copy(update={"name": str(final)}),
+                            require_template=require_template)  # fmt: skip
+    loaded.model.config._name_or_path = str(run_dir.resolve())
+    loaded.model.name_or_path = str(run_dir.resolve())
+    loaded.source = ModelSource(kind="run", name=cfg.name, path=str(final.resolve()),
+                                sha256=loaded.source.sha256)  # fmt: skip
+    return loaded
 
 
 def _four_bit(device: torch.device, dtype: torch.dtype) -> dict:

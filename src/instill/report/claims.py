@@ -126,9 +126,7 @@ def forgetting_verdict(tables: list[dict], b: str = "tuned") -> Verdict:
         return Verdict(
             "No forgetting",
             None,
-            "No forgetting guard has results on both sides to pair: "
-            + "; ".join(unmeasured)
-            + ".",
+            "No forgetting guard has results on both sides to pair: " + "; ".join(unmeasured) + ".",
         )
     if losses:
         gains = [row(t, "overall").delta for t in tables if not is_guard(t)]
@@ -149,8 +147,6 @@ def forgetting_verdict(tables: list[dict], b: str = "tuned") -> Verdict:
         True,
         "No significant loss: " + "; ".join(measured) + "." + missing,
     )
-
-
 
 
 # --- the transfer experiment: pretrained + tuned against scratch + tuned and pretrained untuned

@@ -32,7 +32,7 @@ import torch
 
 from instill.config import TrainConfig
 from instill.console import console
-from instill.data.dataset import Row, collate, length_grouped_batches
+from instill.data.dataset import Row, length_grouped_batches
 from instill.data.packing import collate_packed, pack_best_fit
 from instill.errors import InstillError
 from instill.train import shard
@@ -44,8 +44,9 @@ from instill.train.checkpoint import (
 )
 from instill.train.compiled import compile_error, compiled_layers, eager, is_compile_failure
 from instill.train.logs import TrainLogs
-from instill.train.loss import IGNORE, SupervisedLM
+from instill.train.loss import SupervisedLM
 from instill.train.memory import enable_checkpointing, fix_mmap_threshold
+from instill.train.objective import Figures, make_objective, precompute_reference
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -129,9 +130,11 @@ class Batcher:
         rank: int = 0,
         world: int = 1,
         pack_length: int | None = None,
+        objective=None,
     ):
         self.rows, self.cfg, self.pad_id = rows, cfg, pad_id
         self.rank, self.world = rank, world
+        self.objective = objective or make_objective(cfg)
         self.bins = pack_best_fit(rows, pack_length) if pack_length else None
         self.per_epoch = len(self._epoch(0))
 
@@ -149,7 +152,8 @@ class Batcher:
 
     def stream(self, skip: int = 0) -> Iterator[dict]:
         """Collated micro-batches; the first `skip` are passed over without collating (resume
-        lands on the exact micro-batch where the interrupted run stopped, mid-epoch too)."""
+        lands on the exact micro-batch where the interrupted run stopped, mid-epoch too). Each
+        carries "rows", the indices of its rows (named when its loss is not finite)."""
         epoch = 0
         while True:
             for batch in self._epoch(epoch):
@@ -158,9 +162,13 @@ class Batcher:
                     continue
                 idx = batch[self.rank :: self.world]
                 if self.bins is None:
-                    yield collate([self.rows[i] for i in idx], self.pad_id)
+                    out = self.objective.collate([self.rows[i] for i in idx], self.pad_id)
+                    out["rows"] = idx
                 else:
-                    yield collate_packed(self.rows, [self.bins[i] for i in idx], self.pad_id)
+                    bins = [self.bins[i] for i in idx]
+                    out = collate_packed(self.rows, bins, self.pad_id)
+                    out["rows"] = [i for b in bins for i in b]
+                yield out
             epoch += 1
 
     def total_steps(self) -> int:
@@ -244,16 +252,28 @@ def available_memory(device: torch.device) -> int:
     return 2**62  # unknown: do not refuse
 
 
-def kl_reference(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module | None:
-    """The base model for train.kl_to_base: None for a peft model (its adapters are switched off
-    instead), else a frozen copy made before training, if one fits."""
-    if cfg.kl_to_base <= 0 or hasattr(model, "disable_adapter"):
+def kl_reference(
+    model: torch.nn.Module, cfg: TrainConfig, objective=None
+) -> torch.nn.Module | None:
+    """The frozen model that train.kl_to_base or a preference objective's reference compares
+    against: None for a peft model (its adapters are switched off instead) or when nothing needs
+    one, else a frozen copy made before training, if one fits."""
+    objective = objective or make_objective(cfg)
+    live_reference = objective.needs_reference and not cfg.preference.precompute_reference
+    if hasattr(model, "disable_adapter") or not (cfg.kl_to_base > 0 or live_reference):
         return None
     import copy
 
     device = next(model.parameters()).device
     need = sum(p.numel() * p.element_size() for p in model.parameters())
     free = available_memory(device)
+    if need * 1.2 > free and live_reference:
+        raise InstillError(
+            f"train.objective: {cfg.objective} with adapter.method: full compares against a "
+            f"frozen copy of the starting model ({need / 2**30:.1f} GiB) and {device} has "
+            f"{free / 2**30:.1f} GiB free; set train.preference.precompute_reference: true (the "
+            "reference is scored once before training, no copy kept) or use adapter.method: lora"
+        )
     if need * 1.2 > free:  # the copy, with room for the activations it needs
         raise InstillError(
             f"train.kl_to_base: full fine-tuning needs a frozen copy of the base model for the "
@@ -268,9 +288,17 @@ def kl_reference(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module | 
 
 @torch.no_grad()
 def validation_loss(
-    model: torch.nn.Module, rows: list[Row], batch_size: int, pad_id: int, acc=None
+    model: torch.nn.Module,
+    rows: list[Row],
+    batch_size: int,
+    pad_id: int,
+    acc=None,
+    objective=None,
+    figures: Figures | None = None,
 ) -> float:
-    """Mean token loss over `rows` (the same supervised positions as training).
+    """Mean token loss over `rows` (the same supervised positions as training); with a
+    preference `objective` (whose scorer `model` then is: see Prepared.scorer), the mean loss
+    per pair, and the pairs' figures summed into `figures`.
 
     With `acc` of several processes (every one calls this, with the same rows), batches of
     batch_size x processes rows are dealt out as training's are and the loss sums and token
@@ -280,7 +308,12 @@ def validation_loss(
     was_training = model.training
     model.eval()
     # (train.shard: fsdp passes its sharded wrapper; the replay mask is dropped: no KL term)
-    lm = model if isinstance(model, SupervisedLM) else SupervisedLM(model)
+    supervised = objective is None or objective.name == "sft"
+    if supervised:
+        lm = model if isinstance(model, SupervisedLM) else SupervisedLM(model)
+        objective = make_objective(TrainConfig())
+    else:
+        lm = model
     device = next(model.parameters()).device
     rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
     total, count = 0.0, 0
@@ -288,11 +321,13 @@ def validation_loss(
         share = idx[rank::world]
         # a process with no row of the last batch still runs a forward, uncounted: a sharded
         # model's forward gathers weights from every process
-        batch = collate([rows[i] for i in share or idx[:1]], pad_id)
+        batch = objective.collate([rows[i] for i in share or idx[:1]], pad_id)
         skip = ("real_tokens", "replay_mask")
         loss_sum, n = lm(**{k: v.to(device) for k, v in batch.items() if k not in skip})
         if share:
             total, count = total + float(loss_sum), count + int(n)
+            if figures is not None:
+                figures.add(getattr(lm, "last_figures", None))
     model.train(was_training)
     if world > 1:
         summed = torch.tensor([total, count], dtype=torch.float64, device=device)
@@ -308,7 +343,14 @@ def loss_scale(acc, global_tokens: int) -> float:
 
 
 def accumulate(
-    acc, wrapped, micro: list[dict], kl: list | None = None, amp=None, scaler=None
+    acc,
+    wrapped,
+    micro: list[dict],
+    kl: list | None = None,
+    amp=None,
+    scaler=None,
+    objective=None,
+    figures: Figures | None = None,
 ) -> tuple[float, int, int]:
     """Forward and backward over the micro-batches of one optimiser step.
 
@@ -317,22 +359,23 @@ def accumulate(
     token loss, its supervised tokens and its real (non-padding) tokens, all global. With
     train.kl_to_base the loss is the cross-entropy alone, and `kl` (a list) receives this
     process's (KL sum, replay positions) of every micro-batch that had replay rows. `amp`: the
-    forward's autocast context (mixed precision), `scaler`: fp16's loss scaler.
+    forward's autocast context (mixed precision), `scaler`: fp16's loss scaler. `objective`
+    (default: supervised) says what the loss is divided by (its units: supervised tokens, or
+    pairs); the module's figures of each micro-batch are summed into `figures`.
     """
     lm = acc.unwrap_model(wrapped)
+    if objective is None:
+        objective = make_objective(TrainConfig())
     local = torch.tensor(
-        [
-            sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro),
-            sum(int(b["real_tokens"]) for b in micro),
-        ],
+        [sum(objective.units(b) for b in micro), sum(int(b["real_tokens"]) for b in micro)],
         device=acc.device,
     )
     global_tokens, global_real = (int(x) for x in acc.reduce(local, reduction="sum"))
     scale = loss_scale(acc, global_tokens)
     loss_total = torch.zeros((), device=acc.device)
     for i, batch in enumerate(micro):
-        batch = {k: v.to(acc.device) for k, v in batch.items() if k != "real_tokens"}
-        if lm.kl_weight > 0 and "replay_mask" not in batch:
+        batch = {k: v.to(acc.device) for k, v in batch.items() if k not in ("real_tokens", "rows")}
+        if getattr(lm, "kl_weight", 0) > 0 and "replay_mask" not in batch:
             # no replay rows here: the KL's base forward still runs (SupervisedLM._kl), on every
             # process alike, so sharded processes issue the same collectives
             batch["replay_mask"] = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
@@ -343,6 +386,8 @@ def accumulate(
             loss = loss_sum * scale
             acc.backward(scaler.scale(loss) if scaler is not None else loss)
         loss_total += loss_sum.detach()
+        if figures is not None:
+            figures.add(getattr(lm, "last_figures", None))
         if getattr(lm, "last_kl", None) is not None:
             loss_total -= lm.kl_weight * lm.last_kl[0]
             if kl is not None:
@@ -386,36 +431,41 @@ class Prepared:
     masters: list[torch.nn.Parameter]  # those weights, held in float32 while training
     scaler: torch.amp.GradScaler | None  # fp16's loss scaler
     sharded: shard.Sharded | None = None  # train.shard: fsdp (the loop trains its sharded twin)
+    objective: object = None  # train/objective.py: what the rows are and what the loss is
 
     @classmethod
-    def build(cls, acc: Accelerator, model: torch.nn.Module, cfg: TrainConfig, steps: int):
+    def build(
+        cls, acc: Accelerator, model: torch.nn.Module, cfg: TrainConfig, steps: int, objective=None
+    ):
         low = low_precision(model)
         masters = [p for p in model.parameters() if p.requires_grad and p.dtype == low]
         for p in masters:
             p.data = p.data.float()
         enable_checkpointing(model, cfg.gradient_checkpointing)
         model.train()
-        # the frozen base for train.kl_to_base is copied before any checkpoint is loaded
-        reference = kl_reference(model, cfg)
+        # the frozen base for train.kl_to_base (or a preference objective's reference) is copied
+        # before any checkpoint is loaded
+        objective = objective or make_objective(cfg)
+        reference = kl_reference(model, cfg, objective)
         scaler = torch.amp.GradScaler(acc.device.type) if low == torch.float16 else None
         if shard.wanted(cfg, acc):  # FSDP: not wrapped by accelerate; shards filled by start()
-            sharded = shard.Sharded(
-                model, lambda m: SupervisedLM(m, kl_weight=cfg.kl_to_base, reference=reference)
-            )
+            sharded = shard.Sharded(model, lambda m: objective.module(m, reference))
             if acc.is_main_process:
                 console.print(
                     f"train.shard: fsdp: weights sharded over {acc.num_processes} processes"
                 )
             optimizer = make_optimizer(sharded.twin, cfg, acc.device)
             scheduler = make_scheduler(optimizer, cfg, steps)
-            return cls(acc, model, None, optimizer, scheduler, low, masters, scaler, sharded)
+            return cls(
+                acc, model, None, optimizer, scheduler, low, masters, scaler, sharded, objective
+            )
         optimizer = make_optimizer(model, cfg, acc.device)
         scheduler = make_scheduler(optimizer, cfg, steps)
-        lm = SupervisedLM(model, kl_weight=cfg.kl_to_base, reference=reference)
+        lm = objective.module(model, reference)
         # The scheduler is stepped by us once per optimiser step; accelerate's wrapper would
         # step it once per process.
         wrapped, optimizer = acc.prepare(lm, optimizer)
-        return cls(acc, model, wrapped, optimizer, scheduler, low, masters, scaler)
+        return cls(acc, model, wrapped, optimizer, scheduler, low, masters, scaler, None, objective)
 
     def start(self) -> torch.nn.Module:
         """What the loop trains, once any checkpoint is restored: the DDP wrapper, or (FSDP)
@@ -426,8 +476,13 @@ class Prepared:
 
     def scorer(self) -> torch.nn.Module:
         """What validation runs: the caller's model, or (FSDP, whose caller's copy is empty
-        while training) the sharded wrapper, on every process."""
-        return self.wrapped if self.sharded is not None else self.model
+        while training) the sharded wrapper, on every process. A preference objective scores
+        with its own module (the reference is part of it), unwrapped from DDP."""
+        if self.sharded is not None:
+            return self.wrapped
+        if self.objective is not None and self.objective.name != "sft":
+            return self.acc.unwrap_model(self.wrapped)
+        return self.model
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         clip = shard.clip_grad_norm_ if self.sharded is not None else self.acc.clip_grad_norm_
@@ -504,13 +559,28 @@ def train(
     # freed activation memory goes back to the system (train.mmap_threshold_mb moves the line)
     fix_mmap_threshold(int(cfg.mmap_threshold_mb * 2**20))
     torch.manual_seed(cfg.seed)
+    objective = make_objective(cfg)
+    if objective.name != "sft":
+        objective.check_rows(rows, "the training data")
+        objective.check_rows(validation or [], "the validation data")
+        if pack_length:
+            raise InstillError(f"train.objective: {cfg.objective}: set data.packing: false")
+        if objective.needs_reference and cfg.preference.precompute_reference:
+            # scored before any adapter trains and before a checkpoint is restored: the start
+            rows, validation = _precompute(model, objective, rows, validation, tokenizer, cfg, acc)
     batcher = Batcher(
-        rows, cfg, tokenizer.pad_token_id, acc.process_index, acc.num_processes, pack_length
+        rows,
+        cfg,
+        tokenizer.pad_token_id,
+        acc.process_index,
+        acc.num_processes,
+        pack_length,
+        objective,
     )
     steps = batcher.total_steps()
     if shard.wanted(cfg, acc):
         shard.check(cfg, evaluator)
-    prep = Prepared.build(acc, model, cfg, steps)
+    prep = Prepared.build(acc, model, cfg, steps, objective)
     result = TrainResult(total_steps=steps)
     if resume_from is not None:
         result.continue_from(prep.restore(resume_from, fingerprint or {}))
@@ -519,6 +589,7 @@ def train(
     stream = batcher.stream(skip=result.steps * cfg.grad_accum)
     done_before, tokens_before = result.steps, result.tokens
     kl_parts: list[tuple[float, int]] = []  # (KL sum, replay positions) since the last log
+    figures = Figures.empty()  # the objective's figures since the last log
     start = time.perf_counter()
     with contextlib.ExitStack() as cleanup:  # logs and signal handlers closed on every way out
         logs = None
@@ -534,12 +605,14 @@ def train(
             micro = [next(stream) for _ in range(cfg.grad_accum)]
             try:  # forward and backward
                 loss, global_tokens, global_real = accumulate(
-                    acc, wrapped, micro, kl_parts, prep.amp, scaler
+                    acc, wrapped, micro, kl_parts, prep.amp, scaler, objective, figures
                 )
             except Exception as e:
                 if cfg.compile and is_compile_failure(e):
                     raise compile_error(e) from e
                 raise
+            if not math.isfinite(loss):  # the same global value on every process
+                raise _not_finite(loss, step, micro, rows, run_dir)
             grad_norm = None
             if scaler is not None:
                 scaler.unscale_(optimizer)
@@ -559,8 +632,12 @@ def train(
             progress.update(task, advance=1, loss=loss, lr=lr, tps=tps)
             if step % cfg.log_every == 0 or step == steps:
                 kl = _kl_since_log(acc, kl_parts) if cfg.kl_to_base > 0 else None  # all processes
+                means = figures.means(acc)  # all processes
                 if logs:
-                    _log_step(logs, result, lr, grad_norm, tps, elapsed, acc.device, kl)
+                    _log_step(
+                        logs, result, lr, grad_norm, tps, elapsed, acc.device, kl, means,
+                        objective.units_name,
+                    )  # fmt: skip
             if validation and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
                 _validate(prep, tokenizer, validation, cfg, result, logs, evaluator, start, run_dir)
             # a signal to any process stops them all after this same step
@@ -596,7 +673,35 @@ def _kl_since_log(acc, kl_parts: list[tuple[float, int]]) -> float | None:
     return kl_sum / positions if positions else None
 
 
-def _log_step(logs, result, lr, grad_norm, tps, elapsed, device, kl) -> None:
+def _precompute(model, objective, rows, validation, tokenizer, cfg, acc):
+    """train.preference.precompute_reference: every training and validation pair scored once by
+    the reference (the starting model: the adapters are off, or no step has been taken)."""
+    if acc.is_main_process:
+        n = len(rows) + len(validation or [])
+        console.print(f"scoring {n} pairs with the reference model (precompute_reference)")
+    pad, size = tokenizer.pad_token_id, cfg.batch_size
+    with eager():
+        rows = precompute_reference(model, objective, rows, pad, size)
+        if validation:
+            validation = precompute_reference(model, objective, validation, pad, size)
+    return rows, validation
+
+
+def _not_finite(loss: float, step: int, micro: list[dict], rows: list, run_dir) -> InstillError:
+    """The error that stops a run whose loss is NaN or infinite: the step, this process's rows
+    of the step, and the checkpoints left as they were."""
+    sources = [rows[i].source for b in micro for i in b.get("rows", [])]
+    shown = ", ".join(sources[:8]) + (f" and {len(sources) - 8} more" if len(sources) > 8 else "")
+    kept = f"; the checkpoints in {run_dir / 'checkpoints'} are kept" if run_dir else ""
+    return InstillError(
+        f"the training loss is {loss} at step {step} (rows: {shown}); stopped without taking "
+        f"the step{kept}. Lower train.lr, set train.max_grad_norm, or check those rows"
+    )
+
+
+def _log_step(
+    logs, result, lr, grad_norm, tps, elapsed, device, kl, figures=None, units="supervised_tokens"
+) -> None:
     """One training record in metrics.jsonl, and its scalars in TensorBoard."""
     record = {
         "step": result.steps,
@@ -604,15 +709,17 @@ def _log_step(logs, result, lr, grad_norm, tps, elapsed, device, kl) -> None:
         "lr": lr,
         "grad_norm": grad_norm,
         "tokens": result.tokens,
-        "supervised_tokens": result.trained_tokens,
+        units: result.trained_tokens,  # supervised tokens, or (preference) pairs or rows
         "tokens_per_s": round(tps, 2),
         "elapsed_s": round(elapsed, 2),
         "peak_mem_mb": round(peak_memory_mb(device), 1),
     }
     if kl is not None:  # per replay position since the last log, over all processes
         record["kl_to_base"] = round(kl, 6)
+    for name, value in (figures or {}).items():  # a preference objective's, per pair
+        record[name] = round(value, 6)
     logs.record(record)
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", *(figures or {})):
         if record[key] is not None:
             logs.scalar(f"train/{key}", record[key], result.steps)
 
@@ -623,14 +730,18 @@ def _validate(prep, tokenizer, validation, cfg, result, logs, evaluator, start, 
     last step. Run eagerly: no graphs are compiled for validation's shapes."""
     acc, step = prep.acc, result.steps
     plain = eager if cfg.compile else contextlib.nullcontext
+    figures = Figures.empty()
     with plain(), prep.amp():
         val = validation_loss(
-            prep.scorer(), validation, cfg.batch_size, tokenizer.pad_token_id, acc
-        )
+            prep.scorer(), validation, cfg.batch_size, tokenizer.pad_token_id, acc,
+            prep.objective, figures,
+        )  # fmt: skip
+    means = figures.means(acc)
     result.val_losses.append((step, val))
     if logs:
         at = round(time.perf_counter() - start, 2)
         record = {"step": step, "val_loss": round(val, 6), "tokens": result.tokens, "elapsed_s": at}
+        record.update({f"val_{k}": round(v, 6) for k, v in means.items()})
         logs.record(record)
         logs.scalar("validation/loss", val, step)
     improved = result.best is None or val < result.best[1]

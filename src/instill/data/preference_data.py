@@ -1,0 +1,102 @@
+"""A preference recipe's data: pair (or labelled) files -> tokenised rows, split by prompt.
+
+    build_preference_data(tokenizer, data_cfg, objective) -> Data (train, validation: PairRow or
+                                                            LabelledRow lists; stats; skipped)
+
+The validation split holds out whole prompts: pair files often give several pairs per prompt
+(the AlpacaEval pairs have three), and a prompt whose pairs sit on both sides would let
+validation reward memorising the prompt. kto trains on labelled rows; a pair file given to kto
+is split into two labelled rows per pair (chosen: desirable, rejected: undesirable). The pair
+methods refuse labelled rows: they have no pairing.
+
+Tokenising pairs is quick (about a second per thousand pairs here), so the data cache of
+supervised recipes (data/cache.py) is not used for them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+from instill.config import DataConfig
+from instill.data.dataset import Data, _weighted
+from instill.data.preference import FORMATS, Labelled, Pair, read_preferences, unpaired
+from instill.data.preference_tokens import tokenize_preferences
+from instill.errors import InstillError
+
+
+def _prompt_key(item: Pair | Labelled) -> str:
+    return json.dumps(item.prompt, sort_keys=True, ensure_ascii=False)
+
+
+def split_by_prompt(items: list, fraction: float, seed: int, key: str) -> tuple[list, list]:
+    """Hold out `fraction` of the distinct prompts (chosen by seed and source), with every row
+    of each: (kept, held out), each in file order."""
+    if fraction <= 0 or not items:
+        return items, []
+    prompts = list(dict.fromkeys(_prompt_key(i) for i in items))
+    random.Random(f"{seed}:{key}").shuffle(prompts)
+    held = set(prompts[: max(1, round(fraction * len(prompts)))])
+    return (
+        [i for i in items if _prompt_key(i) not in held],
+        [i for i in items if _prompt_key(i) in held],
+    )
+
+
+def _read(path: str, fmt: str, split: str, skipped, columns, objective: str, what: str):
+    if fmt not in ("auto", *FORMATS):
+        raise InstillError(
+            f"{what} {path}: format '{fmt}' is a supervised format, and train.objective: "
+            f"{objective} trains on preference rows ({', '.join(FORMATS)}); use format: auto or "
+            "one of those"
+        )
+    items, found = read_preferences(path, fmt, split, skipped, columns)
+    if objective == "kto":
+        return [i for i in items if isinstance(i, Labelled)] + unpaired(
+            [i for i in items if isinstance(i, Pair)]
+        ), found
+    labelled = next((i for i in items if isinstance(i, Labelled)), None)
+    if labelled is not None:
+        raise InstillError(
+            f"{labelled.source}: a labelled row (prompt, completion, label) has no rejected "
+            f"reply to pair it with, and train.objective: {objective} trains on pairs; use "
+            "train.objective: kto for labelled rows"
+        )
+    return items, found
+
+
+def build_preference_data(tokenizer, cfg: DataConfig, objective: str) -> Data:
+    skipped: list[dict] | None = [] if cfg.on_error == "skip" else None
+    train_items: list = []
+    val_items: list = []
+    formats: dict[str, int] = {}
+    for k, src in enumerate(cfg.sources):
+        where = f"data.sources[{k}]"
+        items, fmt = _read(src.path, src.format, src.split, skipped, src.columns, objective, where)
+        formats[fmt] = formats.get(fmt, 0) + len(items)
+        if isinstance(cfg.validation, float):
+            items, held = split_by_prompt(items, cfg.validation, cfg.seed, src.path)
+            val_items += held
+        train_items += _weighted(items, src.weight, cfg.seed, src.path)
+    if isinstance(cfg.validation, str) and cfg.validation:
+        val_items, _ = _read(
+            cfg.validation, "auto", "validation", skipped, None, objective, "data.validation"
+        )
+    rows_in = len(train_items)
+    if not train_items:
+        raise InstillError(
+            f"no preference rows to train on in data.sources ({len(skipped or [])} skipped)"
+        )
+    rows, stats = tokenize_preferences(tokenizer, train_items, cfg.max_length, skipped)
+    val_rows = []
+    if val_items:
+        val_rows, _ = tokenize_preferences(tokenizer, val_items, cfg.max_length, skipped)
+    stats.rows_in = rows_in
+    stats.formats = formats
+    stats.validation_rows = len(val_rows)
+    stats.skipped = len(skipped or [])
+    if not rows:
+        raise InstillError(
+            f"no preference rows left out of {rows_in} ({stats.skipped} skipped); fix the data"
+        )
+    return Data(rows, val_rows, stats, skipped or [])

@@ -1,0 +1,310 @@
+"""Training objectives: what a row is, how rows make a batch, and what the batch's loss is.
+
+    objective = make_objective(cfg)           train.objective: sft, dpo, simpo, orpo, kto
+    objective.collate(rows, pad_id)           one micro-batch (tensors, plus "real_tokens")
+    objective.units(batch)                    what the loss is divided by: supervised tokens
+                                              (sft) or pairs / rows (preference), counted
+                                              before the forward, summed over the whole step
+    objective.module(model, reference)        an nn.Module whose forward(**batch) returns
+                                              (loss sum, units); accelerate wraps it for DDP,
+                                              train/shard.py shards it for FSDP
+    objective.needs_reference                 whether a frozen reference model must exist
+
+The loop (train/loop.py) knows nothing else about the objective: the same accumulation, scaling
+by the global unit count, clipping, checkpoints and exact resume serve every one of them. A
+module may leave `last_figures` ({name: (sum, count)}, detached floats) after each forward; the
+loop sums them over the micro-batches, steps and processes between two logs and writes each
+mean into metrics.jsonl (a preference run logs its rewards, margin, accuracy and per-token
+log-probs there, so a falling chosen log-prob is visible).
+
+Pair rows are batched chosen-first: a micro-batch of B pairs is one padded batch of 2B
+sequences (B chosen, then B rejected), one forward. KTO rows are batched with their KL partners:
+B completions, then the same B prompts each followed by another row's completion (kl_partners),
+whose log-probs give KTO's reference point without gradients.
+
+The reference model's log-probs come from, in order: the rows themselves (precomputed before
+training, train.preference.precompute_reference), a frozen copy (full fine-tuning), or the same
+model with its adapters switched off (LoRA: no second copy of the weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from instill.config import TrainConfig
+from instill.data.dataset import Row, collate, labels_from, pad_right
+from instill.data.preference_tokens import LabelledRow, PairRow
+from instill.errors import InstillError
+from instill.train.compiled import eager
+from instill.train.loss import IGNORE, SupervisedLM, _hidden, _parts
+from instill.train.preference import (
+    Logps,
+    dpo_loss,
+    kl_partners,
+    kto_kl,
+    kto_loss,
+    orpo_loss,
+    sequence_logps,
+    simpo_loss,
+)
+
+PREFERENCE = ("dpo", "simpo", "orpo", "kto")
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+def reference_hidden(model, reference, input_ids, attention_mask, position_ids=None):
+    """The reference's last hidden states and output head, without gradients: `reference`'s
+    (a frozen copy) when given, else `model`'s own with its adapters switched off."""
+    with torch.no_grad():
+        if reference is not None:
+            body, head, _ = _parts(reference)
+            ctx = contextlib.nullcontext()
+        else:
+            body, head, _ = _parts(model)
+            ctx = model.disable_adapter()
+        with ctx, eager():  # no compiled graphs for the no-grad, adapter-less shapes
+            hidden = _hidden(body, input_ids, attention_mask, position_ids)
+    return hidden, head
+
+
+class Supervised:
+    """train.objective: sft. Rows are data.dataset.Row; the loss is SupervisedLM's token sum."""
+
+    name = "sft"
+    needs_reference = False
+    row_type = Row
+    units_name = "supervised_tokens"  # what metrics.jsonl calls the step's loss divisor
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def collate(self, rows: list[Row], pad_id: int) -> dict:
+        return collate(rows, pad_id)
+
+    def units(self, batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    def module(self, model, reference=None) -> torch.nn.Module:
+        return SupervisedLM(model, kl_weight=self.cfg.kl_to_base, reference=reference)
+
+    def scorer(self, model, reference=None) -> torch.nn.Module:
+        """What validation scores with: the loss without the KL term."""
+        return SupervisedLM(model)
+
+
+def _sequences(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    ids, attn, mask = pad_right(pairs, pad_id)
+    return {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "labels": labels_from(ids, mask),
+        "real_tokens": attn.sum(),
+    }
+
+
+def _precomputed(rows) -> list[float] | None:
+    refs = [r.reference for r in rows]
+    if all(r is None for r in refs):
+        return None
+    if any(r is None for r in refs):
+        raise InstillError("some rows have precomputed reference log-probs and some do not")
+    # in the batch's order: every row's first sequence (chosen, completion), then every second
+    return [r[0] for r in refs] + [r[1] for r in refs]
+
+
+class Preference:
+    """train.objective: dpo, simpo, orpo (pair rows) or kto (labelled rows)."""
+
+    row_type = PairRow
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.name = cfg, cfg.objective
+        self.p = cfg.preference
+        self.needs_reference = self.name not in REFERENCE_FREE
+        self.units_name = "pairs"
+        if self.name == "kto":
+            self.row_type, self.units_name = LabelledRow, "rows"
+
+    @property
+    def beta(self) -> float:
+        return self.p.beta_for(self.name)
+
+    def check_rows(self, rows: list, where: str) -> None:
+        wrong = next((r for r in rows if not isinstance(r, self.row_type)), None)
+        if wrong is not None:
+            want = "labelled rows (prompt, completion, label)" if self.name == "kto" else "pairs"
+            raise InstillError(
+                f"train.objective: {self.name} trains on {want}, but {where} holds "
+                f"{type(wrong).__name__} rows (first: {getattr(wrong, 'source', '?')})"
+            )
+
+    def sequences(self, rows: list) -> list[tuple[list[int], list[int]]]:
+        """The (ids, mask) sequences of a micro-batch, in the order the module reads them."""
+        if self.name != "kto":
+            return [r.chosen() for r in rows] + [r.rejected() for r in rows]
+        partners = kl_partners(len(rows))
+        mismatched = [
+            (r.prompt_ids + rows[j].completion_ids, [0] * len(r.prompt_ids)
+             + rows[j].completion_mask)
+            for r, j in zip(rows, partners, strict=True)
+        ]  # fmt: skip
+        return [r.sequence() for r in rows] + mismatched
+
+    def collate(self, rows: list, pad_id: int) -> dict:
+        batch = _sequences(self.sequences(rows), pad_id)
+        if self.name == "kto":
+            batch["desirable"] = torch.tensor([r.desirable for r in rows])
+            # the partners' tokens are processed too, but only the completions are trained
+            batch["real_tokens"] = torch.tensor(sum(r.tokens for r in rows))
+        refs = _precomputed(rows)
+        if refs is not None:
+            batch["reference_logps"] = torch.tensor(refs, dtype=torch.float32)
+        return batch
+
+    def units(self, batch: dict) -> int:
+        return len(batch["input_ids"]) // 2
+
+    def module(self, model, reference=None) -> torch.nn.Module:
+        return PreferenceLM(model, self, reference)
+
+    def scorer(self, model, reference=None) -> torch.nn.Module:
+        return PreferenceLM(model, self, reference)
+
+    def loss(self, policy: torch.Tensor, tokens: torch.Tensor, ref: torch.Tensor | None, batch):
+        """(per-unit losses, {figure: (sum, count)}) of one micro-batch from its sequences'
+        summed log-probs (policy with gradients; ref without)."""
+        p, n = self.p, len(policy) // 2
+        if self.name == "kto":
+            kl = kto_kl(policy[n:].detach(), ref[n:])
+            out = kto_loss(
+                policy[:n], ref[:n], batch["desirable"], kl, self.beta,
+                p.desirable_weight, p.undesirable_weight,
+            )  # fmt: skip
+            return out.losses, _kto_figures(out.figures, policy[:n], tokens[:n])
+        pol = Logps(policy[:n], policy[n:], tokens[:n], tokens[n:])
+        if self.name == "dpo":
+            refs = Logps(ref[:n], ref[n:], tokens[:n], tokens[n:])
+            out = dpo_loss(pol, refs, self.beta, p.loss_type, p.label_smoothing, p.sft_weight)
+        elif self.name == "simpo":
+            out = simpo_loss(pol, self.beta, p.gamma, p.label_smoothing, p.sft_weight)
+        else:
+            out = orpo_loss(pol, self.beta)
+        figures = {k: (float(v.sum()), len(v)) for k, v in out.figures.items()}
+        return out.losses, figures
+
+
+def _kto_figures(fig: dict, policy: torch.Tensor, tokens: torch.Tensor) -> dict:
+    good = fig["desirable"].bool()
+    mean_logp = (policy.detach() / tokens).float()
+    return {
+        "chosen_reward": (float(fig["reward"][good].sum()), int(good.sum())),
+        "rejected_reward": (float(fig["reward"][~good].sum()), int((~good).sum())),
+        "chosen_logp": (float(mean_logp[good].sum()), int(good.sum())),
+        "rejected_logp": (float(mean_logp[~good].sum()), int((~good).sum())),
+        "kl": (float(fig["kl"][:1].sum()) * len(good), len(good)),
+    }
+
+
+class PreferenceLM(torch.nn.Module):
+    """Wraps a causal LM (plain or peft) so that forward returns (sum of per-unit preference
+    losses, units) for a batch built by Preference.collate; `last_figures` holds the batch's
+    figures. The reference (when the objective has one) is taken from the batch's
+    reference_logps, a frozen copy, or the model with its adapters off."""
+
+    def __init__(self, model, objective: Preference, reference=None, chunk: int = 1024):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.chunk = chunk
+        self._reference = [reference]  # a list: not a submodule (no gradients, never wrapped)
+        self.last_figures: dict[str, tuple[float, int]] | None = None
+
+    def _softcap(self):
+        return getattr(_parts(self.model)[2], "final_logit_softcapping", None)
+
+    def reference_logps(self, input_ids, labels, attention_mask) -> torch.Tensor:
+        """Each sequence's summed reply log-prob under the reference, without gradients."""
+        hidden, head = reference_hidden(self.model, self._reference[0], input_ids, attention_mask)
+        with torch.no_grad():
+            logps, _ = sequence_logps(head, hidden, labels, self.chunk, self._softcap())
+        return logps
+
+    def forward(self, input_ids, labels, attention_mask=None, reference_logps=None, desirable=None):
+        body, head, _ = _parts(self.model)
+        hidden = _hidden(body, input_ids, attention_mask, None)
+        policy, tokens = sequence_logps(head, hidden, labels, self.chunk, self._softcap())
+        ref = None
+        if self.objective.needs_reference:
+            ref = reference_logps
+            if ref is None:
+                ref = self.reference_logps(input_ids, labels, attention_mask)
+        batch = {"desirable": desirable}
+        losses, figures = self.objective.loss(policy, tokens, ref, batch)
+        self.last_figures = figures
+        return losses.sum(), torch.tensor(len(losses))
+
+
+def make_objective(cfg: TrainConfig):
+    return Supervised(cfg) if cfg.objective == "sft" else Preference(cfg)
+
+
+@torch.no_grad()
+def precompute_reference(model, objective: Preference, rows: list, pad_id: int, batch_size: int,
+                         reference=None) -> list:  # fmt: skip
+    """`rows` with each one's reference log-probs set (PairRow: (chosen, rejected); LabelledRow:
+    (completion, KL partner's)), scored once before training, so the loop runs no reference
+    forward. (KTO's KL partner depends on the batch a row lands in, so KTO is refused with
+    precompute_reference by the recipe's checks.)"""
+    was = model.training
+    model.eval()
+    if reference is None and not hasattr(model, "disable_adapter"):
+        reference = model  # full fine-tuning, before its first step: the model is the reference
+    lm = PreferenceLM(model, objective, reference)
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(rows), batch_size):
+        part = rows[i : i + batch_size]
+        batch = _sequences(objective.sequences(part), pad_id)
+        logps = lm.reference_logps(
+            batch["input_ids"].to(device), batch["labels"].to(device),
+            batch["attention_mask"].to(device),
+        ).double().cpu()  # fmt: skip
+        n = len(part)
+        for k, row in enumerate(part):
+            out.append(replace(row, reference=(float(logps[k]), float(logps[n + k]))))
+    model.train(was)
+    return out
+
+
+@dataclass
+class Figures:
+    """Figures summed over micro-batches (and processes) until the next log."""
+
+    sums: dict[str, list[float]]
+
+    @classmethod
+    def empty(cls) -> Figures:
+        return cls({})
+
+    def add(self, figures: dict[str, tuple[float, int]] | None) -> None:
+        for k, (s, n) in (figures or {}).items():
+            acc = self.sums.setdefault(k, [0.0, 0.0])
+            acc[0] += s
+            acc[1] += n
+
+    def means(self, acc) -> dict[str, float]:
+        """Every figure's mean over all processes' units since the last call; cleared. Every
+        process calls it at the same steps (a collective with several processes)."""
+        names = sorted(self.sums)
+        flat = [x for k in names for x in self.sums[k]]
+        self.sums.clear()
+        if not names:
+            return {}
+        if acc is not None and acc.num_processes > 1:
+            local = torch.tensor(flat, dtype=torch.float64, device=acc.device)
+            flat = acc.reduce(local, reduction="sum").tolist()
+        return {k: flat[2 * i] / flat[2 * i + 1] for i, k in enumerate(names) if flat[2 * i + 1]}

@@ -1,0 +1,325 @@
+"""Preference objectives in the training loop (train/objective.py): the batch layout, the
+reference model's three sources, the losses at the start, resume, and the recipe's refusals."""
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny
+from dist_worker import make_pairs, run
+
+from instill.config import AdapterConfig, PreferenceConfig, TrainConfig
+from instill.errors import InstillError
+from instill.models import attach_adapter
+from instill.train import train
+from instill.train.loss import IGNORE
+from instill.train.objective import PreferenceLM, make_objective, precompute_reference
+
+
+def objective(name="dpo", **knobs):
+    return make_objective(TrainConfig(objective=name, preference=PreferenceConfig(**knobs)))
+
+
+def lora(tokenizer, seed=0, moved=True):
+    """The tiny model with LoRA adapters; `moved`: adapters given random B weights, so the
+    policy differs from its base."""
+    model, _ = attach_adapter(build_tiny(tokenizer), AdapterConfig(r=4, alpha=8), seed=seed)
+    if moved:
+        gen = torch.Generator().manual_seed(seed + 1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data = torch.randn(p.shape, generator=gen) * 0.3
+    return model
+
+
+def device_batch(batch):
+    return {k: v for k, v in batch.items() if k != "real_tokens"}
+
+
+def per_pair(lm, obj, rows, pad=0):
+    """Each pair's figures, scored one pair per batch."""
+    out = []
+    for row in rows:
+        lm(**device_batch(obj.collate([row], pad)))
+        out.append({k: s / n for k, (s, n) in lm.last_figures.items()})
+    return out
+
+
+def test_pair_batch_puts_the_loss_on_reply_tokens_only(tokenizer):
+    rows = make_pairs(3, seed=1)
+    batch = objective().collate(rows, pad_id=0)
+    assert batch["input_ids"].shape[0] == 6  # chosen rows, then rejected rows
+    seqs = [r.chosen() for r in rows] + [r.rejected() for r in rows]
+    for i, (ids, _) in enumerate(seqs):
+        n, prompt = len(ids), len(rows[i % 3].prompt_ids)
+        assert batch["input_ids"][i, :n].tolist() == ids
+        labels = batch["labels"][i].tolist()
+        assert labels[:prompt] == [IGNORE] * prompt  # the prompt's positions carry no loss
+        assert labels[prompt:n] == ids[prompt:]
+        assert labels[n:] == [IGNORE] * (len(labels) - n)  # nor does padding
+    assert objective().units(batch) == 3
+    assert int(batch["real_tokens"]) == sum(len(ids) for ids, _ in seqs)
+
+
+def test_dpo_starts_at_log_2_with_zero_margins(tokenizer):
+    """Fresh LoRA adapters (B = 0): the policy is its reference, so every pair's loss is log 2
+    and every margin and reward exactly 0."""
+    model, obj = lora(tokenizer, moved=False), objective()
+    lm = PreferenceLM(model, obj)
+    loss_sum, pairs = lm(**device_batch(obj.collate(make_pairs(4, seed=2), 0)))
+    assert int(pairs) == 4
+    assert float(loss_sum.detach()) / 4 == pytest.approx(math.log(2), abs=1e-6)
+    for name in ("margin", "chosen_reward", "rejected_reward", "accuracy"):
+        assert lm.last_figures[name][0] == 0.0, name
+
+
+def test_swapping_chosen_and_rejected_flips_every_margin(tokenizer):
+    from dataclasses import replace
+
+    model, obj = lora(tokenizer), objective()
+    lm = PreferenceLM(model, obj)
+    rows = make_pairs(4, seed=3)
+    swapped = [
+        replace(r, chosen_ids=r.rejected_ids, chosen_mask=r.rejected_mask,
+                rejected_ids=r.chosen_ids, rejected_mask=r.chosen_mask)
+        for r in rows
+    ]  # fmt: skip
+    a, b = per_pair(lm, obj, rows), per_pair(lm, obj, swapped)
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["margin"]) > 1e-4  # the adapters moved the policy
+        assert y["margin"] == pytest.approx(-x["margin"], abs=1e-5)
+        assert x["accuracy"] + y["accuracy"] == 1.0
+
+
+def test_disabled_adapter_reference_equals_a_frozen_copy(tokenizer):
+    base = build_tiny(tokenizer)
+    frozen = copy.deepcopy(base).eval()
+    model, _ = attach_adapter(base, AdapterConfig(r=4, alpha=8), seed=0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)
+    obj = objective()
+    batch = device_batch(obj.collate(make_pairs(4, seed=4), 0))
+    args = (batch["input_ids"], batch["labels"], batch["attention_mask"])
+    off = PreferenceLM(model, obj).reference_logps(*args)
+    copied = PreferenceLM(model, obj, reference=frozen).reference_logps(*args)
+    policy = PreferenceLM(model, obj, reference=model).reference_logps(*args)
+    assert torch.allclose(off, copied, atol=1e-5, rtol=0)
+    assert not torch.allclose(off, policy, atol=1e-3)  # the control: adapters on differ
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_precomputed_reference_equals_the_live_one(tokenizer, method):
+    """Scored before training (the adapters off, or the full model before its first step),
+    the rows' reference log-probs give the same losses as the live reference does."""
+    obj = objective()
+    rows = make_pairs(5, seed=6)
+    if method == "lora":
+        model, live_ref = lora(tokenizer), None
+        pre = precompute_reference(model, obj, rows, 0, 2)
+    else:
+        start = build_tiny(tokenizer)
+        pre = precompute_reference(start, obj, rows, 0, 2)
+        live_ref = copy.deepcopy(start)
+        model = start
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    assert all(r.reference is not None for r in pre)
+    live = PreferenceLM(model, obj, reference=live_ref)
+    lo, ln = live(**device_batch(obj.collate(rows, 0)))
+    batch = device_batch(obj.collate(pre, 0))
+    assert "reference_logps" in batch
+    po, pn = live(**batch)
+    assert int(ln) == int(pn) == 5
+    assert float(po.detach()) == pytest.approx(float(lo.detach()), abs=1e-5)
+    assert live.last_figures["margin"][0] != 0.0
+
+
+@pytest.mark.parametrize(
+    "name,knobs",
+    [("dpo", {}), ("dpo", {"loss_type": "ipo"}), ("dpo", {"loss_type": "hinge"}),
+     ("dpo", {"sft_weight": 1.0, "label_smoothing": 0.1}), ("simpo", {}), ("orpo", {}),
+     ("kto", {})],
+)  # fmt: skip
+def test_every_method_trains_and_logs_its_figures(tokenizer, tmp_path, name, knobs):
+    from instill.data.preference_tokens import LabelledRow
+
+    rows = make_pairs(8, seed=7)
+    if name == "kto":
+        rows = [
+            LabelledRow(r.prompt_ids, ids, mask, good, r.source)
+            for r in rows
+            for ids, mask, good in ((r.chosen_ids, r.chosen_mask, True),
+                                    (r.rejected_ids, r.rejected_mask, False))
+        ]  # fmt: skip
+    cfg = TrainConfig(objective=name, preference=PreferenceConfig(**knobs), max_steps=3,
+                      batch_size=4, lr=1e-2, log_every=1)  # fmt: skip
+    model = lora(tokenizer, moved=False)
+    result = train(model, tokenizer, rows, cfg, tmp_path, validation=rows[:4])
+    assert len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    units = "rows" if name == "kto" else "pairs"
+    assert [r[units] for r in steps] == [4, 8, 12]
+    for key in ("chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp"):
+        assert all(key in r for r in steps), key
+    assert "val_chosen_logp" in records[-1]
+    if name == "dpo" and not knobs:
+        assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert steps[-1]["margin"] > 0  # it learnt to prefer the chosen replies
+
+
+def test_a_nan_loss_stops_the_run_naming_step_and_rows(tokenizer, tmp_path, monkeypatch):
+    from instill.train.objective import Preference
+
+    calls = [0]
+    real = Preference.loss
+
+    def poisoned(self, *args):
+        losses, figures = real(self, *args)
+        calls[0] += 1
+        return (losses * float("nan") if calls[0] == 2 else losses), figures
+
+    monkeypatch.setattr(Preference, "loss", poisoned)
+    cfg = TrainConfig(objective="dpo", max_steps=4, batch_size=2, save_every=1, lr=1e-2)
+    with pytest.raises(InstillError, match=r"loss is nan at step 2 \(rows: p:\d+, p:\d+\)") as e:
+        train(lora(tokenizer, moved=False), tokenizer, make_pairs(8), cfg, tmp_path)
+    assert "checkpoints" in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1"]
+
+
+def test_resume_of_a_dpo_run_is_exact(default_source, tmp_path):
+    common = dict(method="lora", objective="dpo", steps=4, validation=True, eval_every=2)
+    whole = run(default_source.path, 2, run_dir=str(tmp_path / "whole"), **common)
+    cut = run(default_source.path, 2, run_dir=str(tmp_path / "cut"), stop_at=2, **common)
+    assert cut["interrupted"] and cut["steps"] == 2
+    step = str(tmp_path / "cut" / "checkpoints" / "step-2")
+    resumed = run(default_source.path, 2, run_dir=str(tmp_path / "cut"), resume=step, **common)
+    assert resumed["losses"] == whole["losses"]
+    for name, value in whole["params"].items():
+        assert torch.equal(resumed["params"][name], value), name
+
+
+@pytest.mark.slow
+def test_two_processes_train_dpo_as_one(default_source, tmp_path):
+    from dist import assert_same_training, load, run_worker
+
+    out = tmp_path / "dpo.json"
+    run_worker(default_source.path, out, [{"out": str(out), "method": "lora", "objective": "dpo"}])
+    two = load(out)
+    one = run(default_source.path, 4, method="lora", objective="dpo")
+    assert_same_training(two, one, min_tensors=8)
+
+
+# --- recipes ---------------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def pair_file(path: Path, prompts: int = 6, per_prompt: int = 3) -> Path:
+    rows = [
+        {"prompt": f"Name a colour, please ({p}).", "chosen": f"Blue {k}.",
+         "rejected": f"I am not sure, maybe green {k} or something else entirely."}
+        for p in range(prompts)
+        for k in range(per_prompt)
+    ]  # fmt: skip
+    return write_jsonl(path, rows)
+
+
+def preference_recipe(tiny_dir, out, *extra):
+    from instill.config import load_recipe
+
+    return load_recipe(
+        None,
+        [
+            "name=pref", f"model.name={tiny_dir}", f"train.output_dir={out}",
+            "train.objective=dpo", "train.max_steps=2", "train.batch_size=2",
+            "data.max_length=64", "eval.suites=[]", *extra,
+        ],
+    )  # fmt: skip
+
+
+def test_validation_holds_out_whole_prompts(tokenizer, tmp_path):
+    from instill.config import DataConfig
+    from instill.data.preference_data import build_preference_data
+
+    path = pair_file(tmp_path / "p.jsonl", prompts=10, per_prompt=3)
+    cfg = DataConfig(sources=[{"path": str(path)}], validation=0.2, max_length=64)
+    data = build_preference_data(tokenizer, cfg, "dpo")
+    assert len(data.validation) == 6 and len(data.train) == 24  # 2 prompts of 10, 3 pairs each
+    held = {tuple(r.prompt_ids) for r in data.validation}
+    assert len(held) == 2 and not held & {tuple(r.prompt_ids) for r in data.train}
+    kto = build_preference_data(tokenizer, cfg, "kto")  # each pair: two labelled rows
+    assert len(kto.train) == 48 and sum(r.desirable for r in kto.train) == 24
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["data.builtin.train_per_family=4"], "data.builtin gives supervised rows"),
+        (["data.replay=0.1"], "data.replay and train.kl_to_base"),
+        (["data.packing=true"], "data.packing is for supervised rows"),
+        (["train.objective=kto", "train.preference.precompute_reference=true"], "kto"),
+        (["train.objective=simpo", "train.preference.loss_type=ipo"], "dpo only"),
+    ],
+)
+def test_a_preference_recipe_refuses_what_it_cannot_train(tiny_dir, tmp_path, extra, message):
+    path = pair_file(tmp_path / "p.jsonl")
+    with pytest.raises(InstillError, match=message):
+        preference_recipe(tiny_dir, tmp_path, f"data.sources=[{{path: {path}}}]", *extra)
+
+
+def test_supervised_rows_in_a_preference_run_say_how_to_combine(tiny_dir, tmp_path):
+    from instill.recipe import run_recipe
+
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "Hi", "completion": "Hello"}] * 4)
+    recipe = preference_recipe(tiny_dir, tmp_path, f"data.sources=[{{path: {sft}}}]")
+    with pytest.raises(InstillError, match=r"sft.jsonl:1: .*supervised row.*model.name: runs/"):
+        run_recipe(recipe)
+    assert not (tmp_path / "pref").exists()  # nothing half-made left behind
+
+
+def test_labelled_rows_need_kto(tiny_dir, tmp_path):
+    from instill.recipe import run_recipe
+
+    rows = [{"prompt": "Hi", "completion": "Hello", "label": True}] * 4
+    path = write_jsonl(tmp_path / "kto.jsonl", rows)
+    recipe = preference_recipe(tiny_dir, tmp_path, f"data.sources=[{{path: {path}}}]")
+    with pytest.raises(InstillError, match=r"kto.jsonl:1: a labelled row .* train.objective: kto"):
+        run_recipe(recipe)
+
+
+def test_dpo_from_a_supervised_run_chains_both_stages(tiny_recipe, tiny_dir, tmp_path):
+    """Stage 2 starts from stage 1's tuned weights; its adapter names the stage-1 run as its
+    base, and loads back (through that run) to the model that finished training."""
+    from instill.models.load import load_for_inference
+    from instill.recipe import run_recipe
+
+    first = run_recipe(tiny_recipe(tmp_path, "name=sft", "train.max_steps=2", "eval.suites=[]",
+                                   "eval.holdout_clusters=[]",
+                                   "data.replay=null"))  # fmt: skip
+    pairs = pair_file(tmp_path / "p.jsonl")
+    recipe = preference_recipe(tmp_path / "sft", tmp_path, f"data.sources=[{{path: {pairs}}}]",
+                               "train.lr=0.05")  # fmt: skip
+    recipe = recipe.model_copy(
+        update={"model": recipe.model.model_copy(update={"name": str(first.run_dir)})}
+    )
+    second = run_recipe(recipe)
+    adapter = json.loads((second.run_dir / "final" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(first.run_dir.resolve())
+    record = json.loads((second.run_dir / "run.json").read_text())
+    assert record["model"]["kind"] == "run"
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    reloaded = load_for_inference(str(second.run_dir)).model
+    with torch.no_grad():
+        expected = second.model.eval()(input_ids=ids).logits
+        assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-4)
+        stage1 = load_for_inference(str(first.run_dir)).model(input_ids=ids).logits
+    assert not torch.allclose(stage1, expected, atol=1e-4)  # the second stage moved it
