@@ -167,8 +167,7 @@ def _bootstrap(hits: list[float], prompts: list[str]) -> list[float]:
 
 
 def run_instill(work: Path) -> dict:
-    from instill.config import AdapterConfig, TrainConfig
-    from instill.config.schema import PreferenceConfig
+    from instill.config import AdapterConfig, PreferenceConfig, TrainConfig
     from instill.data.preference import read_preferences
     from instill.data.preference_tokens import tokenize_preferences
     from instill.models import attach_adapter
