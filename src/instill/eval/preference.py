@@ -50,7 +50,9 @@ from instill.train.preference import model_logps
 ACCURACY_NOTE = (
     "accuracy: the share of pairs whose chosen side is strictly higher (ties count 0, so a model "
     "scored against itself has implicit-reward accuracy 0); margins in nats; 95% intervals "
-    "resample prompts"
+    "resample prompts. When the reference is the starting model, the implicit reward measures "
+    "have no before side (the start's margins are 0 by definition): read them against chance, "
+    "50% and a margin of 0; below 50% most pairs moved the wrong way"
 )
 # measure -> its label; per_pair computes them (the implicit reward ones need a reference)
 MEASURES = {
@@ -153,19 +155,31 @@ def _stat(values: list[float], clusters: list[str]) -> dict:
     return {"value": round(mean, 6), "ci95": [round(lo, 6), round(hi, 6)]}
 
 
-def _measures(idx: list[int], sides: dict[str, list[dict]], clusters: list[str]) -> dict:
+def _measures(
+    idx: list[int], sides: dict[str, list[dict]], clusters: list[str], start_is_ref: bool = False
+) -> dict:
     """measure -> {model, start, delta}: each side's mean with its clustered interval, and the
-    paired change start -> model, over the pairs `idx`."""
+    paired change start -> model, over the pairs `idx`. When the start is the reference, the
+    implicit reward measures have no start side: the start's margins are 0 by definition (its
+    accuracy 0 by the strict rule), so a "change" from it would read any movement, even one
+    the wrong way for most pairs, as a gain. Their chance level is 50% and a margin of 0."""
     keys = [k for k in MEASURES if k in sides["model"][0]] if sides["model"] else []
     cl = [clusters[i] for i in idx]
     out = {}
     for key in keys:
-        entry = {side: _stat([v[i][key] for i in idx], cl) for side, v in sides.items()}
-        if "start" in sides:
+        trivial = start_is_ref and key.startswith("reward_")
+        entry = {side: _stat([v[i][key] for i in idx], cl) for side, v in sides.items()
+                 if not (trivial and side == "start")}  # fmt: skip
+        if "start" in sides and not trivial:
             diff = [sides["model"][i][key] - sides["start"][i][key] for i in idx]
             entry["delta"] = _stat(diff, cl)
         out[key] = entry
     return out
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    keys = ("chosen_logp", "rejected_logp")
+    return a is b or all(x[k] == y[k] for x, y in zip(a, b, strict=True) for k in keys)
 
 
 def preference_summary(
@@ -178,6 +192,7 @@ def preference_summary(
         raise InstillError("no pairs to measure")
     _check_aligned(model, reference, "reference")
     _check_aligned(model, start, "start")
+    start_is_ref = start is not None and reference is not None and _same(start, reference)
     ref = reference or [None] * len(model)
     sides = {"model": [per_pair(m, r) for m, r in zip(model, ref, strict=True)]}
     if start is not None:
@@ -190,14 +205,17 @@ def preference_summary(
     return {
         "n": n,
         "prompts": len(set(clusters)),
-        "measures": _measures(every, sides, clusters),
+        "measures": _measures(every, sides, clusters, start_is_ref),
         "lengths": {
             "chosen_tokens": round(sum(m["chosen_tokens"] for m in model) / n, 3),
             "rejected_tokens": round(sum(m["rejected_tokens"] for m in model) / n, 3),
             "chosen_longer": _stat([float(i in is_longer) for i in every], clusters),
         },
         "by_length": {
-            name: {"n": len(idx), "measures": _measures(idx, sides, clusters) if idx else {}}
+            name: {
+                "n": len(idx),
+                "measures": _measures(idx, sides, clusters, start_is_ref) if idx else {},
+            }
             for name, idx in (("chosen_longer", longer), ("chosen_not_longer", others))
         },
         "note": ACCURACY_NOTE,
