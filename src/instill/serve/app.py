@@ -244,11 +244,17 @@ def _stream(server: Server, job: Job, name: str, chat: bool, include_usage: bool
             if chat:
                 yield chunk(None, None, role=True)
             server.scheduler.submit(job)
-            while not (job.done.is_set() and pieces.empty()):
+            while not job.done.is_set():
                 try:
                     yield chunk(await asyncio.wait_for(pieces.get(), 0.05), None)
                 except TimeoutError:
                     continue
+            # the generation thread's last pieces were scheduled on this loop before it set
+            # done, but may not have run yet: one pass of the loop runs them (callbacks run in
+            # the order they were scheduled), then the queue holds every piece
+            await asyncio.sleep(0)
+            while not pieces.empty():
+                yield chunk(pieces.get_nowait(), None)
             if job.error:  # the status line went out long ago: an error event, which the openai
                 # client raises as APIError (the non-streaming path answers 500)
                 yield f"data: {json.dumps(_error_body(500, job.error))}\n\n"
