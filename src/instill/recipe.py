@@ -191,6 +191,8 @@ def data_digest(data) -> str:
 
     import numpy as np
 
+    from instill.data.preference_tokens import hash_row
+
     h = hashlib.sha256()
     for part in (data.train, data.validation):
         h.update(len(part).to_bytes(8, "little"))
@@ -200,12 +202,7 @@ def data_digest(data) -> str:
                 h.update(np.asarray(row.mask, dtype=np.int8).tobytes())
                 h.update(b"r" if row.replay else b"-")
                 continue
-            pair = hasattr(row, "chosen_ids")
-            for ids, mask in [row.chosen(), row.rejected()] if pair else [row.sequence()]:
-                h.update(len(ids).to_bytes(8, "little"))
-                h.update(np.asarray(ids, dtype=np.int64).tobytes())
-                h.update(np.asarray(mask, dtype=np.int8).tobytes())
-            h.update(b"p" if pair else (b"+" if row.desirable else b"x"))
+            hash_row(h, row)
     return h.hexdigest()
 
 

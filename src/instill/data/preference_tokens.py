@@ -182,3 +182,26 @@ def tokenize_preferences(
     stats.tokens = sum(r.tokens for r in rows)
     stats.trained_tokens = sum(r.trained for r in rows)
     return rows, stats
+
+
+def hash_row(h, row: PairRow | LabelledRow) -> None:
+    """Feed one tokenised preference row into the hash `h`: each sequence's length, ids and
+    mask, then what kind of row it is (a pair, or a desirable / undesirable reply)."""
+    import numpy as np
+
+    pair = isinstance(row, PairRow)
+    for ids, mask in [row.chosen(), row.rejected()] if pair else [row.sequence()]:
+        h.update(len(ids).to_bytes(8, "little"))
+        h.update(np.asarray(ids, dtype=np.int64).tobytes())
+        h.update(np.asarray(mask, dtype=np.int8).tobytes())
+    h.update(b"p" if pair else (b"+" if row.desirable else b"x"))
+
+
+def rows_sha256(rows: Sequence[PairRow | LabelledRow]) -> str:
+    """The tokenised rows' digest: the same digest means the same rows, in the same order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for row in rows:
+        hash_row(h, row)
+    return h.hexdigest()

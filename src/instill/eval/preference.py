@@ -34,7 +34,7 @@ from instill.atomic import write_text
 from instill.config import ModelConfig
 from instill.data.dataset import labels_from, pad_right
 from instill.data.preference import Pair, read_preferences
-from instill.data.preference_tokens import PairRow, tokenize_preferences
+from instill.data.preference_tokens import PairRow, rows_sha256, tokenize_preferences
 from instill.errors import InstillError
 from instill.eval.metrics import bootstrap_clustered_ci
 from instill.eval.results import (
@@ -63,13 +63,6 @@ MEASURES = {
     "reward_margin": "implicit reward margin (nats)",
 }
 _KEYS = ("source", "prompt", "chosen_tokens", "rejected_tokens")
-
-
-def rows_sha256(rows: list[PairRow]) -> str:
-    """The tokenised pairs' digest: two results pair only when it is the same."""
-    data = [[r.prompt_ids, r.chosen_ids, r.chosen_mask, r.rejected_ids, r.rejected_mask]
-            for r in rows]  # fmt: skip
-    return hashlib.sha256(json.dumps(data, separators=(",", ":")).encode()).hexdigest()
 
 
 def pair_rows(tokenizer, path: str, max_length: int, setting: str = "--max-length"):

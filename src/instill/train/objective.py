@@ -37,7 +37,7 @@ import torch
 
 from instill.config import TrainConfig
 from instill.data.dataset import Row, collate, labels_from, pad_right
-from instill.data.preference_tokens import LabelledRow, PairRow
+from instill.data.preference_tokens import LabelledRow, PairRow, rows_sha256
 from instill.errors import InstillError
 from instill.train.compiled import eager
 from instill.train.loss import IGNORE, SupervisedLM, _hidden, _parts
@@ -303,24 +303,6 @@ class Figures:
         return {k: flat[2 * i] / flat[2 * i + 1] for i, k in enumerate(names) if flat[2 * i + 1]}
 
 
-def _rows_digest(rows: list) -> str:
-    import hashlib
-
-    import numpy as np
-
-    h = hashlib.sha256()
-    for r in rows:
-        for ids, mask in _pair_seqs(r):
-            h.update(len(ids).to_bytes(8, "little"))
-            h.update(np.asarray(ids, dtype=np.int64).tobytes())
-            h.update(np.asarray(mask, dtype=np.int8).tobytes())
-    return h.hexdigest()
-
-
-def _pair_seqs(row) -> list:
-    return [row.chosen(), row.rejected()]
-
-
 def cached_reference(model, objective: Preference, rows: list, pad_id: int, batch_size: int):
     """precompute_reference through a cache under $INSTILL_HOME/reference-cache, keyed by the
     model's weights (every tensor: the reference is the start), the tokenised pairs (so the
@@ -337,7 +319,7 @@ def cached_reference(model, objective: Preference, rows: list, pad_id: int, batc
     from instill.models.resolve import instill_home
 
     key = hashlib.sha256(
-        f"v1\x1f{model_digest(model)}\x1f{_rows_digest(rows)}".encode()
+        f"v1\x1f{model_digest(model)}\x1f{rows_sha256(rows)}".encode()
     ).hexdigest()[:24]
     path = instill_home() / "reference-cache" / f"{key}.npy"
     if path.is_file():
