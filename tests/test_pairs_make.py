@@ -47,7 +47,7 @@ def test_ties_in_length_go_to_the_first_sampled():
 def test_all_passing_or_all_failing_gives_no_pair(scores):
     c = pairs.choose(EX, [gen("5"), gen("five"), gen("5!")], scores)
     assert c.chosen is None and c.rejected is None
-    assert pairs.pair_row(EX, [gen("5")] * 3, scores, c) is None
+    assert pairs.pair_rows(EX, [gen("5")] * 3, scores, c) == []
 
 
 def test_a_reply_cut_at_max_new_tokens_never_passes():
@@ -77,11 +77,27 @@ def test_graded_scores_pass_at_the_threshold():
     assert pairs.choose(EX, replies, [0.9, 0.6, 0.2], threshold=1.0).passing == ()
 
 
+def test_more_pairs_per_prompt_reject_each_distinct_failing_text_once():
+    replies = [gen("5", 1), gen("five", 1), gen("6", 1), gen("7", 1), gen("6", 1),
+               gen("It is 8.", 4), gen("5", 2, "length")]  # fmt: skip
+    scores = [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    one = pairs.choose(EX, replies, scores, seed=3)
+    many = pairs.choose(EX, replies, scores, seed=3, pairs=5)
+    assert many.pairs[0] == one.pairs[0]  # raising the count only adds pairs
+    rejected = [replies[b].text for _, b in many.pairs]
+    # 6, 7 and "It is 8." once each; the cut "5" is failing but a passing text, never rejected
+    assert sorted(rejected) == ["6", "7", "It is 8."]
+    assert [a for a, _ in many.pairs][:2] in ([0, 1], [1, 0])  # passing texts in turn
+    assert pairs.choose(EX, replies, scores, seed=3, pairs=2).pairs == many.pairs[:2]
+    rows = pairs.pair_rows(EX, replies, scores, many)
+    assert all(r["chosen"] != r["rejected"] for r in rows) and len(rows) == 3
+
+
 def test_rows_read_back_as_pairs_and_labelled(tmp_path):
     replies = [gen("The answer is 5."), gen("5"), gen("6"), gen("6")]
     scores = [1.0, 1.0, 0.0, 0.0]
     c = pairs.choose(EX, replies, scores)
-    row = pairs.pair_row(EX, replies, scores, c)
+    [row] = pairs.pair_rows(EX, replies, scores, c)
     assert row == {
         "prompt": [{"role": "user", "content": "2 + 3? Number only."}],
         "chosen": [{"role": "assistant", "content": "5"}],

@@ -790,6 +790,7 @@ def pairs_make(
     max_new_tokens: int = _pairs_option("max_new_tokens"),
     threshold: float = _pairs_option("threshold"),
     batch_size: int = _pairs_option("batch_size"),
+    pairs_per_prompt: int = _pairs_option("pairs_per_prompt"),
     suite: str = typer.Option(
         "builtin",
         help="builtin (the built-in families' training split), or a file of rows with "
@@ -823,6 +824,7 @@ def pairs_make(
         opts = PairsConfig(
             k=k, temperature=temperature, per_family=per_family, seed=seed,
             max_new_tokens=max_new_tokens, threshold=threshold, batch_size=batch_size,
+            pairs_per_prompt=pairs_per_prompt,
         )  # fmt: skip
     except ValidationError as exc:
         error = exc.errors()[0]

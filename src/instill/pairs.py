@@ -42,10 +42,17 @@ class Choice:
 
     passing: tuple[int, ...]  # scored at or above the threshold, ended by the model, not empty
     failing: tuple[int, ...]  # the other non-empty replies
-    chosen: int | None = None  # the pair's chosen reply (None: no pair)
+    chosen: int | None = None  # the first pair's chosen reply (None: no pair)
     rejected: int | None = None
     cut: int = 0  # replies cut at max_new_tokens (never passing)
     empty: int = 0  # empty replies (in no row: a pair file cannot hold an empty side)
+    more: tuple[tuple[int, int], ...] = ()  # further (chosen, rejected) pairs, --pairs-per-prompt
+
+    @property
+    def pairs(self) -> tuple[tuple[int, int], ...]:
+        if self.chosen is None or self.rejected is None:
+            return ()
+        return ((self.chosen, self.rejected), *self.more)
 
 
 def passes(reply: Generation, score: float, threshold: float) -> bool:
@@ -61,6 +68,7 @@ def choose(
     *,
     threshold: float = 1.0,
     seed: int = 0,
+    pairs: int = 1,
 ) -> Choice:
     """Split one prompt's replies into passing and failing and, with both, pick the pair.
 
@@ -68,7 +76,11 @@ def choose(
     DPO is known to reward length; choosing the shortest correct reply keeps that bias from
     entering through the data, and a terse correct answer is what the verifiable tasks ask for.
     Rejected: one failing reply drawn by seed among the distinct failing texts, so neither its
-    length nor its sampling order decides it."""
+    length nor its sampling order decides it.
+
+    pairs > 1: up to that many pairs, each with another distinct failing text (in the seed's
+    order) as rejected, against the distinct passing texts shortest first, cycled; the first
+    pair is the one above, so raising `pairs` only adds rows."""
     if len(replies) != len(scores):
         raise ValueError(f"{len(replies)} replies but {len(scores)} scores")
     empty = [i for i, r in enumerate(replies) if not r.text.strip()]
@@ -85,8 +97,29 @@ def choose(
             distinct.setdefault(replies[i].text, i)
     if not distinct:  # only the chosen text again, cut short: nothing to tell apart
         return Choice(passing, failing, cut=cut, empty=len(empty))
-    rejected = random.Random(f"{seed}:{example.id}").choice(list(distinct.values()))
-    return Choice(passing, failing, chosen, rejected, cut, len(empty))
+    rng = random.Random(f"{seed}:{example.id}")
+    rejected = rng.choice(list(distinct.values()))
+    more = _more_pairs(replies, passing, chosen, rejected, distinct, rng, pairs - 1)
+    return Choice(passing, failing, chosen, rejected, cut, len(empty), more)
+
+
+def _more_pairs(replies, passing, chosen, rejected, distinct, rng, n: int):
+    """Up to n pairs beyond (chosen, rejected): each remaining distinct failing text once (in
+    the seed's order, never a text some passing reply also has), each against the next distinct
+    passing text, shortest first, cycled."""
+    if n <= 0:
+        return ()
+    good: dict[str, int] = {}
+    for i in sorted(passing, key=lambda i: (replies[i].completion_tokens, len(replies[i].text), i)):
+        good.setdefault(replies[i].text, i)
+    chosen_order = list(good.values())
+    rest = [i for i in distinct.values() if i != rejected and replies[i].text not in good]
+    rng.shuffle(rest)
+    start = chosen_order.index(chosen)
+    return tuple(
+        (chosen_order[(start + j + 1) % len(chosen_order)], bad)
+        for j, bad in enumerate(rest[:n])
+    )
 
 
 def _reply(text: str) -> list[dict]:
@@ -97,20 +130,21 @@ def _meta(example: EvalExample) -> dict:
     return {"task": example.family, "cluster": example.cluster, "id": example.id}
 
 
-def pair_row(
+def pair_rows(
     example: EvalExample, replies: Sequence[Generation], scores: Sequence[float], c: Choice
-) -> dict | None:
-    """The JSONL row of a prompt's pair (format `pairs`, conversational), or None."""
-    if c.chosen is None or c.rejected is None:
-        return None
-    return {
-        "prompt": list(example.prompt),
-        "chosen": _reply(replies[c.chosen].text),
-        "rejected": _reply(replies[c.rejected].text),
-        **_meta(example),
-        "chosen_score": scores[c.chosen],
-        "rejected_score": scores[c.rejected],
-    }
+) -> list[dict]:
+    """The JSONL rows of a prompt's pairs (format `pairs`, conversational); none without."""
+    return [
+        {
+            "prompt": list(example.prompt),
+            "chosen": _reply(replies[good].text),
+            "rejected": _reply(replies[bad].text),
+            **_meta(example),
+            "chosen_score": scores[good],
+            "rejected_score": scores[bad],
+        }
+        for good, bad in c.pairs
+    ]
 
 
 def labelled_rows(
@@ -154,13 +188,13 @@ class FamilyStats:
     cut: int = 0
     empty: int = 0
 
-    def add(self, c: Choice, k: int, paired: bool) -> None:
+    def add(self, c: Choice, k: int) -> None:
         self.prompts += 1
         self.replies += k
         self.passing += len(c.passing)
         self.all_pass += not c.failing and bool(c.passing)
         self.all_fail += not c.passing
-        self.pairs += paired
+        self.pairs += len(c.pairs)
         self.cut += c.cut
         self.empty += c.empty
 
@@ -204,12 +238,13 @@ def sample_and_pair(model, tokenizer, task: Task, opts: PairsConfig, max_new_tok
     made = Made()
     for n, ex in enumerate(task.examples):
         replies, own = gens[n * k : (n + 1) * k], scores[n * k : (n + 1) * k]
-        c = choose(ex, replies, own, threshold=opts.threshold, seed=opts.seed)
-        row = pair_row(ex, replies, own, c)
-        if row is not None:
-            made.pairs.append(row)
+        c = choose(
+            ex, replies, own, threshold=opts.threshold, seed=opts.seed,
+            pairs=opts.pairs_per_prompt,
+        )  # fmt: skip
+        made.pairs += pair_rows(ex, replies, own, c)
         made.labelled += labelled_rows(ex, replies, own, c)
-        made.by_family.setdefault(ex.family, FamilyStats(ex.cluster)).add(c, k, row is not None)
+        made.by_family.setdefault(ex.family, FamilyStats(ex.cluster)).add(c, k)
     return made
 
 
@@ -320,9 +355,10 @@ def make_pairs(
         "max_new_tokens": max_new_tokens,
         "threshold": opts.threshold,
         "per_family": opts.per_family,
+        "pairs_per_prompt": opts.pairs_per_prompt,
         "holdout_clusters": sorted(held),
         "prompts": len(task.examples),
-        "prompts_with_pairs": len(made.pairs),
+        "prompts_with_pairs": len({(r["task"], r["id"]) for r in made.pairs}),
         "replies": replies,
         "pass_rate": round(sum(s["passing"] for s in families.values()) / replies, 4),
         "pairs_written": len(made.pairs),

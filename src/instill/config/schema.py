@@ -672,6 +672,13 @@ class PairsConfig(_Section):
         "scorers, exact_match and contains score 0 or 1; token_f1 and rouge_l are graded.",
     )
     batch_size: int = Field(32, gt=0, description="Replies generated together.")
+    pairs_per_prompt: int = Field(
+        1,
+        ge=1,
+        description="Most pairs from one prompt: each further pair rejects another distinct "
+        "failing reply (against the next distinct passing one), so more pairs come from the "
+        "same samples. Pairs of one prompt stay on one side of the validation split.",
+    )
 
 
 def default(section: type[BaseModel], key: str):
