@@ -447,3 +447,41 @@ def test_new_chat_during_a_reply_stops_it(browser, tokenizer):
         page.ws.close()
     finally:
         stop()
+
+
+def test_a_seed_beyond_javascripts_safe_integers_reaches_the_server_exactly(browser, tokenizer):
+    from conftest import build_tiny
+    from test_serve import start
+
+    base, server, stop = start(build_tiny(tokenizer, tied=False), tokenizer, ServeConfig())
+    jobs, _ = _recording(server)
+    try:
+        page = _open(browser, base)
+        seed = 2**62 + 1  # a JavaScript number would round it to 2**62
+        page.js(f"document.getElementById('seed').value = '{seed}';")
+        page.js("document.getElementById('max_tokens').value = '2'")
+        _send(page, "Hello")
+        _replied(page, 1)
+        assert jobs[0].params.seed == seed
+        page.ws.close()
+    finally:
+        stop()
+
+
+def test_a_setting_out_of_range_shows_the_servers_reason(browser, tokenizer):
+    from conftest import build_tiny
+    from test_serve import start
+
+    base, server, stop = start(build_tiny(tokenizer), tokenizer, ServeConfig())
+    try:
+        page = _open(browser, base)
+        page.js("document.getElementById('temperature').value = '3'")
+        _send(page, "Hello")
+        page.wait("document.querySelector('.msg.error') !== null")
+        assert page.js("document.querySelector('.msg.error').textContent") == (
+            "error: 'temperature' must be a number in [0, 2], got 3.0"
+        )
+        assert page.js("document.getElementById('send').disabled") is False
+        page.ws.close()
+    finally:
+        stop()
