@@ -11,7 +11,9 @@ engine's, run by the scheduler's decode thread.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import hmac
 import html
 import ipaddress
@@ -29,7 +31,13 @@ from starlette.requests import ClientDisconnect
 from instill.config import ServeConfig
 from instill.data.render import render_prompt
 from instill.errors import InstillError
-from instill.serve.requests import ChatBody, CompletionBody, InvalidRequest, parse
+from instill.serve.requests import (
+    DEFAULT_MAX_TOKENS,
+    ChatBody,
+    CompletionBody,
+    InvalidRequest,
+    parse,
+)
 from instill.serve.scheduler import Job, Scheduler
 
 LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -282,6 +290,31 @@ def _stream(server: Server, job: Job, name: str, chat: bool, include_usage: bool
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+def chat_page(server: Server) -> str:
+    """page.html with this server's model name, default max_tokens (the API's) and cap."""
+    cap = server.cfg.max_tokens_cap
+    text = PAGE.read_text(encoding="utf-8").replace("__MODEL__", html.escape(server.names[0]))
+    text = text.replace("__MAX_TOKENS_CAP__", str(cap))
+    return text.replace("__MAX_TOKENS__", str(min(DEFAULT_MAX_TOKENS, cap)))
+
+
+def page_policy() -> str:
+    """The page's Content-Security-Policy: its own inline script and style (by hash) and fetches
+    to this server, nothing else. A second guard behind the page's escaping of replies: markup
+    that got into a reply could still run no script (no inline handlers, no other scripts),
+    load nothing and send nothing elsewhere."""
+    text = PAGE.read_text(encoding="utf-8")
+
+    def digest(tag: str) -> str:
+        body = text.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+        return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+
+    return (
+        f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
 class _HostCheck:
     """ASGI middleware: refuse a request whose Host header names another server (421).
     Plain ASGI, not @app.middleware: starlette's BaseHTTPMiddleware makes
@@ -413,7 +446,6 @@ def build_app(server: Server) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        text = PAGE.read_text(encoding="utf-8").replace("__MODEL__", html.escape(server.names[0]))
-        return text.replace("__MAX_TOKENS__", str(min(256, cfg.max_tokens_cap)))
+        return HTMLResponse(chat_page(server), headers={"Content-Security-Policy": page_policy()})
 
     return app
