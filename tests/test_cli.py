@@ -101,6 +101,20 @@ def test_train_help_shows_recipe_field_docs(capsys, monkeypatch):
     out = " ".join(capsys.readouterr().out.split())
     assert "train.lr [default: 0.0002]: Peak learning rate." in out
     assert "adapter.target_modules" in out
+    # the keys of a data.sources entry and of data.replay, with their defaults
+    for text in (
+        "data.sources[].path [required]",
+        "data.sources[].weight [default: 1.0]: Sampling weight",
+        "data.sources[].format [default: auto; one of: auto, messages,",
+        "data.sources[].columns [default: {}]: Rename columns",
+        "data.sources[].split [default: train]",
+        "data.replay [default: null]",
+        "data.replay.fraction [required]",
+        "data.replay.prompts [default: null]",
+        "data.replay.max_new_tokens [default: 64]",
+        "eval.suites[].metric [default: auto; one of:",
+    ):
+        assert text in out, text
 
 
 def test_qlora_without_cuda_is_a_clear_error(capsys, monkeypatch, tmp_path):

@@ -198,7 +198,12 @@ def _enum_fields(model=None, prefix=""):
                 yield prefix + name, typing.get_args(ann)
             elif isinstance(ann, type) and issubclass(ann, BaseModel):
                 yield from _enum_fields(ann, f"{prefix}{name}.")
-            elif typing.get_origin(ann) in (typing.Union, types.UnionType, list):
+            elif typing.get_origin(ann) is list:  # a list's entries: data.sources[].format
+                for entry in typing.get_args(ann):
+                    for sub in [entry, *typing.get_args(entry)]:
+                        if isinstance(sub, type) and issubclass(sub, BaseModel):
+                            yield from _enum_fields(sub, f"{prefix}{name}[].")
+            elif typing.get_origin(ann) in (typing.Union, types.UnionType):
                 args.extend(typing.get_args(ann))
 
 
@@ -212,11 +217,53 @@ def test_recipe_help_lists_every_enum_fields_values():
     entries = _help_entries(recipe_help())
     found = list(_enum_fields())
     assert ("model.dtype", ("auto", "float32", "bfloat16", "float16")) in found
-    assert {"train.schedule", "data.mask", "data.sources.format"} <= {k for k, _ in found}
+    assert {"train.schedule", "data.mask", "data.sources[].format", "eval.suites[].metric"} <= {
+        k for k, _ in found
+    }
     for key, values in found:
-        if key in entries:  # list-of-section keys (data.sources) appear as one entry
-            for value in values:
-                assert value in entries[key].split("[", 1)[1].split("]", 1)[0], (key, value)
+        assert key in entries, key
+        shown = entries[key].removeprefix(key).split("[", 1)[1].split("]", 1)[0]
+        for value in values:
+            assert value in shown, (key, value)
+
+
+def test_recipe_help_documents_nested_keys():
+    """The keys inside a list entry (data.sources, a suite file) and inside a section that is
+    off by default (data.replay), each with its default; a section's own line says whether a
+    recipe gets it without asking."""
+    entries = _help_entries(recipe_help())
+    assert entries["data.sources[].path"].startswith("data.sources[].path [required]: A JSON")
+    for key, value in [("split", "train"), ("columns", "{}"), ("weight", "1.0")]:
+        assert entries[f"data.sources[].{key}"].startswith(
+            f"data.sources[].{key} [default: {value}]"
+        )
+    assert entries["data.sources[].format"].startswith(
+        "data.sources[].format [default: auto; one of: auto, messages, sharegpt, alpaca, "
+        "prompt_completion, selfinstruct, text,"
+    )
+    assert entries["data.replay"].startswith("data.replay [default: null]: Self-distillation")
+    assert entries["data.replay.prompts"].startswith("data.replay.prompts [default: null]")
+    assert entries["data.replay.max_new_tokens"].startswith(
+        "data.replay.max_new_tokens [default: 64]"
+    )
+    # a recipe without a data section trains on the built-in tasks; one with a data section
+    # that leaves builtin out does not, and the help says so
+    builtin = entries["data.builtin"]
+    assert builtin.startswith(
+        "data.builtin [default: {train_per_family: 64, eval_per_family: 12, seed: 0, "
+        "families: null}]"
+    )
+    assert "leaves builtin out" in builtin
+    assert entries["eval.suites[].name"].startswith("eval.suites[].name [required]")
+    assert entries["eval.suites[].path"].startswith("eval.suites[].path [required]")
+    assert entries["eval.suites[].max_examples"].startswith(
+        "eval.suites[].max_examples [default: null]"
+    )
+    assert list(entries).index("data.sources") + 1 == list(entries).index("data.sources[].path")
+    quick = _help_entries(recipe_help(load_recipe(REPO / "recipes" / "quickstart.yaml")))
+    assert quick["data.replay"].startswith(
+        "data.replay [default: {fraction: 0.1, prompts: null, max_new_tokens: 64}]"
+    )
 
 
 def test_recipe_help_is_yaml_and_shows_the_described_recipe():

@@ -292,3 +292,28 @@ def test_inspect_counts(tokenizer, tmp_path, monkeypatch):
     assert report["trained_tokens"] == 5 * 2  # "c" and <|im_end|> per row
     assert sum(c for _, _, c in report["histogram"]) == 5
     assert 0 < report["packing_efficiency"] <= 1 and report["rows_per_s"] > 0
+
+
+def test_inspect_of_a_recipe_leaves_its_held_out_clusters_out(tokenizer, tmp_path, monkeypatch):
+    """`data inspect RECIPE` counts what training will see: rows of eval.holdout_clusters are
+    kept out (and counted as held out), and a held-out cluster no row has is the run's error."""
+    from instill import inspect as inspect_mod
+
+    rows = [{"prompt": f"bill {i}", "completion": "ok", "cluster": "billing"} for i in range(3)]
+    rows += [{"prompt": f"ship {i}", "completion": "ok", "cluster": "shipping"} for i in range(5)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"data:\n  sources:\n    - path: {data}\neval:\n  holdout_clusters: [billing]\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setattr(inspect_mod, "load_tokenizer", lambda path, cfg: tokenizer)
+    report = inspect_mod.inspect_data(
+        str(recipe), model="smollm2-135m-instruct", show_rows=0, max_length=64
+    )
+    assert report["rows"] == 5 and report["held_out"] == 3 and report["replay_fraction"] == 0.0
+    recipe.write_text(recipe.read_text().replace("billing]", "returns]"), encoding="utf-8")
+    with pytest.raises(InstillError, match="returns match.*no training row's cluster"):
+        inspect_mod.inspect_data(
+            str(recipe), model="smollm2-135m-instruct", show_rows=0, max_length=64
+        )

@@ -65,9 +65,12 @@ def _preference_file(source: str) -> str | None:
 def inspect_data(source: str, *, model: str, show_rows: int, max_length: int) -> dict:
     path = Path(source)
     objective = None
+    holdout: frozenset[str] = frozenset()
     if path.suffix in (".yaml", ".yml"):
         recipe = load_recipe(path)
         data_cfg, model_cfg = recipe.data, recipe.model
+        # what training will see: the held-out clusters' rows are not among it
+        holdout = frozenset(recipe.eval.holdout_clusters)
         if recipe.train.objective != "sft":
             objective = recipe.train.objective
     else:
@@ -78,7 +81,7 @@ def inspect_data(source: str, *, model: str, show_rows: int, max_length: int) ->
     if objective is not None:
         return inspect_preferences(tokenizer, data_cfg, objective, source, show_rows)
     start = time.perf_counter()
-    data = build_data(tokenizer, data_cfg)
+    data = build_data(tokenizer, data_cfg, holdout=holdout)
     rows, stats = data.train, data.stats
     elapsed = time.perf_counter() - start
     lengths = [len(r.input_ids) for r in rows]
@@ -89,6 +92,7 @@ def inspect_data(source: str, *, model: str, show_rows: int, max_length: int) ->
         "dropped": stats.dropped,
         "skipped": stats.skipped,
         "validation_rows": stats.validation_rows,
+        "held_out": stats.held_out,
         "truncated": stats.truncated,
         "tokens": stats.tokens,
         "trained_tokens": stats.trained_tokens,
@@ -106,6 +110,8 @@ def inspect_data(source: str, *, model: str, show_rows: int, max_length: int) ->
         "histogram": [list(b) for b in histogram(lengths)],
         "rows_per_s": round(stats.rows_in / elapsed, 1) if elapsed else None,
         "max_length": data_cfg.max_length,
+        # replay rows are the base model's replies, generated when training starts
+        "replay_fraction": data_cfg.replay.fraction if data_cfg.replay else 0.0,
     }
     if show_rows:
         table = Table(title=f"data: {source}", show_header=False)
@@ -116,6 +122,7 @@ def inspect_data(source: str, *, model: str, show_rows: int, max_length: int) ->
             "dropped",
             "skipped",
             "validation_rows",
+            "held_out",
             "truncated",
             "tokens",
             "trained_tokens",
@@ -126,6 +133,12 @@ def inspect_data(source: str, *, model: str, show_rows: int, max_length: int) ->
             "rows_per_s",
         ):
             table.add_row(key, str(report[key]))
+        if report["replay_fraction"]:
+            table.add_row(
+                "replay_fraction",
+                f"{report['replay_fraction']} (base-model replies added when training starts; "
+                "not in these counts)",
+            )
         out.print(table)
         peak = max(c for _, _, c in histogram(lengths))
         out.print("[bold]length histogram (tokens)[/bold]")

@@ -142,8 +142,8 @@ def yaml_text(value: Any) -> str:
         value = value.model_dump(mode="json")
     if isinstance(value, tuple):
         value = list(value)
-    text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip()
-    return text.removesuffix("...").strip()  # a plain scalar's document-end marker
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1_000_000)
+    return text.strip().removesuffix("...").strip()  # a plain scalar's document-end marker
 
 
 def allowed_values(annotation: Any) -> tuple[str, ...]:
@@ -155,23 +155,46 @@ def allowed_values(annotation: Any) -> tuple[str, ...]:
     return ()
 
 
+def _entry_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a list's entries can be (`list[X]`, `list[str | X]`), if any."""
+    if typing.get_origin(annotation) is not list:
+        return None
+    return next((m for a in typing.get_args(annotation) if (m := _section_model(a))), None)
+
+
+def _can_be_off(annotation: Any) -> bool:
+    """Whether a section field also takes null (`X | None`): a section a recipe may leave off."""
+    return type(None) in typing.get_args(annotation)
+
+
 def iter_fields(model: type[BaseModel] = Recipe, prefix: str = "", values: Any = None):
-    """Yield (dotted key, allowed values, value text, description) for every leaf field. The
-    value is the one in `values` (a recipe, or one of its sections) where given, else the
-    field's default; "required" for a key that has none."""
+    """Yield (dotted key, allowed values, value text, description) for every field, sections
+    included: the value is the one in `values` (a recipe, or one of its sections) where given,
+    else the field's default (a section's default object, so `data.builtin` reads as the
+    recipe gets it); "required" (None) for a key that has none. A section that may be null
+    (data.replay) gets a line of its own before its keys, and a list of sections (data.sources)
+    its entries' keys after it, as `data.sources[].path`, with the entries' defaults."""
     for name, field in model.model_fields.items():
-        inner = _section_model(field.annotation)
         key = f"{prefix}{name}"
-        value = getattr(values, name) if values is not None else None
+        desc = field.description or ""
+        if values is not None:
+            value = getattr(values, name)
+        elif field.is_required():
+            value = None
+        else:
+            value = field.get_default(call_default_factory=True)
+        inner = _section_model(field.annotation)
         if inner is not None and inner is not model:
+            if _can_be_off(field.annotation):
+                yield key, (), yaml_text(value), desc
             yield from iter_fields(inner, key + ".", value if isinstance(value, inner) else None)
             continue
-        if values is None:
-            if field.is_required():
-                yield key, allowed_values(field.annotation), None, field.description or ""
-                continue
-            value = field.get_default(call_default_factory=True)
-        yield key, allowed_values(field.annotation), yaml_text(value), field.description or ""
+        required = values is None and field.is_required()
+        allowed = allowed_values(field.annotation)
+        yield key, allowed, None if required else yaml_text(value), desc
+        entry = _entry_model(field.annotation)
+        if entry is not None:
+            yield from iter_fields(entry, key + "[].")
 
 
 def recipe_help(recipe: Recipe | None = None, title: str | None = None) -> str:

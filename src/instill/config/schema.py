@@ -89,8 +89,8 @@ class SourceConfig(_Section):
     split: str = Field("train", description="Split to read from a hub dataset.")
     columns: dict[str, str] = Field(
         default_factory=dict,
-        description="Rename columns before the format is detected, e.g. {question: prompt, "
-        "answer: completion}.",
+        description="Rename columns (the file's name: the name instill reads) before the "
+        "format is detected, e.g. {question: prompt, answer: completion}.",
     )
     format: Literal[
         "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "selfinstruct", "text",
@@ -126,10 +126,16 @@ class ReplayConfig(_Section):
 
 class DataConfig(_Section):
     builtin: BuiltinDataConfig | None = Field(
-        None, description="Use instill's generated instruction tasks (train split)."
+        None,
+        description="Train on instill's generated instruction tasks (their train split; their "
+        "eval split is the builtin suite). A recipe with no data section gets them with the "
+        "values below; a data section that leaves builtin out trains on its sources alone "
+        "(builtin: {} adds the tasks with these values).",
     )
     sources: list[SourceConfig] = Field(
-        default_factory=list, description="Instruction data files, mixed by weight."
+        default_factory=list,
+        description="Instruction data files, mixed by weight: a list of entries such as "
+        "{path: my-data.jsonl, weight: 2.0}, whose keys follow.",
     )
     max_length: int = Field(
         512, gt=8, description="Longest tokenised row, in tokens; longer rows are truncated."
@@ -154,7 +160,8 @@ class DataConfig(_Section):
         None,
         description="Self-distillation replay: before training the base model answers general "
         "prompts (cached) and its replies are mixed into the training rows at this fraction, "
-        "so tuning keeps its general behaviour. A number is the fraction: replay: 0.1.",
+        "so tuning keeps its general behaviour. null: off. A number is the fraction: "
+        "replay: 0.1; or a section with the keys that follow.",
     )
     mask: Literal["assistant", "last_assistant", "all"] = Field(
         "assistant",
@@ -401,8 +408,8 @@ class EvalConfig(_Section):
         "general: everyday knowledge outside the tuning data, scored by choice; general_gen: "
         "open everyday requests scored by generation against the base model (drift, reply "
         "length); both guard against forgetting. data: the "
-        "recipe's validation rows and the rows of held-out clusters; or {name, path, ...} "
-        "for a file of your own.",
+        "recipe's validation rows and the rows of held-out clusters; or a file of your own as "
+        "{name: NAME, path: FILE}, with the keys that follow.",
     )
     before: bool = Field(True, description="Evaluate the untuned model before training.")
     after: bool = Field(True, description="Evaluate the tuned model after training.")
