@@ -140,6 +140,16 @@ def test_training_task_leaves_out_held_out_clusters_and_never_uses_eval_prompts(
     assert not prompts & {ex.prompt[-1]["content"] for ex in builtin_examples("eval", 40, 0)}
 
 
+def test_family_picks_builtin_families_without_changing_their_prompts():
+    every = pairs.training_task("builtin", 2, 0, "auto", frozenset(), ())
+    some = pairs.training_task("builtin", 2, 0, "auto", frozenset(), (), ("larger", "addition"))
+    assert {ex.family for ex in some.examples} == {"larger", "addition"}
+    assert {ex.id for ex in some.examples} == {
+        ex.id for ex in every.examples if ex.family in ("larger", "addition")}  # fmt: skip
+    with pytest.raises(InstillError, match="--family adition: no such built-in family"):
+        pairs.training_task("builtin", 2, 0, "auto", frozenset(), (), ("adition",))
+
+
 def test_unknown_holdout_cluster_is_an_error():
     with pytest.raises(InstillError, match="--holdout tabels: no such cluster in builtin"):
         pairs.training_task("builtin", 1, 0, "auto", frozenset({"tabels"}), ("tabels",))

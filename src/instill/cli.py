@@ -809,6 +809,12 @@ def pairs_make(
     kto: Path = typer.Option(
         None, help="Also write every distinct reply as a prompt/completion/label row (KTO)."
     ),
+    family: list[str] = typer.Option(
+        [],
+        "--family",
+        help="Built-in tasks: sample only this family (repeatable; default: every family), "
+        "e.g. those whose pass rate leaves room. Other families' prompts are unchanged by it.",
+    ),
     chat_template: Path = CHAT_TEMPLATE,
 ) -> None:
     """Self-checked preference pairs: the model samples k replies to each training prompt of
@@ -833,8 +839,9 @@ def pairs_make(
     spec = _model_spec(model, chat_template)
     _quiet_libraries()
     summary = make_pairs(
-        model, out_file, opts, suite=suite, metric=metric, holdout=holdout, kto=kto, spec=spec
-    )
+        model, out_file, opts, suite=suite, metric=metric, holdout=holdout, kto=kto, spec=spec,
+        families=family,
+    )  # fmt: skip
     out.print(summary_table(summary))
     if summary["pairs_written"] == 0:
         out.print(

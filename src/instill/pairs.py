@@ -271,17 +271,29 @@ def run_settings(model: str) -> tuple[list[str], int | None]:
 
 def training_task(
     suite: str, per_family: int | None, seed: int, metric: str, holdout: frozenset[str],
-    given: Sequence[str],
+    given: Sequence[str], families: Sequence[str] = (),
 ) -> Task:  # fmt: skip
     """The prompts to sample: the built-in train split or a suite file's rows, every held-out
-    cluster removed. `given`: the clusters the user named, each of which must exist."""
+    cluster removed. `given`: the clusters the user named, each of which must exist.
+    `families`: only these built-in families (each family's prompts are drawn from its own
+    seeded generator, so naming families never changes the prompts of the others)."""
     from instill.eval.tasks import builtin_examples, file_task
 
+    if families and suite != "builtin":
+        raise InstillError("--family picks built-in families; a suite file has none")
     if suite == "builtin":
         if metric != "auto":
             raise InstillError(f"--metric {metric}: the built-in tasks use their own scorers")
         known = set(builtin.clusters())
-        examples = builtin_examples("train", per_family or BUILTIN_PER_FAMILY, seed)
+        unknown = sorted(set(families) - set(builtin.FAMILIES))
+        if unknown:
+            raise InstillError(
+                f"--family {', '.join(unknown)}: no such built-in family; the families: "
+                f"{', '.join(builtin.FAMILIES)}"
+            )
+        examples = builtin_examples(
+            "train", per_family or BUILTIN_PER_FAMILY, seed, list(families) or None
+        )
         task = Task("builtin", examples, "builtin")
     else:
         if metric not in TEXT_METRICS:
@@ -323,6 +335,7 @@ def make_pairs(
     holdout: Sequence[str] = (),
     kto: Path | None = None,
     spec=None,
+    families: Sequence[str] = (),
 ) -> dict:
     """`instill pairs make`: sample, check, pair, write OUT, --kto and OUT.summary.json; return
     the summary."""
@@ -333,7 +346,7 @@ def make_pairs(
         raise InstillError("--kto and --out name the same file; give two files")
     run_holdout, run_tokens = run_settings(model)
     held = frozenset(run_holdout) | frozenset(holdout)
-    task = training_task(suite, opts.per_family, opts.seed, metric, held, holdout)
+    task = training_task(suite, opts.per_family, opts.seed, metric, held, holdout, families)
     max_new_tokens = opts.max_new_tokens or run_tokens or default(EvalConfig, "max_new_tokens")
     start = time.perf_counter()
     loaded = load_for_inference(model, spec)
@@ -355,6 +368,7 @@ def make_pairs(
         "max_new_tokens": max_new_tokens,
         "threshold": opts.threshold,
         "per_family": opts.per_family,
+        "families": list(families) or None,
         "pairs_per_prompt": opts.pairs_per_prompt,
         "holdout_clusters": sorted(held),
         "prompts": len(task.examples),
