@@ -173,6 +173,54 @@ def test_every_method_trains_and_logs_its_figures(tokenizer, tmp_path, name, kno
         assert steps[-1]["margin"] > 0  # it learnt to prefer the chosen replies
 
 
+@pytest.mark.parametrize("name", ["dpo", "simpo", "kto"])
+def test_packed_pairs_score_and_train_as_padded_ones(tokenizer, name):
+    """data.packing for a preference objective: a micro-batch's sequences share rows with no
+    padding between them, and the loss, figures and gradients equal the padded batch's."""
+    from instill.data.preference_tokens import LabelledRow
+
+    rows = make_pairs(6, seed=5)
+    if name == "kto":
+        rows = [LabelledRow(r.prompt_ids, r.chosen_ids, r.chosen_mask, i % 2 == 0, r.source)
+                for i, r in enumerate(rows)]  # fmt: skip
+    padded, packed = objective(name), objective(name)
+    packed.pack_length = 40
+    a, b = padded.collate(rows, 0), packed.collate(rows, 0)
+    assert b["input_ids"].shape[0] < a["input_ids"].shape[0] and b["input_ids"].shape[1] <= 40
+    assert int(b["real_tokens"]) == int(a["real_tokens"])
+    assert (b["sequence_index"] >= 0).sum() == a["attention_mask"].sum()  # padding: the end only
+    assert packed.units(b) == padded.units(a) == 6
+    out = []
+    for obj, batch in ((padded, a), (packed, b)):
+        model = lora(tokenizer)
+        lm = PreferenceLM(model, obj)
+        loss, _ = lm(**device_batch(batch))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        out.append((float(loss.detach()), lm.last_figures, grads))
+    assert out[1][0] == pytest.approx(out[0][0], rel=1e-5)
+    for key, (total, n) in out[0][1].items():
+        assert out[1][1][key][1] == n and out[1][1][key][0] == pytest.approx(total, abs=1e-4), key
+    for n, g in out[0][2].items():
+        torch.testing.assert_close(out[1][2][n], g, rtol=1e-4, atol=1e-6)
+
+
+def test_a_packed_dpo_run_equals_a_padded_one(tokenizer, tmp_path):
+    cfg = TrainConfig(objective="dpo", max_steps=3, batch_size=4, lr=1e-2, log_every=1)
+    results = []
+    for pack in (None, 48):
+        model = lora(tokenizer, moved=False)
+        run = tmp_path / str(pack)
+        results.append(train(model, tokenizer, make_pairs(12, seed=3), cfg, run, pack_length=pack))
+        results[-1].params = {n: p.detach().clone() for n, p in model.named_parameters()
+                              if p.requires_grad}  # fmt: skip
+    padded, packed = results
+    assert packed.losses == pytest.approx(padded.losses, rel=1e-5)
+    assert packed.tokens == padded.tokens
+    for n, p in padded.params.items():
+        torch.testing.assert_close(packed.params[n], p, rtol=1e-4, atol=1e-6)
+
+
 def test_a_nan_loss_stops_the_run_naming_step_and_rows(tokenizer, tmp_path, monkeypatch):
     from instill.train.objective import Preference
 
@@ -274,7 +322,6 @@ def test_validation_holds_out_whole_prompts(tokenizer, tmp_path):
     [
         (["data.builtin.train_per_family=4"], "data.builtin gives supervised rows"),
         (["data.replay=0.1"], "data.replay and train.kl_to_base"),
-        (["data.packing=true"], "data.packing is for supervised rows"),
         (["train.objective=kto", "train.preference.precompute_reference=true"], "kto"),
         (["train.objective=simpo", "train.preference.loss_type=ipo"], "dpo only"),
     ],

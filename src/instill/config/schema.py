@@ -154,7 +154,9 @@ class DataConfig(_Section):
     packing: bool = Field(
         False,
         description="Pack rows into sequences of max_length (best fit; attention never crosses "
-        "rows); train.batch_size then counts packed sequences. Off: length-grouped batches.",
+        "rows); train.batch_size then counts packed sequences. Off: length-grouped batches. "
+        "Preference objectives: each micro-batch's prompt+reply sequences are packed into rows "
+        "of max_length (no padding between them); train.batch_size still counts pairs.",
     )
     replay: ReplayConfig | None = Field(
         None,
@@ -545,8 +547,6 @@ class Recipe(_Section):
                 "preference objective does not train on; remove them (the reference model "
                 "already holds the tuned model near its start)"
             )
-        if d.packing:
-            raise ValueError(f"{where}: data.packing is for supervised rows; set it to false")
         if t.objective == "kto" and t.preference.precompute_reference:
             raise ValueError(
                 "train.preference.precompute_reference: kto's reference point is taken on each "

@@ -20,11 +20,16 @@ from instill.errors import InstillError
 def pack_best_fit(rows: list[Row], max_length: int) -> list[list[int]]:
     """Bins of row indices. Rows go longest first into the fullest bin that still has room
     (best-fit decreasing); deterministic for given rows."""
-    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].input_ids), i))
+    return best_fit([len(r.input_ids) for r in rows], max_length)
+
+
+def best_fit(lengths: list[int], max_length: int) -> list[list[int]]:
+    """pack_best_fit on bare lengths (also packs a preference micro-batch's sequences)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     free: list[tuple[int, int]] = []  # (room left, bin id), sorted
     bins: list[list[int]] = []
     for i in order:
-        n = len(rows[i].input_ids)
+        n = lengths[i]
         if n > max_length:
             # Rows are truncated to data.max_length when tokenised, so this means rows built
             # with one max_length are being packed at a smaller one (library use, stale rows).

@@ -563,8 +563,8 @@ def train(
     if objective.name != "sft":
         objective.check_rows(rows, "the training data")
         objective.check_rows(validation or [], "the validation data")
-        if pack_length:
-            raise InstillError(f"train.objective: {cfg.objective}: set data.packing: false")
+        # packing: each micro-batch's pair sequences share rows (the batch is still pairs)
+        objective.pack_length, pack_length = pack_length, None
         if objective.needs_reference and cfg.preference.precompute_reference:
             # scored before any adapter trains and before a checkpoint is restored: the start
             rows, validation = _precompute(model, objective, rows, validation, tokenizer, cfg, acc)

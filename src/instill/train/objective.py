@@ -37,6 +37,7 @@ import torch
 
 from instill.config import TrainConfig
 from instill.data.dataset import Row, collate, labels_from, pad_right
+from instill.data.packing import best_fit
 from instill.data.preference_tokens import LabelledRow, PairRow, rows_sha256
 from instill.errors import InstillError
 from instill.train.compiled import eager
@@ -102,6 +103,42 @@ def _sequences(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dic
     }
 
 
+def _packed(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int, width: int) -> dict:
+    """A micro-batch's sequences packed best-fit into rows of at most `width` tokens, each
+    sequence's positions restarting at 0 and no attention mask (so attention stays inside each
+    sequence, as data/packing.py's supervised packing): no padding between sequences, only at
+    the end of the shorter rows. `sequence_index` maps every position to its sequence (the
+    order of `seqs`; -1: padding)."""
+    bins = best_fit([len(ids) for ids, _ in seqs], width)
+    packed = []
+    for b in bins:
+        ids: list[int] = []
+        mask: list[int] = []
+        for j in b:
+            ids += seqs[j][0]
+            mask += [0, *seqs[j][1][1:]]  # a sequence's first token is never a target
+        packed.append((ids, mask))
+    ids, attn, mask = pad_right(packed, pad_id)
+    pos = torch.zeros_like(ids)
+    index = torch.full_like(ids, -1)
+    for r, b in enumerate(bins):
+        at = 0
+        for j in b:
+            n = len(seqs[j][0])
+            pos[r, at : at + n] = torch.arange(n)
+            index[r, at : at + n] = j
+            at += n
+        pos[r, at:] = torch.arange(ids.shape[1] - at)  # padding forms its own segment
+    return {
+        "input_ids": ids,
+        "labels": labels_from(ids, mask),
+        "position_ids": pos,
+        "sequence_index": index,
+        "n_sequences": torch.tensor(len(seqs)),
+        "real_tokens": attn.sum(),
+    }
+
+
 def _precomputed(rows) -> list[float] | None:
     refs = [r.reference for r in rows]
     if all(r is None for r in refs):
@@ -122,6 +159,8 @@ class Preference:
         self.p = cfg.preference
         self.needs_reference = self.name not in REFERENCE_FREE
         self.units_name = "pairs"
+        # data.packing: each micro-batch's sequences packed into rows of this many tokens
+        self.pack_length: int | None = None
         if self.name == "kto":
             self.row_type, self.units_name = LabelledRow, "rows"
 
@@ -151,7 +190,11 @@ class Preference:
         return [r.sequence() for r in rows] + mismatched
 
     def collate(self, rows: list, pad_id: int) -> dict:
-        batch = _sequences(self.sequences(rows), pad_id)
+        seqs = self.sequences(rows)
+        if self.pack_length:
+            batch = _packed(seqs, pad_id, self.pack_length)
+        else:
+            batch = _sequences(seqs, pad_id)
         if self.name == "kto":
             batch["desirable"] = torch.tensor([r.desirable for r in rows])
             # the partners' tokens are processed too, but only the completions are trained
@@ -162,6 +205,8 @@ class Preference:
         return batch
 
     def units(self, batch: dict) -> int:
+        if "n_sequences" in batch:
+            return int(batch["n_sequences"]) // 2
         return len(batch["input_ids"]) // 2
 
     def module(self, model, reference=None) -> torch.nn.Module:
@@ -219,22 +264,36 @@ class PreferenceLM(torch.nn.Module):
     def _softcap(self):
         return getattr(_parts(self.model)[2], "final_logit_softcapping", None)
 
-    def reference_logps(self, input_ids, labels, attention_mask) -> torch.Tensor:
+    def reference_logps(
+        self, input_ids, labels, attention_mask, position_ids=None, index=None, n=None
+    ) -> torch.Tensor:
         """Each sequence's summed reply log-prob under the reference, without gradients."""
-        hidden, head = reference_hidden(self.model, self._reference[0], input_ids, attention_mask)
+        hidden, head = reference_hidden(
+            self.model, self._reference[0], input_ids, attention_mask, position_ids
+        )
         with torch.no_grad():
-            logps, _ = sequence_logps(head, hidden, labels, self.chunk, self._softcap())
+            logps, _ = sequence_logps(head, hidden, labels, self.chunk, self._softcap(), index, n)
         return logps
 
-    def forward(self, input_ids, labels, attention_mask=None, reference_logps=None, desirable=None):
+    def forward(
+        self, input_ids, labels, attention_mask=None, reference_logps=None, desirable=None,
+        position_ids=None, sequence_index=None, n_sequences=None,
+    ):  # fmt: skip
+        """Packed batches (Preference.collate with pack_length) carry position_ids,
+        sequence_index and n_sequences instead of an attention mask."""
         body, head, _ = _parts(self.model)
-        hidden = _hidden(body, input_ids, attention_mask, None)
-        policy, tokens = sequence_logps(head, hidden, labels, self.chunk, self._softcap())
+        hidden = _hidden(body, input_ids, attention_mask, position_ids)
+        n = None if n_sequences is None else int(n_sequences)
+        policy, tokens = sequence_logps(
+            head, hidden, labels, self.chunk, self._softcap(), sequence_index, n
+        )
         ref = None
         if self.objective.needs_reference:
             ref = reference_logps
             if ref is None:
-                ref = self.reference_logps(input_ids, labels, attention_mask)
+                ref = self.reference_logps(
+                    input_ids, labels, attention_mask, position_ids, sequence_index, n
+                )
         batch = {"desirable": desirable}
         losses, figures = self.objective.loss(policy, tokens, ref, batch)
         self.last_figures = figures

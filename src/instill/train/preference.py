@@ -55,16 +55,27 @@ def sequence_logps(
     labels: torch.Tensor,
     chunk: int = 1024,
     softcap: float | None = None,
+    index: torch.Tensor | None = None,
+    n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's summed log-probability of its labelled tokens (float32, with gradients) and
     its count of labelled tokens: position t predicts labels[t+1]; IGNORE positions (prompt,
     padding) are skipped. As in the supervised loss (train/loss.py), the output projection runs
-    only on labelled positions, `chunk` at a time, each recomputed in backward."""
+    only on labelled positions, `chunk` at a time, each recomputed in backward.
+
+    Packed rows (several sequences per row): `index` gives each position's sequence (-1 for
+    padding) and `n` their number; the sums are then per sequence. A sequence's first token is
+    never labelled, so no target crosses from one sequence into the next."""
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    rows = torch.arange(len(labels), device=labels.device).unsqueeze(1).expand_as(keep)[keep]
-    args = (head, hidden[:, :-1][keep], targets[keep], rows, len(labels), softcap)
-    return _summed_in_chunks(_row_logp_sums, args, (1, 2, 3), chunk), keep.sum(dim=1)
+    if index is None:
+        rows = torch.arange(len(labels), device=labels.device).unsqueeze(1).expand_as(keep)[keep]
+        n, counts = len(labels), keep.sum(dim=1)
+    else:
+        rows = index[:, 1:][keep]
+        counts = torch.bincount(rows, minlength=n)
+    args = (head, hidden[:, :-1][keep], targets[keep], rows, n, softcap)
+    return _summed_in_chunks(_row_logp_sums, args, (1, 2, 3), chunk), counts
 
 
 def model_logps(
