@@ -117,8 +117,7 @@ def _more_pairs(replies, passing, chosen, rejected, distinct, rng, n: int):
     rng.shuffle(rest)
     start = chosen_order.index(chosen)
     return tuple(
-        (chosen_order[(start + j + 1) % len(chosen_order)], bad)
-        for j, bad in enumerate(rest[:n])
+        (chosen_order[(start + j + 1) % len(chosen_order)], bad) for j, bad in enumerate(rest[:n])
     )
 
 
