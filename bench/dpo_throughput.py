@@ -6,7 +6,7 @@ instill's environment has), put it in a folder of its own and name that folder h
 
     pip install --no-deps --target ../trl-pkgs trl==1.16.0
     python bench/dpo_throughput.py --data ../shared/data/prefs-alpacaeval-train.jsonl \\
-        --trl-path ../trl-pkgs [--pairs 128] [--only instill trl]
+        --trl-path ../trl-pkgs [--pairs 128] [--only instill instill-packed trl]
 
 (with `pip install trl` into the environment instead, leave --trl-path out). --trl-path goes on
 the TRL process's PYTHONPATH only.
@@ -166,7 +166,10 @@ def _bootstrap(hits: list[float], prompts: list[str]) -> list[float]:
     return [means[int(0.025 * BOOTSTRAP)], means[int(0.975 * BOOTSTRAP) - 1]]
 
 
-def run_instill(work: Path) -> dict:
+def run_instill(work: Path, packed: bool = False, compiled: bool = False) -> dict:
+    """instill's DPO; `packed`: data.packing (each micro-batch's sequences share rows of the
+    max length, no padding between them); `compiled`: train.compile (decoder layers through
+    torch.compile) with train.mmap_threshold_mb 32, as the fastest supervised configuration."""
     from instill.config import AdapterConfig, PreferenceConfig, TrainConfig
     from instill.data.preference import read_preferences
     from instill.data.preference_tokens import tokenize_preferences
@@ -187,9 +190,14 @@ def run_instill(work: Path) -> dict:
         log_every=1,
         objective="dpo",
         preference=PreferenceConfig(beta=BETA, loss_type="sigmoid"),
+        compile=compiled,
+        **({"mmap_threshold_mb": 32} if compiled else {}),
     )
     with tempfile.TemporaryDirectory() as run_dir:
-        result = train(model, loaded.tokenizer, rows, cfg, Path(run_dir))
+        result = train(
+            model, loaded.tokenizer, rows, cfg, Path(run_dir),
+            pack_length=MAX_LEN if packed else None,
+        )  # fmt: skip
         log = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     peak = _peak_rss_mb()
     log = [r for r in log if "loss" in r and "tokens" in r]
@@ -297,7 +305,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-CONFIGS = {"instill": run_instill, "trl": run_trl}
+CONFIGS = {
+    "instill": run_instill,
+    "instill-packed": lambda work: run_instill(work, packed=True),
+    "instill-packed-compiled": lambda work: run_instill(work, packed=True, compiled=True),
+    "trl": run_trl,
+}
 
 
 def run_worker(which: str, work: Path, trl_path: Path | None) -> dict | None:
@@ -327,7 +340,7 @@ def report(results: dict, reference: list, prompts: list[str]) -> None:
         f"accuracy {_mean(base_norm):.3f} {_fmt_ci(_bootstrap(base_norm, prompts))}"
     )
     print(
-        f"{'tool':<9}{'tokens/s':>9}{'steady':>8}{'1st step s':>11}{'peak RSS MB':>12}"
+        f"{'tool':<24}{'tokens/s':>9}{'steady':>8}{'1st step s':>11}{'peak RSS MB':>12}"
         f"{'last loss':>10}{'mean loss':>10}{'held-out loss':>14}{'reward acc':>24}"
         f"{'norm acc':>24}{'load':>11}"
     )
@@ -335,15 +348,17 @@ def report(results: dict, reference: list, prompts: list[str]) -> None:
         acc = r["accuracy"]
         st = f"{r['steady_tokens_per_s']:.1f}" if r.get("steady_tokens_per_s") else "-"
         print(
-            f"{name:<9}{r['tokens_per_s']:>9.1f}{st:>8}{r['first_step_s']:>11.1f}"
+            f"{name:<24}{r['tokens_per_s']:>9.1f}{st:>8}{r['first_step_s']:>11.1f}"
             f"{r['peak_rss_mb']:>12.0f}{r['final_loss']:>10.4f}{r['mean_loss']:>10.4f}"
             f"{acc['dpo_loss']:>14.4f}"
             f"{acc['reward_acc']:>8.3f} {_fmt_ci(acc['reward_acc_ci']):>15}"
             f"{acc['norm_acc']:>8.3f} {_fmt_ci(acc['norm_acc_ci']):>15}"
             f"{r['load_before'][0]:>5.1f}-{r['load_after'][0]:<5.1f}"
         )
-    ours, peer = results.get("instill"), results.get("trl")
-    if ours and peer:
+    peer = results.get("trl")
+    for name, ours in results.items():
+        if name == "trl" or peer is None:
+            continue
         speed = ours["tokens_per_s"] / peer["tokens_per_s"]
         st = (
             f"{ours['steady_tokens_per_s'] / peer['steady_tokens_per_s']:.2f}x"
@@ -353,7 +368,7 @@ def report(results: dict, reference: list, prompts: list[str]) -> None:
         rss = ours["peak_rss_mb"] / peer["peak_rss_mb"]
         a, b = ours["accuracy"], peer["accuracy"]
         print(
-            f"\ninstill / TRL: tokens/s {speed:.2f}x (steady {st}), peak RSS {rss:.2f}, "
+            f"\n{name} / TRL: tokens/s {speed:.2f}x (steady {st}), peak RSS {rss:.2f}, "
             f"held-out DPO loss {a['dpo_loss']:.4f} vs {b['dpo_loss']:.4f}, reward accuracy "
             f"{a['reward_acc']:.3f} vs {b['reward_acc']:.3f}, length-normalised "
             f"{a['norm_acc']:.3f} vs {b['norm_acc']:.3f}"
