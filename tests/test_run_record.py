@@ -99,5 +99,6 @@ def test_model_card_names_a_known_base_on_the_hub():
     meta = front_matter(run, Recipe())
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert meta["license"] == "apache-2.0"
+    assert "base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct" in meta["tags"]
     full = Recipe.model_validate({"adapter": {"method": "full"}})
     assert front_matter(run, full)["library_name"] == "transformers"

@@ -61,6 +61,8 @@ def front_matter(run: dict, recipe) -> dict:
         meta["license"] = license_
     meta["pipeline_tag"] = "text-generation"
     meta["tags"] = ["instill", "lora" if lora else "full-fine-tune", objective]
+    if hub and lora:  # the tag by which the hub lists an adapter under its base model
+        meta["tags"].append(f"base_model:adapter:{hub}")
     return meta
 
 
