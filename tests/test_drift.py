@@ -369,7 +369,10 @@ def test_a_run_with_replay_kl_and_general_gen(tiny_recipe, tmp_path, home, token
     text = (run / "report.md").read_text()
     assert "General behaviour: general_gen" in text
     # every reply is the base's own words: the verdict is no forgetting, at a length ratio of 1
-    assert "**No forgetting: supported.** No significant loss: general_gen: drift" in text
+    assert (
+        "**No forgetting: supported.** No guard is past its limit. Measured: general_gen: drift"
+        in text
+    )
     assert "reply length 1.00x" in text
 
 

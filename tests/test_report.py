@@ -49,10 +49,10 @@ def test_report_figures_match_the_recorded_run(run):
         assert f"| {label} | " in text and f"| {100 * mean(rs):.1f} |" in text
     # time and cost from run.json
     cost = recorded["wall_s"] / 3600 * 2.0
-    assert f"cost at 2 per device-hour | {cost:.4f}" in text
+    assert f"cost at 2 USD per device-hour | {cost:.4f} USD" in text
     assert f"{recorded['train']['tokens']:,} (" in text
     # data section
-    assert f"| rows trained on | {recorded['data']['rows']:,} |" in text
+    assert f"| = rows trained on | {recorded['data']['rows']:,} |" in text
     # plots exist, are PNGs, and the HTML carries them inline (self-contained)
     for name in ("performance.png", "generalisation.png", "loss_curve.png"):
         assert (run / name).read_bytes()[:8] == PNG
@@ -157,3 +157,183 @@ def test_constraints_table_reads_the_summaries(run):
     assert "| constraint obeyed (%) | base | tuned | n |" in text
     assert "| **every constraint** | 33.3 | 100.0 | 3 |" in text
     assert "| lowercase | 0.0 | 100.0 | 2 |" in text and "| bullets | 100.0 | 100.0 | 1 |" in text
+
+
+# --- a report a user can check (issue 27 item 3) -----------------------------------------------
+
+GUARDS = Path(__file__).parent / "fixtures" / "forgetting" / "eval"  # a real general_gen pair
+
+
+def with_general_gen(run, shrink: float | None = None):
+    """The run with the forgetting fixture's general_gen results beside its own suites; with
+    `shrink`, the tuned replies are the base's own, each `shrink` times as many tokens long."""
+    for name in ("base-general_gen.json", "base-general_gen.jsonl", "general_gen.json",
+                 "general_gen.jsonl"):  # fmt: skip
+        shutil.copy(GUARDS / name, run / "eval" / name)
+    if shrink is not None:
+        base = records(run, "base-general_gen")
+        tuned = [{**r, "tokens": round(r["base_tokens"] * shrink), "score": 0.0} for r in base]
+        (run / "eval" / "general_gen.jsonl").write_text(
+            "".join(json.dumps({**r, "model": "tuned"}) + "\n" for r in tuned)
+        )
+    return run
+
+
+def lines_of(text: str) -> list[str]:
+    return [x for x in text.splitlines() if x.strip()]
+
+
+def test_every_verdict_line_shows_its_limits(run):
+    from instill.eval.drift import DRIFT_LIMIT, LENGTH_CEILING, LENGTH_FLOOR, NO_DROP, SHORT_RISE
+
+    text = write_run_report(with_general_gen(run))[0].read_text()
+    verdicts = [x for x in text.splitlines() if x.startswith("- **")]
+    assert len(verdicts) == 3
+    for line in verdicts[:2]:  # the gains: the rule they are held to
+        assert "a gain counts when its 95% interval lies above 0" in line, line
+    forgetting = verdicts[2]
+    assert re.search(rf"general knowledge \(choice\) [^;]*; limit: {NO_DROP}\)", forgetting)
+    assert re.search(
+        r"drift [+-]\d\.\d{3} nats/token \(limit " + re.escape(f"{DRIFT_LIMIT:+g}"), forgetting
+    )
+    assert f"(limits {LENGTH_FLOOR:g}x to {LENGTH_CEILING:g}x" in forgetting
+    assert f"(limit a rise of {100 * SHORT_RISE:g} points)" in forgetting
+    # every guard's table carries a limit column, filled on the row the verdict weighs
+    general = text.split("### General knowledge")[1].split("\n\n")[1]
+    assert general.splitlines()[0].endswith("| limit |")
+    assert "| **overall** |" in general and general.splitlines()[2].endswith(f"| {NO_DROP} |")
+
+
+def test_wording_follows_the_intervals(run):
+    # replies 0.9x the base's length: a real change (the interval excludes 1x), within the 0.8x
+    # limit; the verdict must not call that "no significant" change
+    text = write_run_report(with_general_gen(run, shrink=0.9))[0].read_text()
+    line = next(x for x in text.splitlines() if x.startswith("- **No forgetting"))
+    assert line.startswith("- **No forgetting: supported.**")
+    assert "No significant" not in line
+    assert re.search(r"Within its limit but a real change[^.]*reply length 0\.9\dx", line), line
+    # a copy of the base is no change at all, and is said so
+    shutil.copy(run / "eval" / "base-general_gen.jsonl", run / "eval" / "general_gen.jsonl")
+    text = write_run_report(run)[0].read_text()
+    line = next(x for x in text.splitlines() if x.startswith("- **No forgetting"))
+    assert "No guard is past its limit" in line and "real change" not in line
+
+
+def test_terms_are_explained_where_they_first_appear(run):
+    lines = lines_of(write_run_report(with_general_gen(run))[0].read_text())
+    first = next(i for i, x in enumerate(lines) if "drift" in x)
+    explained = " ".join(lines[first : first + 2])
+    assert "Drift:" in explained and "nats per token" in explained.replace("nats/token", "")
+    assert "negative" in explained
+
+
+def test_recipe_summary_at_the_top(run):
+    lines = lines_of(write_run_report(run)[0].read_text())
+    assert lines[2] == "## Recipe"  # title, one line on the base model, then the recipe
+    table = "\n".join(lines[3:20])
+    for row in (
+        "| base model | smollm2-135m-instruct (gguf) |",
+        "| method | LoRA r=16, alpha 32, all-linear; objective sft |",
+        "| learning rate | 0.001 (cosine, warmup 5%) |",
+        "| steps | 6 of at most 6 (batch 8 x 1 accumulation, max_length 256) |",
+        "| replay | none |",
+        "| data | builtin: 120 rows |",
+    ):
+        assert row in table, row
+
+
+def data_table(text: str) -> list[tuple[str, str]]:
+    block = text.split("## Data\n\n")[1].split("\n\n")[0].splitlines()[2:]
+    return [tuple(c.strip() for c in x.strip("|").split("|")) for x in block]
+
+
+def check_sums(rows: list[tuple[str, str]]) -> int:
+    """Walk the table's running total: '+'/'-' rows move it, '=' rows must equal it."""
+    total, checked = None, 0
+    for label, value in rows:
+        n = int(value.replace(",", ""))
+        if label.startswith("="):
+            assert n == total, (label, n, total)
+            checked += 1
+        elif label[:2] in ("+ ", "- "):
+            total += n
+        elif total is None:
+            total = n
+    return checked
+
+
+def test_data_table_adds_up(run):
+    recorded = json.loads((run / "run.json").read_text())
+    rows = data_table(write_run_report(run)[0].read_text())
+    assert check_sums(rows) == 1 and rows[-1] == ("= rows trained on", "85")
+    # a run that records the whole path, with replay rows and dropped ones
+    d = recorded["data"]
+    d |= {"read": 120, "held_out": 24, "held_out_read": 24, "validation_split": 11,
+          "weighted": 3, "rows_in": 88, "dropped": {"no trained tokens": 2},
+          "replay_rows": 9, "replay_tokens": 400, "rows": 95}  # fmt: skip
+    (run / "run.json").write_text(json.dumps(recorded))
+    rows = data_table(write_run_report(run)[0].read_text())
+    assert check_sums(rows) == 2
+    assert ("+ replay rows (the base model's own replies, data.replay)", "+9") in rows
+    assert rows[0] == ("rows read from the training sources", "120")
+    assert rows[-1] == ("= rows trained on", "95")
+
+
+def test_one_table_per_fact_and_footnotes_after_their_tables(run):
+    text = write_run_report(with_general_gen(run))[0].read_text()
+    assert text.count("| **overall** | 46.9 | 56.2 |") == 1  # the general suite, once
+    blocks = text.split("\n\n")
+    for i, block in enumerate(blocks):
+        if block.startswith("|") and re.search(r"\| [^|]* \* \|", block):
+            assert blocks[i + 1].startswith("A * marks"), block[:80]
+    assert "A * marks a change in points whose 95% interval" in text
+    assert "A * marks a change whose 95% interval excludes no change" in text
+
+
+def test_cost_names_its_currency_and_the_phases_add_up(run):
+    recorded = json.loads((run / "run.json").read_text())
+    recorded["phases"] = {
+        "load model": 10.5,
+        "data": 1.25,
+        "evaluate base: builtin": 7.5,
+        "train": 17.25,
+        "save final model": 0.5,
+        "evaluate tuned: builtin": 8.5,
+    }
+    (run / "run.json").write_text(json.dumps(recorded))  # fmt: skip
+    text = write_run_report(run, price_per_hour=2.0)[0].read_text()
+    cost = recorded["wall_s"] / 3600 * 2.0
+    assert f"| cost at 2 USD per device-hour | {cost:.4f} USD |" in text
+    phases = text.split("| phase | seconds | share |")[1].split("\n\n")[0]
+    assert "| load model | 10.5 | 12.4% |" in phases
+    rest = recorded["wall_s"] - sum(recorded["phases"].values())
+    assert f"| not accounted for | {rest:.1f} |" in phases
+    assert f"| = whole run | {recorded['wall_s']:.1f} | 100.0% |" in phases
+
+
+def test_data_stats_record_where_every_row_went(tokenizer, tmp_path):
+    """Read, held out, validation, weights, dropped: the counts a run records add up, and the
+    report's data table built from them sums."""
+    from instill.config import DataConfig
+    from instill.data import builtin
+    from instill.data.dataset import build_data
+    from instill.report.summary import data_flow
+
+    rows = [{"prompt": f"Say {i}.", "completion": str(i)} for i in range(9)]
+    rows.append({"prompt": "word " * 300, "completion": "too long"})  # no room: dropped
+    src = tmp_path / "own.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held = builtin.FAMILIES["addition"].cluster
+    cfg = DataConfig(
+        builtin={"train_per_family": 4, "eval_per_family": 2},
+        sources=[{"path": str(src), "weight": 2.0}],
+        validation=0.2,
+        max_length=64,
+    )
+    s = build_data(tokenizer, cfg, holdout=frozenset([held]), cache=False).stats
+    assert s.read == 4 * len(builtin.FAMILIES) + len(rows)
+    assert s.held_out_read == s.held_out > 0 and s.validation_split > 0 and s.weighted > 0
+    assert s.read - s.held_out_read - s.validation_split + s.weighted == s.rows_in
+    assert sum(s.dropped.values()) > 0  # rows with no room for a trained token
+    assert s.rows_in - sum(s.dropped.values()) == s.rows
+    assert check_sums(data_flow(s.as_dict())) == 2

@@ -123,6 +123,15 @@ def _print_before_after(summary) -> None:
         f"{t.tokens_per_s:.0f} tokens/s; loss {t.losses[0]:.3f} -> {t.losses[-1]:.3f}"
     )
     out.print(f"total wall time: {summary.wall_s:.0f} s; run directory: {summary.run_dir}")
+    _print_phases(summary)
+
+
+def _print_phases(summary) -> None:
+    from instill.report.summary import phase_lines
+
+    out.print("time by phase (seconds, share of the wall time):", highlight=False)
+    for line in phase_lines(summary.phases, summary.wall_s):
+        out.print(line, highlight=False)
 
 
 @app.command(epilog=f"Shipped recipes: {SHIPPED} (src/instill/recipes/).\n\n" + recipe_help())
@@ -138,6 +147,8 @@ def train(
     _quiet_libraries()
     summary = run_recipe(resolved, overwrite=overwrite)
     if summary.train.interrupted:
+        if summary.main:
+            _print_phases(summary)
         sys.exit(130)
     if not summary.main:
         return

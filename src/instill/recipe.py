@@ -9,6 +9,9 @@
         final/                              saved by the main process
         evaluate after, report(...)         main process only; the others are done
 
+Each stage's phases are timed by the run's one Phases clock (run.json's `phases`, printed at the
+end of the run and in the report, with the time no phase holds).
+
 Only the main process writes files and evaluates. Where it works alone, every process calls
 on_main (train/loop.py) at the same point, so the barriers that keep the others waiting are
 matched by construction; main_process_first lets it fill the caches before the others read them.
@@ -20,7 +23,8 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -45,6 +49,28 @@ from instill.train.logs import Metrics
 from instill.train.loop import on_main
 
 
+class Phases:
+    """Seconds per named phase of a run, in the order they ran, and the run's wall clock: one
+    clock for both, so the breakdown and the total add up (the remainder is what no phase
+    holds: imports, process setup, checks)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = self.seconds.get(name, 0.0) + time.perf_counter() - t
+            self.seconds[name] = round(spent, 3)
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.start
+
+
 @dataclass
 class RunSummary:
     run_dir: Path
@@ -55,6 +81,7 @@ class RunSummary:
     model: object = None  # the tuned model, still in memory (peft-wrapped for adapters)
     tokenizer: object = None
     main: bool = True  # False in the non-main processes of a multi-process run
+    phases: dict[str, float] = field(default_factory=dict)  # seconds by phase (Phases)
 
 
 def check_mixed_precision(recipe: Recipe) -> None:
@@ -316,11 +343,13 @@ class Run:
     digest: str | None  # the base model's weights digest (drift suites and replay rows)
     fingerprint: dict  # what a checkpoint and this run must agree on
     start_pairs: list | None = None  # a preference run's held-out pairs scored by its start
+    phases: Phases = field(default_factory=Phases)
 
 
-def setup(acc, recipe: Recipe, overwrite: bool) -> Run:
+def setup(acc, recipe: Recipe, overwrite: bool, phases: Phases | None = None) -> Run:
     """Check and make the run directory, load the model, build the data and suites, and check a
     checkpoint to resume from; a mistake found here leaves no half-made run directory behind."""
+    phases = phases or Phases()
     # every process checks before the main one changes anything
     run_dir, checkpoint, clear = plan_run_dir(recipe, overwrite)
     if recipe.train.compile:  # no C++ compiler (or triton): say so before any work
@@ -333,23 +362,20 @@ def setup(acc, recipe: Recipe, overwrite: bool) -> Run:
         if acc.is_main_process:
             _write_yaml(run_dir / "config.yaml", recipe.model_dump(mode="json"))
         with acc.main_process_first():  # the main process fills the caches first
-            loaded = load_model(recipe.model, seed=recipe.train.seed)
-            if recipe.train.objective == "sft":
-                data = build_data(
-                    loaded.tokenizer, recipe.data, holdout=frozenset(recipe.eval.holdout_clusters)
-                )
-            else:
-                from instill.data.preference_data import build_preference_data
-
-                data = build_preference_data(loaded.tokenizer, recipe.data, recipe.train.objective)
-            tasks = build_tasks(recipe)
-            check_replay_prompts(recipe, tasks)
+            with phases("load model (and convert)"):
+                loaded = load_model(recipe.model, seed=recipe.train.seed)
+            with phases("data and suites"):
+                data = _build_data(recipe, loaded)
+                tasks = build_tasks(recipe)
+                check_replay_prompts(recipe, tasks)
             digest = None
             if recipe.data.replay is not None or any(t.metric == "drift" for t in tasks):
                 from instill.eval.drift import model_digest
 
-                digest = model_digest(loaded.model)
-            data = with_replay(recipe, loaded, data, digest)
+                name = "base replies (replay rows)" if recipe.data.replay else "base model digest"
+                with phases(name):
+                    digest = model_digest(loaded.model)
+                    data = with_replay(recipe, loaded, data, digest)
         agreed = fingerprint(recipe, data, acc.num_processes)
         if checkpoint is not None:  # refuse a changed run before the base evaluation
             check_resumable(checkpoint, agreed)
@@ -357,10 +383,20 @@ def setup(acc, recipe: Recipe, overwrite: bool) -> Run:
         if new and acc.is_main_process:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    run = Run(recipe, acc, run_dir, checkpoint, loaded, data, tasks, digest, agreed)
+    run = Run(recipe, acc, run_dir, checkpoint, loaded, data, tasks, digest, agreed, phases=phases)
     if acc.is_main_process:
         _describe(run)
     return run
+
+
+def _build_data(recipe: Recipe, loaded):
+    if recipe.train.objective == "sft":
+        return build_data(
+            loaded.tokenizer, recipe.data, holdout=frozenset(recipe.eval.holdout_clusters)
+        )
+    from instill.data.preference_data import build_preference_data
+
+    return build_preference_data(loaded.tokenizer, recipe.data, recipe.train.objective)
 
 
 def _describe(run: Run) -> None:
@@ -434,26 +470,31 @@ def evaluate_before(run: Run) -> tuple[dict[str, SuiteResult], float | None]:
     """The untuned model's suites and validation loss (main process). Drift suites' anchors,
     the base model's replies, are taken here, before any adapter is attached. A resumed run
     reuses the results its first start wrote."""
-    recipe, loaded, data = run.recipe, run.loaded, run.data
+    recipe, loaded, data, phases = run.recipe, run.loaded, run.data, run.phases
     base_val_loss = None
     supervised = recipe.train.objective == "sft"
     if data.validation and recipe.eval.before and run.checkpoint is None and supervised:
-        base_val_loss = _base_validation(run.run_dir, loaded, data, recipe)
-    if recipe.eval.before:
-        run.start_pairs = held_out_pairs(run, loaded.model, "start")
-    attach_anchors(loaded.model, loaded.tokenizer, run.tasks, recipe.eval, run.digest)
+        with phases("base validation loss"):
+            base_val_loss = _base_validation(run.run_dir, loaded, data, recipe)
+    if recipe.eval.before and recipe.train.objective not in ("sft", "kto"):
+        with phases("held-out pairs: start"):
+            run.start_pairs = held_out_pairs(run, loaded.model, "start")
+    if any(t.metric == "drift" for t in run.tasks):
+        with phases("base replies (drift suites)"):
+            attach_anchors(loaded.model, loaded.tokenizer, run.tasks, recipe.eval, run.digest)
     before: dict[str, SuiteResult] = {}
-    if run.tasks and recipe.eval.before:
-        before = run_tasks(
-            loaded.model,
-            loaded.tokenizer,
-            run.tasks,
-            recipe.eval,
-            "base",
-            run.run_dir / "eval",
-            prefix="base-",
-            reuse=run.checkpoint is not None,
-        )
+    for task in run.tasks if recipe.eval.before else []:
+        with phases(f"evaluate base: {task.name}"):
+            before |= run_tasks(
+                loaded.model,
+                loaded.tokenizer,
+                [task],
+                recipe.eval,
+                "base",
+                run.run_dir / "eval",
+                prefix="base-",
+                reuse=run.checkpoint is not None,
+            )
     return before, base_val_loss
 
 
@@ -485,59 +526,67 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
     """Setup -> evaluate before -> train -> save -> evaluate after -> report. One process, or
     one of many under accelerate launch / torchrun: every process trains; only the main one
     writes files and evaluates."""
-    t0 = time.perf_counter()
+    phases = Phases()
     acc = make_accelerator(recipe)
-    run = setup(acc, recipe, overwrite)
+    run = setup(acc, recipe, overwrite, phases)
     main, loaded, data, run_dir = acc.is_main_process, run.loaded, run.data, run.run_dir
     before, base_val_loss = on_main(acc, lambda: evaluate_before(run)) or ({}, None)
-    model, params = attach_adapter(loaded.model, recipe.adapter, recipe.train.seed)
-    if main:
-        console.print(str(params))
-        if run.checkpoint is not None:
-            console.print(f"resuming from {run.checkpoint}")
-    result = train(
-        model,
-        loaded.tokenizer,
-        data.train,
-        recipe.train,
-        run_dir,
-        accelerator=acc,
-        pack_length=recipe.data.max_length if recipe.data.packing else None,
-        validation=data.validation,
-        resume_from=run.checkpoint,
-        fingerprint=run.fingerprint,
-        evaluator=during_training(recipe, run.tasks, loaded.tokenizer),
-    )
+    with phases("train"):
+        model, params = attach_adapter(loaded.model, recipe.adapter, recipe.train.seed)
+        if main:
+            console.print(str(params))
+            if run.checkpoint is not None:
+                console.print(f"resuming from {run.checkpoint}")
+        result = train(
+            model,
+            loaded.tokenizer,
+            data.train,
+            recipe.train,
+            run_dir,
+            accelerator=acc,
+            pack_length=recipe.data.max_length if recipe.data.packing else None,
+            validation=data.validation,
+            resume_from=run.checkpoint,
+            fingerprint=run.fingerprint,
+            evaluator=during_training(recipe, run.tasks, loaded.tokenizer),
+        )
+
+    def summary(before, after, main=main) -> RunSummary:
+        return RunSummary(run_dir, result, before, after, phases.wall(), model, loaded.tokenizer,
+                          main=main, phases=dict(phases.seconds))  # fmt: skip
+
     if result.interrupted:  # every process stopped after the same step
         if main:
             console.print(
                 f"[yellow]interrupted[/yellow] after step {result.steps}; checkpoint written to "
                 f"{run_dir / 'checkpoints'}; continue with train.resume=auto"
             )
-        wall = time.perf_counter() - t0
-        return RunSummary(run_dir, result, before, {}, wall, model, loaded.tokenizer, main=main)
+        return summary(before, {})
     final = run_dir / "final"
-    on_main(acc, lambda: save_model_dir(model, loaded.tokenizer, final, what="final model"))
+    with phases("save final model"):
+        on_main(acc, lambda: save_model_dir(model, loaded.tokenizer, final, what="final model"))
     if not main:
-        wall = time.perf_counter() - t0
-        return RunSummary(run_dir, result, {}, {}, wall, model, loaded.tokenizer, main=False)
+        return summary({}, {}, main=False)
     after: dict[str, SuiteResult] = {}
-    if run.tasks and recipe.eval.after:
-        after = run_tasks(
-            model, loaded.tokenizer, run.tasks, recipe.eval, "tuned", run_dir / "eval"
-        )
+    for task in run.tasks if recipe.eval.after else []:
+        with phases(f"evaluate tuned: {task.name}"):
+            after |= run_tasks(model, loaded.tokenizer, [task], recipe.eval, "tuned",
+                               run_dir / "eval")  # fmt: skip
     if recipe.eval.after and run.start_pairs is not None:
-        held_out_pairs(run, model, "model")
-    summary = RunSummary(
-        run_dir, result, before, after, time.perf_counter() - t0, model, loaded.tokenizer
-    )
-    report(run, summary, params, base_val_loss)
-    return summary
+        with phases("held-out pairs: tuned"):
+            held_out_pairs(run, model, "model")
+    done = summary(before, after)
+    report(run, done, params, base_val_loss)
+    return done
 
 
 def report(run: Run, summary: RunSummary, params, base_val_loss: float | None) -> None:
-    """run.json (what was run and what it measured) and the run report."""
+    """run.json (what was run and what it measured), the run report and the model card in
+    final/README.md. The report is timed too: run.json is written again with that phase, and
+    `summary` gets the final wall time and phases."""
     from instill.report import write_run_report
+    from instill.report.model_card import write_model_card
+    from instill.report.summary import REPORT_PHASE
 
     recipe, loaded, data = run.recipe, run.loaded, run.data
     record = {
@@ -559,10 +608,17 @@ def report(run: Run, summary: RunSummary, params, base_val_loss: float | None) -
         "data": data.stats.as_dict(),
         "eval_before": {k: v.summary() for k, v in summary.before.items()},
         "eval_after": {k: v.summary() for k, v in summary.after.items()},
-        "wall_s": round(summary.wall_s, 2),
+        "wall_s": round(run.phases.wall(), 2),
+        "phases": dict(run.phases.seconds),
     }
-    write_text(run.run_dir / "run.json", json.dumps(record, indent=2) + "\n", "the run record")
-    write_run_report(run.run_dir, recipe.report.price_per_hour)
+    path = run.run_dir / "run.json"
+    write_text(path, json.dumps(record, indent=2) + "\n", "the run record")
+    with run.phases(REPORT_PHASE):
+        write_run_report(run.run_dir, recipe.report.price_per_hour)
+        write_model_card(run.run_dir)
+    summary.wall_s, summary.phases = run.phases.wall(), dict(run.phases.seconds)
+    record |= {"wall_s": round(summary.wall_s, 2), "phases": summary.phases}
+    write_text(path, json.dumps(record, indent=2) + "\n", "the run record")
 
 
 def objective_record(recipe: Recipe, loaded) -> dict:

@@ -488,7 +488,13 @@ class ReportConfig(_Section):
         0.10,
         ge=0,
         description="Price of one device-hour (this machine, a GPU, ...) for the report's cost "
-        "estimate, in your currency.",
+        "estimate, in report.currency.",
+    )
+    currency: str = Field(
+        "USD",
+        min_length=1,
+        max_length=12,
+        description="Currency of report.price_per_hour, printed beside every cost (USD, EUR, ...).",
     )
 
 

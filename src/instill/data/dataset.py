@@ -46,12 +46,21 @@ class DataStats:
     skipped: int = 0
     validation_rows: int = 0
     held_out: int = 0  # rows of eval.holdout_clusters, kept out of training and validation
+    # Where the training sources' rows went, so that the report's data table adds up:
+    # read - held_out_read - validation_split + weighted = rows_in (None: not recorded)
+    read: int | None = None  # rows read from the training sources (built-in, data.sources)
+    held_out_read: int = 0  # of those, rows of eval.holdout_clusters
+    validation_split: int = 0  # of those, rows the validation split took (data.validation)
+    weighted: int = 0  # rows that source weights repeated (+) or left out (-)
     replay_rows: int = 0  # rows of data.replay mixed in (counted in rows and tokens too)
     replay_tokens: int = 0
     formats: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+UNRENDERABLE = "the chat template cannot render it"
 
 
 @dataclass
@@ -117,18 +126,28 @@ def load_conversations(
     skipped: list[dict] | None = None,
     holdout: frozenset[str] = frozenset(),
     heldout: list[Conversation] | None = None,
+    flow: dict | None = None,
 ):
     """Training and validation conversations the recipe names, mixed by weight (deterministic).
 
     Returns (train, validation, formats). The validation split is taken from each source before
     weighting, so a repeated row can never sit on both sides. Rows of `holdout` clusters are
     removed from both (after the split, so the split does not depend on the holdout) and, when
-    `heldout` is a list, collected there.
+    `heldout` is a list, collected there. `flow`, when given, gets DataStats' read,
+    held_out_read, validation_split and weighted.
     """
     clusters: set[str] = set()
     train: list[Conversation] = []
     val: list[Conversation] = []
     formats: dict[str, int] = {}
+    counts = {"read": 0, "held_out_read": 0, "validation_split": 0, "weighted": 0}
+
+    def count(convs, t, v, mixed) -> None:
+        counts["read"] += len(convs)
+        counts["validation_split"] += len(v)
+        counts["held_out_read"] += len(convs) - len(t) - len(v)
+        counts["weighted"] += len(mixed) - len(t)
+
     fraction = cfg.validation if isinstance(cfg.validation, float) else 0.0
     if cfg.builtin is not None and cfg.builtin.train_per_family > 0:
         b = cfg.builtin
@@ -141,13 +160,16 @@ def load_conversations(
         formats["builtin"] = len(convs)
         t, v = _split(convs, fraction, cfg.seed, "builtin")
         t, v = (_drop_heldout(x, holdout, heldout, clusters) for x in (t, v))
+        count(convs, t, v, t)
         train, val = train + t, val + v
     for src in cfg.sources:
         convs, fmt = read_conversations(src.path, src.format, src.split, skipped, src.columns)
         formats[f"{src.path} ({fmt})"] = len(convs)
         t, v = _split(convs, fraction, cfg.seed, src.path)
         t, v = (_drop_heldout(x, holdout, heldout, clusters) for x in (t, v))
-        train += _weighted(t, src.weight, cfg.seed, src.path)
+        mixed = _weighted(t, src.weight, cfg.seed, src.path)
+        count(convs, t, v, mixed)
+        train += mixed
         val += v
     if isinstance(cfg.validation, str) and cfg.validation:
         val, fmt = read_conversations(cfg.validation, "auto", "train", skipped)
@@ -159,6 +181,8 @@ def load_conversations(
             f"eval.holdout_clusters: {', '.join(unknown)} match(es) no training row's cluster or "
             f"task; the data has: {', '.join(sorted(clusters)) or 'no cluster fields'}"
         )
+    if flow is not None:
+        flow.update(counts)
     return train, val, formats
 
 
@@ -184,6 +208,8 @@ def tokenize(
     )
     for i, reason in errors or []:
         skipped.append({"where": chats[i].source, "reason": reason})
+    if errors:  # counted here too, so rows in = rows out + dropped
+        stats.dropped[UNRENDERABLE] = len(errors)
     pairs = [(c, r) for c, r in zip(chats, rendered, strict=True) if r is not None]
     if texts:
         enc = tokenizer([c.messages[0]["content"] for c in texts], add_special_tokens=True)[
@@ -244,8 +270,13 @@ def build_data(
 def _build_data(tokenizer, cfg: DataConfig, holdout: frozenset[str] = frozenset()) -> Data:
     skipped: list[dict] | None = [] if cfg.on_error == "skip" else None
     heldout: list[Conversation] = []
-    train_convs, val_convs, formats = load_conversations(cfg, skipped, frozenset(holdout), heldout)
+    flow: dict = {}
+    train_convs, val_convs, formats = load_conversations(
+        cfg, skipped, frozenset(holdout), heldout, flow
+    )
     rows, stats = tokenize(tokenizer, train_convs, cfg, skipped)
+    for key, n in flow.items():
+        setattr(stats, key, n)
     val_rows, _ = tokenize(tokenizer, val_convs, cfg, skipped) if val_convs else ([], None)
     stats.formats = formats
     stats.validation_rows = len(val_rows)
@@ -286,10 +317,7 @@ def add_replay(tokenizer, data: Data, convs: list[Conversation], cfg: DataConfig
     """`data` with the replay rows appended to its training rows (never to validation). A
     generated reply the chat template cannot render with a stable prefix is left out, and
     counted among the dropped rows."""
-    unrenderable: list[dict] = []
-    rows, stats = tokenize(tokenizer, convs, cfg, unrenderable)
-    if unrenderable:
-        stats.dropped["cannot render"] = len(unrenderable)
+    rows, stats = tokenize(tokenizer, convs, cfg, [])  # unrenderable: counted in dropped
     data.train = data.train + rows
     s = data.stats
     s.replay_rows, s.replay_tokens = len(rows), stats.tokens

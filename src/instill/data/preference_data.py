@@ -70,14 +70,19 @@ def build_preference_data(tokenizer, cfg: DataConfig, objective: str) -> Data:
     train_items: list = []
     val_items: list = []
     formats: dict[str, int] = {}
+    flow = {"read": 0, "validation_split": 0, "weighted": 0}  # DataStats' fields of that name
     for k, src in enumerate(cfg.sources):
         where = f"data.sources[{k}]"
         items, fmt = _read(src.path, src.format, src.split, skipped, src.columns, objective, where)
         formats[fmt] = formats.get(fmt, 0) + len(items)
+        flow["read"] += len(items)
         if isinstance(cfg.validation, float):
             items, held = split_by_prompt(items, cfg.validation, cfg.seed, src.path)
             val_items += held
-        train_items += _weighted(items, src.weight, cfg.seed, src.path)
+            flow["validation_split"] += len(held)
+        mixed = _weighted(items, src.weight, cfg.seed, src.path)
+        flow["weighted"] += len(mixed) - len(items)
+        train_items += mixed
     if isinstance(cfg.validation, str) and cfg.validation:
         val_items, _ = _read(
             cfg.validation, "auto", "validation", skipped, None, objective, "data.validation"
@@ -92,6 +97,8 @@ def build_preference_data(tokenizer, cfg: DataConfig, objective: str) -> Data:
     if val_items:
         val_rows, _ = tokenize_preferences(tokenizer, val_items, cfg.max_length, skipped)
     stats.rows_in = rows_in
+    for key, n in flow.items():
+        setattr(stats, key, n)
     stats.formats = formats
     stats.validation_rows = len(val_rows)
     stats.skipped = len(skipped or [])

@@ -178,6 +178,8 @@ def tokenize_preferences(
             f"(first: {no_room[0]}); raise {setting}, shorten those prompts, or skip them "
             "(data.on_error: skip lists them in the run's skipped_rows.jsonl)"
         )
+    if len(items) > len(rows):  # skipped rows, counted so that rows in = rows out + dropped
+        stats.dropped["skipped (skipped_rows.jsonl)"] = len(items) - len(rows)
     stats.rows = len(rows)
     stats.tokens = sum(r.tokens for r in rows)
     stats.trained_tokens = sum(r.trained for r in rows)

@@ -446,6 +446,42 @@ def generation_losses(gen: dict) -> list[str]:
     return losses
 
 
+def generation_changes(gen: dict) -> list[tuple[str, bool]]:
+    """What the verdict must not call "no change", as (sentence, reaches): a measure whose 95%
+    interval excludes no change in the bad direction but stays inside its limit (a real change,
+    not a loss; reaches False), or whose interval reaches across its limit (neither shown inside
+    it nor past it; reaches True). A measure past its limit is a loss (generation_losses)."""
+    out: list[tuple[str, bool]] = []
+    if not gen["n"]:
+        return out
+    d = gen["drift"]
+    if d.ci is not None and d.ci[0] <= DRIFT_LIMIT < d.ci[1]:
+        out.append((f"drift {d.delta:+.3f} nats/token (95% CI {d.ci[0]:+.3f} to "
+                    f"{d.ci[1]:+.3f}) reaches past its {DRIFT_LIMIT:+g} limit", True))  # fmt: skip
+    elif d.ci is not None and 0 < d.ci[0] <= DRIFT_LIMIT:
+        out.append((f"drift {d.delta:+.3f} nats/token (95% CI {d.ci[0]:+.3f} to "
+                    f"{d.ci[1]:+.3f}; limit {DRIFT_LIMIT:+g})", False))  # fmt: skip
+    _, _, ratio, ci = gen["tokens"]
+    if ci is not None:
+        shown = f"reply length {ratio:.2f}x the base's (95% CI {ci[0]:.2f}x to {ci[1]:.2f}x"
+        if ci[0] < LENGTH_FLOOR <= ci[1] or ci[0] <= LENGTH_CEILING < ci[1]:
+            out.append((f"{shown}) reaches past a limit ({LENGTH_FLOOR:g}x to "
+                        f"{LENGTH_CEILING:g}x)", True))  # fmt: skip
+        elif ci[1] < 1:
+            out.append((f"{shown}: shorter; limit {LENGTH_FLOOR:g}x)", False))
+        elif ci[0] > 1:
+            out.append((f"{shown}: longer; limit {LENGTH_CEILING:g}x)", False))
+    _, _, delta, ci = gen["short"]
+    if ci is not None:
+        shown = (f"replies under {SHORT_WORDS} words {100 * delta:+.1f} points (95% CI "
+                 f"{100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}")  # fmt: skip
+        if ci[0] <= SHORT_RISE < ci[1]:
+            out.append((f"{shown}) reaches past its limit, a rise of {100 * SHORT_RISE:g}", True))
+        elif 0 < ci[0] <= SHORT_RISE:
+            out.append((f"{shown}; limit a rise of {100 * SHORT_RISE:g})", False))
+    return out
+
+
 def generation_text(gen: dict) -> str:
     """The generation measures in one sentence, whatever they show."""
     if not gen["n"]:

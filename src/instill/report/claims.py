@@ -6,10 +6,17 @@ interval that excludes 0."""
 
 from __future__ import annotations
 
-from instill.eval.drift import generation_losses, generation_text, longer_unseen
+from instill.eval.drift import (
+    NO_DROP,
+    generation_changes,
+    generation_losses,
+    generation_text,
+    longer_unseen,
+)
 from instill.report.document import Verdict
 
 GENERAL = "general"  # the forgetting guard scored by choice
+GAIN_RULE = "a gain counts when its 95% interval lies above 0"
 
 
 def is_guard(t: dict) -> bool:
@@ -47,18 +54,26 @@ def row(t: dict, label: str):
     return next((r for r in t["rows"] if r.label.strip() == label), None)
 
 
-def change(r) -> str:
+def change(r, limit: str = "") -> str:
+    """A row's change in words; `limit`, when given, is the line it is held to."""
+    held = f"; limit: {limit}" if limit else ""
     return (
-        f"{pct(r.a)}% → {pct(r.b)}% ({signed(r.delta)} points, 95% CI {interval(r.ci)}, n={r.n_b})"
+        f"{pct(r.a)}% → {pct(r.b)}% ({signed(r.delta)} points, 95% CI {interval(r.ci)}, "
+        f"n={r.n_b}{held})"
     )
 
 
-def gain_verdict(claim: str, items: list[tuple[str, object]], unsupported: str = "") -> Verdict:
+def gain_verdict(
+    claim: str, items: list[tuple[str, object]], unsupported: str = "", rule: bool = False
+) -> Verdict:
     """The one rule for a gain: supported when every (text, row) delta is positive with an
-    interval that excludes 0. The texts are joined; `unsupported` follows when it is not."""
+    interval that excludes 0. The texts are joined; `unsupported` follows when it is not, and
+    the rule itself when `rule` (the run report says each verdict's line)."""
     ok = all(r.significant and r.delta > 0 for _, r in items)
     text = "; ".join(t for t, _ in items) + "."
-    return Verdict(claim, ok, text if ok or not unsupported else f"{text} {unsupported}")
+    if unsupported and not ok:
+        text += f" {unsupported}"
+    return Verdict(claim, ok, text + (f" Rule: {GAIN_RULE}." if rule else ""))
 
 
 def performance_verdict(tables: list[dict]) -> Verdict:
@@ -70,6 +85,7 @@ def performance_verdict(tables: list[dict]) -> Verdict:
         claim,
         [(f"{t['suite']} {change(row(t, 'overall'))}", row(t, "overall")) for t in tuned],
         "A delta whose interval includes 0 (or is negative) does not show an improvement.",
+        rule=True,
     )
 
 
@@ -90,15 +106,48 @@ def generalisation_verdict(tables: list[dict]) -> Verdict:
         for t in held
     ]
     return gain_verdict(
-        claim, items, "The gain on held-out clusters is not distinguishable from zero."
+        claim,
+        items,
+        "The gain on held-out clusters is not distinguishable from zero.",
+        rule=True,
     )
 
 
+def _guard_readings(general: dict | None, drift: list[dict]) -> dict[str, list[str]]:
+    """Each guard read against its line: losses (past it), measured (every value beside its
+    limit), changed (a real change inside the limit), reaches (an interval across the limit),
+    unmeasured, and blind (a limit the data cannot reach)."""
+    out: dict[str, list[str]] = {
+        k: [] for k in ("losses", "measured", "changed", "reaches", "unmeasured", "blind")
+    }
+    if general is not None:
+        r = row(general, "overall")
+        if r.delta is None:  # one side has no records of it: nothing to weigh
+            out["unmeasured"].append(f"{GENERAL} (no records on both sides)")
+        else:
+            out["measured"].append(f"general knowledge (choice) {change(r, NO_DROP)}")
+            if r.significant and r.delta < 0:
+                out["losses"].append(f"general knowledge (choice) {signed(r.delta)} points")
+    for t in drift:
+        gen, name = t["generation"], t["suite"]
+        if not gen["n"]:
+            out["unmeasured"].append(f"{name} (no prompt answered on both sides)")
+            continue
+        out["measured"].append(f"{name}: {generation_text(gen)}")
+        out["losses"] += [f"{name}: {x}" for x in generation_losses(gen)]
+        for text, reaches in generation_changes(gen):
+            out["reaches" if reaches else "changed"].append(f"{name}: {text}")
+        if (why := longer_unseen(gen)) is not None:
+            out["blind"].append(f"{name}: {why}")
+    return out
+
+
 def forgetting_verdict(tables: list[dict], b: str = "tuned") -> Verdict:
-    """Supported only when no guard shows a significant loss: general knowledge by choice
-    accuracy (a drop whose interval excludes 0), and general behaviour by generation (drift,
-    reply length both ways, short replies, ROUGE-L; eval/drift.py holds the lines). A length
-    cap that leaves no room for longer replies is said beside the numbers."""
+    """Supported only when no guard is past its line: general knowledge by choice accuracy (a
+    drop whose interval excludes 0), and general behaviour by generation (drift, reply length
+    both ways, short replies, ROUGE-L; eval/drift.py holds the lines). Every value is given
+    beside its limit; a real change inside a limit, an interval reaching across one, and a
+    length cap that leaves no room for longer replies are said, never called "no change"."""
     general = next((t for t in tables if t["suite"] == GENERAL), None)
     drift = [t for t in tables if t["metric"] == "drift"]
     if general is None and not drift:
@@ -107,51 +156,42 @@ def forgetting_verdict(tables: list[dict], b: str = "tuned") -> Verdict:
             None,
             "no forgetting guard was evaluated (add general and general_gen to eval.suites)",
         )
-    losses, measured, unmeasured, blind = [], [], [], []
-    if general is not None:
-        r = row(general, "overall")
-        if r.delta is None:  # one side has no records of it: nothing to weigh
-            unmeasured.append(f"{GENERAL} (no records on both sides)")
-        else:
-            measured.append(f"general knowledge (choice) {change(r)}")
-            if r.significant and r.delta < 0:
-                losses.append(f"general knowledge (choice) {signed(r.delta)} points")
-    for t in drift:
-        gen = t["generation"]
-        if not gen["n"]:
-            unmeasured.append(f"{t['suite']} (no prompt answered on both sides)")
-            continue
-        measured.append(f"{t['suite']}: {generation_text(gen)}")
-        losses += [f"{t['suite']}: {x}" for x in generation_losses(gen)]
-        if (why := longer_unseen(gen)) is not None:
-            blind.append(f"{t['suite']}: {why}")
-    if not measured:  # guards were evaluated, but none has data on both sides to compare
+    g = _guard_readings(general, drift)
+    if not g["measured"]:  # guards were evaluated, but none has data on both sides to compare
         return Verdict(
             "No forgetting",
             None,
-            "No forgetting guard has results on both sides to pair: " + "; ".join(unmeasured) + ".",
-        )
-    if losses:
+            "No forgetting guard has results on both sides to pair: "
+            + "; ".join(g["unmeasured"]) + ".",
+        )  # fmt: skip
+    measured = " Measured: " + "; ".join(g["measured"]) + "."
+    blind = "".join(f" {x}." for x in g["blind"])
+    if g["losses"]:
         gains = [row(t, "overall").delta for t in tables if not is_guard(t)]
-        text = f"Forgetting found in the {b} model: " + "; ".join(losses) + "."
+        text = f"Forgetting found in the {b} model: " + "; ".join(g["losses"]) + "."
         if gains and general is not None:
             r = row(general, "overall")
             if r.significant and r.delta < 0 and -r.delta > max(x or 0 for x in gains):
                 text += " The loss on general knowledge is larger than the gain on the tuned tasks."
-        text += " Measured: " + "; ".join(measured) + "."
-        text += "".join(f" {x}." for x in blind)
+        text += measured + blind
         if drift:
             text += " The replies that moved most are listed with the general_gen results."
         return Verdict("No forgetting", False, text)
-    missing = "".join(f" Not measured: {x}." for x in unmeasured)
-    missing += "".join(f" {x}." for x in blind)
+    text = "No guard is past its limit."
+    if g["changed"]:
+        text += (
+            " Within its limit but a real change (its 95% interval excludes no change): "
+            + "; ".join(g["changed"]) + "."
+        )  # fmt: skip
+    if g["reaches"]:
+        text += (
+            " Not settled (the 95% interval reaches past the limit; more prompts would narrow "
+            "it): " + "; ".join(g["reaches"]) + "."
+        )
+    text += measured + "".join(f" Not measured: {x}." for x in g["unmeasured"]) + blind
     if not drift:
-        missing += " (general behaviour by generation was not measured: add general_gen)"
-    return Verdict(
-        "No forgetting",
-        True,
-        "No significant loss: " + "; ".join(measured) + "." + missing,
-    )
+        text += " (general behaviour by generation was not measured: add general_gen)"
+    return Verdict("No forgetting", True, text)
 
 
 # --- the transfer experiment: pretrained + tuned against scratch + tuned and pretrained untuned

@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 
 from instill.atomic import writing
+from instill.config import ReportConfig
 from instill.eval.compare import Side, compare_suite
-from instill.eval.drift import limit_cells
+from instill.eval.drift import NO_DROP, limit_cells
 from instill.eval.results import (
     EVALUATIONS,
     RUN_RESULTS,
@@ -24,6 +25,7 @@ from instill.report.claims import (
     forgetting_verdict,
     generalisation_verdict,
     interval,
+    is_guard,
     pct,
     performance_verdict,
     signed,
@@ -32,6 +34,15 @@ from instill.report.claims import (
 from instill.report.deployed import deployed_blocks
 from instill.report.document import Document, Heading, Image, Para, Table, write
 from instill.report.preference import preference_block
+from instill.report.summary import (
+    DRIFT_TERMS,
+    REPORT_PHASE,
+    data_flow,
+    data_notes,
+    phase_rows,
+    read_recipe,
+    recipe_rows,
+)
 
 
 def load_run(run_dir: Path) -> dict:
@@ -55,13 +66,35 @@ def suite_tables(run_dir: Path) -> list[dict]:
     return [compare_suite(base, tuned, s) for s in common]
 
 
-def table_block(t: dict, first: str = "") -> Table:
+SUITE_STAR = (
+    "A * marks a change in points whose 95% interval (paired bootstrap over the same examples) "
+    "excludes 0."
+)
+DRIFT_STAR = (
+    "A * marks a change whose 95% interval excludes no change (0, or x1.00 for reply length): "
+    "a real change, which is a loss only past its limit."
+)
+
+
+def table_block(t: dict, first: str = "", limit: str = "") -> Table:
+    """A suite, base vs tuned, per cluster; `limit` (a guard's line) fills a column on the
+    overall row, the one a verdict weighs."""
     rows = []
     for r in t["rows"]:
         label = r.label.strip() if r.label.startswith(" ") else f"**{r.label}**"
         sig = " *" if r.significant else ""
-        rows.append([label, pct(r.a), pct(r.b), signed(r.delta) + sig, interval(r.ci), str(r.n_b)])
-    return Table([first or "cluster", "base", "tuned", "delta", "delta 95% CI", "n"], rows)
+        cells = [label, pct(r.a), pct(r.b), signed(r.delta) + sig, interval(r.ci), str(r.n_b)]
+        rows.append(cells + ([limit if r.label == "overall" else ""] if limit else []))
+    header = [first or "cluster", "base", "tuned", "delta", "delta 95% CI", "n"]
+    return Table(header + (["limit"] if limit else []), rows)
+
+
+def starred(table: Table | None, note: str) -> list:
+    """A table, then the note on its * marks right below it when any cell carries one."""
+    if table is None:
+        return []
+    marked = any(c.endswith(" *") for r in table.rows for c in r)
+    return [table, Para(note)] if marked else [table]
 
 
 def drift_block(t: dict) -> Table:
@@ -80,14 +113,17 @@ def drift_block(t: dict) -> Table:
         rows.append([label, f"{r.a:.3f}", f"{r.b:.3f}", f"{r.delta:+.3f}{sig}", ci,
                      "" if kind else limit["drift"]])  # fmt: skip
     ta, tb, ratio, ci = gen["tokens"]
-    rows.append(["**reply tokens (mean)**", f"{ta:.1f}", f"{tb:.1f}", f"x{ratio:.2f}",
+    sig = " *" if ci[0] > 1 or ci[1] < 1 else ""
+    rows.append(["**reply tokens (mean)**", f"{ta:.1f}", f"{tb:.1f}", f"x{ratio:.2f}{sig}",
                  f"x{ci[0]:.2f} to x{ci[1]:.2f}", limit["tokens"]])  # fmt: skip
     sa, sb, delta, sci = gen["short"]
-    rows.append(["**replies under 10 words (%)**", pct(sa), pct(sb), signed(delta), interval(sci),
-                 limit["short"]])  # fmt: skip
+    sig = " *" if sci[0] > 0 or sci[1] < 0 else ""
+    rows.append(["**replies under 10 words (%)**", pct(sa), pct(sb), signed(delta) + sig,
+                 interval(sci), limit["short"]])  # fmt: skip
     r = gen["rouge_l"]
     if r is not None:
-        rows.append(["**ROUGE-L vs references (%)**", pct(r.a), pct(r.b), signed(r.delta),
+        sig = " *" if r.significant else ""
+        rows.append(["**ROUGE-L vs references (%)**", pct(r.a), pct(r.b), signed(r.delta) + sig,
                      interval(r.ci), limit["rouge_l"]])  # fmt: skip
     return Table(header, rows)
 
@@ -183,19 +219,24 @@ def forgetting_blocks(tables: list[dict], a: str = "base", b: str = "tuned") -> 
     blocks: list = []
     general = next((t for t in tables if t["suite"] == GENERAL), None)
     if general is not None:
-        blocks += [Heading("General knowledge (choice accuracy, %)", 3), table_block(general)]
+        blocks += [
+            Heading("General knowledge (choice accuracy, %)", 3),
+            *starred(table_block(general, limit=NO_DROP), SUITE_STAR),
+        ]
     else:
         blocks.append(Para("The general suite (choice) was not evaluated."))
     drift = [t for t in tables if t["metric"] == "drift"]
     for t in drift:
         blocks += [
             Heading(f"General behaviour: {t['suite']} (replies against the base model's)", 3),
-            drift_block(t),
             Para(
-                "Drift is the per-token NLL of the base model's own greedy replies under the "
-                "model, minus under the base: an estimate of KL(base || model) on general "
-                "requests. The replies whose drift grew most:"
+                "Drift is the per-token NLL (negative log-likelihood, in nats) of the base "
+                "model's own greedy replies under the model, minus under the base: an estimate "
+                "of KL(base || model) on general requests; 0 is no change, negative is the "
+                "tuned model finding those replies more likely than the base did."
             ),
+            *starred(drift_block(t), DRIFT_STAR),
+            Para("The replies whose drift grew most:") if t["generation"]["moved"] else None,
             moved_block(t, a, b),
         ]
     if not drift:
@@ -203,17 +244,12 @@ def forgetting_blocks(tables: list[dict], a: str = "base", b: str = "tuned") -> 
     return [x for x in blocks if x is not None]
 
 
-def cost_lines(run: dict, price_per_hour: float) -> tuple[list[list[str]], float]:
+def cost_lines(run: dict, price_per_hour: float, currency: str) -> tuple[list[list[str]], float]:
     tr, params = run["train"], run["params"]
     flops = training_flops(params["total"], params["trainable"], tr["tokens"])
-    eval_s = sum(
-        s.get("wall_s", 0) for k in ("eval_before", "eval_after") for s in run.get(k, {}).values()
-    )
     cost = device_cost(run["wall_s"], price_per_hour)
     rows = [
-        ["wall time, whole run", f"{run['wall_s']:.0f} s"],
         ["training", f"{tr['wall_s']:.0f} s, {tr['steps']} steps"],
-        ["evaluation (base and tuned)", f"{eval_s:.0f} s"],
         ["tokens trained on", f"{tr['tokens']:,} ({tr['trained_tokens']:,} supervised)"],
         ["throughput", f"{tr['tokens_per_s']:.0f} tokens/s"],
         ["estimated training FLOPs", f"{flops:.3g}"],
@@ -223,32 +259,40 @@ def cost_lines(run: dict, price_per_hour: float) -> tuple[list[list[str]], float
             f"{params['trainable']:,} of {params['total']:,} "
             f"({100 * params['trainable'] / params['total']:.2f}%)",
         ],
-        [f"cost at {price_per_hour:g} per device-hour", f"{cost:.4f}"],
+        [f"cost at {price_per_hour:g} {currency} per device-hour", f"{cost:.4f} {currency}"],
     ]
     return rows, cost
 
 
-def data_rows(run: dict) -> list[list[str]]:
-    d = run["data"]
-    dropped = ", ".join(f"{k}: {v}" for k, v in (d.get("dropped") or {}).items()) or "none"
+def time_blocks(run: dict) -> list:
+    """Where the wall time went, phase by phase (run.json's phases), or the evaluation total of
+    a run recorded before phases were kept."""
+    phases = run.get("phases")
+    if phases:
+        note = (
+            ""
+            if REPORT_PHASE in phases
+            else " The report's own writing is timed after this page was written: run.json "
+            "and the end-of-run print include it."
+        )
+        return [
+            Table(["phase", "seconds", "share"], phase_rows(phases, run["wall_s"]), "lrr"),
+            Para(
+                "Each phase is timed where the run performs it (recipe.py); what lies between "
+                f"them (imports, process setup, checks) is the time not accounted for.{note}"
+            ),
+        ]
+    eval_s = sum(
+        s.get("wall_s", 0) for k in ("eval_before", "eval_after") for s in run.get(k, {}).values()
+    )
     rows = [
-        ["rows read", f"{d['rows_in']:,}"],
-        ["rows trained on", f"{d['rows']:,}"],
-        ["validation rows", f"{d.get('validation_rows', 0):,}"],
-        [
-            "rows of held-out clusters (never trained on)",
-            "not recorded" if d.get("held_out") is None else f"{d['held_out']:,}",
-        ],
-        ["tokens", f"{d['tokens']:,} ({d['trained_tokens']:,} trained)"],
-        ["truncated rows", f"{d['truncated']:,}"],
-        ["dropped rows (reason: count)", dropped],
-        ["bad rows skipped", f"{d.get('skipped', 0):,}"],
+        ["wall time, whole run", f"{run['wall_s']:.0f} s"],
+        ["evaluation (base and tuned)", f"{eval_s:.0f} s"],
     ]
-    if run.get("packing_efficiency") is not None:
-        rows.append(["packing efficiency", f"{100 * run['packing_efficiency']:.1f}%"])
-    for name, n in (d.get("formats") or {}).items():
-        rows.append([f"source {name}", f"{n:,} rows (before validation and held-out splits)"])
-    return rows
+    return [
+        Table(["measure", "value"], rows, "lr"),
+        Para("This run was recorded before instill kept a phase breakdown in run.json."),
+    ]
 
 
 def objective_para(run: dict) -> Para | None:
@@ -273,8 +317,48 @@ def objective_para(run: dict) -> Para | None:
     return Para(" ".join(parts)) if parts else None
 
 
+def recipe_blocks(run_dir: Path, run: dict, recipe, why: str) -> list:
+    """The recipe that made the run, at the top: what a user would change to get another."""
+    if recipe is None:
+        return [Heading("Recipe"), Para(f"No recipe summary: {why}.")]
+    return [Heading("Recipe"), Table(["setting", "value"], recipe_rows(recipe, run), "ll")]
+
+
+def performance_blocks(run_dir: Path, tables: list[dict]) -> list:
+    """The task suites, base vs tuned (the forgetting guards have their own section)."""
+    blocks: list = [Heading("Performance")]
+    perf = plots.performance(run_dir, tables)
+    if perf:
+        blocks.append(Image(perf, "base vs tuned per suite and cluster, with 95% intervals"))
+    tasks = [t for t in tables if not is_guard(t)]
+    for t in tasks:
+        blocks += [
+            Heading(f"Suite {t['suite']} ({t['metric']}, %)", 3),
+            *starred(table_block(t), SUITE_STAR),
+            constraints_block(run_dir, t["suite"]),
+            examples_block(run_dir, t["suite"]),
+        ]
+    if not tasks:
+        blocks.append(Para("No task suite was evaluated both before and after tuning."))
+    return blocks
+
+
+def loss_para(run: dict) -> Para | None:
+    tr = run["train"]
+    if tr.get("first_loss") is None:
+        return None
+    text = f"Loss {tr['first_loss']:.4f} (first step) → {tr['final_loss']:.4f} (last step)"
+    if tr.get("final_val_loss") is not None:
+        text += f"; validation {tr['final_val_loss']:.4f}"
+    if run.get("base_val_loss") is not None:
+        text += f"; base model's validation loss {run['base_val_loss']:.4f}"
+    return Para(text + ".")
+
+
 def build_run_report(run_dir: Path, price_per_hour: float = 0.10) -> Document:
     run = load_run(run_dir)
+    recipe, why = read_recipe(run_dir)
+    currency = recipe.report.currency if recipe is not None else ReportConfig().currency
     tables = suite_tables(run_dir)
     holdout = set(run.get("holdout_clusters") or [])
     for summary in all_summaries(run_dir / "eval").values():
@@ -289,34 +373,25 @@ def build_run_report(run_dir: Path, price_per_hour: float = 0.10) -> Document:
             f"`{run_dir / RUN_RESULTS}/` (the run's own evaluation; later ones, in "
             f"`{EVALUATIONS}/`, are compared with instill compare RUN --eval NAME)."
         ),
+        *recipe_blocks(run_dir, run, recipe, why),
         objective_para(run),
         Heading("Claims and what the numbers say"),
         performance_verdict(tables),
         generalisation_verdict(tables),
         forgetting_verdict(tables),
     )
-    cost_table, cost = cost_lines(run, price_per_hour)
+    if any(t["metric"] == "drift" for t in tables):
+        doc.add(Para(DRIFT_TERMS))  # right below the first use of drift
+    cost_table, cost = cost_lines(run, price_per_hour, currency)
     doc.add(
         Para(
             f"**Time and cost:** {run['train']['wall_s']:.0f} s of training "
-            f"({run['wall_s']:.0f} s in all), cost {cost:.4f} at {price_per_hour:g} per "
-            "device-hour. What the pretrained start saved against training from scratch is "
-            "measured by instill experiment transfer."
+            f"({run['wall_s']:.0f} s in all), cost {cost:.4f} {currency} at {price_per_hour:g} "
+            f"{currency} per device-hour. What the pretrained start saved against training "
+            "from scratch is measured by instill experiment transfer."
         )
     )
-    doc.add(Heading("Performance"))
-    perf = plots.performance(run_dir, tables)
-    if perf:
-        doc.add(Image(perf, "base vs tuned per suite and cluster, with 95% intervals"))
-    for t in tables:
-        if t["metric"] == "drift":
-            continue  # under Forgetting
-        doc.add(Heading(f"Suite {t['suite']} ({t['metric']}, %)", 3), table_block(t))
-        doc.add(constraints_block(run_dir, t["suite"]))
-        doc.add(examples_block(run_dir, t["suite"]))
-    if not tables:
-        doc.add(Para("No suite was evaluated both before and after tuning."))
-    doc.add(Para("* the delta's 95% interval (paired bootstrap) excludes 0."))
+    doc.add(*performance_blocks(run_dir, tables))
     doc.add(*preference_block(run_dir))  # nothing unless the run measured held-out pairs
     doc.add(Heading("Generalisation: seen vs held-out clusters"))
     gen = plots.generalisation(run_dir, tables)
@@ -328,29 +403,22 @@ def build_run_report(run_dir: Path, price_per_hour: float = 0.10) -> Document:
     doc.add(Heading("Forgetting: general knowledge and general behaviour"))
     doc.add(*forgetting_blocks(tables))
     doc.add(*deployed_blocks(run_dir))
-    doc.add(Heading("Training time and cost"), Table(["measure", "value"], cost_table, "lr"))
+    doc.add(
+        Heading("Time and cost"), *time_blocks(run), Table(["measure", "value"], cost_table, "lr")
+    )
     doc.add(Heading("Training curves"))
     curve = plots.training_curves(run_dir)
     doc.add(Image(curve, "loss against step and tokens, and the learning rate") if curve else None)
-    if run["train"].get("first_loss") is not None:
-        tr = run["train"]
-        doc.add(
-            Para(
-                f"Loss {tr['first_loss']:.4f} (first step) → {tr['final_loss']:.4f} (last step)"
-                + (
-                    f"; validation {tr['final_val_loss']:.4f}"
-                    if tr.get("final_val_loss") is not None
-                    else ""
-                )
-                + (
-                    f"; base model's validation loss {run['base_val_loss']:.4f}"
-                    if run.get("base_val_loss") is not None
-                    else ""
-                )
-                + "."
-            )
-        )
-    doc.add(Heading("Data"), Table(["measure", "value"], data_rows(run), "lr"))
+    doc.add(loss_para(run))
+    d = run["data"]
+    doc.add(
+        Heading("Data"),
+        Table(["rows", "count"], data_flow(d), "lr"),
+        Para(
+            "Read top to bottom: each + or - row moves the count, each = row is the count so far."
+        ),
+        Table(["measure", "value"], data_notes(d, run.get("packing_efficiency")), "lr"),
+    )
     return doc
 
 
