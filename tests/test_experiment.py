@@ -1,4 +1,5 @@
-"""The transfer experiment's plan: two trainings that differ only in the starting weights."""
+"""The transfer experiment's plan: two trainings that differ only in the starting weights (and
+what that forces), and the recipe as shipped beside them when it trains on other rows."""
 
 from __future__ import annotations
 
@@ -14,40 +15,56 @@ from instill.jsonl import read_jsonl
 RECIPES = Path(__file__).resolve().parent.parent / "src" / "instill" / "recipes"
 
 
-def test_scratch_differs_only_in_its_start(tmp_path):
+def test_the_two_starts_train_the_same_rows_and_steps(tmp_path):
+    """Issue 29: the quickstart replays the base model's replies (data.replay: 0.1), which random
+    weights cannot give; the pretrained start is compared without them, on the scratch run's
+    rows, and the recipe as shipped runs as a third training beside the comparison."""
     recipe = load_recipe(RECIPES / "quickstart.yaml", [f"train.output_dir={tmp_path}"])
-    folder, pre, scratch, notes = plan(recipe, max_steps=12)
-    assert folder == tmp_path / "quickstart-transfer"
+    assert recipe.data.replay.fraction == 0.1
+    p = plan(recipe, max_steps=12)
+    assert p.folder == tmp_path / "quickstart-transfer"
+    pre, scratch, shipped = p.pretrained, p.scratch, p.shipped
     assert pre.model.init == "pretrained" and scratch.model.init == "scratch"
     assert scratch.adapter.method == "full" and pre.adapter == recipe.adapter
     assert not scratch.eval.before and pre.eval.before
-    for r in (pre, scratch):
-        assert r.train.max_steps == 12 and r.train.output_dir == str(folder)
+    for r in (pre, scratch, shipped):
+        assert r.train.max_steps == 12 and r.train.output_dir == str(p.folder)
         assert r.data.validation == 0.1 and r.train.eval_every == 1
-    same = lambda r: (  # noqa: E731
-        r.data.model_copy(update={"replay": None}),
-        r.train,
-        r.eval.holdout_clusters,
-    )
-    assert same(pre) == same(scratch)
-    assert pre.data.replay == recipe.data.replay and scratch.data.replay is None
+    # like for like: the same data section (rows, replay none), the same training settings
+    assert pre.data == scratch.data and pre.data.replay is None
+    assert pre.train == scratch.train and pre.train.kl_to_base == 0.0
+    assert pre.eval.holdout_clusters == scratch.eval.holdout_clusters
     # drift suites measure a model against its own base: random weights have none to keep
     assert "general_gen" in pre.eval.suites
     assert scratch.eval.suites == [s for s in pre.eval.suites if s != "general_gen"]
-    assert any("data.validation=0.1" in n for n in notes)
+    # the recipe as shipped: its replay kept, its untuned scores are the pretrained run's
+    assert shipped.name == "shipped" and shipped.data.replay == recipe.data.replay
+    assert shipped.adapter == recipe.adapter and shipped.eval.suites == recipe.eval.suites
+    assert not shipped.eval.before
+    assert shipped.data.model_copy(update={"replay": None}) == pre.data
+    assert any("data.validation=0.1" in n for n in p.notes)
+    assert any("data.replay" in n and "shipped" in n for n in p.notes)
 
 
-def test_scratch_keeps_no_replay_and_no_kl(tmp_path):
+def test_a_recipe_without_replay_needs_no_third_training(tmp_path):
+    recipe = load_recipe(
+        RECIPES / "quickstart.yaml", [f"train.output_dir={tmp_path}", "data.replay=null"]
+    )
+    p = plan(recipe, max_steps=12)
+    assert p.shipped is None and p.pretrained.data == p.scratch.data
+    assert [r.name for r in p.runs] == ["pretrained", "scratch"]
+
+
+def test_kl_to_base_is_left_to_the_shipped_run(tmp_path):
     recipe = load_recipe(
         RECIPES / "quickstart.yaml",
         [f"train.output_dir={tmp_path}", "data.replay=0.1", "train.kl_to_base=0.5"],
     )
-    _, pre, scratch, _ = plan(recipe, max_steps=12)
-    assert pre.data.replay.fraction == 0.1 and pre.train.kl_to_base == 0.5
-    assert scratch.data.replay is None and scratch.train.kl_to_base == 0.0
-    assert scratch.data.model_copy(update={"replay": None}) == pre.data.model_copy(
-        update={"replay": None}
-    )
+    p = plan(recipe, max_steps=12)
+    assert p.pretrained.data.replay is None and p.pretrained.train.kl_to_base == 0.0
+    assert p.scratch.data.replay is None and p.scratch.train.kl_to_base == 0.0
+    assert p.shipped.data.replay.fraction == 0.1 and p.shipped.train.kl_to_base == 0.5
+    assert [r.name for r in p.runs] == ["pretrained", "scratch", "shipped"]
 
 
 def test_a_four_bit_base_cannot_be_compared_with_scratch(tmp_path):
@@ -61,9 +78,9 @@ def test_a_four_bit_base_cannot_be_compared_with_scratch(tmp_path):
 def test_scratch_trains_every_weight_even_when_the_recipe_freezes_some(tmp_path):
     recipe = load_recipe(RECIPES / "full.yaml", [f"train.output_dir={tmp_path}"])
     assert recipe.adapter.freeze == ["embed_tokens"]
-    _, pre, scratch, notes = plan(recipe, max_steps=12)
-    assert pre.adapter.freeze == ["embed_tokens"] and scratch.adapter.freeze == []
-    assert any("adapter.freeze ['embed_tokens'] dropped" in n for n in notes)
+    p = plan(recipe, max_steps=12)
+    assert p.pretrained.adapter.freeze == ["embed_tokens"] and p.scratch.adapter.freeze == []
+    assert any("adapter.freeze ['embed_tokens'] dropped" in n for n in p.notes)
 
 
 def _transfer_recipe(tiny_recipe, out):
@@ -96,7 +113,7 @@ def test_transfer_runs_both_starts_and_writes_the_report(tiny_recipe, tiny_dir, 
     original = load_file(next(Path(tiny_dir).glob("*.safetensors")))[key]
     pretrained = load_file(folder / "pretrained" / "final" / "model.safetensors")[key]
     assert (pretrained == original).all()  # frozen, as full.yaml says
-    _, _, scratch, _ = plan(recipe, max_steps=4)
+    scratch = plan(recipe, max_steps=4).scratch
     start = load_model(scratch.model, seed=scratch.train.seed).model.state_dict()[key]
     tuned = load_file(folder / "scratch" / "final" / "model.safetensors")[key]
     assert tuned.shape == start.shape and not (tuned == start).all()  # trained
