@@ -117,6 +117,13 @@ def test_transfer_runs_both_starts_and_writes_the_report(tiny_recipe, tiny_dir, 
     start = load_model(scratch.model, seed=scratch.train.seed).model.state_dict()[key]
     tuned = load_file(folder / "scratch" / "final" / "model.safetensors")[key]
     assert tuned.shape == start.shape and not (tuned == start).all()  # trained
+    # the report opens with what the two runs' records say differed, and what did not
+    first = (folder / "report.md").read_text().split("\n\n")[1]
+    assert "frozen modules: embed_tokens vs none" in first
+    assert "model.init pretrained vs scratch" in first
+    assert "adapter.freeze [embed_tokens] vs []" in first
+    assert "steps 4;" in first and " steps 4 vs" not in first
+    assert not (folder / "shipped").exists()  # full.yaml has no replay: no third training
     with pytest.raises(InstillError, match="pass --resume to continue it or --overwrite"):
         transfer(recipe, max_steps=4)
 

@@ -526,7 +526,7 @@ def report(
     run: Path = typer.Argument(..., help="A run directory (runs/<name>)."),
     price_per_hour: float = typer.Option(
         None,
-        help="Price of a device-hour for the cost estimate, in your currency (default: the "
+        help="Price of a device-hour for the cost estimate, in US dollars (USD) (default: the "
         f"run's report.price_per_hour, else {default(ReportConfig, 'price_per_hour')}).",
     ),
 ) -> None:

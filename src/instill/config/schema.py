@@ -478,8 +478,8 @@ class ReportConfig(_Section):
     price_per_hour: float = Field(
         0.10,
         ge=0,
-        description="Price of one device-hour (this machine, a GPU, ...) for the report's cost "
-        "estimate, in your currency.",
+        description="Price of one device-hour (this machine, a GPU, ...) in US dollars (USD), "
+        "for the reports' cost estimates.",
     )
 
 

@@ -19,6 +19,7 @@ from instill.eval.results import (
 )
 from instill.report import plots
 from instill.report.claims import (
+    CURRENCY,
     GENERAL,
     device_cost,
     forgetting_verdict,
@@ -223,7 +224,7 @@ def cost_lines(run: dict, price_per_hour: float) -> tuple[list[list[str]], float
             f"{params['trainable']:,} of {params['total']:,} "
             f"({100 * params['trainable'] / params['total']:.2f}%)",
         ],
-        [f"cost at {price_per_hour:g} per device-hour", f"{cost:.4f}"],
+        [f"cost at {price_per_hour:g} {CURRENCY} per device-hour", f"{cost:.4f} {CURRENCY}"],
     ]
     return rows, cost
 
@@ -299,9 +300,9 @@ def build_run_report(run_dir: Path, price_per_hour: float = 0.10) -> Document:
     doc.add(
         Para(
             f"**Time and cost:** {run['train']['wall_s']:.0f} s of training "
-            f"({run['wall_s']:.0f} s in all), cost {cost:.4f} at {price_per_hour:g} per "
-            "device-hour. What the pretrained start saved against training from scratch is "
-            "measured by instill experiment transfer."
+            f"({run['wall_s']:.0f} s in all), cost {cost:.4f} {CURRENCY} at {price_per_hour:g} "
+            f"{CURRENCY} per device-hour. What the pretrained start saved against training "
+            "from scratch is measured by instill experiment transfer."
         )
     )
     doc.add(Heading("Performance"))
