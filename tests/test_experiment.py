@@ -46,6 +46,23 @@ def test_the_two_starts_train_the_same_rows_and_steps(tmp_path):
     assert any("data.replay" in n and "shipped" in n for n in p.notes)
 
 
+def test_on_the_quickstart_the_starts_differ_only_where_random_weights_force_it(tmp_path):
+    """The settings the transfer report will name as different (report/arms.py reads the
+    same resolved config back): the start, the adapter, the drift suite and the untuned
+    evaluation; no data or training setting."""
+    from instill.report.arms import flatten
+
+    recipe = load_recipe(RECIPES / "quickstart.yaml", [f"train.output_dir={tmp_path}"])
+    p = plan(recipe)
+    a, b = (flatten(r.model_dump(mode="json")) for r in (p.pretrained, p.scratch))
+    assert set(a) == set(b)
+    assert {k for k in a if a[k] != b[k]} == {
+        "name", "model.init", "adapter.method", "eval.before", "eval.suites",
+    }  # fmt: skip
+    c = flatten(p.shipped.model_dump(mode="json"))
+    assert {k for k in a if a[k] != c[k]} == {"name", "data.replay", "eval.before"}
+
+
 def test_a_recipe_without_replay_needs_no_third_training(tmp_path):
     recipe = load_recipe(
         RECIPES / "quickstart.yaml", [f"train.output_dir={tmp_path}", "data.replay=null"]

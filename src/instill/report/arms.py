@@ -68,12 +68,12 @@ def record_figures(run_dir: Path) -> list[tuple[str, object]]:
     ]
 
 
-def _flatten(data: dict, prefix: str = "") -> dict[str, object]:
+def flatten(data: dict, prefix: str = "") -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value and prefix.count(".") < 1:
-            out.update(_flatten(value, f"{name}."))  # sections; a setting's own dict stays one
+            out.update(flatten(value, f"{name}."))  # sections; a setting's own dict stays one
         else:
             out[name] = value
     return out
@@ -82,7 +82,7 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, object]:
 def config_settings(run_dir: Path, flat: bool = True) -> dict:
     """The run's resolved config, read through the typed schema: {dotted key: value}."""
     config = load_recipe(run_dir / "config.yaml").model_dump(mode="json")
-    return _flatten(config) if flat else config
+    return flatten(config) if flat else config
 
 
 def show(value: object) -> str:
