@@ -84,6 +84,28 @@ def test_kl_to_base_is_left_to_the_shipped_run(tmp_path):
     assert [r.name for r in p.runs] == ["pretrained", "scratch", "shipped"]
 
 
+def test_resume_refuses_a_finished_training_planned_otherwise(tmp_path, monkeypatch):
+    """An experiment begun before issue 29's change holds a pretrained run trained with replay;
+    --resume must not keep it as the like-for-like arm."""
+    import yaml
+
+    from instill.experiment import transfer
+
+    def trains(*a, **k):
+        raise AssertionError("a training started")
+
+    monkeypatch.setattr("instill.recipe.run_recipe", trains)
+    recipe = load_recipe(RECIPES / "quickstart.yaml", [f"train.output_dir={tmp_path}"])
+    p = plan(recipe, max_steps=12)
+    old = p.shipped.model_copy(update={"name": "pretrained", "eval": p.pretrained.eval})
+    run = p.folder / "pretrained"
+    (run / "final").mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    (run / "config.yaml").write_text(yaml.safe_dump(old.model_dump(mode="json")))
+    with pytest.raises(InstillError, match=r"pretrained: trained with other settings.*replay"):
+        transfer(recipe, max_steps=12, resume=True)
+
+
 def test_a_four_bit_base_cannot_be_compared_with_scratch(tmp_path):
     recipe = load_recipe(
         RECIPES / "quickstart.yaml", [f"train.output_dir={tmp_path}", "model.quantize=4bit"]

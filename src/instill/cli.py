@@ -553,17 +553,19 @@ def experiment_transfer(
     overrides: list[str] = OVERRIDES,
     max_steps: int = typer.Option(
         None,
-        help="Optimiser steps of both starts, the budget (default: the recipe's train.max_steps, "
-        "else its epochs).",
+        help="Optimiser steps of every training, the budget (default: the recipe's "
+        "train.max_steps, else its epochs).",
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing experiment folder."),
     resume: bool = typer.Option(
         False, help="Continue an interrupted experiment: finished trainings are kept."
     ),
 ) -> None:
-    """Run a recipe three ways (pretrained tuned, scratch tuned, pretrained untuned) and write
-    one report on what the pretrained start bought: answers, training time, generalisation,
-    cost. Results go to <train.output_dir>/<name>-transfer/."""
+    """Run a recipe three ways (pretrained tuned, scratch tuned, pretrained untuned; both
+    starts on the same rows and steps, so without replay) and write one report on what the
+    pretrained start bought: answers, training time, generalisation, cost. A recipe with
+    replay also runs as written, a fourth column. Results go to
+    <train.output_dir>/<name>-transfer/."""
     from instill.experiment import transfer
 
     loaded = load_recipe(recipe_path(recipe), overrides or [])

@@ -116,6 +116,26 @@ def plan(recipe: Recipe, max_steps: int | None = None) -> Plan:
     return Plan(folder, pretrained, scratch, shipped, notes)
 
 
+def _finished_as_planned(run_dir: Path, r: Recipe) -> bool:
+    """Whether `run_dir` holds a finished training of `r`, which --resume keeps. One trained
+    with other settings (begun by an older instill, or with other overrides) is an error: kept,
+    it would sit in the comparison as if it were the planned run."""
+    if not ((run_dir / "final").exists() and (run_dir / "run.json").is_file()):
+        return False
+    from instill.report.arms import NOT_SETTINGS, config_settings, flatten
+
+    had, want = config_settings(run_dir), flatten(r.model_dump(mode="json"))
+    changed = sorted(
+        k for k in set(had) | set(want) if k not in NOT_SETTINGS and had.get(k) != want.get(k)
+    )
+    if changed:
+        raise InstillError(
+            f"{run_dir}: trained with other settings than this experiment plans "
+            f"({', '.join(changed)}); pass --overwrite to run the experiment again"
+        )
+    return True
+
+
 def transfer(
     recipe: Recipe,
     *,
@@ -143,7 +163,7 @@ def transfer(
     for i, r in enumerate(p.runs, 1):
         label, what = f"{i}/{len(p.runs)}", WHAT[r.name]
         run_dir = folder / r.name
-        if resume and (run_dir / "final").exists() and (run_dir / "run.json").is_file():
+        if resume and _finished_as_planned(run_dir, r):
             console.print(f"[bold]{label}[/bold] {what}: finished before, kept")
             continue
         console.print(f"[bold]{label}[/bold] {what}")
