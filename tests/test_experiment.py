@@ -193,3 +193,56 @@ def test_interrupted_transfer_stops_and_resumes(tiny_recipe, tmp_path, monkeypat
         assert (folder / run / "final" / ".complete").is_file()
     steps = [r["step"] for r in read_jsonl(folder / "pretrained" / "metrics.jsonl") if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 4  # continued, not restarted twice
+
+
+def test_a_recipe_with_replay_runs_as_shipped_beside_the_comparison(
+    tiny_recipe, tokenizer, tmp_path, monkeypatch
+):
+    """The tiny model through the whole experiment with replay: the two starts train the same
+    rows, the recipe as written trains its replay rows as a third run, and the report names
+    the difference and shows the fourth column."""
+    import json
+
+    from instill.experiment import transfer
+    from instill.infer.generate import Generation
+
+    monkeypatch.setenv("INSTILL_HOME", str(tmp_path / "home"))
+    # the random tiny model only writes newlines, which make no replay row (as test_drift.py)
+    words = tokenizer("A reply of a few words.", add_special_tokens=False)["input_ids"]
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def fixed(model, tok, convs, *a, **k):
+        return [Generation("A reply of a few words.", 1, len(words), "stop", (*words, eot))
+                for _ in convs]  # fmt: skip
+
+    monkeypatch.setattr("instill.infer.generate", fixed)
+    recipe = tiny_recipe(
+        tmp_path,
+        "data.builtin.train_per_family=8",
+        "data.replay.fraction=0.2",
+        "data.replay.max_new_tokens=6",
+        "train.batch_size=4",
+        "train.save_every=null",
+        "eval.suites=[builtin, general_gen]",
+        "eval.general_gen_per_kind=1",
+        "eval.gen_max_new_tokens=5",
+        "eval.max_new_tokens=2",
+        "eval.holdout_clusters=[]",
+    )
+    assert transfer(recipe, max_steps=3).is_file()
+    folder = tmp_path / "quickstart-transfer"
+    stats = {
+        n: json.loads((folder / n / "data_stats.json").read_text())
+        for n in ("pretrained", "scratch", "shipped")
+    }
+    assert stats["pretrained"] == stats["scratch"] and stats["pretrained"]["replay_rows"] == 0
+    replayed = stats["shipped"]["replay_rows"]
+    assert replayed > 0
+    assert not (folder / "shipped" / "eval" / "base-builtin.json").exists()
+    md = (folder / "report.md").read_text()
+    first = md.split("\n\n")[1]
+    assert "The recipe as shipped (its own column) differed from the pretrained run in:" in first
+    assert f"replay rows {replayed} vs 0" in first
+    assert "training rows" not in first.split("The recipe as shipped")[0].split("The same")[0]
+    assert "| suite | pretrained, untuned | scratch, tuned | pretrained, tuned | " in md
+    assert "Forgetting: pretrained-tuned as shipped before and after tuning" in md
