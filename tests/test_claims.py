@@ -53,7 +53,7 @@ def test_run_and_transfer_reports_judge_answers_by_the_same_rule():
 def test_transfer_costs_price_training_time_with_the_one_definition():
     run = {
         "wall_s": 900.0,  # the whole run, evaluation included: not what the starts differ in
-        "train": {"wall_s": 360.0, "tokens": 1000, "peak_mem_mb": 10.0},
+        "train": {"wall_s": 360.0, "tokens": 1000, "steps": 5, "peak_mem_mb": 10.0},
         "params": {"total": 100, "trainable": 10},
     }
     costs = training_costs(run, 2.0)
@@ -66,7 +66,33 @@ def test_transfer_costs_price_training_time_with_the_one_definition():
     saved = {"pretrained_reached": (1, 10, 36.0, 1.0), "scratch_best": (5, 50, 180.0, 1.0)}
     claim = transfer_cost_claim(costs, cheap, saved, 2.0)
     assert claim.supported is True
-    assert f"{device_cost(36.0, 2.0):.4f} from the pretrained start" in claim.text
+    assert f"{device_cost(36.0, 2.0):.4f} USD from the pretrained start" in claim.text
+
+
+def test_transfer_cost_states_its_basis_and_currency():
+    """Issue 29: 376 s against 388 s compared the cost of unequal work (92 steps against 83).
+    Equal work is said to be equal; unequal work is compared per million training tokens."""
+
+    def costs(seconds, tokens, steps, trainable=10):
+        run = {
+            "wall_s": 1.0,
+            "train": {"wall_s": seconds, "tokens": tokens, "steps": steps, "peak_mem_mb": 1.0},
+            "params": {"total": 100, "trainable": trainable},
+        }
+        return training_costs(run, 3.6)
+
+    assert costs(360.0, 1000, 5)["cost_per_mtok"] == pytest.approx(0.36 / 1000 * 1e6)
+    equal = transfer_cost_claim(costs(100.0, 1000, 5), costs(200.0, 1000, 5, 100), None, 3.6)
+    assert equal.supported is True
+    assert "equal work (5 steps, 1,000 training tokens each)" in equal.text
+    assert "0.1000 USD (pretrained start" in equal.text and "3.6 USD per device-hour" in equal.text
+    # the pretrained start trained twice the tokens: more in all, less per token
+    unequal = transfer_cost_claim(costs(300.0, 2000, 10), costs(200.0, 1000, 5, 100), None, 3.6)
+    assert "unequal work (10 steps, 2,000 training tokens vs 5 steps, 1,000)" in unequal.text
+    assert "per million training tokens: 150.0000 USD vs 200.0000 USD" in unequal.text
+    assert unequal.supported is True
+    worse = transfer_cost_claim(costs(300.0, 2000, 10, 100), costs(100.0, 1000, 5), None, 3.6)
+    assert worse.supported is False
 
 
 def test_training_claim_states_what_was_saved():

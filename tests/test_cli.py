@@ -272,7 +272,7 @@ def test_option_helps_name_values_defaults_and_units():
     assert "default:" in helps["export", "min_agreement"]
     assert (
         "default:" in helps["report", "price_per_hour"]
-        and "currency" in helps["report", "price_per_hour"]
+        and "USD" in helps["report", "price_per_hour"]
     )
     inspect = root.commands["data"].commands["inspect"]
     assert "tokens" in next(p.help for p in inspect.params if p.name == "max_length")

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from instill.eval.metrics import bootstrap_ci
 from instill.report import training_curves, write_run_report
@@ -128,6 +129,126 @@ def test_transfer_report_counts_the_steps_saved(run, tmp_path):
     assert page.read_text().count("data:image/png;base64,") >= 3
     for claim in ("1. Tuning a pretrained", "2. It takes less", "3. It generalises", "4. It costs"):
         assert claim in text
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def _edit_yaml(path: Path, edit) -> None:
+    data = yaml.safe_load(path.read_text())
+    edit(data)
+    path.write_text(yaml.safe_dump(data))
+
+
+def _two_starts(run, folder: Path) -> tuple[Path, Path]:
+    """The recorded run as both starts of a transfer experiment (the scratch start has no
+    untuned results), recorded with every data figure today's runs write."""
+    pre = Path(shutil.copytree(run, folder / "pretrained"))
+    scratch = Path(shutil.copytree(run, folder / "scratch"))
+    for p in (scratch / "eval").glob("base-*"):
+        p.unlink()
+    for r in (pre, scratch):
+        _edit_json(r / "data_stats.json", lambda d: d.update(replay_rows=0, replay_tokens=0))
+        _edit_json(r / "run.json", lambda d: d["data"].update(replay_rows=0, replay_tokens=0))
+    return pre, scratch
+
+
+def _replayed(run_dir: Path, rows: int = 9, steps: int = 7) -> None:
+    """As if the run had replayed `rows` rows of the base model's replies."""
+
+    def more(d):
+        d.update(rows=d["rows"] + rows, tokens=d["tokens"] + 910, replay_rows=rows)
+        d.update(replay_tokens=910)
+
+    _edit_json(run_dir / "data_stats.json", more)
+    _edit_json(run_dir / "run.json", lambda r: (more(r["data"]), r["train"].update(steps=steps)))
+    _edit_yaml(run_dir / "config.yaml", lambda c: c["data"].update(replay={"fraction": 0.1}))
+
+
+def _first_paragraph(md: str) -> str:
+    return md.split("\n\n")[1]
+
+
+def test_transfer_report_names_every_setting_that_differed(run, tmp_path):
+    """Issue 29: the report said the scratch model was tuned 'with the same data, steps, batch
+    and learning rate' while the pretrained run had replayed rows and trained more steps. Its
+    first paragraph now lists what differed, read from the two runs' records."""
+    folder = tmp_path / "exp-transfer"
+    pre, scratch = _two_starts(run, folder)
+    _replayed(pre)
+    total = json.loads((run / "run.json").read_text())["params"]["total"]
+
+    def scratch_run(r):
+        r["params"]["trainable"] = total
+        r["eval_after"].pop("general")
+        r["eval_before"] = {}
+
+    _edit_json(scratch / "run.json", scratch_run)
+    for p in (scratch / "eval").glob("general.*"):
+        p.unlink()
+
+    def scratch_config(c):
+        c["model"]["init"] = "scratch"
+        c["adapter"]["method"] = "full"
+        c["eval"].update(before=False, suites=["builtin", "data"])
+
+    _edit_yaml(scratch / "config.yaml", scratch_config)
+    write_transfer_report(folder)
+    md = (folder / "report.md").read_text()
+    first = _first_paragraph(md)
+    for named in (
+        "training rows 94 vs 85",
+        "replay rows 9 vs 0",
+        "data tokens 6,000 vs 5,090",
+        "steps 7 vs 6",
+        f"trainable parameters 4,884,480 vs {total:,}",
+        "frozen modules: every base weight (only the LoRA adapters train) vs none",
+        "suites evaluated after tuning: builtin, data, general vs builtin, data",
+        "suites evaluated before tuning: builtin, data, general vs none",
+        "model.init pretrained vs scratch",
+        "adapter.method lora vs full",
+        "data.replay {fraction: 0.1, max_new_tokens: 64, prompts: null} vs null",
+        "eval.before true vs false",
+    ):
+        assert named in first, (named, first)
+    assert "supervised tokens 537" in first  # the same in both, and said so
+    assert "same data" not in md  # no sentence written in advance
+
+
+def test_transfer_report_of_like_runs_names_no_difference(run, tmp_path):
+    folder = tmp_path / "exp-transfer"
+    _two_starts(run, folder)
+    write_transfer_report(folder)
+    first = _first_paragraph((folder / "report.md").read_text())
+    assert "differed in nothing" in first and " vs " not in first
+    assert "training rows 85" in first and "steps 6" in first
+
+
+def test_transfer_report_shows_the_recipe_as_shipped_beside_the_comparison(run, tmp_path):
+    """A recipe with replay: the comparison is pretrained vs scratch on the same rows, and the
+    recipe as shipped (its replay rows, more steps) is a fourth column, its differences from
+    the pretrained run named."""
+    folder = tmp_path / "exp-transfer"
+    pre, _ = _two_starts(run, folder)
+    shipped = Path(shutil.copytree(pre, folder / "shipped"))
+    for p in (shipped / "eval").glob("base-*"):
+        p.unlink()
+    _replayed(shipped, rows=9, steps=7)
+    write_transfer_report(folder)
+    md = (folder / "report.md").read_text()
+    first = _first_paragraph(md)
+    assert "The pretrained and the scratch run differed in nothing" in first
+    assert "The recipe as shipped (its own column) differed from the pretrained run in" in first
+    assert "replay rows 9 vs 0" in first and "steps 7 vs 6" in first
+    assert (
+        "| suite | pretrained, untuned | scratch, tuned | pretrained, tuned | "
+        "pretrained, tuned as shipped |"
+    ) in md
+    rec = json.loads((shipped / "run.json").read_text())
+    assert f"| pretrained, tuned as shipped | {rec['train']['wall_s']:.0f} | 7 |" in md
 
 
 def test_report_of_a_directory_without_a_run_is_a_clear_error(tmp_path):

@@ -537,8 +537,9 @@ def report(
     run: Path = typer.Argument(..., help="A run directory (runs/<name>)."),
     price_per_hour: float = typer.Option(
         None,
-        help="Price of a device-hour for the cost estimate, in your currency (default: the "
-        f"run's report.price_per_hour, else {default(ReportConfig, 'price_per_hour')}).",
+        help="Price of a device-hour for the cost estimate, in the run's report.currency "
+        f"(default USD) (default: the run's report.price_per_hour, else "
+        f"{default(ReportConfig, 'price_per_hour')}).",
     ),
 ) -> None:
     """Write report.md and a self-contained report.html (with PNG plots) for a finished run."""
@@ -564,17 +565,19 @@ def experiment_transfer(
     overrides: list[str] = OVERRIDES,
     max_steps: int = typer.Option(
         None,
-        help="Optimiser steps of both starts, the budget (default: the recipe's train.max_steps, "
-        "else its epochs).",
+        help="Optimiser steps of every training, the budget (default: the recipe's "
+        "train.max_steps, else its epochs).",
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing experiment folder."),
     resume: bool = typer.Option(
         False, help="Continue an interrupted experiment: finished trainings are kept."
     ),
 ) -> None:
-    """Run a recipe three ways (pretrained tuned, scratch tuned, pretrained untuned) and write
-    one report on what the pretrained start bought: answers, training time, generalisation,
-    cost. Results go to <train.output_dir>/<name>-transfer/."""
+    """Run a recipe three ways (pretrained tuned, scratch tuned, pretrained untuned; both
+    starts on the same rows and steps, so without replay) and write one report on what the
+    pretrained start bought: answers, training time, generalisation, cost. A recipe with
+    replay also runs as written, a fourth column. Results go to
+    <train.output_dir>/<name>-transfer/."""
     from instill.experiment import transfer
 
     loaded = load_recipe(recipe_path(recipe), overrides or [])

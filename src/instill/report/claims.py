@@ -44,9 +44,9 @@ def training_flops(params_total: int, params_trainable: int, tokens: int) -> flo
 
 
 def device_cost(seconds: float, price_per_hour: float) -> float:
-    """The one definition of cost: device time, in hours, times the price of a device-hour. The
-    run report prices a whole run (its wall time, evaluation included); the transfer report
-    prices each start's training, the part in which the two starts differ."""
+    """The one definition of cost: device time, in hours, times the price of a device-hour (in
+    report.currency). The run report prices a whole run (its wall time, evaluation included); the
+    transfer report prices each start's training, the part in which the two starts differ."""
     return seconds / 3600 * price_per_hour
 
 
@@ -265,37 +265,57 @@ def transfer_generalisation_claim(held: list[str], vs_untuned: dict, vs_scratch:
 
 
 def training_costs(run: dict, price_per_hour: float) -> dict:
-    """One start's training: seconds, tokens, estimated FLOPs, cost (device_cost of the
-    training time) and peak memory, from its run.json."""
+    """One start's training: seconds, steps, tokens, estimated FLOPs, cost (device_cost of the
+    training time, in report.currency) in all and per million training tokens, and peak memory, from
+    its run.json."""
     tr, p = run["train"], run["params"]
+    cost = device_cost(tr["wall_s"], price_per_hour)
     return {
         "train_s": tr["wall_s"],
+        "steps": tr["steps"],
         "tokens": tr["tokens"],
         "flops": training_flops(p["total"], p["trainable"], tr["tokens"]),
-        "cost": device_cost(tr["wall_s"], price_per_hour),
+        "cost": cost,
+        "cost_per_mtok": cost / tr["tokens"] * 1e6 if tr["tokens"] else None,
         "peak_mb": tr["peak_mem_mb"],
     }
 
 
+def _work(c: dict) -> str:
+    return f"{c['steps']} steps, {c['tokens']:,} training tokens"
+
+
 def transfer_cost_claim(
-    pre: dict, scratch: dict, saved: dict | None, price_per_hour: float
+    pre: dict, scratch: dict, saved: dict | None, price_per_hour: float, currency: str = "USD"
 ) -> Verdict:
     """4. It costs less: fewer training FLOPs, or (when the pretrained start reached the scratch
     model's best validation loss) less training time to get there. `pre` and `scratch` are
-    training_costs."""
-    text = (
-        f"training cost {pre['cost']:.4f} (pretrained start, {pre['train_s']:.0f} s, "
-        f"{pre['flops']:.3g} FLOPs) vs {scratch['cost']:.4f} (scratch, "
-        f"{scratch['train_s']:.0f} s, {scratch['flops']:.3g} FLOPs) at {price_per_hour:g} per "
-        "device-hour"
-    )
-    cheaper = pre["flops"] < scratch["flops"]
+    training_costs. Equal work (the same steps and training tokens) is compared in all; unequal
+    work per million training tokens, and the text says which basis it used."""
+    price = f"{price_per_hour:g} {currency} per device-hour"
+    if (pre["steps"], pre["tokens"]) == (scratch["steps"], scratch["tokens"]):
+        text = (
+            f"equal work ({_work(pre)} each): training cost {pre['cost']:.4f} {currency} "
+            f"(pretrained start, {pre['train_s']:.0f} s, {pre['flops']:.3g} FLOPs) vs "
+            f"{scratch['cost']:.4f} {currency} (scratch, {scratch['train_s']:.0f} s, "
+            f"{scratch['flops']:.3g} FLOPs) at {price}"
+        )
+        cheaper = pre["flops"] < scratch["flops"]
+    else:
+        text = (
+            f"unequal work ({_work(pre)} vs {scratch['steps']} steps, {scratch['tokens']:,}), "
+            f"so compared per million training tokens: {pre['cost_per_mtok']:.4f} {currency} "
+            f"vs {scratch['cost_per_mtok']:.4f} {currency} at {price} (pretrained start "
+            f"{pre['train_s']:.0f} s, {pre['flops'] / pre['tokens']:.3g} FLOPs a token; scratch "
+            f"{scratch['train_s']:.0f} s, {scratch['flops'] / scratch['tokens']:.3g})"
+        )
+        cheaper = pre["flops"] / pre["tokens"] < scratch["flops"] / scratch["tokens"]
     if saved and saved["pretrained_reached"] is not None:
         reached, best = saved["pretrained_reached"][2], saved["scratch_best"][2]
         text += (
             "; reaching the scratch model's best validation loss cost "
-            f"{device_cost(reached, price_per_hour):.4f} from the pretrained start vs "
-            f"{device_cost(best, price_per_hour):.4f} from scratch"
+            f"{device_cost(reached, price_per_hour):.4f} {currency} from the pretrained start "
+            f"vs {device_cost(best, price_per_hour):.4f} {currency} from scratch"
         )
         cheaper = reached < best
     return Verdict("4. It costs less", cheaper, text + ".")

@@ -1,6 +1,8 @@
 """The transfer experiment's report: pretrained+tuned vs scratch+tuned vs pretrained untuned,
 answering the four claims (better answers, less training, generalisation, cost) with a number
-and a plot each, and saying plainly when a number does not support its claim."""
+and a plot each, and saying plainly when a number does not support its claim. It opens with
+what differed between the runs, from their records (report/arms.py); the recipe as shipped,
+when the experiment ran it (experiment.py), is a fourth column beside the claims."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from instill.atomic import writing
 from instill.eval.compare import Side, compare_suite
 from instill.eval.results import result_stems
 from instill.report import plots
+from instill.report.arms import comparison
 from instill.report.claims import (
     GENERAL,
     forgetting_verdict,
@@ -26,6 +29,7 @@ from instill.report.document import Document, Heading, Image, Para, Table, write
 from instill.report.run_report import forgetting_blocks, load_run, suite_summary
 
 WAYS = ("pretrained, untuned", "scratch, tuned", "pretrained, tuned")
+SHIPPED = "pretrained, tuned as shipped"  # the recipe as written, when it replays (experiment.py)
 
 
 def _metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -81,15 +85,56 @@ def _score_cell(s: dict | None, key: str = "") -> str:
     return f"{pct(part['score'])} ({pct(lo)}–{pct(hi)})"
 
 
-def build_transfer_report(folder: Path, price_per_hour: float = 0.10) -> Document:
-    pre_dir, scratch_dir = folder / "pretrained", folder / "scratch"
+def _forgetting(pre_dir: Path, tuned_dir: Path, who: str) -> list:
+    """The forgetting verdict of one tuned pretrained run against the pretrained run's untuned
+    results (the same weights on the same suites), on every guard scored on both."""
+    untuned, tuned = Side("untuned", pre_dir / "eval", "base-"), Side("tuned", tuned_dir / "eval")
+    guards = [
+        compare_suite(untuned, tuned, s) for s in tuned.suites() if s in set(untuned.suites())
+    ]
+    guards = [t for t in guards if is_guard(t)]
+    if not guards:
+        return []
+    return [
+        Heading(f"Forgetting: {who} before and after tuning", 3),
+        forgetting_verdict(guards, who),
+        *forgetting_blocks(guards, "untuned", "tuned"),
+    ]
+
+
+def _opening(folder: Path, shipped: bool) -> Para:
+    """What differed between the compared runs, and the recipe as shipped against the
+    pretrained run, from their records (report/arms.py)."""
+    pre, scratch = folder / "pretrained", folder / "scratch"
+    text = comparison(pre, scratch, "The pretrained and the scratch run differed")
+    if shipped:
+        text += " " + comparison(
+            folder / "shipped",
+            pre,
+            "The recipe as shipped (its own column) differed from the pretrained run",
+            say_same=False,
+        )
+    return Para(text)
+
+
+def build_transfer_report(
+    folder: Path, price_per_hour: float = 0.10, currency: str = "USD"
+) -> Document:
+    pre_dir, scratch_dir, shipped_dir = (
+        folder / "pretrained",
+        folder / "scratch",
+        folder / "shipped",
+    )
     pre, scratch = load_run(pre_dir), load_run(scratch_dir)
+    shipped = load_run(shipped_dir) if (shipped_dir / "run.json").is_file() else None
+    names = WAYS + ((SHIPPED,) if shipped else ())
     suites = _suites(pre_dir, scratch_dir)
     ways = {
         s: (
             suite_summary(pre_dir, f"base-{s}"),
             suite_summary(scratch_dir, s),
             suite_summary(pre_dir, s),
+            *((suite_summary(shipped_dir, s),) if shipped else ()),
         )
         for s in suites
     }
@@ -104,15 +149,20 @@ def build_transfer_report(folder: Path, price_per_hour: float = 0.10) -> Documen
         for s in suites
     }
     doc = Document(f"instill transfer experiment: {folder.name}")
+    doc.add(_opening(folder, shipped is not None))
     doc.add(
         Para(
-            f"Model **{pre['model']['name']}** ({pre['params']['total']:,} parameters). The same "
-            f"recipe three ways: the pretrained model untuned; tuned from the pretrained weights "
-            f"({pre['train']['steps']} steps, {pre['params']['trainable']:,} trainable "
-            f"parameters); and the same architecture from random weights, tuned with the same "
-            f"data, steps, batch and learning rate ({scratch['train']['steps']} steps, all "
-            f"{scratch['params']['trainable']:,} parameters trained). Intervals are 95% "
-            f"bootstrap intervals; a delta marked * excludes 0."
+            f"Model **{pre['model']['name']}** ({pre['params']['total']:,} parameters), three "
+            "ways: untuned; tuned from its pretrained weights; the same architecture tuned from "
+            "random weights. The four claims compare these."
+            + (
+                f" The fourth column, {SHIPPED}, is the recipe as written (with the rows the "
+                "comparison leaves out), beside the claims and not in them; its untuned scores "
+                "are the pretrained run's."
+                if shipped
+                else ""
+            )
+            + " Intervals are 95% bootstrap intervals; a delta marked * excludes 0."
         )
     )
     doc.add(Heading("The four claims"))
@@ -121,91 +171,112 @@ def build_transfer_report(folder: Path, price_per_hour: float = 0.10) -> Documen
     ]
 
     pre_curve, scratch_curve = val_curve(pre_dir), val_curve(scratch_dir)
+    shipped_curve = val_curve(shipped_dir) if shipped else []
     saved = steps_saved(pre_curve, scratch_curve)
     held = [s for s in task_suites if row(vs_untuned[s], "unseen clusters") is not None]
     costs = {
         "pretrained, tuned": training_costs(pre, price_per_hour),
         "scratch, tuned": training_costs(scratch, price_per_hour),
     }
+    if shipped:
+        costs[SHIPPED] = training_costs(shipped, price_per_hour)
     claim1 = transfer_answers_claim(task_suites, vs_untuned, vs_scratch)
     claim2 = transfer_training_claim(saved)
     claim3 = transfer_generalisation_claim(held, vs_untuned, vs_scratch)
     claim4 = transfer_cost_claim(
-        costs["pretrained, tuned"], costs["scratch, tuned"], saved, price_per_hour
+        costs["pretrained, tuned"], costs["scratch, tuned"], saved, price_per_hour, currency
     )
     doc.add(claim1, claim2, claim3, claim4)
 
     # sections with numbers and plots
     doc.add(Heading("1. Better answers"))
-    perf = plots.three_way(folder, ways, "transfer_performance.png")
-    doc.add(Image(perf, "three ways per suite") if perf else None)
+    perf = plots.three_way(folder, ways, "transfer_performance.png", names)
+    doc.add(Image(perf, "each way per suite") if perf else None)
     rows = [[s, *(_score_cell(w) for w in ways[s])] for s in suites]
-    doc.add(Table(["suite", *WAYS], rows))
+    doc.add(Table(["suite", *names], rows))
     doc.add(Heading("2. Training time: validation loss from each start"))
     curves = plots.transfer_curves(folder, pre_curve, scratch_curve)
     doc.add(Image(curves, "validation loss against tokens for both starts") if curves else None)
     doc.add(
         Table(
-            ["step", "tokens", "pretrained start", "scratch start"],
-            _curve_rows(pre_curve, scratch_curve),
+            ["step", "tokens", "pretrained start", "scratch start"]
+            + (["recipe as shipped"] if shipped else []),
+            _curve_rows(pre_curve, scratch_curve, shipped_curve if shipped else None),
         )
     )
     doc.add(Heading("3. Generalisation: seen vs held-out clusters"))
     if held:
-        gen = plots.three_way_seen(folder, {s: ways[s] for s in held})
-        doc.add(Image(gen, "seen and unseen clusters, three ways") if gen else None)
+        gen = plots.three_way_seen(folder, {s: ways[s] for s in held}, names)
+        doc.add(Image(gen, "seen and unseen clusters, each way") if gen else None)
         rows = []
         for s in held:
             for side in ("seen", "unseen"):
                 rows.append([f"{s}, {side} clusters", *(_score_cell(w, side) for w in ways[s])])
-        doc.add(Table(["", *WAYS], rows))
+        doc.add(Table(["", *names], rows))
     else:
         doc.add(Para("No cluster was held out; set eval.holdout_clusters in the recipe."))
-    # forgetting: the pretrained model before and after tuning, on every guard it was scored on
-    untuned, tuned = Side("untuned", pre_dir / "eval", "base-"), Side("tuned", pre_dir / "eval")
-    guards = [
-        compare_suite(untuned, tuned, s) for s in tuned.suites() if s in set(untuned.suites())
-    ]
-    guards = [t for t in guards if is_guard(t)]
-    if guards:
-        doc.add(Heading("Forgetting: the pretrained model before and after tuning", 3))
-        doc.add(forgetting_verdict(guards, "pretrained-tuned"))
-        doc.add(*forgetting_blocks(guards, "untuned", "tuned"))
+    doc.add(*_forgetting(pre_dir, pre_dir, "pretrained-tuned"))
+    if shipped:
+        doc.add(*_forgetting(pre_dir, shipped_dir, "pretrained-tuned as shipped"))
     doc.add(Heading("4. Cost"))
     cost_png = plots.cost_bars(folder, costs)
     doc.add(Image(cost_png, "training time and estimated FLOPs per start"))
     doc.add(
+        Para(
+            f"Device time priced at {price_per_hour:g} {currency} per device-hour "
+            "(report.price_per_hour); training time only, the part in which the runs differ. "
+            "Per million tokens: the cost divided by the tokens each run trained on."
+        )
+    )
+    doc.add(
         Table(
-            ["", "training s", "tokens", "est. FLOPs", f"cost @ {price_per_hour:g}/h", "peak MiB"],
+            [
+                "",
+                "training s",
+                "steps",
+                "tokens",
+                "est. FLOPs",
+                f"cost, {currency}",
+                f"{currency} per 1M tokens",
+                "peak MiB",
+            ],
             [
                 [
                     k,
                     f"{v['train_s']:.0f}",
+                    str(v["steps"]),
                     f"{v['tokens']:,}",
                     f"{v['flops']:.3g}",
                     f"{v['cost']:.4f}",
+                    "—" if v["cost_per_mtok"] is None else f"{v['cost_per_mtok']:.4f}",
                     f"{v['peak_mb']:.0f}",
                 ]
                 for k, v in costs.items()
             ],
-        )
+        )  # fmt: skip
     )
-    doc.add(Para("Per-run reports: pretrained/report.html and scratch/report.html."))
+    reports = ["pretrained/report.html", "scratch/report.html"]
+    reports += ["shipped/report.html"] if shipped else []
+    doc.add(Para("Per-run reports: " + ", ".join(reports) + "."))
     return doc
 
 
-def _curve_rows(pre, scratch) -> list[list[str]]:
-    by_step_s = {p[0]: p for p in scratch}
+def _curve_rows(pre, scratch, shipped=None) -> list[list[str]]:
+    """Validation loss by the pretrained run's steps; the recipe as shipped's column (its own
+    tokens differ: it trains replay rows too) when given."""
+    others = [{p[0]: p for p in c} for c in (scratch, shipped) if c is not None]
     rows = []
     for p in pre:
-        s = by_step_s.get(p[0])
-        rows.append([str(p[0]), f"{p[1]:,}", f"{p[3]:.3f}", f"{s[3]:.3f}" if s else "—"])
+        cells = [f"{o[p[0]][3]:.3f}" if p[0] in o else "—" for o in others]
+        rows.append([str(p[0]), f"{p[1]:,}", f"{p[3]:.3f}", *cells])
     return rows
 
 
-def write_transfer_report(folder: Path, price_per_hour: float = 0.10) -> Path:
+def write_transfer_report(
+    folder: Path, price_per_hour: float = 0.10, currency: str = "USD"
+) -> Path:
     """report.md, report.html and the plots in the experiment's folder; a full or read-only
     disk is one error naming the folder."""
     with writing(folder, "transfer report"):
-        md, page = write(build_transfer_report(folder, price_per_hour), folder)
+        md, page = write(build_transfer_report(folder, price_per_hour, currency), folder)
     return page

@@ -189,8 +189,11 @@ def _score(s: dict | None, key: str = "") -> float | None:
 WAY_NAMES = ("pretrained, untuned", "scratch, tuned", "pretrained, tuned")
 
 
-def three_way(folder: Path, ways: dict[str, tuple], name: str) -> Path | None:
-    """Overall score per suite for the three ways, with 95% intervals."""
+def three_way(
+    folder: Path, ways: dict[str, tuple], name: str, names: tuple = WAY_NAMES
+) -> Path | None:
+    """Overall score per suite for each way (`names`, in the order of each tuple in `ways`),
+    with 95% intervals."""
     if not ways:
         return None
     plt = _plt()
@@ -198,7 +201,7 @@ def three_way(folder: Path, ways: dict[str, tuple], name: str) -> Path | None:
     suites = list(ways)
     series = [
         (way, [_score(ways[s][k]) for s in suites], _side_err([ways[s][k] for s in suites]))
-        for k, way in enumerate(WAY_NAMES)
+        for k, way in enumerate(names)
     ]
     _bars(ax, suites, series, "score by suite", "score (%)")
     fig.tight_layout()
@@ -208,13 +211,13 @@ def three_way(folder: Path, ways: dict[str, tuple], name: str) -> Path | None:
     return out
 
 
-def three_way_seen(folder: Path, ways: dict[str, tuple]) -> Path | None:
-    """Seen and held-out clusters for the three ways."""
+def three_way_seen(folder: Path, ways: dict[str, tuple], names: tuple = WAY_NAMES) -> Path | None:
+    """Seen and held-out clusters for each way (`names`, as in three_way)."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(ways), figsize=(5 * len(ways) + 1, 4), squeeze=False)
     for ax, (suite, w) in zip(axes[0], ways.items(), strict=True):
         series = []
-        for k, way in enumerate(WAY_NAMES):
+        for k, way in enumerate(names):
             (lo_s,), (hi_s,) = _side_err([w[k]], "seen")
             (lo_u,), (hi_u,) = _side_err([w[k]], "unseen")
             vals = [_score(w[k], "seen"), _score(w[k], "unseen")]
@@ -252,9 +255,9 @@ def cost_bars(folder: Path, costs: dict[str, dict]) -> Path:
     plt = _plt()
     fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(9, 3.5))
     names = list(costs)
-    ax_t.bar(names, [costs[n]["train_s"] for n in names], color=["C2", "C1"][: len(names)])
+    ax_t.bar(names, [costs[n]["train_s"] for n in names], color=["C2", "C1", "C0"][: len(names)])
     ax_t.set(title="training time", ylabel="seconds")
-    ax_f.bar(names, [costs[n]["flops"] for n in names], color=["C2", "C1"][: len(names)])
+    ax_f.bar(names, [costs[n]["flops"] for n in names], color=["C2", "C1", "C0"][: len(names)])
     ax_f.set(title="estimated training FLOPs", ylabel="FLOPs")
     fig.tight_layout()
     out = folder / "transfer_cost.png"
