@@ -210,7 +210,7 @@ def test_transfer_report_names_every_setting_that_differed(run, tmp_path):
         "suites evaluated before tuning: builtin, data, general vs none",
         "model.init pretrained vs scratch",
         "adapter.method lora vs full",
-        "data.replay {fraction: 0.1, max_new_tokens: 64, prompts: null} vs null",
+        "data.replay {fraction: 0.1, prompts: null, max_new_tokens: 64} vs null",
         "eval.before true vs false",
     ):
         assert named in first, (named, first)
