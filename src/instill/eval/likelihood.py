@@ -40,7 +40,10 @@ Rows = Sequence[tuple[Sequence[int], Sequence[int]]]  # (token ids, mask 1 = sco
 
 # Tokens packed into one forward pass of `shared_prefix_logprobs`: attention runs over the whole
 # pack (the mask discards other branches' columns), so a bigger pack wastes more attention work
-# against fewer passes; measured on the general suite with bench/likelihood_speed.py.
+# against fewer passes. bench/likelihood_speed.py on the general suite, one thread, load average
+# 8-10 (2026-12-02): 64 -> 47.6 s, 128 -> 34.0, 30.6, 17.5 s, 256 -> 37.4, 27.1, 18.5 s,
+# 512 -> 57.8 s: 128 and 256 within the noise, fewer passes are better where matrix products
+# are cheap (a GPU).
 TOKENS_PER_PASS = 256
 
 
