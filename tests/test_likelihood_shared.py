@@ -175,3 +175,19 @@ def test_lora_model_scores_with_its_adapters(tiny, tokenizer):
     assert (
         max(abs(a.logprob - b.logprob) for a, b in zip(plain, want, strict=True)) > 1e-2
     )  # adapters matter
+
+
+def test_a_first_row_with_nothing_scored_does_not_become_the_shared_start(tiny):
+    """The shared start comes from the rows that are scored: a first row that scores nothing
+    (and begins differently) changes no score."""
+    start = [11, 12, 13, 14, 15]
+    groups = [
+        [([90, 91, 92, 93, 94, 95], [0, 0, 0, 0, 0, 0])],
+        [(start + [20, 21], [0, 0, 0, 0, 0, 1, 1]), (start + [22], [0, 0, 0, 0, 0, 1])],
+        [(start + [30, 31, 32], [0, 0, 0, 0, 0, 0, 1, 1])],
+    ]
+    rows = [r for group in groups for r in group]
+    want = masked_logprobs(tiny, rows, 0, batch_size=1)
+    got = [s for group in shared_prefix_logprobs(tiny, groups) for s in group]
+    assert [s.tokens for s in got] == [0, 2, 1, 2]
+    assert [s.logprob for s in got] == pytest.approx([s.logprob for s in want], abs=1e-4)

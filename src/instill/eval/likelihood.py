@@ -254,8 +254,9 @@ def shared_prefix_logprobs(
     device = next(model.parameters()).device
     dtype = body.get_input_embeddings().weight.dtype
     cache = None
-    if start:
-        head_ids = torch.tensor([list(rows[0][0][:start])], device=device)
+    if start:  # the tokens of a scored row: an unscored one may begin otherwise
+        first = next(ids for (ids, _), s in zip(rows, scored, strict=True) if s)
+        head_ids = torch.tensor([list(first[:start])], device=device)
         cache = body(input_ids=head_ids, use_cache=True).past_key_values
     sums = torch.zeros(len(rows), dtype=torch.float64)
     for members in _passes(groups, scored, start, tokens_per_pass):
