@@ -19,8 +19,8 @@ share its rendered prompt, and every question shares the template's opening (the
 
 A row's scored tokens, and the tokens before them, are exactly the ones `masked_logprobs` sees
 (the same rendering and mask), so the scores are the row-by-row ones up to float rounding
-(tests/test_eval.py checks 1e-4). Attention kernels other than sdpa/eager (flash attention
-takes no 4D mask) score row by row.
+(tests/test_likelihood_shared.py checks 1e-4). Attention kernels other than sdpa and eager
+(flash attention takes no 4D mask) score row by row.
 """
 
 from __future__ import annotations
