@@ -289,6 +289,7 @@ def test_recipe_help_is_yaml_and_shows_the_described_recipe():
     )
     assert quick["eval.suites"].startswith("eval.suites [default: [builtin, general, general_gen]]")
     assert quick["eval.holdout_clusters"].startswith("eval.holdout_clusters [default: [tables]]")
+    assert quick["eval.batch_size"].startswith("eval.batch_size [default: 64]")
     assert quick["data.replay.fraction"].startswith("data.replay.fraction [default: 0.1]")
     assert not re.search(r"\bNone\b|PydanticUndefined", "\n".join(quick.values()))
 

@@ -5,6 +5,8 @@
         (each row's loss sum and token count), evaluation's likelihood (eval/likelihood.py)
     supervised_cross_entropy(head, hidden, labels)  the loss itself: labels shifted by one,
         IGNORE positions skipped
+    token_cross_entropy(head, hidden, targets)  each given position's loss, for scoring (also
+        the shared-prefix choice scoring of eval/likelihood.py, whose positions are not rows)
 
 The decoder runs over every token, but the output projection (49k x 576 for SmolLM2, a fifth of
 the model's compute per token) and the softmax run only where a label exists, in chunks, so the
@@ -112,14 +114,29 @@ def supervised_cross_entropy(
     if not per_row:
         loss_sum = chunked_cross_entropy(head, hidden[:, :-1][keep], targets[keep], chunk, softcap)
         return loss_sum, keep.sum()
-    picked, wanted = hidden[:, :-1][keep], targets[keep]
     rows = torch.arange(len(labels), device=keep.device).unsqueeze(1).expand_as(keep)[keep]
     sums = torch.zeros(len(labels), dtype=torch.float64, device=hidden.device)
-    for i in range(0, len(wanted), chunk):
-        part = slice(i, i + chunk)
-        ce = F.cross_entropy(_logits(head, picked[part], softcap), wanted[part], reduction="none")
-        sums.index_add_(0, rows[part], ce.double())
+    ce = token_cross_entropy(head, hidden[:, :-1][keep], targets[keep], chunk, softcap)
+    sums.index_add_(0, rows, ce.double())
     return sums, keep.sum(dim=1)
+
+
+def token_cross_entropy(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = 1024,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Each position's cross-entropy of `head(hidden)` against `targets`, `chunk` positions at a
+    time (for scoring: no gradients are kept, so each chunk's logits die with it)."""
+    parts = [
+        F.cross_entropy(
+            _logits(head, hidden[i : i + chunk], softcap), targets[i : i + chunk], reduction="none"
+        )
+        for i in range(0, len(targets), chunk)
+    ]
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def _hidden(body, input_ids, attention_mask, position_ids) -> torch.Tensor:
