@@ -596,6 +596,12 @@ class ServeConfig(_Section):
     allowed_hosts: tuple[str, ...] = Field(
         (), description="More names to answer to; '*' turns the Host check off."
     )
+    int8: bool = Field(
+        False,
+        description="Decode with int8 weights (torch engine, CPU with AVX-512): the Linear "
+        "layers' weights a quarter of the bytes, replies close to but not always those of the "
+        "model as trained (README, Generation).",
+    )
 
     @field_validator("api_key")
     @classmethod
