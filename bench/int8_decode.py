@@ -13,10 +13,10 @@ agreement, single-stream decode speed, and where a decode step's time goes.
    the kernel is slow where this was measured (AVX2). `--kernel-prompts N` also runs the first
    N prompts through the kernel itself.
 2. Single-stream decode tokens/s, float32 and int8 (the kernel), interleaved A B A B so both
-   see the same load: a 1-token run's time subtracted, replies forced to full length, the
-   engine one row unpadded as chat and the server run it.
-3. The time split of one decode step (torch profiler, self time): matrix products against
-   everything else, for both.
+   see the same load: decode steps only (timed from the first step's end to the last's),
+   replies forced to full length, the engine one row unpadded as chat and the server run it.
+3. The time split of a decode step: the Linear layers (forward hooks) against everything
+   else, for both.
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from torch import nn
 from instill.data.render import render_prompt
 from instill.infer.engine import Engine, GenParams, Job
 from instill.infer.int8 import Int8Linear, int8_unavailable, quantize_int8
-
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm", "aten::bmm", "aten::matmul")
 
 
 def _load() -> str:
@@ -78,46 +76,91 @@ def agreement(ref: list[list[int]], got: list[list[int]]) -> str:
     )
 
 
+class _TimedEngine(Engine):
+    """The engine, noting when each decode step ends and the time spent in Linear layers so far
+    (grown by step_split's hooks)."""
+
+    linear_seconds = 0.0
+
+    def _step(self) -> None:
+        super()._step()
+        self.stamps.append((time.perf_counter(), self.linear_seconds))
+
+
+def _timed_run(model, tokenizer, prompt, tokens: int, hooked: bool = False):
+    """Seconds a decode step, and of it in the Linear layers (with `hooked`), over one run: from
+    the first step's end to the last's, so the prefill is left out without subtracting another
+    run (which, on a loaded machine, can be the slower one)."""
+    engine = _TimedEngine(model, tokenizer, 1, eot=[], row_block=1)
+    engine.stamps, handles, started = [], [], {}
+    if hooked:
+
+        def before(module, args):
+            started[module] = time.perf_counter()
+
+        def after(module, args, out):
+            engine.linear_seconds += time.perf_counter() - started[module]
+
+        for m in model.modules():
+            if isinstance(m, nn.Linear | Int8Linear):
+                handles += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
+    try:
+        engine.run([Job(prompt, GenParams(max_new_tokens=tokens), live=False)])
+    finally:
+        for h in handles:
+            h.remove()
+    (t0, l0), (t1, l1) = engine.stamps[0], engine.stamps[-1]
+    steps = len(engine.stamps) - 1
+    return (t1 - t0) / steps, (l1 - l0) / steps
+
+
 def decode_rate(model, tokenizer, prompt, tokens: int) -> float:
-    def run(n):
-        t0 = time.perf_counter()
-        Engine(model, tokenizer, 1, eot=[], row_block=1).run(
-            [Job(prompt, GenParams(max_new_tokens=n), live=False)]
-        )
-        return time.perf_counter() - t0
-
-    return (tokens - 1) / (run(tokens) - run(1))
+    return 1 / _timed_run(model, tokenizer, prompt, tokens)[0]
 
 
-def step_split(model, tokenizer, prompt, steps: int = 4) -> str:
-    """Self CPU time of the matrix products against the rest, over `steps` decode steps (the
-    prefill's share is taken out by profiling a 1-token run too)."""
-    from torch.profiler import ProfilerActivity, profile
+def step_split(model, tokenizer, prompt, tokens: int = 12) -> str:
+    """A decode step's time: in the Linear layers (timed by forward hooks) against the rest
+    (attention, norms, rotary embedding, sampling, Python)."""
+    step, linear = _timed_run(model, tokenizer, prompt, tokens, hooked=True)
+    return (
+        f"{step * 1e3:.1f} ms a step: Linear layers {linear * 1e3:.1f} ms "
+        f"({linear / step:.0%}), the rest {(step - linear) * 1e3:.1f} ms"
+    )
 
-    def profiled(n):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            Engine(model, tokenizer, 1, eot=[], row_block=1).run(
-                [Job(prompt, GenParams(max_new_tokens=n), live=False)]
-            )
-        events = prof.key_averages()
-        mm = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
-        total = sum(e.self_cpu_time_total for e in events)
-        return mm, total
 
-    mm_n, total_n = profiled(steps + 1)
-    mm_1, total_1 = profiled(1)
-    mm, total = (mm_n - mm_1) / steps / 1e3, (total_n - total_1) / steps / 1e3
-    return f"{total:.1f} ms a step: matrix products {mm:.1f} ms, the rest {total - mm:.1f} ms"
+def agreement_section(model, tok, prompts, new: int, kernel_prompts: int) -> None:
+    print(
+        f"\n1. greedy agreement with float32, {len(prompts)} general_gen prompts, "
+        f"first {new} new tokens ({_load()})"
+    )
+    ref = replies(model, tok, prompts, new)
+    # the control: float32 itself, rows unpadded (as chat and the server run them), which
+    # changes only the rounding of the products: the near-ties a rounding flips
+    got = replies(model, tok, prompts, new, row_block=1)
+    print(f"  float32, rows unpadded (control): {agreement(ref, got)}", flush=True)
+    for head in (True, False):
+        got = replies(dequantized_copy(model, head), tok, prompts, new)
+        label = "int8, output projection int8 " if head else "int8, output projection fp32"
+        print(f"  {label}: {agreement(ref, got)}", flush=True)
+    if kernel_prompts:
+        n = kernel_prompts
+        int8 = copy.deepcopy(model)
+        quantize_int8(int8)
+        got = replies(int8, tok, prompts[:n], new)
+        print(f"  int8 kernel itself, first {n} prompts: {agreement(ref[:n], got)}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--prompts", type=int, default=64, help="general_gen prompts (up to 64)")
+    ap.add_argument("--prompts", type=int, default=64, help="general_gen prompts (0: skip)")
     ap.add_argument("--new", type=int, default=32, help="new tokens compared per reply")
     ap.add_argument("--kernel-prompts", type=int, default=0)
     ap.add_argument("--tokens", type=int, default=32, help="single-stream decode length")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--head", choices=("int8", "fp32"), default="int8", help="the speed runs' output layer"
+    )
     args = ap.parse_args()
     import transformers
 
@@ -134,29 +177,16 @@ def main() -> None:
     examples = general_gen_task(8).examples[: args.prompts]
     prompts = [render_prompt(tok, list(e.prompt)) for e in examples]
 
-    print(
-        f"\n1. greedy agreement with float32, {len(prompts)} general_gen prompts, "
-        f"first {args.new} new tokens ({_load()})"
-    )
-    ref = replies(model, tok, prompts, args.new)
-    # the control: float32 itself, rows unpadded (as chat and the server run them), which
-    # changes only the rounding of the products: the near-ties a rounding flips
-    got = replies(model, tok, prompts, args.new, row_block=1)
-    print(f"  float32, rows unpadded (control): {agreement(ref, got)}", flush=True)
-    for head in (True, False):
-        got = replies(dequantized_copy(model, head), tok, prompts, args.new)
-        label = "int8, output projection int8 " if head else "int8, output projection fp32"
-        print(f"  {label}: {agreement(ref, got)}", flush=True)
-
+    if prompts:
+        agreement_section(model, tok, prompts, args.new, args.kernel_prompts)
     int8 = copy.deepcopy(model)
-    quantize_int8(int8)
-    if args.kernel_prompts:
-        n = args.kernel_prompts
-        got = replies(int8, tok, prompts[:n], args.new)
-        print(f"  int8 kernel itself, first {n} prompts: {agreement(ref[:n], got)}", flush=True)
+    quantize_int8(int8, lm_head=args.head == "int8")
 
     prompt = render_prompt(tok, [{"role": "user", "content": "Write about bread."}])
-    print(f"\n2. single-stream decode, {args.tokens} tokens, 1 row ({_load()})")
+    print(
+        f"\n2. single-stream decode, {args.tokens} tokens, 1 row, int8 output layer "
+        f"{args.head} ({_load()})"
+    )
     rates: dict[str, list[float]] = {"float32": [], "int8": []}
     models = {"float32": model, "int8": int8}
     with torch.inference_mode():
@@ -170,7 +200,7 @@ def main() -> None:
         print(f"  {name:<8} {med:6.2f} tok/s  {med / base:5.2f}x   rounds: {shown}")
     print(f"  ({_load()})")
 
-    print(f"\n3. one decode step, profiled ({_load()})")
+    print(f"\n3. one decode step, split ({_load()})")
     with torch.inference_mode():
         for name, m in models.items():
             print(f"  {name:<8} {step_split(m, tok, prompt)}", flush=True)

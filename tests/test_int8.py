@@ -49,9 +49,9 @@ def test_int8_linear_is_the_dequantised_matmul_and_within_rounding_of_float32():
     assert (y - lin(x)).abs().max() > 0  # it does quantise
 
 
-def test_quantize_replaces_linears_but_not_the_embedding_or_tied_head(tiny):
+def test_quantize_without_head_keeps_the_embedding_and_tied_head(tiny):
     emb = tiny.get_input_embeddings().weight.clone()
-    n = quantize_int8(tiny)
+    n = quantize_int8(tiny, lm_head=False)
     assert n == 2 * 7  # q k v o gate up down, 2 layers; the output projection stays float
     assert (
         isinstance(tiny.lm_head, nn.Linear)
@@ -63,7 +63,7 @@ def test_quantize_replaces_linears_but_not_the_embedding_or_tied_head(tiny):
 
 def test_quantised_head_is_an_untied_int8_copy(tiny):
     emb = tiny.get_input_embeddings().weight.clone()
-    assert quantize_int8(tiny, lm_head=True) == 15
+    assert quantize_int8(tiny) == 15
     assert isinstance(tiny.lm_head, Int8Linear)
     assert torch.equal(tiny.get_input_embeddings().weight, emb)  # the embedding keeps float32
 
