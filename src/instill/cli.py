@@ -590,7 +590,8 @@ INT8 = typer.Option(
     False,
     "--int8",
     help="Decode with int8 weights (CPU, AVX-512): the Linear layers' weights a quarter of the "
-    "bytes, replies close to but not always those of the model as trained (README, Generation).",
+    "bytes; replies often differ from the model as trained's within 32 tokens (README, "
+    "Generation).",
 )
 
 

@@ -599,8 +599,8 @@ class ServeConfig(_Section):
     int8: bool = Field(
         False,
         description="Decode with int8 weights (torch engine, CPU with AVX-512): the Linear "
-        "layers' weights a quarter of the bytes, replies close to but not always those of the "
-        "model as trained (README, Generation).",
+        "layers' weights a quarter of the bytes; replies often differ from the model as "
+        "trained's within 32 tokens (README, Generation).",
     )
 
     @field_validator("api_key")
