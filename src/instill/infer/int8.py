@@ -12,7 +12,7 @@ projection is tied to the embedding in SmolLM2: quantising it makes an untied in
 the embedding keeps its float32 rows). bench/int8_decode.py measured it worth that: it is a
 fifth of the weights' bytes, and without it a decode step could not get 2x faster even with
 int8 products at a quarter of float32's time (a third of a float32 step is outside the Linear
-layers), while keeping it in float32 kept only one more of 32 replies identical to float32's.
+layers), while keeping it in float32 kept only 3 more of 64 replies identical to float32's.
 
 The kernel is vectorised for AVX-512 x86 CPUs: on an AVX2 CPU its Linear layers measured 2.6x
 float32's time (0.44x the decode speed), so `int8_unavailable` refuses there (README,
