@@ -600,6 +600,13 @@ TOP_K = _sampling_option("top_k")
 TOP_P = _sampling_option("top_p")
 REPETITION_PENALTY = _sampling_option("repetition_penalty")
 SEED = _sampling_option("seed")
+INT8 = typer.Option(
+    False,
+    "--int8",
+    help="Decode with int8 weights (CPU, AVX-512): the Linear layers' weights a quarter of the "
+    "bytes; replies often differ from the model as trained's within 32 tokens (README, "
+    "Generation).",
+)
 
 
 def _sampling(**values) -> dict:
@@ -625,6 +632,7 @@ def chat(
     repetition_penalty: float = REPETITION_PENALTY,
     seed: int = SEED,
     chat_template: Path = CHAT_TEMPLATE,
+    int8: bool = INT8,
 ) -> None:
     """Chat in the terminal. With stdin from a pipe, each line is a user turn and each reply
     is printed on stdout.
@@ -635,6 +643,7 @@ def chat(
     seed; the same as the options), e.g. /params temperature=0.7 top_p=0.9 seed=1. /save FILE
     writes the conversation as JSON. /exit leaves."""
     from instill.chat import ChatSession
+    from instill.infer.int8 import for_int8_decoding, require_int8_kernel
     from instill.models import load_for_inference
 
     params = _sampling(
@@ -643,7 +652,11 @@ def chat(
     )  # fmt: skip
     spec = _model_spec(model, chat_template)
     _quiet_libraries()
+    if int8:
+        require_int8_kernel()  # before the slow load
     loaded = load_for_inference(model, spec)
+    if int8:
+        for_int8_decoding(loaded.model)
     session = ChatSession(loaded.model, loaded.tokenizer, system=system, **params)
     session.run(sys.stdin, interactive=sys.stdin.isatty())
 
@@ -661,11 +674,13 @@ def generate(
     seed: int = SEED,
     batch_size: int = typer.Option(8, help="Rows generated together."),
     chat_template: Path = CHAT_TEMPLATE,
+    int8: bool = INT8,
 ) -> None:
     """Batch generation: one output row per input row, in order; rows already in --output are
     skipped, so an interrupted job continues where it stopped."""
     from instill.infer import GenParams
     from instill.infer.batch import generate_file
+    from instill.infer.int8 import for_int8_decoding, require_int8_kernel
     from instill.models import load_for_inference
 
     _quiet_libraries()
@@ -675,7 +690,11 @@ def generate(
     ))  # fmt: skip
     if not input.is_file():  # before the slow model load
         raise InstillError(f"{input}: input file not found (--input)")
+    if int8:
+        require_int8_kernel()
     loaded = load_for_inference(model, _model_spec(model, chat_template))
+    if int8:
+        for_int8_decoding(loaded.model)
     made, skipped = generate_file(
         loaded.model, loaded.tokenizer, input, output, params, batch_size=batch_size
     )
@@ -718,6 +737,7 @@ def serve(
         "in-process, one request at a time (needs the llamacpp extra).",
     ),
     lora: str = typer.Option(None, help="--engine llama.cpp: a LoRA adapter GGUF to apply."),
+    int8: bool = typer.Option(default(ServeConfig, "int8"), help=describe(ServeConfig, "int8")),
 ) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health)
     with a web chat page at /. A model without a chat template (and no --chat-template) serves
@@ -731,6 +751,11 @@ def serve(
     if lora is not None and engine != "llama.cpp":
         raise InstillError(
             "--lora: an adapter GGUF is applied by llama.cpp; add --engine llama.cpp"
+        )
+    if int8 and engine != "torch":
+        raise InstillError(
+            "--int8: applies to --engine torch; a GGUF carries its own quantisation (instill "
+            "export --quant)"
         )
 
     if api_key_file is not None:
@@ -765,6 +790,7 @@ def serve(
             max_tokens_cap=max_tokens_cap,
             host=host,
             allowed_hosts=tuple(allowed_host),
+            int8=int8,
         )
     except ValidationError as exc:  # before the model loads
         error = exc.errors()[0]

@@ -602,6 +602,12 @@ class ServeConfig(_Section):
     allowed_hosts: tuple[str, ...] = Field(
         (), description="More names to answer to; '*' turns the Host check off."
     )
+    int8: bool = Field(
+        False,
+        description="Decode with int8 weights (torch engine, CPU with AVX-512): the Linear "
+        "layers' weights a quarter of the bytes; replies often differ from the model as "
+        "trained's within 32 tokens (README, Generation).",
+    )
 
     @field_validator("api_key")
     @classmethod

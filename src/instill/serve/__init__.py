@@ -27,9 +27,14 @@ def load_server(model: str, cfg: ServeConfig, spec: ModelConfig | None = None) -
     """The model ready to serve; `spec` as `load_for_inference` takes it (its chat_template, a
     Jinja file, replaces the model's own). A model without a template serves /v1/completions
     only (its chat routes answer 400)."""
+    from instill.infer.int8 import for_int8_decoding, require_int8_kernel
     from instill.models import load_for_inference
 
+    if cfg.int8:
+        require_int8_kernel()  # before the slow load
     loaded = load_for_inference(model, spec, require_template=False)
+    if cfg.int8:
+        for_int8_decoding(loaded.model)
     # Requests name the model by this short name (never a path the server would open).
     name = Path(model.rstrip("/")).name if Path(model).exists() else model
     names = [name] if name == model else [name, model]
