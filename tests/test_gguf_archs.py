@@ -164,7 +164,7 @@ def test_each_architecture_round_trips_through_llamacpp(
         )
     finally:
         engine.close()
-    assert alone.max_logit_diff > 0.1
+    assert alone.max_logit_diff > 0.03  # 30x the f32 tolerance: the adapter is applied
 
 
 def test_architecture_details_in_the_file(tmp_path, tokenizer):
