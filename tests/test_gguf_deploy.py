@@ -236,6 +236,8 @@ def test_modelfile_names_files_and_template(tuned):
     [adapter] = result.path.glob("*.lora-f16.gguf")
     assert f"\nFROM {source.gguf_path}\n" in lines
     assert f"\nADAPTER ./{adapter.name}\n" in lines
+    # Ollama accepts ADAPTER (its source, README); the way out if one does not is said
+    assert "\n# an Ollama that refuses ADAPTER: export --format gguf" in lines
     assert f'\nTEMPLATE """{CHATML}"""\n' in lines
     assert (
         '\nSYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""'

@@ -930,7 +930,10 @@ def export(
     quant: str = typer.Option(
         None,
         help="GGUF type: f32, f16, q8_0, q4_0, q4_1, or auto (per-tensor types chosen by "
-        "measurement; default: the GGUF base's own). gguf-lora: f32, f16 (default), q8_0.",
+        "measurement; default: the GGUF base's own); or, quantised by llama.cpp's own quantizer "
+        "(the llamacpp extra), q6_k, q5_k_m, q5_k_s, q5_0, q5_1, q4_k_m, q4_k_s, iq4_xs, iq4_nl, "
+        "q3_k_l, q3_k_m, q3_k_s, q2_k, without an importance matrix (llama-cpp-python cannot "
+        "make one). gguf-lora: f32, f16 (default), q8_0.",
     ),
     max_size: float = typer.Option(
         None, help="--quant auto: the file's size budget in MB (default: 5.5 bits a weight)."

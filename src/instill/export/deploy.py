@@ -123,6 +123,11 @@ def modelfile(tokenizer, base: Path, adapter: str | None, source: str) -> tuple[
         f"FROM {base if base.is_absolute() else f'./{base}'}",
     ]
     if adapter is not None:
+        # Ollama's source (parser/parser.go, server/create.go, llm/llama_server.go at
+        # fb30760, v0.33.0-rc2) accepts ADAPTER and runs it with llama-server --lora
+        lines.append(
+            "# an Ollama that refuses ADAPTER: export --format gguf for a merged file instead"
+        )
         lines.append(f"ADAPTER ./{adapter}")
     note = None
     pieces = chat_pieces(tokenizer)

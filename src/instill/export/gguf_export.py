@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
@@ -20,7 +21,14 @@ from instill.console import out
 from instill.errors import InstillError
 from instill.export import deploy, gguf_file, gguf_lora
 from instill.export.tuned import Tuned
-from instill.export.verify import Figures, compare, from_llamacpp, from_transformers
+from instill.export.verify import (
+    TOLERANCE,
+    Figures,
+    compare,
+    from_llamacpp,
+    from_transformers,
+    looseness,
+)
 from instill.models import llamacpp
 
 DEFAULT_AUTO_BITS = 5.5  # --quant auto without --max-size: average bits per weight
@@ -72,15 +80,18 @@ def write_merged(
             for kind, types in extra["auto"]["by_kind"].items()
         )
         out.print(f"auto types (tensor data budget {budget / 1e6:.1f} MB): {kinds}")
+    by_llamacpp = quant in gguf_file.LLAMACPP_QUANTS
     gguf_file.write_gguf(
         tuned.merged,
         tuned.tokenizer,
-        path,
-        quant,
+        tmp / f"{run.name}.f32.gguf" if by_llamacpp else path,
+        "f32" if by_llamacpp else quant,
         name=run.name,
         base_gguf=tuned.source.gguf_path,
         plan=plan,
     )
+    if by_llamacpp:
+        extra["llamacpp_quantizer"] = _quantize(tmp / f"{run.name}.f32.gguf", path, quant)
     extra["size_bytes"] = path.stat().st_size
     out.print(f"wrote {path.name}: {path.stat().st_size / 1e6:.1f} MB")
     if _gguf_verifier("the GGUF file"):
@@ -95,6 +106,29 @@ def write_merged(
         )
     extra["note"] = deploy.write_beside(tmp, tuned.tokenizer, Path(path.name), None, str(run))
     return figures, extra
+
+
+def _quantize(source: Path, path: Path, quant: str) -> dict:
+    """The f32 file through llama.cpp's quantizer (then removed); what it wrote, by tensor type.
+    K-quants (and iq4) work in blocks of 256 columns: llama.cpp gives a tensor whose rows are
+    not a multiple of that a fallback type (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, ...), and
+    the printout says how many."""
+    llamacpp.quantize(source, path, quant, f"--quant {quant}")
+    source.unlink()
+    types: dict[str, int] = {}
+    fallback = 0
+    k_block = quant.startswith("iq") or "_k" in quant
+    for t in gguf.GGUFReader(str(path)).tensors:
+        types[t.tensor_type.name.lower()] = types.get(t.tensor_type.name.lower(), 0) + 1
+        fallback += bool(k_block and len(t.shape) == 2 and int(t.shape[0]) % 256)
+    listed = ", ".join(f"{n}x {t}" for t, n in sorted(types.items()))
+    out.print(f"quantised by llama.cpp to {quant} (from f32, no importance matrix): {listed}")
+    if fallback:
+        out.print(
+            f"note: {fallback} weight tensors have rows that are not a multiple of 256 columns "
+            f"(K-quant blocks), so llama.cpp wrote them in a fallback type"
+        )
+    return {"from": "f32", "imatrix": None, "tensor_types": types, "fallback_tensors": fallback}
 
 
 def check_auto_size(tuned: Tuned, max_size_mb: float) -> None:
@@ -216,9 +250,8 @@ def write_adapter(
 def _adapter_kind(quant: str, base_quant: str | None) -> str:
     """The adapter is held to its own type's tolerance, or the base file's when that is looser
     (both models run the base's rounding, but llama.cpp's kernels also round activations)."""
-    order = ["f32", "f16", "q8_0", "q4_0", "q4_1"]
-    base_quant = base_quant if base_quant in order else "f16"
-    return max(quant, base_quant, key=order.index)
+    base_quant = base_quant if base_quant in TOLERANCE else "f16"
+    return max(quant, base_quant, key=looseness)
 
 
 def _verify_lora_fallback(tuned: Tuned, path: Path, kind: str) -> Figures:

@@ -1,12 +1,20 @@
-"""Write a Llama-family model as a GGUF file llama.cpp can run, with the gguf package.
+"""Write a causal LM as a GGUF file llama.cpp can run, with the gguf package.
 
-Tensor names follow llama.cpp's `blk.N.*` scheme. Q and K projections are stored with llama.cpp's
-rotary row order (pairs interleaved per head); transformers' GGUF reader undoes exactly that.
+Tensor names come from the gguf package's tables for the architecture (gguf.TensorNameMap, built
+from gguf.MODEL_TENSORS / TENSOR_NAMES, the tables llama.cpp's own converter uses); the metadata
+from the model's config. What the tables do not hold is per architecture in ARCHS: which GGUF
+architecture a transformers model_type is, whether llama.cpp wants Q and K rows in its
+interleaved rotary order (Llama's "normal" rope; the others use NeoX rope, transformers' order),
+and whether norm weights are stored with Gemma's +1 (transformers' Gemma norms compute
+x * (1 + w), llama.cpp's compute x * w). Fused tensors (Phi-3's qkv and gate_up) and biases
+(Qwen2's q/k/v) map through the tables as they are.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import gguf
@@ -15,7 +23,25 @@ import torch
 
 from instill.errors import InstillError
 
-SUPPORTED_ARCHS = {"llama": "llama", "mistral": "llama"}  # model_type -> GGUF architecture
+
+@dataclass(frozen=True)
+class Arch:
+    gguf: gguf.MODEL_ARCH
+    rotary_rows: bool = False  # Q/K rows interleaved per head (llama.cpp's LLAMA rope type)
+    norm_plus_one: bool = False  # norm weights stored as 1 + w (Gemma)
+
+
+ARCHS = {  # transformers model_type -> how llama.cpp runs it
+    "llama": Arch(gguf.MODEL_ARCH.LLAMA, rotary_rows=True),
+    "mistral": Arch(gguf.MODEL_ARCH.LLAMA, rotary_rows=True),
+    "qwen2": Arch(gguf.MODEL_ARCH.QWEN2),
+    "qwen3": Arch(gguf.MODEL_ARCH.QWEN3),
+    "gemma2": Arch(gguf.MODEL_ARCH.GEMMA2, norm_plus_one=True),
+    "gemma3_text": Arch(gguf.MODEL_ARCH.GEMMA3, norm_plus_one=True),
+    "phi3": Arch(gguf.MODEL_ARCH.PHI3),
+}
+SUPPORTED_ARCHS = {t: gguf.MODEL_ARCH_NAMES[a.gguf] for t, a in ARCHS.items()}
+ROPE_TYPES = ("default", "linear")  # rope scalings written as llama.cpp metadata
 QUANTS = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -23,16 +49,25 @@ QUANTS = {
     "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
     "q4_1": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
 }
-_LAYER = {
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
+# written at f32, then quantised by llama.cpp's own quantizer (llama_model_quantize): the types
+# llama-quantize offers that need no importance matrix
+LLAMACPP_QUANTS = {
+    name: getattr(gguf.LlamaFileType, f"MOSTLY_{name.upper()}")
+    for name in (
+        "q2_k",
+        "q3_k_s",
+        "q3_k_m",
+        "q3_k_l",
+        "q4_k_s",
+        "q4_k_m",
+        "q5_k_s",
+        "q5_k_m",
+        "q6_k",
+        "q5_0",
+        "q5_1",
+        "iq4_nl",
+        "iq4_xs",
+    )
 }
 
 
@@ -40,15 +75,16 @@ AUTO = "auto"  # per-tensor types chosen by measurement (export/mixed.py)
 
 
 def check_quant(quant: str) -> None:
-    if quant not in QUANTS and quant != AUTO:
+    if quant not in QUANTS and quant not in LLAMACPP_QUANTS and quant != AUTO:
         raise InstillError(
             f"--quant {quant}: not a type this export writes; choose one of "
-            f"{', '.join(QUANTS)} or {AUTO}"
+            f"{', '.join(QUANTS)}, {AUTO}, or (quantised by llama.cpp) "
+            f"{', '.join(LLAMACPP_QUANTS)}"
         )
 
 
-def check_arch(config) -> str:
-    arch = SUPPORTED_ARCHS.get(config.model_type)
+def _arch(config) -> Arch:
+    arch = ARCHS.get(config.model_type)
     if arch is None:
         raise InstillError(
             f"--format gguf: architecture '{config.model_type}' is not supported by the GGUF "
@@ -57,16 +93,81 @@ def check_arch(config) -> str:
     return arch
 
 
+def _rope(config) -> tuple[dict, dict | None]:
+    """(rope parameters of full-attention layers, of sliding ones when they differ: Gemma 3)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if "full_attention" in params:
+        return params["full_attention"], params.get("sliding_attention")
+    if not params.get("rope_theta") and getattr(config, "rope_theta", None):
+        params["rope_theta"] = config.rope_theta
+    return params, None
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def check_arch(config) -> str:
+    """The GGUF architecture name, after refusing what llama.cpp would run differently."""
+    arch = _arch(config)
+    for params in filter(None, _rope(config)):
+        kind = params.get("rope_type", "default")
+        if kind not in ROPE_TYPES:
+            raise InstillError(
+                f"--format gguf: this model's rope scaling '{kind}' (config rope_parameters) is "
+                f"not written by the GGUF writer (it writes {', '.join(ROPE_TYPES)}); export "
+                "--format hf and convert with llama.cpp's convert_hf_to_gguf.py"
+            )
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if arch.norm_plus_one and scalar is not None and scalar != head_dim(config):
+        raise InstillError(
+            f"--format gguf: query_pre_attn_scalar {scalar} differs from head_dim "
+            f"{head_dim(config)}; llama.cpp scales Gemma's attention by 1/sqrt(head_dim) "
+            "(export --format hf instead)"
+        )
+    if arch.gguf == gguf.MODEL_ARCH.GEMMA2 and not config.tie_word_embeddings:
+        raise InstillError(
+            "--format gguf: llama.cpp's Gemma 2 has no output layer of its own (it reuses the "
+            "embeddings), and this model's is untied; export --format hf instead"
+        )
+    return gguf.MODEL_ARCH_NAMES[arch.gguf]
+
+
+@cache
+def _scalar_fields(path: str, mtime_ns: int, size: int) -> dict:
+    """A GGUF file's scalar metadata. Parsing a file's fields reads its whole vocabulary (tens
+    of seconds for the default model on a busy machine), so it is done once per file version."""
+    reader = gguf.GGUFReader(path)
+    found = {}
+    for key, field in reader.fields.items():
+        if not field.types or field.types[0] == gguf.GGUFValueType.ARRAY:
+            continue
+        value = field.parts[field.data[0]]
+        found[key] = (
+            bytes(value).decode()
+            if field.types[0] == gguf.GGUFValueType.STRING
+            else (value[0].item())
+        )
+    return found
+
+
+def gguf_field(path: str, key: str):
+    stat = Path(path).stat()
+    return _scalar_fields(str(path), stat.st_mtime_ns, stat.st_size).get(key)
+
+
 def source_quant(gguf_path: str | None) -> str | None:
-    """The quantisation a GGUF base came in, so a Q4_1 file in gives a Q4_1 file out."""
+    """The quantisation a GGUF base came in, so a Q4_1 file in gives a Q4_1 file out (and a
+    Q4_K_M file, quantised by llama.cpp, a Q4_K_M file)."""
     if not gguf_path:
         return None
-    reader = gguf.GGUFReader(gguf_path)
-    field = reader.fields.get("general.file_type")
-    if field is None:
+    ftype = gguf_field(gguf_path, "general.file_type")
+    if ftype is None:
         return None
-    ftype = int(field.parts[field.data[0]][0])
     for name, (_, file_type) in QUANTS.items():
+        if int(file_type) == ftype:
+            return name
+    for name, file_type in LLAMACPP_QUANTS.items():
         if int(file_type) == ftype:
             return name
     return None
@@ -79,43 +180,48 @@ def _rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
+@cache
+def _name_map(arch: gguf.MODEL_ARCH, layers: int) -> gguf.TensorNameMap:
+    return gguf.TensorNameMap(arch, layers)
+
+
 def gguf_name(name: str, config) -> str | None:
-    """llama.cpp's name for a tensor of an HF Llama state dict; None for one it does not store
-    (a tied output head, rotary frequencies)."""
-    if name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if name == "model.norm.weight":
-        return "output_norm.weight"
-    if name == "lm_head.weight":
-        return None if config.tie_word_embeddings else "output.weight"
-    if name.startswith("model.layers."):
-        _, _, idx, rest = name.split(".", 3)
-        module, _, kind = rest.rpartition(".")
-        if kind == "weight" and module in _LAYER:
-            return f"blk.{idx}.{_LAYER[module]}.weight"
-    elif name.endswith("rotary_emb.inv_freq"):
+    """llama.cpp's name for a tensor of a transformers state dict; None for one it does not
+    store (a tied output head, rotary frequencies)."""
+    if name.endswith("rotary_emb.inv_freq"):
         return None
-    raise InstillError(f"--format gguf: tensor {name} has no GGUF mapping")
+    if name == "lm_head.weight" and config.tie_word_embeddings:
+        return None
+    table = _name_map(_arch(config).gguf, config.num_hidden_layers)
+    found = table.get_name(name, try_suffixes=(".weight", ".bias"))
+    if found is None:
+        raise InstillError(
+            f"--format gguf: tensor {name} has no GGUF name for llama.cpp's "
+            f"{check_arch(config)} architecture"
+        )
+    return found
+
+
+def _rotary_heads(gguf_tensor: str, config) -> int | None:
+    if not _arch(config).rotary_rows:
+        return None
+    if gguf_tensor.endswith(".attn_q.weight"):
+        return config.num_attention_heads
+    if gguf_tensor.endswith(".attn_k.weight"):
+        return config.num_key_value_heads
+    return None
 
 
 def rotary_rows(w: np.ndarray, gguf_tensor: str, config) -> np.ndarray:
-    """Q and K rows in llama.cpp's rotary order (for a LoRA pair: B's rows); others unchanged."""
-    if gguf_tensor.endswith(".attn_q.weight"):
-        return _rotary_rows(w, config.num_attention_heads)
-    if gguf_tensor.endswith(".attn_k.weight"):
-        return _rotary_rows(w, config.num_key_value_heads)
-    return w
+    """Q and K rows in llama.cpp's rotary order where the architecture wants it (for a LoRA
+    pair: B's rows); others unchanged."""
+    heads = _rotary_heads(gguf_tensor, config)
+    return w if heads is None else _rotary_rows(w, heads)
 
 
 def hf_rows(w: np.ndarray, gguf_tensor: str, config) -> np.ndarray:
     """The inverse of rotary_rows: llama.cpp's Q and K row order back to transformers'."""
-    heads = (
-        config.num_attention_heads
-        if gguf_tensor.endswith(".attn_q.weight")
-        else config.num_key_value_heads
-        if gguf_tensor.endswith(".attn_k.weight")
-        else None
-    )
+    heads = _rotary_heads(gguf_tensor, config)
     if heads is None:
         return w
     return (
@@ -124,10 +230,14 @@ def hf_rows(w: np.ndarray, gguf_tensor: str, config) -> np.ndarray:
 
 
 def tensors(model, config):
+    plus_one = _arch(config).norm_plus_one
     for name, t in model.state_dict().items():
         tensor = gguf_name(name, config)
         if tensor is not None:
-            yield tensor, rotary_rows(t.detach().float().cpu().numpy(), tensor, config)
+            w = rotary_rows(t.detach().float().cpu().numpy(), tensor, config)
+            if plus_one and tensor.endswith("norm.weight"):
+                w = w + 1.0
+            yield tensor, w
 
 
 def add_tensor(writer, name: str, w: np.ndarray, qtype) -> None:
@@ -188,11 +298,41 @@ def _add_tokenizer(writer, tokenizer, pre: str) -> None:
 
 
 def _source_pre(gguf_path: str | None) -> str:
-    if gguf_path:
-        field = gguf.GGUFReader(gguf_path).fields.get("tokenizer.ggml.pre")
-        if field is not None:
-            return bytes(field.parts[field.data[0]]).decode()
-    return "default"
+    return (gguf_field(gguf_path, "tokenizer.ggml.pre") if gguf_path else None) or "default"
+
+
+def add_hparams(writer, config) -> None:
+    """The architecture's hyperparameters, from the config, under llama.cpp's keys."""
+    dim = head_dim(config)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
+    writer.add_key_length(dim)  # Qwen3 and Gemma: head_dim is not hidden / heads
+    writer.add_value_length(dim)
+    full, sliding = _rope(config)
+    partial = full.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", 1.0)
+    writer.add_rope_dimension_count(int(dim * (partial or 1.0)))
+    writer.add_rope_freq_base(float(full.get("rope_theta") or 10000.0))
+    if full.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(full["factor"]))
+    if sliding is not None and sliding.get("rope_theta"):
+        writer.add_rope_freq_base_swa(float(sliding["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    # read only by the architectures that have them (Gemma, Phi-3); Qwen2's window is off
+    # unless use_sliding_window says otherwise
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        writer.add_sliding_window(window)
+    for key, setter in (
+        ("attn_logit_softcapping", writer.add_attn_logit_softcapping),
+        ("final_logit_softcapping", writer.add_final_logit_softcapping),
+    ):
+        if getattr(config, key, None):
+            setter(float(getattr(config, key)))
 
 
 def write_gguf(
@@ -217,19 +357,8 @@ def write_gguf(
     else:
         qtype, file_type = QUANTS[quant]
     writer = gguf.GGUFWriter(str(path), arch)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_name(name)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(head_dim)
-    rope = getattr(config, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
-    writer.add_rope_freq_base(float(theta))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    add_hparams(writer, config)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(int(file_type))
     _add_tokenizer(writer, tokenizer, _source_pre(base_gguf))

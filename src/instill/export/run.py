@@ -25,6 +25,7 @@ from instill.errors import InstillError
 from instill.export import gguf_export, gguf_file, gguf_lora
 from instill.export.tuned import Tuned, final_dir, load_tuned
 from instill.export.verify import Figures, check, compare, from_transformers
+from instill.models import llamacpp
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PARTS = ("merged", "adapter", "both")
@@ -192,6 +193,8 @@ def export_run(
     if fmt == "gguf":
         gguf_file.check_arch(tuned.merged.config)
         quant = quant or gguf_file.source_quant(tuned.source.gguf_path) or "f16"
+        if quant in gguf_file.LLAMACPP_QUANTS:  # before any work: the quantizer is llama.cpp's
+            llamacpp.require(f"--quant {quant} (written by llama.cpp's own quantizer)")
         if quant == gguf_file.AUTO and max_size_mb is not None:
             gguf_export.check_auto_size(tuned, max_size_mb)
     elif fmt == "gguf-lora":

@@ -14,6 +14,10 @@ model's own greedy reply of up to 16 tokens, end-of-turn included):
     q8_0         1.0    agreement 0.90   (llama.cpp: 3.0; it rounds activations to 8 bits too)
     auto         report only   agreement 0.90  (mixed types, chosen by measurement)
     q4_0 / q4_1  report only   agreement 0.80  (4-bit rounding moves logits by whole units)
+    llama.cpp's quantizer (--quant q6_k ... q2_k): report only, agreement by bits a weight:
+    q6_k 0.90; q5_k_m, q5_k_s, q5_0, q5_1 0.85; q4_k_m, q4_k_s, iq4_xs, iq4_nl 0.80;
+    q3_k_l, q3_k_m, q3_k_s 0.70; q2_k 0.60 (floors set by analogy with q8_0 and q4_x, not yet
+    measured on tuned models)
 
 An adapter GGUF is checked by the type of its own tensors, applied by llama.cpp on the base GGUF
 as it is (a 4-bit base's own rounding is the base's, and part of what both models run).
@@ -59,7 +63,21 @@ TOLERANCE = {  # format -> (max |logit diff| or None, minimum greedy agreement)
     "auto": (None, 0.90),
     "q4_0": (None, 0.80),
     "q4_1": (None, 0.80),
+    **dict.fromkeys(["q6_k"], (None, 0.90)),
+    **dict.fromkeys(["q5_k_m", "q5_k_s", "q5_0", "q5_1"], (None, 0.85)),
+    **dict.fromkeys(["q4_k_m", "q4_k_s", "iq4_xs", "iq4_nl"], (None, 0.80)),
+    **dict.fromkeys(["q3_k_l", "q3_k_m", "q3_k_s"], (None, 0.70)),
+    "q2_k": (None, 0.60),
 }
+FOUR_BITS_OR_FEWER = {k for k, (_, agree) in TOLERANCE.items() if agree <= 0.80} - {"auto"}
+
+
+def looseness(kind: str) -> tuple[float, float]:
+    """Orders types from strictest to loosest tolerance (a looser one is larger)."""
+    logit, agree = TOLERANCE[kind]
+    return (-agree, float("inf") if logit is None else logit)
+
+
 # llama.cpp's own arithmetic: f32 kernels sum in another order than torch's, and its q8_0 (and
 # 4-bit) matrix products round the activations to 8 bits as well as the weights
 LLAMACPP_LOGITS = {"fp32": 1e-3, "f32": 1e-3, "q8_0": 3.0}
@@ -182,12 +200,12 @@ def check(figures: Figures, what: str) -> None:
         problems.append(
             f"greedy agreement {figures.greedy_agreement:.3f} < {figures.agreement_tolerance}"
         )
-        if what.split()[-1] in ("q4_0", "q4_1"):
+        if what.split()[-1] in FOUR_BITS_OR_FEWER:
             problems.append(
-                "rounding the tuned weights to 4 bits changed the model's answers (the tuning "
-                "may not survive it); export --quant q8_0 instead, --quant auto (a smaller "
-                "mixed file), or --format gguf-lora (the adapter for the 4-bit base as it is), "
-                "or accept the drift knowingly with --min-agreement"
+                "rounding the tuned weights to 4 bits or fewer changed the model's answers (the "
+                "tuning may not survive it); export --quant q8_0 or q6_k instead, --quant auto "
+                "(a smaller mixed file), or --format gguf-lora (the adapter for the 4-bit base as "
+                "it is), or accept the drift knowingly with --min-agreement"
             )
     if problems:
         raise InstillError(f"export verification failed for {what}: " + "; ".join(problems))

@@ -154,3 +154,25 @@ def open_gguf(
         files = f"{path}" + (f" with the adapter {lora}" if lora else "")
         raise InstillError(f"llama.cpp could not load {files}: {exc}") from None
     return LlamaCpp(llm, Path(path), Path(lora) if lora else None)
+
+
+def quantize(source: Path, dest: Path, ftype: str, what: str) -> None:
+    """llama.cpp's own quantizer (what llama-quantize runs), in-process: `source` (an f32 or f16
+    GGUF) to `dest` at llama.cpp's file type `ftype` (a LLAMA_FTYPE_MOSTLY_* suffix such as
+    "q4_k_m"), with llama.cpp's per-tensor rules for it. No importance matrix: llama-cpp-python
+    passes one to the quantizer (llama_model_imatrix_data) but cannot collect one (llama.cpp's
+    imatrix tool is not in the binding), so the types that need one are not offered."""
+    import ctypes
+
+    llama_cpp = require(what)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
+    params.nthread = threads()
+    code = llama_cpp.llama_model_quantize(
+        str(source).encode(), str(dest).encode(), ctypes.byref(params)
+    )
+    if code != 0:
+        raise InstillError(
+            f"llama.cpp's quantizer failed ({code}) turning {source.name} into {ftype}; its log "
+            "above says why"
+        )
