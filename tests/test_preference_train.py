@@ -432,6 +432,20 @@ def test_a_dpo_run_measures_its_held_out_pairs_before_and_after(tiny_dir, tmp_pa
     assert json.loads(shown.output)["preference"]["measures"] == summary["measures"]
 
 
+def test_a_packed_preference_recipe_runs_and_records_its_packing(tiny_dir, tmp_path):
+    from instill.recipe import run_recipe
+
+    pairs = pair_file(tmp_path / "p.jsonl", prompts=4, per_prompt=2)
+    recipe = preference_recipe(
+        tiny_dir, tmp_path, f"data.sources=[{{path: {pairs}}}]", "data.packing=true"
+    )
+    run = run_recipe(recipe)
+    record = json.loads((run.run_dir / "run.json").read_text())
+    assert record["train"]["steps"] == 2
+    # packing is per micro-batch for pairs: no whole-data efficiency to report
+    assert record["packing_efficiency"] is None
+
+
 def test_precomputed_reference_is_cached_by_model_and_pairs(tokenizer, tmp_path, monkeypatch):
     """A second run on the same start and pairs reads the reference log-probs instead of
     scoring them, and trains the same; other weights miss the cache."""

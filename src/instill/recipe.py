@@ -510,7 +510,8 @@ def _base_validation(run_dir: Path, loaded, data, recipe: Recipe) -> float:
 
 
 def _packing_efficiency(recipe: Recipe, data) -> float | None:
-    if not recipe.data.packing:
+    # preference objectives pack each micro-batch's sequences, not the whole data: no figure
+    if not recipe.data.packing or recipe.train.objective != "sft":
         return None
     from instill.data.packing import pack_best_fit, packing_efficiency
 
