@@ -8,6 +8,7 @@ llamacpp extra. Usage:
 
     python bench/gguf_deploy.py runs/quickstart --out /tmp/gguf-bench
     python bench/gguf_deploy.py runs/quickstart --kinds lora-f16 auto auto:87
+    python bench/gguf_deploy.py runs/quickstart --kinds lora-f16 auto q4_k_m q5_k_m
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ KINDS = {  # name -> export_run arguments
     "q8_0": dict(fmt="gguf", quant="q8_0"),
     "q4_1": dict(fmt="gguf", quant="q4_1", min_agreement=0.0),
     "auto": dict(fmt="gguf", quant="auto"),
+    # llama.cpp's own quantizer (the K-quants users download): Ollama's default and its step up
+    "q4_k_m": dict(fmt="gguf", quant="q4_k_m"),
+    "q5_k_m": dict(fmt="gguf", quant="q5_k_m"),
+    "q6_k": dict(fmt="gguf", quant="q6_k"),
     "lora-f16": dict(fmt="gguf-lora", quant="f16"),
     "lora-q8_0": dict(fmt="gguf-lora", quant="q8_0"),
 }
