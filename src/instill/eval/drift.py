@@ -28,7 +28,7 @@ from instill.errors import InstillError
 from instill.eval.tasks import EvalExample
 from instill.jsonl import read_jsonl, write_jsonl
 
-OPEN_FILE = Path(__file__).parent / "suites" / "open_prompts.jsonl"
+OPEN_FILE = Path(__file__).parent / "suite_files" / "open_prompts.jsonl"
 GEN_SUITE = "general_gen"
 SHORT_WORDS = 10  # a reply under this many words is "short" (a one-line answer)
 

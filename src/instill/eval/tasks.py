@@ -21,7 +21,7 @@ from instill.data.sources import RawRow, read_source
 from instill.errors import InstillError
 from instill.eval.metrics import METRICS
 
-GENERAL_FILE = Path(__file__).parent / "suites" / "general.jsonl"
+GENERAL_FILE = Path(__file__).parent / "suite_files" / "general.jsonl"
 
 
 @dataclass(frozen=True)
