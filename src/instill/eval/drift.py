@@ -194,7 +194,7 @@ def model_digest(model: torch.nn.Module) -> str:
 
 
 def _cache_file(digest: str, tokenizer, max_new_tokens: int) -> Path:
-    from instill.models.resolve import instill_home
+    from instill.home import instill_home
 
     template = getattr(tokenizer, "chat_template", "") or ""
     settings = json.dumps(
