@@ -370,7 +370,7 @@ def setup(acc, recipe: Recipe, overwrite: bool, phases: Phases | None = None) ->
                 check_replay_prompts(recipe, tasks)
             digest = None
             if recipe.data.replay is not None or any(t.metric == "drift" for t in tasks):
-                from instill.eval.drift import model_digest
+                from instill.models.load import model_digest
 
                 name = "base replies (replay rows)" if recipe.data.replay else "base model digest"
                 with phases(name):

@@ -20,13 +20,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from instill.atomic import WriteError, atomic_file
 from instill.data.formats import instruction_text
 from instill.errors import InstillError
 from instill.eval.tasks import EvalExample
 from instill.jsonl import read_jsonl, write_jsonl
+from instill.models.load import model_digest
 
 OPEN_FILE = Path(__file__).parent / "suite_files" / "open_prompts.jsonl"
 GEN_SUITE = "general_gen"
@@ -180,17 +179,6 @@ class Anchor:
     digest: str
     max_new_tokens: int
     replies: dict[str, BaseReply]
-
-
-def model_digest(model: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer (names, dtypes, bytes): the same weights give the
-    same digest whatever file or hub id they came from; any changed weight gives another."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _cache_file(digest: str, tokenizer, max_new_tokens: int) -> Path:
