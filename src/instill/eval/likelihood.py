@@ -32,11 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from instill.data.dataset import labels_from, pad_right
 from instill.data.render import end_of_turn_ids, render_batch
-from instill.train.loss import SupervisedLM, _parts, token_cross_entropy
-
-Rows = Sequence[tuple[Sequence[int], Sequence[int]]]  # (token ids, mask 1 = scored) per row
+from instill.train.loss import ReplyScore, Rows, _parts, masked_logprobs, token_cross_entropy
 
 # Tokens packed into one forward pass of `shared_prefix_logprobs`: attention runs over the whole
 # pack (the mask discards other branches' columns), so a bigger pack wastes more attention work
@@ -45,16 +42,6 @@ Rows = Sequence[tuple[Sequence[int], Sequence[int]]]  # (token ids, mask 1 = sco
 # 512 -> 57.8 s: 128 and 256 within the noise, fewer passes are better where matrix products
 # are cheap (a GPU).
 TOKENS_PER_PASS = 256
-
-
-@dataclass(frozen=True)
-class ReplyScore:
-    logprob: float  # sum of the reply tokens' log-probabilities
-    tokens: int  # how many reply tokens were scored
-
-    @property
-    def mean(self) -> float:
-        return self.logprob / self.tokens if self.tokens else float("-inf")
 
 
 @torch.inference_mode()
@@ -92,27 +79,6 @@ def reply_rows(
                 last -= 1
         rows.append((ids, mask))
     return rows
-
-
-@torch.inference_mode()
-def masked_logprobs(model, rows: Rows, pad: int, *, batch_size: int = 8) -> list[ReplyScore]:
-    """For each (token ids, mask) row, the summed log-probability of the tokens where the mask
-    is 1, each given everything before it. Rows are length-sorted into padded batches."""
-    lm, device = SupervisedLM(model), next(model.parameters()).device
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-    out: list[ReplyScore | None] = [None] * len(rows)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        ids, attn, target_mask = pad_right([rows[i] for i in idx], pad)
-        losses, counts = lm(
-            input_ids=ids.to(device),
-            labels=labels_from(ids, target_mask).to(device),
-            attention_mask=attn.to(device),
-            per_row=True,
-        )
-        for r, i in enumerate(idx):
-            out[i] = ReplyScore(-float(losses[r]) if counts[r] else 0.0, int(counts[r]))
-    return out  # type: ignore[return-value]
 
 
 def choose(

@@ -2,7 +2,10 @@
 
     SupervisedLM(model)(input_ids, labels, ...)  -> (loss sum, supervised tokens)
         used by the training step, the validation loss (train/loop.py) and, with per_row=True
-        (each row's loss sum and token count), evaluation's likelihood (eval/likelihood.py)
+        (each row's loss sum and token count), scoring:
+    masked_logprobs(model, rows, pad)  each (ids, mask) row's summed log-probability, in padded
+        batches: evaluation's likelihood (eval/likelihood.py) and the base replies' NLL
+        (anchors.py), one definition with the training loss
     supervised_cross_entropy(head, hidden, labels)  the loss itself: labels shifted by one,
         IGNORE positions skipped
     token_cross_entropy(head, hidden, targets)  each given position's loss, for scoring (also
@@ -18,14 +21,18 @@ several processes, global) batch, which makes batch 8 equal batch 2 x 4 accumula
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from instill.data.dataset import labels_from, pad_right
 from instill.train.compiled import eager
 
 IGNORE = -100
+Rows = Sequence[tuple[Sequence[int], Sequence[int]]]  # (token ids, mask 1 = scored) per row
 
 
 def _logits(head: torch.nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -247,3 +254,37 @@ class SupervisedLM(torch.nn.Module):
             self.chunk,
             softcap,
         )
+
+
+# --- scoring: each row's log-probability, for evaluation and the anchors' replies ---------------
+
+
+@dataclass(frozen=True)
+class ReplyScore:
+    logprob: float  # sum of the reply tokens' log-probabilities
+    tokens: int  # how many reply tokens were scored
+
+    @property
+    def mean(self) -> float:
+        return self.logprob / self.tokens if self.tokens else float("-inf")
+
+
+@torch.inference_mode()
+def masked_logprobs(model, rows: Rows, pad: int, *, batch_size: int = 8) -> list[ReplyScore]:
+    """For each (token ids, mask) row, the summed log-probability of the tokens where the mask
+    is 1, each given everything before it. Rows are length-sorted into padded batches."""
+    lm, device = SupervisedLM(model), next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    out: list[ReplyScore | None] = [None] * len(rows)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids, attn, target_mask = pad_right([rows[i] for i in idx], pad)
+        losses, counts = lm(
+            input_ids=ids.to(device),
+            labels=labels_from(ids, target_mask).to(device),
+            attention_mask=attn.to(device),
+            per_row=True,
+        )
+        for r, i in enumerate(idx):
+            out[i] = ReplyScore(-float(losses[r]) if counts[r] else 0.0, int(counts[r]))
+    return out  # type: ignore[return-value]
