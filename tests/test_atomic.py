@@ -461,8 +461,8 @@ def test_caches_that_cannot_be_written_are_skipped_with_a_warning(
     import numpy as np
 
     from instill.data.cache import cache_key
+    from instill.data.examples import EvalExample
     from instill.eval import drift
-    from instill.eval.tasks import EvalExample
 
     home = tmp_path / "home"
     monkeypatch.setenv("INSTILL_HOME", str(home))

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from instill.atomic import WriteError, atomic_file
+from instill.data.examples import EvalExample
 from instill.data.formats import instruction_text
 from instill.errors import InstillError
-from instill.eval.tasks import EvalExample
 from instill.jsonl import read_jsonl, write_jsonl
 from instill.models.load import model_digest
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from instill.data import builtin
+from instill.data.examples import EvalExample
 from instill.data.formats import (
     Conversation,
     detect_format,
@@ -22,18 +23,6 @@ from instill.errors import InstillError
 from instill.eval.metrics import METRICS
 
 GENERAL_FILE = Path(__file__).parent / "suite_files" / "general.jsonl"
-
-
-@dataclass(frozen=True)
-class EvalExample:
-    id: str
-    prompt: tuple[dict, ...]  # the conversation up to the reply to produce
-    reference: str | tuple[str, ...]  # one reference, or several acceptable ones
-    family: str = ""
-    cluster: str = ""
-    choices: tuple[str, ...] | None = None  # for the choice metric: the answers to rank
-    scorer: object = None  # the built-in task's own scorer (metric "builtin")
-    source: str = ""  # file:line (or the generator) the example came from, for error messages
 
 
 @dataclass
