@@ -4,7 +4,6 @@ from instill.eval.metrics import bootstrap_ci
 from instill.eval.runner import (
     SuiteResult,
     evaluate,
-    evaluate_builtin,
     load_result,
     write_result,
 )
@@ -13,7 +12,6 @@ __all__ = [
     "SuiteResult",
     "bootstrap_ci",
     "evaluate",
-    "evaluate_builtin",
     "load_result",
     "write_result",
 ]
