@@ -104,6 +104,19 @@ def chunked_cross_entropy(
     return _summed_in_chunks(_ce_sum, (head, hidden, targets, softcap), (1, 2), chunk)
 
 
+def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, keep): position t predicts labels[t+1], and keep marks the positions whose
+    target is not IGNORE (the supervised ones). The supervised loss and the preference losses'
+    reply log-probs (train/preference.py) both start here."""
+    targets = labels[:, 1:]
+    return targets, targets != IGNORE
+
+
+def kept_rows(keep: torch.Tensor) -> torch.Tensor:
+    """The row of each kept position, in the order `x[keep]` lists the positions."""
+    return torch.arange(len(keep), device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+
+
 def supervised_cross_entropy(
     head: torch.nn.Module,
     hidden: torch.Tensor,
@@ -116,12 +129,11 @@ def supervised_cross_entropy(
     and positions whose label is IGNORE are skipped. Returns (loss sum, supervised tokens) or,
     with per_row (scoring, no gradients needed), each row's loss sum in float64 and its
     supervised tokens."""
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
+    targets, keep = shifted_targets(labels)
     if not per_row:
         loss_sum = chunked_cross_entropy(head, hidden[:, :-1][keep], targets[keep], chunk, softcap)
         return loss_sum, keep.sum()
-    rows = torch.arange(len(labels), device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+    rows = kept_rows(keep)
     sums = torch.zeros(len(labels), dtype=torch.float64, device=hidden.device)
     ce = token_cross_entropy(head, hidden[:, :-1][keep], targets[keep], chunk, softcap)
     sums.index_add_(0, rows, ce.double())
