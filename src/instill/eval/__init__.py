@@ -1,4 +1,7 @@
-"""Evaluation: a task is examples plus a scorer; results are written per example and summarised."""
+"""Evaluation: a task is examples plus a scorer; results are written per example and summarised.
+
+Below eval: the anchor prompts and the base model's replies (instill/anchors.py, shared with the
+recipe's replay), EvalExample (data/examples.py) and per-row scoring (train/loss.py)."""
 
 from instill.eval.metrics import bootstrap_ci
 from instill.eval.runner import (
