@@ -97,12 +97,7 @@ def choose(
     unlike a per-token mean the score does not depend on how the tokenizer splits the words
     (a per-token mean favours words split into many easy pieces, which on the general suite put
     the default model at chance). batch_size: rows per pass where prefixes cannot be shared."""
-    flat = [
-        [*prompt, {"role": "assistant", "content": choice}]
-        for prompt, options in zip(prompts, choices, strict=True)
-        for choice in options
-    ]
-    rows = reply_rows(tokenizer, flat, include_end=False)
+    rows = choice_rows(tokenizer, prompts, choices)
     if shares_prefixes(model):
         groups, k = [], 0
         for options in choices:
@@ -112,6 +107,27 @@ def choose(
         scores = [s for group in per_group for s in group]
     else:
         scores = masked_logprobs(model, rows, tokenizer.pad_token_id, batch_size=batch_size)
+    return per_byte_choice(scores, choices)
+
+
+def choice_rows(
+    tokenizer, prompts: Sequence[Sequence[dict]], choices: Sequence[Sequence[str]]
+) -> list[tuple[list[int], list[int]]]:
+    """(token ids, mask) of every option of every prompt, in order: the option as the
+    assistant's reply, its closing end-of-turn not scored."""
+    flat = [
+        [*prompt, {"role": "assistant", "content": choice}]
+        for prompt, options in zip(prompts, choices, strict=True)
+        for choice in options
+    ]
+    return reply_rows(tokenizer, flat, include_end=False)
+
+
+def per_byte_choice(
+    scores: Sequence[ReplyScore], choices: Sequence[Sequence[str]]
+) -> list[tuple[int, list[float]]]:
+    """The options' scores (in choice_rows' order) regrouped by prompt, each divided by the
+    option's length in UTF-8 bytes, and each prompt's best option."""
     result, k = [], 0
     for options in choices:
         mine = [
