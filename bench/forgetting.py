@@ -101,8 +101,8 @@ def calibrate(max_new_tokens: int = 64, per_kind: int = 8) -> None:
 
     import torch
 
+    from instill.anchors import base_replies, reply_nll
     from instill.config import ModelConfig
-    from instill.eval.drift import base_replies, reply_nll
     from instill.eval.metrics import bootstrap_ci
     from instill.models import load_model
 

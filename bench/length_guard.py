@@ -112,7 +112,7 @@ def answer(model, tok, convs, name: str, max_new_tokens: int) -> list[dict]:
 def drift(model, tok, prompts, convs, base_ids, base_nll) -> list[float]:
     """Per prompt: NLL of the base's first 64 reply tokens under the variant (its weights, its
     prompt) minus under the base, as general_gen's drift with its default cap."""
-    from instill.eval.drift import reply_nll
+    from instill.anchors import reply_nll
 
     pairs = zip(prompts, convs, strict=True)
     asked = [type(p)(p.id, tuple(c), "", p.family, p.cluster) for p, c in pairs]

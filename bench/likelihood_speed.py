@@ -23,9 +23,10 @@ import torch
 from instill.config import ModelConfig
 from instill.eval.likelihood import (
     TOKENS_PER_PASS,
+    choice_rows,
     choose,
     masked_logprobs,
-    reply_rows,
+    per_byte_choice,
 )
 from instill.eval.tasks import general_task
 from instill.models.load import load_model
@@ -34,22 +35,9 @@ from instill.models.load import load_model
 def old_choose(model, tokenizer, prompts, choices, batch_size=8):
     """The scoring before the shared prefixes: every option's row in full, length-sorted padded
     batches (masked_logprobs), the same per-byte score."""
-    flat = [
-        [*p, {"role": "assistant", "content": c}]
-        for p, cs in zip(prompts, choices, strict=True)
-        for c in cs
-    ]
-    rows = reply_rows(tokenizer, flat, include_end=False)
+    rows = choice_rows(tokenizer, prompts, choices)
     scores = masked_logprobs(model, rows, tokenizer.pad_token_id, batch_size=batch_size)
-    out, k = [], 0
-    for options in choices:
-        mine = [
-            s.logprob / max(1, len(o.encode()))
-            for s, o in zip(scores[k : k + len(options)], options, strict=True)
-        ]
-        k += len(options)
-        out.append((max(range(len(mine)), key=mine.__getitem__), mine))
-    return out, sum(len(ids) for ids, _ in rows)
+    return per_byte_choice(scores, choices), sum(len(ids) for ids, _ in rows)
 
 
 def tokens_run(model, tokenizer, prompts, choices, per_pass):

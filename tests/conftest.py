@@ -56,6 +56,27 @@ def build_tiny(tokenizer, seed: int = 0, tied: bool = True):
     return LlamaForCausalLM(config).eval()
 
 
+def adapter_run(run: Path, model, tokenizer, source) -> Path:
+    """A run folder as training leaves it for `instill export`: final/ (the peft adapter and the
+    tokenizer), config.yaml naming the GGUF base and run.json recording it (path, sha256).
+    `source` is resolve_model's ModelSource of that base."""
+    import json
+
+    import yaml
+
+    model.save_pretrained(run / "final")
+    tokenizer.save_pretrained(run / "final")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": source.gguf_path}}))
+    record = {
+        "name": source.gguf_path,
+        "kind": "gguf",
+        "path": source.path,
+        "sha256": source.sha256,
+    }
+    (run / "run.json").write_text(json.dumps({"model": record}))
+    return run
+
+
 @pytest.fixture
 def tiny(tokenizer):
     return build_tiny(tokenizer)

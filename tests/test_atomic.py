@@ -460,9 +460,9 @@ def test_caches_that_cannot_be_written_are_skipped_with_a_warning(
     and says which file could not be written and why."""
     import numpy as np
 
+    from instill import anchors
     from instill.data.cache import cache_key
-    from instill.eval import drift
-    from instill.eval.tasks import EvalExample
+    from instill.data.examples import EvalExample
 
     home = tmp_path / "home"
     monkeypatch.setenv("INSTILL_HOME", str(home))
@@ -475,10 +475,10 @@ def test_caches_that_cannot_be_written_are_skipped_with_a_warning(
     assert f"{npz}: cannot write data cache: No space left on device" in err
     assert list((home / "data-cache").iterdir()) == []
 
-    monkeypatch.setattr(drift, "write_jsonl", no_space, raising=False)
+    monkeypatch.setattr(anchors, "write_jsonl", no_space, raising=False)
     prompt = EvalExample("p1", ({"role": "user", "content": "Say hi."},), "", "open", "open")
-    drift.base_replies(tiny, tokenizer, [prompt], 2, batch_size=1)
-    path = drift._cache_file(drift.model_digest(tiny), tokenizer, 2)
+    anchors.base_replies(tiny, tokenizer, [prompt], 2, batch_size=1)
+    path = anchors._cache_file(anchors.model_digest(tiny), tokenizer, 2)
     err = capsys.readouterr().err
     assert f"{path}: cannot write base-reply cache: No space left on device" in err
     assert list(path.parent.iterdir()) == []

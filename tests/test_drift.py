@@ -11,21 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from instill.anchors import Anchor, BaseReply, base_replies, prompt_file, shipped_prompts
 from instill.config import load_recipe
 from instill.data.dataset import collate, replay_conversations, replay_picks, tokenize
 from instill.errors import InstillError
 from instill.eval import drift
 from instill.eval.compare import Side, compare_suite, generation_change
-from instill.eval.drift import (
-    Anchor,
-    BaseReply,
-    base_replies,
-    drift_records,
-    generation_summary,
-    model_digest,
-    prompt_file,
-    shipped_prompts,
-)
+from instill.eval.drift import drift_records, generation_summary
+from instill.models.load import model_digest
 from instill.report.run_report import forgetting_verdict
 
 FIXTURE = Path(__file__).parent / "fixtures" / "forgetting"

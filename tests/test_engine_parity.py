@@ -120,7 +120,7 @@ def test_eval_greedy_equals_transformers(model, tokenizer):
 
 
 def test_drift_base_replies_equal_transformers(model, tokenizer):
-    from instill.eval.drift import base_replies
+    from instill.anchors import base_replies
     from instill.eval.tasks import EvalExample
 
     prompts = [EvalExample(id=str(i), prompt=tuple(c), reference="") for i, c in enumerate(CONVS)]

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from instill.anchors import shipped_prompts
 from instill.config import load_recipe
 from instill.errors import InstillError
 from instill.eval.compare import Side, compare_suite
-from instill.eval.drift import shipped_prompts
 from instill.eval.suites import build_tasks
 from instill.recipe import check_replay_prompts
 from instill.report.claims import forgetting_verdict

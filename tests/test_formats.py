@@ -277,7 +277,7 @@ def test_templates_render_in_a_sandbox(tokenizer, tmp_path):
 
 
 def test_inspect_counts(tokenizer, tmp_path, monkeypatch):
-    from instill import inspect as inspect_mod
+    from instill.data import inspect_data as inspect_mod
 
     rows = [{"prompt": "word " * 300, "completion": "yes"}] + [
         {"prompt": f"p{i}", "completion": "c"} for i in range(5)
@@ -297,7 +297,7 @@ def test_inspect_counts(tokenizer, tmp_path, monkeypatch):
 def test_inspect_of_a_recipe_leaves_its_held_out_clusters_out(tokenizer, tmp_path, monkeypatch):
     """`data inspect RECIPE` counts what training will see: rows of eval.holdout_clusters are
     kept out (and counted as held out), and a held-out cluster no row has is the run's error."""
-    from instill import inspect as inspect_mod
+    from instill.data import inspect_data as inspect_mod
 
     rows = [{"prompt": f"bill {i}", "completion": "ok", "cluster": "billing"} for i in range(3)]
     rows += [{"prompt": f"ship {i}", "completion": "ok", "cluster": "shipping"} for i in range(5)]

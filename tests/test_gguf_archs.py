@@ -14,12 +14,12 @@ import json
 import gguf
 import pytest
 import torch
-import yaml
 
 from instill.errors import InstillError
 from instill.export import export_run
 from instill.export.gguf_file import SUPPORTED_ARCHS, write_gguf
 from instill.models import llamacpp
+from tests.conftest import adapter_run
 
 needs_llamacpp = pytest.mark.skipif(
     not llamacpp.available(),
@@ -105,18 +105,7 @@ def tuned_run(tmp_path, tokenizer, default_source, model_type: str, **build_args
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1, generator=g)
-    run = tmp_path / "run"
-    model.save_pretrained(run / "final")
-    tokenizer.save_pretrained(run / "final")
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": source.gguf_path}}))
-    record = {
-        "name": source.gguf_path,
-        "kind": "gguf",
-        "path": source.path,
-        "sha256": source.sha256,
-    }
-    (run / "run.json").write_text(json.dumps({"model": record}))
-    return run, source
+    return adapter_run(tmp_path / "run", model, tokenizer, source), source
 
 
 def _tensors(path) -> dict:

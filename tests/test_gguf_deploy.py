@@ -23,7 +23,7 @@ from instill.errors import InstillError
 from instill.export import export_run
 from instill.export.gguf_file import write_gguf
 from instill.models import llamacpp
-from tests.conftest import build_tiny
+from tests.conftest import adapter_run, build_tiny
 
 needs_llamacpp = pytest.mark.skipif(
     not llamacpp.available(),
@@ -80,18 +80,7 @@ def _tuned_run(
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at zero: perturb it so the adapter changes the model
             p.data.normal_(0, std, generator=g)
-    run = tmp_path / "run"
-    model.save_pretrained(run / "final")
-    tokenizer.save_pretrained(run / "final")
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": source.gguf_path}}))
-    record = {
-        "name": source.gguf_path,
-        "kind": "gguf",
-        "path": source.path,
-        "sha256": source.sha256,
-    }
-    (run / "run.json").write_text(json.dumps({"model": record}))
-    return run, source
+    return adapter_run(tmp_path / "run", model, tokenizer, source), source
 
 
 @pytest.fixture

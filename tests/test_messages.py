@@ -3,9 +3,9 @@ rows (Alpaca, Self-Instruct), eval suites' prompt rows and prompt files (drift, 
 
 from __future__ import annotations
 
+from instill.anchors import _row_prompt
 from instill.data.formats import instruction_text, to_conversations
 from instill.data.sources import RawRow
-from instill.eval.drift import _row_prompt
 from instill.eval.tasks import _prompt_only
 
 

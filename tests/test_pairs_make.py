@@ -11,9 +11,10 @@ import pytest
 
 from instill import pairs
 from instill.data import builtin
+from instill.data.examples import EvalExample
 from instill.data.preference import Labelled, Pair, read_preferences
 from instill.errors import InstillError
-from instill.eval.tasks import EvalExample, builtin_examples
+from instill.eval.tasks import builtin_examples
 from instill.infer import Generation, GenParams, generate
 
 EX = EvalExample(id="ex1", prompt=({"role": "user", "content": "2 + 3? Number only."},),

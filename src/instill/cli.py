@@ -909,7 +909,7 @@ def data_inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
 ) -> None:
     """Detected format, counts, length histogram, and rows coloured by what is trained."""
-    from instill.inspect import inspect_data
+    from instill.data.inspect_data import inspect_data
 
     _quiet_libraries()
     report = inspect_data(

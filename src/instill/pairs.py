@@ -27,8 +27,9 @@ from instill.atomic import write_text
 from instill.config import EvalConfig, PairsConfig, default
 from instill.config.load import load_recipe
 from instill.data import builtin
+from instill.data.examples import EvalExample
 from instill.errors import InstillError
-from instill.eval.tasks import EvalExample, Task
+from instill.eval.tasks import Task
 from instill.infer import Generation, GenParams, generate
 from instill.jsonl import write_jsonl
 

@@ -287,7 +287,7 @@ def during_training(recipe: Recipe, tasks, tokenizer):
 
 def check_replay_prompts(recipe: Recipe, tasks) -> None:
     """data.replay's prompts must not be prompts of a forgetting guard (general, drift suites)."""
-    from instill.eval.drift import OPEN_FILE, check_replay_overlap, prompt_file, shipped_prompts
+    from instill.anchors import OPEN_FILE, check_replay_overlap, prompt_file, shipped_prompts
 
     cfg = recipe.data.replay
     guards = [(t.name, t.examples) for t in tasks if t.metric == "drift" or t.name == "general"]
@@ -304,8 +304,8 @@ def check_replay_prompts(recipe: Recipe, tasks) -> None:
 def with_replay(recipe: Recipe, loaded, data, digest: str | None):
     """data.replay: the base model answers general prompts (cached) and its replies join the
     training rows at the set fraction."""
+    from instill.anchors import base_replies, prompt_file, shipped_prompts
     from instill.data.dataset import add_replay, replay_conversations, replay_picks
-    from instill.eval.drift import base_replies, prompt_file, shipped_prompts
 
     cfg = recipe.data.replay
     if cfg is None:
@@ -370,7 +370,7 @@ def setup(acc, recipe: Recipe, overwrite: bool, phases: Phases | None = None) ->
                 check_replay_prompts(recipe, tasks)
             digest = None
             if recipe.data.replay is not None or any(t.metric == "drift" for t in tasks):
-                from instill.eval.drift import model_digest
+                from instill.models.load import model_digest
 
                 name = "base replies (replay rows)" if recipe.data.replay else "base model digest"
                 with phases(name):

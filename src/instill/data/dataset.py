@@ -253,7 +253,7 @@ def build_data(
     The result is cached under $INSTILL_HOME/data-cache, keyed by the data, tokenizer and config.
     """
     from instill.data import cache as data_cache
-    from instill.models.resolve import instill_home
+    from instill.home import instill_home
 
     key = data_cache.cache_key(cfg, tokenizer, holdout) if cache else None
     folder = instill_home() / "data-cache"

@@ -1,10 +1,12 @@
-"""Evaluation: a task is examples plus a scorer; results are written per example and summarised."""
+"""Evaluation: a task is examples plus a scorer; results are written per example and summarised.
+
+Below eval: the anchor prompts and the base model's replies (instill/anchors.py, shared with the
+recipe's replay), EvalExample (data/examples.py) and per-row scoring (train/loss.py)."""
 
 from instill.eval.metrics import bootstrap_ci
 from instill.eval.runner import (
     SuiteResult,
     evaluate,
-    evaluate_builtin,
     load_result,
     write_result,
 )
@@ -13,7 +15,6 @@ __all__ = [
     "SuiteResult",
     "bootstrap_ci",
     "evaluate",
-    "evaluate_builtin",
     "load_result",
     "write_result",
 ]

@@ -32,11 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from instill.data.dataset import labels_from, pad_right
 from instill.data.render import end_of_turn_ids, render_batch
-from instill.train.loss import SupervisedLM, _parts, token_cross_entropy
-
-Rows = Sequence[tuple[Sequence[int], Sequence[int]]]  # (token ids, mask 1 = scored) per row
+from instill.train.loss import ReplyScore, Rows, _parts, masked_logprobs, token_cross_entropy
 
 # Tokens packed into one forward pass of `shared_prefix_logprobs`: attention runs over the whole
 # pack (the mask discards other branches' columns), so a bigger pack wastes more attention work
@@ -45,16 +42,6 @@ Rows = Sequence[tuple[Sequence[int], Sequence[int]]]  # (token ids, mask 1 = sco
 # 512 -> 57.8 s: 128 and 256 within the noise, fewer passes are better where matrix products
 # are cheap (a GPU).
 TOKENS_PER_PASS = 256
-
-
-@dataclass(frozen=True)
-class ReplyScore:
-    logprob: float  # sum of the reply tokens' log-probabilities
-    tokens: int  # how many reply tokens were scored
-
-    @property
-    def mean(self) -> float:
-        return self.logprob / self.tokens if self.tokens else float("-inf")
 
 
 @torch.inference_mode()
@@ -94,27 +81,6 @@ def reply_rows(
     return rows
 
 
-@torch.inference_mode()
-def masked_logprobs(model, rows: Rows, pad: int, *, batch_size: int = 8) -> list[ReplyScore]:
-    """For each (token ids, mask) row, the summed log-probability of the tokens where the mask
-    is 1, each given everything before it. Rows are length-sorted into padded batches."""
-    lm, device = SupervisedLM(model), next(model.parameters()).device
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-    out: list[ReplyScore | None] = [None] * len(rows)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        ids, attn, target_mask = pad_right([rows[i] for i in idx], pad)
-        losses, counts = lm(
-            input_ids=ids.to(device),
-            labels=labels_from(ids, target_mask).to(device),
-            attention_mask=attn.to(device),
-            per_row=True,
-        )
-        for r, i in enumerate(idx):
-            out[i] = ReplyScore(-float(losses[r]) if counts[r] else 0.0, int(counts[r]))
-    return out  # type: ignore[return-value]
-
-
 def choose(
     model,
     tokenizer,
@@ -131,12 +97,7 @@ def choose(
     unlike a per-token mean the score does not depend on how the tokenizer splits the words
     (a per-token mean favours words split into many easy pieces, which on the general suite put
     the default model at chance). batch_size: rows per pass where prefixes cannot be shared."""
-    flat = [
-        [*prompt, {"role": "assistant", "content": choice}]
-        for prompt, options in zip(prompts, choices, strict=True)
-        for choice in options
-    ]
-    rows = reply_rows(tokenizer, flat, include_end=False)
+    rows = choice_rows(tokenizer, prompts, choices)
     if shares_prefixes(model):
         groups, k = [], 0
         for options in choices:
@@ -146,6 +107,27 @@ def choose(
         scores = [s for group in per_group for s in group]
     else:
         scores = masked_logprobs(model, rows, tokenizer.pad_token_id, batch_size=batch_size)
+    return per_byte_choice(scores, choices)
+
+
+def choice_rows(
+    tokenizer, prompts: Sequence[Sequence[dict]], choices: Sequence[Sequence[str]]
+) -> list[tuple[list[int], list[int]]]:
+    """(token ids, mask) of every option of every prompt, in order: the option as the
+    assistant's reply, its closing end-of-turn not scored."""
+    flat = [
+        [*prompt, {"role": "assistant", "content": choice}]
+        for prompt, options in zip(prompts, choices, strict=True)
+        for choice in options
+    ]
+    return reply_rows(tokenizer, flat, include_end=False)
+
+
+def per_byte_choice(
+    scores: Sequence[ReplyScore], choices: Sequence[Sequence[str]]
+) -> list[tuple[int, list[float]]]:
+    """The options' scores (in choice_rows' order) regrouped by prompt, each divided by the
+    option's length in UTF-8 bytes, and each prompt's best option."""
     result, k = [], 0
     for options in choices:
         mine = [

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from instill.atomic import write_text
-from instill.config import BuiltinDataConfig, EvalConfig
+from instill.config import EvalConfig
 from instill.data import builtin
 from instill.data.constraints import check_all
 from instill.errors import InstillError
@@ -26,7 +26,7 @@ from instill.eval.results import (
     read_summary,
     records_sha256,
 )
-from instill.eval.tasks import Task, builtin_task
+from instill.eval.tasks import Task
 from instill.infer import GenParams, generate
 from instill.jsonl import write_jsonl
 
@@ -274,16 +274,6 @@ def task_split(task: Task) -> dict:
 
 def _first(reference) -> str:
     return reference if isinstance(reference, str) else reference[0]
-
-
-def evaluate_builtin(
-    model, tokenizer, data: BuiltinDataConfig, cfg: EvalConfig, model_name: str
-) -> SuiteResult:
-    """Score a model on the held-out split of the built-in tasks."""
-    task = builtin_task(
-        data.eval_per_family, data.seed, data.families, holdout=cfg.holdout_clusters
-    )
-    return evaluate(model, tokenizer, task, cfg, model_name)
 
 
 def load_result(folder: Path, stem: str) -> SuiteResult | None:

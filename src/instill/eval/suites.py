@@ -86,7 +86,8 @@ def suite_file_task(suite: SuiteConfig, seed: int = 0) -> Task:
 def attach_anchors(model, tokenizer, tasks: list[Task], cfg: EvalConfig, digest=None) -> None:
     """Give every drift-scored task the base model's replies to its prompts (generated once,
     then read from the cache). `model` is the base model; call before it is tuned."""
-    from instill.eval.drift import base_replies, model_digest
+    from instill.anchors import base_replies
+    from instill.models.load import model_digest
 
     drift = [t for t in tasks if t.metric == "drift"]
     if drift and digest is None:

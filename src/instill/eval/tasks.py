@@ -10,7 +10,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from instill.anchors import prompt_file, shipped_prompts
 from instill.data import builtin
+from instill.data.examples import EvalExample
 from instill.data.formats import (
     Conversation,
     detect_format,
@@ -21,19 +23,8 @@ from instill.data.sources import RawRow, read_source
 from instill.errors import InstillError
 from instill.eval.metrics import METRICS
 
-GENERAL_FILE = Path(__file__).parent / "suites" / "general.jsonl"
-
-
-@dataclass(frozen=True)
-class EvalExample:
-    id: str
-    prompt: tuple[dict, ...]  # the conversation up to the reply to produce
-    reference: str | tuple[str, ...]  # one reference, or several acceptable ones
-    family: str = ""
-    cluster: str = ""
-    choices: tuple[str, ...] | None = None  # for the choice metric: the answers to rank
-    scorer: object = None  # the built-in task's own scorer (metric "builtin")
-    source: str = ""  # file:line (or the generator) the example came from, for error messages
+GENERAL_FILE = Path(__file__).parent / "suite_files" / "general.jsonl"
+GEN_SUITE = "general_gen"  # the open prompts' eval split, scored by drift (eval/drift.py)
 
 
 @dataclass
@@ -199,8 +190,6 @@ def file_task(
     if not Path(path).exists():
         raise InstillError(f"suite {name}: file not found: {path}")
     if metric == "drift":
-        from instill.eval.drift import prompt_file
-
         examples = prompt_file(path, f"suite {name}")
         if max_examples is not None and len(examples) > max_examples:
             examples = sample_per_cluster(examples, max_examples, seed)
@@ -236,8 +225,6 @@ def general_gen_task(per_kind: int | None = None) -> Task:
     """Open-ended everyday requests (explain, advise, write, rewrite, plan, code, compare,
     summarise), none from the built-in task families, scored by generation against the base
     model: drift, reply length, short replies (eval/drift.py)."""
-    from instill.eval.drift import GEN_SUITE, shipped_prompts
-
     examples = shipped_prompts("eval")
     if per_kind is not None:  # the first per_kind of each kind: the same prompts in every run
         taken: dict[str, int] = {}

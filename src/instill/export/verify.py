@@ -146,7 +146,14 @@ def from_llamacpp(engine, ref_tok, template: str) -> Reloaded:
 @torch.no_grad()
 def greedy_reply(model, ids: list[int], new_tokens: int, eot: list[int]) -> list[int]:
     """The model's greedy reply to one rendered prompt, up to and with its end-of-turn token
-    (what verification teacher-forces and --quant auto calibrates on)."""
+    (what verification teacher-forces and --quant auto calibrates on).
+
+    transformers' `generate`, not instill's engine (infer/engine.py), on purpose: the verifier is
+    independent of instill's own inference code on both sides, the tuned model run by
+    transformers (forward and decode) and the export read back by llama.cpp or transformers'
+    GGUF reader, so a fault in the engine's cache or batching can neither pass nor fail an
+    export. --quant auto (export/mixed.py) calls it too, so that it costs each tensor on the
+    replies the verification then looks at."""
     # stop at end-of-turn: logits past it score text no one serves, and drift most
     out = model.generate(
         torch.tensor([ids]),

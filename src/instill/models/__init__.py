@@ -10,14 +10,13 @@ from instill.models.load import (
     pick_device,
     pick_dtype,
 )
-from instill.models.resolve import ModelSource, instill_home, resolve_model
+from instill.models.resolve import ModelSource, resolve_model
 
 __all__ = [
     "LoadedModel",
     "ModelSource",
     "ParamReport",
     "attach_adapter",
-    "instill_home",
     "load_adapter_model",
     "load_for_inference",
     "load_model",

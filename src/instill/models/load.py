@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -266,3 +267,14 @@ def load_adapter_model(
     return LoadedModel(
         model=model, tokenizer=tokenizer, source=base.source, device=base.device, dtype=base.dtype
     )
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (names, dtypes, bytes): the same weights give the
+    same digest whatever file or hub id they came from; any changed weight gives another."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -20,6 +20,7 @@ from unittest.mock import patch
 
 from instill.atomic import atomic_directory
 from instill.errors import InstillError
+from instill.home import instill_home
 
 GGUF_MAGIC = b"GGUF"
 
@@ -55,10 +56,6 @@ class ModelSource:
     path: str  # HF directory (for gguf: the cached conversion) or hub id
     gguf_path: str | None = None
     sha256: str | None = None
-
-
-def instill_home() -> Path:
-    return Path(os.environ.get("INSTILL_HOME", Path.home() / ".cache" / "instill")).expanduser()
 
 
 def sha256_file(path: Path) -> str:

@@ -2,7 +2,10 @@
 
     SupervisedLM(model)(input_ids, labels, ...)  -> (loss sum, supervised tokens)
         used by the training step, the validation loss (train/loop.py) and, with per_row=True
-        (each row's loss sum and token count), evaluation's likelihood (eval/likelihood.py)
+        (each row's loss sum and token count), scoring:
+    masked_logprobs(model, rows, pad)  each (ids, mask) row's summed log-probability, in padded
+        batches: evaluation's likelihood (eval/likelihood.py) and the base replies' NLL
+        (anchors.py), one definition with the training loss
     supervised_cross_entropy(head, hidden, labels)  the loss itself: labels shifted by one,
         IGNORE positions skipped
     token_cross_entropy(head, hidden, targets)  each given position's loss, for scoring (also
@@ -18,14 +21,18 @@ several processes, global) batch, which makes batch 8 equal batch 2 x 4 accumula
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from instill.data.dataset import labels_from, pad_right
 from instill.train.compiled import eager
 
 IGNORE = -100
+Rows = Sequence[tuple[Sequence[int], Sequence[int]]]  # (token ids, mask 1 = scored) per row
 
 
 def _logits(head: torch.nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -97,6 +104,19 @@ def chunked_cross_entropy(
     return _summed_in_chunks(_ce_sum, (head, hidden, targets, softcap), (1, 2), chunk)
 
 
+def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, keep): position t predicts labels[t+1], and keep marks the positions whose
+    target is not IGNORE (the supervised ones). The supervised loss and the preference losses'
+    reply log-probs (train/preference.py) both start here."""
+    targets = labels[:, 1:]
+    return targets, targets != IGNORE
+
+
+def kept_rows(keep: torch.Tensor) -> torch.Tensor:
+    """The row of each kept position, in the order `x[keep]` lists the positions."""
+    return torch.arange(len(keep), device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+
+
 def supervised_cross_entropy(
     head: torch.nn.Module,
     hidden: torch.Tensor,
@@ -109,12 +129,11 @@ def supervised_cross_entropy(
     and positions whose label is IGNORE are skipped. Returns (loss sum, supervised tokens) or,
     with per_row (scoring, no gradients needed), each row's loss sum in float64 and its
     supervised tokens."""
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
+    targets, keep = shifted_targets(labels)
     if not per_row:
         loss_sum = chunked_cross_entropy(head, hidden[:, :-1][keep], targets[keep], chunk, softcap)
         return loss_sum, keep.sum()
-    rows = torch.arange(len(labels), device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+    rows = kept_rows(keep)
     sums = torch.zeros(len(labels), dtype=torch.float64, device=hidden.device)
     ce = token_cross_entropy(head, hidden[:, :-1][keep], targets[keep], chunk, softcap)
     sums.index_add_(0, rows, ce.double())
@@ -247,3 +266,37 @@ class SupervisedLM(torch.nn.Module):
             self.chunk,
             softcap,
         )
+
+
+# --- scoring: each row's log-probability, for evaluation and the anchors' replies ---------------
+
+
+@dataclass(frozen=True)
+class ReplyScore:
+    logprob: float  # sum of the reply tokens' log-probabilities
+    tokens: int  # how many reply tokens were scored
+
+    @property
+    def mean(self) -> float:
+        return self.logprob / self.tokens if self.tokens else float("-inf")
+
+
+@torch.inference_mode()
+def masked_logprobs(model, rows: Rows, pad: int, *, batch_size: int = 8) -> list[ReplyScore]:
+    """For each (token ids, mask) row, the summed log-probability of the tokens where the mask
+    is 1, each given everything before it. Rows are length-sorted into padded batches."""
+    lm, device = SupervisedLM(model), next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    out: list[ReplyScore | None] = [None] * len(rows)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids, attn, target_mask = pad_right([rows[i] for i in idx], pad)
+        losses, counts = lm(
+            input_ids=ids.to(device),
+            labels=labels_from(ids, target_mask).to(device),
+            attention_mask=attn.to(device),
+            per_row=True,
+        )
+        for r, i in enumerate(idx):
+            out[i] = ReplyScore(-float(losses[r]) if counts[r] else 0.0, int(counts[r]))
+    return out  # type: ignore[return-value]

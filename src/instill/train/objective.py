@@ -374,8 +374,8 @@ def cached_reference(model, objective: Preference, rows: list, pad_id: int, batc
 
     from instill.atomic import WriteError, atomic_file
     from instill.console import console
-    from instill.eval.drift import model_digest
-    from instill.models.resolve import instill_home
+    from instill.home import instill_home
+    from instill.models.load import model_digest
 
     key = hashlib.sha256(
         f"v1\x1f{model_digest(model)}\x1f{rows_sha256(rows)}".encode()

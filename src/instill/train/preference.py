@@ -39,7 +39,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from instill.train.loss import IGNORE, _hidden, _logits, _parts, _summed_in_chunks
+from instill.train.loss import (
+    _hidden,
+    _logits,
+    _parts,
+    _summed_in_chunks,
+    kept_rows,
+    shifted_targets,
+)
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -66,10 +73,9 @@ def sequence_logps(
     Packed rows (several sequences per row): `index` gives each position's sequence (-1 for
     padding) and `n` their number; the sums are then per sequence. A sequence's first token is
     never labelled, so no target crosses from one sequence into the next."""
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
+    targets, keep = shifted_targets(labels)
     if index is None:
-        rows = torch.arange(len(labels), device=labels.device).unsqueeze(1).expand_as(keep)[keep]
+        rows = kept_rows(keep)
         n, counts = len(labels), keep.sum(dim=1)
     else:
         rows = index[:, 1:][keep]
