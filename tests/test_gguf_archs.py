@@ -19,7 +19,7 @@ import yaml
 from instill.errors import InstillError
 from instill.export import export_run
 from instill.export.gguf_file import SUPPORTED_ARCHS, write_gguf
-from instill.models import llamacpp
+from instill.infer import llamacpp
 
 needs_llamacpp = pytest.mark.skipif(
     not llamacpp.available(),

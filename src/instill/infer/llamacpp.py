@@ -1,19 +1,33 @@
-"""llama.cpp in-process, through the optional extra `llama-cpp-python`: the program people deploy
-GGUF files with, used to verify exports and to evaluate a GGUF file (with a LoRA adapter GGUF).
+"""llama.cpp, instill's second engine: in-process, through the optional extra
+`llama-cpp-python` (the program people deploy GGUF files with). One module for everything that
+runs a GGUF in llama.cpp: evaluation (eval/gguf.py), serving (serve/llamacpp.py), and the
+export's verification and quantizer (export/).
 
+    choose_engine(engine, lora)  torch or llama.cpp, and the options each refuses (eval, serve)
+    target(model, lora)          a .gguf file (+ an adapter GGUF), or an export folder: its
+                                 instill.json names the files; an adapter's base GGUF must still
+                                 have the sha256 recorded there
+    open_target(target, ...)     -> LlamaCpp, and the HF tokenizer that renders the chat template
     open_gguf(model.gguf, lora=adapter.gguf)  ->  LlamaCpp
-        .tokenize(text)            llama.cpp's own tokenizer (as llama-server uses it)
-        .logits(ids)               one row per position, teacher-forced
-        .greedy(ids, n, stop_ids)  the tokens llama.cpp decodes greedily, and the decode time
+        .tokenize(text)          llama.cpp's own tokenizer (as llama-server uses it)
+        .logits(ids)             one row per position, teacher-forced (the export's verifier)
+        .run(job)                the one decode loop, for eval and serve: llama.cpp generates
+                                 token by token -> end of turn, max_new_tokens, stop strings and
+                                 the finish reason as the torch engine has them (infer/engine.py
+                                 end_reply, infer/text.py) -> job.ids, job.text, job.finish_reason
         .is_end_of_generation(id), .metadata
+    quantize(f32.gguf, dest, ftype)  llama.cpp's own quantizer
 
-Everything runs on the CPU, with an f32 KV cache so that an f32 export is compared with f32
-arithmetic (llama.cpp's default f16 cache rounds keys and values).
+It lives in infer/ beside the torch engine because its decode loop fills the torch engine's Job
+with the same finish rules: a module in models/ could not import them (models/ sits below the
+stages). Everything runs on the CPU, with an f32 KV cache so that an f32 export is compared with
+f32 arithmetic (llama.cpp's default f16 cache rounds keys and values).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -22,6 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from instill.errors import InstillError
+from instill.infer.engine import Job, end_reply
+from instill.infer.text import TextStream
+
+ENGINES = ("torch", "llama.cpp")
 
 INSTALL = ".venv/bin/pip install -c constraints.txt -e '.[llamacpp]' (compiles llama.cpp once)"
 
@@ -58,33 +76,65 @@ def threads() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0)) // 2))
 
 
-@dataclass
-class Decoded:
-    tokens: list[int]  # generated, up to and with the end-of-generation token when one came
-    stopped: bool  # ended on an end-of-generation token (else: the length limit)
-    decode_s: float  # time spent after the first generated token (the decode rate's clock)
+def choose_engine(engine: str, lora: str | None, *, int8: bool = False) -> str:
+    """The engine `instill eval` and `instill serve` run: torch (the default) or llama.cpp, with
+    the options only one of them takes refused with the other."""
+    if engine not in ENGINES:
+        raise InstillError(f"--engine {engine}: choose torch or llama.cpp")
+    if lora is not None and engine != "llama.cpp":
+        raise InstillError(
+            "--lora: an adapter GGUF is applied by llama.cpp; add --engine llama.cpp"
+        )
+    if int8 and engine != "torch":
+        raise InstillError(
+            "--int8: applies to --engine torch; a GGUF carries its own quantisation (instill "
+            "export --quant)"
+        )
+    return engine
+
+
+def llamacpp_seed(seed: int) -> int:
+    """A request's seed (any int64, as OpenAI's) as llama.cpp's 32-bit sampler seed: taken modulo
+    0xFFFFFFFF, so it is never LLAMA_DEFAULT_SEED (0xFFFFFFFF, which llama.cpp reads as "draw a
+    random seed") and never wraps silently in ctypes; the same seed gives the same reply."""
+    return seed % 0xFFFFFFFF
 
 
 class LlamaCpp:
     def __init__(self, llm, path: Path, lora: Path | None):
         self.llm, self.path, self.lora = llm, path, lora
         self.metadata: dict[str, str] = dict(llm.metadata)
+        # end-of-turn tokens of the chat template's tokenizer (open_target), on top of
+        # llama.cpp's own end-of-generation ones
+        self.eot: set[int] = set()
 
     @property
     def name(self) -> str:
         return f"llama.cpp (llama-cpp-python {version()})"
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         # add_bos=True asks for what the vocabulary says (tokenizer.ggml.add_bos_token), as
         # llama-server does; special=True parses <|im_start|> and the like as control tokens
-        return self.llm.tokenize(text.encode(), add_bos=True, special=True)
+        return self.llm.tokenize(text.encode(), add_bos=add_bos, special=True)
+
+    def chat_ids(self, tokenizer, messages) -> list[int]:
+        """A conversation's prompt as llama-server builds it: the chat template (rendered by
+        `tokenizer`, open_target's) to text, then llama.cpp's tokenizer."""
+        from instill.data.render import render_text
+
+        return self.tokenize(render_text(tokenizer, messages, generation_prompt=True))
 
     def detokenize(self, ids: list[int]) -> str:
         return self.llm.detokenize(ids, special=True).decode("utf-8", errors="replace")
 
     def text(self, ids: list[int]) -> str:
         """What a reply reads as (control tokens left out)."""
-        return self.llm.detokenize(ids, special=False).decode("utf-8", errors="replace")
+        return self.decode(ids)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """llama.cpp's detokenizer as a tokenizer's decode (what infer/text.TextStream calls)."""
+        raw = self.llm.detokenize(ids, special=not skip_special_tokens)
+        return raw.decode("utf-8", errors="replace")
 
     def is_end_of_generation(self, token: int) -> bool:
         return bool(self._lib().llama_vocab_is_eog(self.llm._model.vocab, token))
@@ -96,21 +146,51 @@ class LlamaCpp:
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
-    def greedy(self, ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> Decoded:
-        out: list[int] = []
-        stopped, first = False, None
-        room = self.llm.n_ctx() - len(ids)
-        for token in self.llm.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True):
-            if first is None:
-                first = time.perf_counter()
-            out.append(int(token))
-            if token in stop_ids or self.is_end_of_generation(token):
-                stopped = True
-                break
-            if len(out) >= min(max_new_tokens, room):
-                break
+    def run(self, job: Job) -> float:
+        """The one decode loop, for eval and serve: llama.cpp generates the reply to job.prompt
+        token by token with job.params (temperature 0: greedy; else llama.cpp's samplers, min_p
+        off, the repetition penalty over its last-64-token window) until an end-of-turn or
+        end-of-generation token, max_new_tokens (or the context's end), a stop string, or
+        job.cancelled. The reply ends as the torch engine's do (engine.end_reply): job.ids
+        without the end of turn, job.text cut at a stop string, job.finish_reason. job.on_text
+        gets the text as it grows (stop strings held back). Returns the seconds spent after the
+        first generated token (the decode rate's clock)."""
+        p, llm = job.params, self.llm
+        llm.set_seed(self._lib().LLAMA_DEFAULT_SEED if p.seed is None else llamacpp_seed(p.seed))
+        wants_text = job.on_text is not None or bool(p.stop)
+        stream = TextStream(self, p.stop, job.on_text) if wants_text else None
+        limit = min(p.max_new_tokens, llm.n_ctx() - len(job.prompt))
+        ids, end, first = job.ids, None, None
+        tokens = llm.generate(
+            job.prompt,
+            temp=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            min_p=0.0,
+            typical_p=1.0,
+            repeat_penalty=p.repetition_penalty,
+            reset=True,
+        )
+        try:
+            for token in tokens:
+                if first is None:
+                    first = time.perf_counter()
+                token = int(token)
+                if token in self.eot or self.is_end_of_generation(token):
+                    end = token
+                    break
+                ids.append(token)
+                if (stream is not None and stream.push(token)) or len(ids) >= limit:
+                    break
+                if job.cancelled.is_set():  # a client that hung up: no reply to finish
+                    return 0.0
+        finally:
+            tokens.close()
         decode_s = time.perf_counter() - first if first is not None else 0.0
-        return Decoded(out, stopped, decode_s)
+        text = end_reply(job, ids, end, self.text(ids))
+        if stream is not None:
+            stream.finish(text)
+        return decode_s
 
     @staticmethod
     def _lib():
@@ -154,6 +234,111 @@ def open_gguf(
         files = f"{path}" + (f" with the adapter {lora}" if lora else "")
         raise InstillError(f"llama.cpp could not load {files}: {exc}") from None
     return LlamaCpp(llm, Path(path), Path(lora) if lora else None)
+
+
+@dataclass
+class Target:
+    model: Path  # the GGUF llama.cpp loads
+    lora: Path | None  # an adapter GGUF applied on it
+    template: Path | None  # a chat template file beside an export
+
+    export: Path | None = None  # the export folder the files came from
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.name}" + (f" + {self.lora.name}" if self.lora else "")
+
+
+def target(model: str, lora: str | None) -> Target:
+    path = Path(model)
+    if path.is_dir() and (path / "instill.json").is_file():
+        if lora is not None:
+            raise InstillError(f"--lora: {path} is an export folder; it names its own files")
+        export = json.loads((path / "instill.json").read_text()).get("export") or {}
+        if export.get("format") not in ("gguf", "gguf-lora"):
+            raise InstillError(
+                f"{path}: not a GGUF export (instill.json format "
+                f"{export.get('format')}); --engine llama.cpp runs GGUF files"
+            )
+        template = path / "chat_template.jinja"
+        template = template if template.is_file() else None
+        if export["format"] == "gguf-lora":
+            base = export["base_gguf"]
+            model = path / base["file"] if base.get("file") else Path(base["path"])
+            check_base(model, base.get("sha256"), path)
+            return Target(model, path / export["file"], template, path)
+        return Target(path / export["file"], None, template, path)
+    for what, file in (("MODEL", path), ("--lora", Path(lora) if lora else None)):
+        if file is not None and (not file.is_file() or file.suffix != ".gguf"):
+            raise InstillError(
+                f"{what} {file}: --engine llama.cpp needs a .gguf file (or an export folder "
+                "written by instill export --format gguf / gguf-lora)"
+            )
+    return Target(path, Path(lora) if lora else None, None)
+
+
+_HASHED: dict[tuple, str] = {}  # (path, inode, size, mtime) -> sha256: once per file a process
+
+
+def check_base(model: Path, recorded: str | None, export: Path) -> None:
+    """The base GGUF an adapter export names must be the file it was exported for: another
+    base would score (or serve) another model under the export's name."""
+    if recorded is None:  # an export written before the hash was recorded
+        return
+    if not model.is_file():
+        raise InstillError(
+            f"{model}: the base GGUF of the export {export} is missing; put the file with "
+            f"sha256 {recorded} back there, or export the run again"
+        )
+    from instill.models.resolve import sha256_file
+
+    st = model.stat()
+    key = (str(model.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    found = _HASHED.get(key) or _HASHED.setdefault(key, sha256_file(model))
+    if found != recorded:
+        raise InstillError(
+            f"{model}: sha256 {found}, but {export} was exported for a base GGUF with sha256 "
+            f"{recorded} (its instill.json); the adapter reproduces the tuned model on that "
+            f"base only: put that exact file back at {model}, or export the run again"
+        )
+
+
+def tokenizer_for(t: Target, chat_template: Path | None, require_template: bool = True):
+    """An HF tokenizer read from the GGUF, for rendering the chat template (its tokens are not
+    used: llama.cpp tokenises the rendered text itself)."""
+    from transformers import AutoTokenizer
+
+    from instill.data.render import load_chat_template
+    from instill.models.resolve import quiet_gguf_reader
+
+    with quiet_gguf_reader():
+        tok = AutoTokenizer.from_pretrained(str(t.model.parent), gguf_file=t.model.name)
+    file = chat_template or t.template
+    if file is not None:
+        tok.chat_template = load_chat_template(file)
+    if not tok.chat_template and require_template:
+        raise InstillError(f"{t.model}: no chat template in the file; give --chat-template")
+    return tok
+
+
+def open_target(
+    t: Target,
+    chat_template: Path | None,
+    *,
+    n_ctx: int,
+    require_template: bool = True,
+) -> tuple[LlamaCpp, object]:
+    """The target loaded into llama.cpp for generation, and the HF tokenizer that renders its
+    chat template; the reply ends at llama.cpp's end-of-generation tokens and the template's
+    end-of-turn ones."""
+    from instill.data.render import end_of_turn_ids
+
+    tokenizer = tokenizer_for(t, chat_template, require_template)
+    engine = open_gguf(
+        t.model, lora=t.lora, n_ctx=n_ctx, logits_all=False, what="--engine llama.cpp"
+    )
+    engine.eot = set(end_of_turn_ids(tokenizer))
+    return engine, tokenizer
 
 
 def quantize(source: Path, dest: Path, ftype: str, what: str) -> None:
