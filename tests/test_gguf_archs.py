@@ -18,7 +18,7 @@ import torch
 from instill.errors import InstillError
 from instill.export import export_run
 from instill.export.gguf_file import SUPPORTED_ARCHS, write_gguf
-from instill.models import llamacpp
+from instill.infer import llamacpp
 from tests.conftest import adapter_run
 
 needs_llamacpp = pytest.mark.skipif(

@@ -22,7 +22,7 @@ import yaml
 from instill.errors import InstillError
 from instill.export import export_run
 from instill.export.gguf_file import write_gguf
-from instill.models import llamacpp
+from instill.infer import llamacpp
 from tests.conftest import adapter_run, build_tiny
 
 needs_llamacpp = pytest.mark.skipif(
@@ -525,7 +525,7 @@ def test_copy_base_makes_a_movable_folder(tuned, tmp_path, monkeypatch):
     import os
     import shutil
 
-    from instill.eval.gguf import target
+    from instill.infer.llamacpp import target
     from instill.models.resolve import sha256_file
 
     run, source = tuned
@@ -669,7 +669,7 @@ def test_a_replaced_base_gguf_is_refused_with_both_hashes(tmp_path, capsys, monk
     (it would score or serve another model under the export's name)."""
     import hashlib
 
-    from instill.eval.gguf import target
+    from instill.infer.llamacpp import target
     from tests.test_cli import assert_user_error, run
 
     export = tmp_path / "export"

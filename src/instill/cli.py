@@ -272,6 +272,7 @@ def eval_cmd(
     from instill.eval.results import EVALUATIONS, RUN_RESULTS, run_of
     from instill.eval.suites import evaluation_folder_for, run_tasks, suite_file_task
     from instill.eval.tasks import builtin_task, check_metric, general_gen_task, general_task
+    from instill.infer.llamacpp import choose_engine
     from instill.models import load_for_inference
 
     check_metric(metric, "--metric") if metric != "auto" else None
@@ -334,12 +335,7 @@ def eval_cmd(
             tasks.append(task)
     _quiet_libraries()
     cfg = EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens)
-    if engine not in ("torch", "llama.cpp"):
-        raise InstillError(f"--engine {engine}: choose torch or llama.cpp")
-    if lora is not None and engine != "llama.cpp":
-        raise InstillError(
-            "--lora: an adapter GGUF is applied by llama.cpp; add --engine llama.cpp"
-        )
+    choose_engine(engine, lora)
     if engine == "llama.cpp":
         from instill.eval.gguf import run_llamacpp
 
@@ -744,19 +740,10 @@ def serve(
     raw prompts on /v1/completions; its chat routes answer 400."""
     from pydantic import ValidationError
 
+    from instill.infer.llamacpp import choose_engine
     from instill.serve import read_api_key, run_server
 
-    if engine not in ("torch", "llama.cpp"):
-        raise InstillError(f"--engine {engine}: choose torch or llama.cpp")
-    if lora is not None and engine != "llama.cpp":
-        raise InstillError(
-            "--lora: an adapter GGUF is applied by llama.cpp; add --engine llama.cpp"
-        )
-    if int8 and engine != "torch":
-        raise InstillError(
-            "--int8: applies to --engine torch; a GGUF carries its own quantisation (instill "
-            "export --quant)"
-        )
+    choose_engine(engine, lora, int8=int8)
 
     if api_key_file is not None:
         if api_key is not None:
@@ -772,10 +759,9 @@ def serve(
         )
     spec = _model_spec(model, chat_template)
     if engine == "llama.cpp":
-        from instill.eval.gguf import target
-        from instill.models import llamacpp
+        from instill.infer import llamacpp
 
-        target(model, lora)  # a wrong file or a missing extra is said before anything loads
+        llamacpp.target(model, lora)  # a wrong file or a missing extra is said before loading
         llamacpp.require("--engine llama.cpp")
     if api_key is None and os.environ.get("INSTILL_API_KEY") == "":  # click reads "" as unset
         raise InstillError(

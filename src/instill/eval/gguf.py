@@ -1,10 +1,11 @@
 """`instill eval FILE.gguf --engine llama.cpp [--lora ADAPTER.gguf]`: score the deployed
 artifact itself, as llama-server would answer.
 
-    target(model, lora)  a .gguf file, or an export folder (its instill.json names the files;
-                         an adapter's base GGUF must still have the sha256 recorded there)
-    each prompt: chat template -> text -> llama.cpp's tokenizer -> greedy decode until an
-    end-of-generation token -> text  -> the same scorers as every other evaluation
+    infer/llamacpp.target(model, lora): a .gguf file, or an export folder (its instill.json
+    names the files; an adapter's base GGUF must still have the sha256 recorded there)
+    each prompt: chat template -> text -> llama.cpp's tokenizer -> greedy decode (llama.cpp's
+    one loop, shared with serve: infer/llamacpp.LlamaCpp.run) -> text -> the same scorers as
+    every other evaluation
 
 The template is the export's chat_template.jinja when there is one (what llama-server.sh
 passes), else --chat-template, else the one inside the GGUF file.
@@ -34,75 +35,9 @@ from instill.eval.runner import (
     write_result,
 )
 from instill.eval.tasks import Task
-from instill.infer.generate import Generation
-from instill.models import llamacpp
-
-
-@dataclass
-class Target:
-    model: Path  # the GGUF llama.cpp loads
-    lora: Path | None  # an adapter GGUF applied on it
-    template: Path | None  # a chat template file beside an export
-
-    export: Path | None = None  # the export folder the files came from
-
-    @property
-    def label(self) -> str:
-        return f"{self.model.name}" + (f" + {self.lora.name}" if self.lora else "")
-
-
-def target(model: str, lora: str | None) -> Target:
-    path = Path(model)
-    if path.is_dir() and (path / "instill.json").is_file():
-        if lora is not None:
-            raise InstillError(f"--lora: {path} is an export folder; it names its own files")
-        export = json.loads((path / "instill.json").read_text()).get("export") or {}
-        if export.get("format") not in ("gguf", "gguf-lora"):
-            raise InstillError(
-                f"{path}: not a GGUF export (instill.json format "
-                f"{export.get('format')}); --engine llama.cpp runs GGUF files"
-            )
-        template = path / "chat_template.jinja"
-        template = template if template.is_file() else None
-        if export["format"] == "gguf-lora":
-            base = export["base_gguf"]
-            model = path / base["file"] if base.get("file") else Path(base["path"])
-            check_base(model, base.get("sha256"), path)
-            return Target(model, path / export["file"], template, path)
-        return Target(path / export["file"], None, template, path)
-    for what, file in (("MODEL", path), ("--lora", Path(lora) if lora else None)):
-        if file is not None and (not file.is_file() or file.suffix != ".gguf"):
-            raise InstillError(
-                f"{what} {file}: --engine llama.cpp needs a .gguf file (or an export folder "
-                "written by instill export --format gguf / gguf-lora)"
-            )
-    return Target(path, Path(lora) if lora else None, None)
-
-
-_HASHED: dict[tuple, str] = {}  # (path, inode, size, mtime) -> sha256: once per file a process
-
-
-def check_base(model: Path, recorded: str | None, export: Path) -> None:
-    """The base GGUF an adapter export names must be the file it was exported for: another
-    base would score (or serve) another model under the export's name."""
-    if recorded is None:  # an export written before the hash was recorded
-        return
-    if not model.is_file():
-        raise InstillError(
-            f"{model}: the base GGUF of the export {export} is missing; put the file with "
-            f"sha256 {recorded} back there, or export the run again"
-        )
-    from instill.models.resolve import sha256_file
-
-    st = model.stat()
-    key = (str(model.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
-    found = _HASHED.get(key) or _HASHED.setdefault(key, sha256_file(model))
-    if found != recorded:
-        raise InstillError(
-            f"{model}: sha256 {found}, but {export} was exported for a base GGUF with sha256 "
-            f"{recorded} (its instill.json); the adapter reproduces the tuned model on that "
-            f"base only: put that exact file back at {model}, or export the run again"
-        )
+from instill.infer import llamacpp
+from instill.infer.engine import GenParams, Job
+from instill.infer.generate import Generation, generation_of
 
 
 def export_run_dir(model: str) -> Path | None:
@@ -162,38 +97,17 @@ def deployed_record(folder: Path) -> dict:
     }
 
 
-def tokenizer_for(t: Target, chat_template: Path | None, require_template: bool = True):
-    """An HF tokenizer read from the GGUF, for rendering the chat template (its tokens are not
-    used: llama.cpp tokenises the rendered text itself)."""
-    from transformers import AutoTokenizer
-
-    from instill.data.render import load_chat_template
-    from instill.models.resolve import quiet_gguf_reader
-
-    with quiet_gguf_reader():
-        tok = AutoTokenizer.from_pretrained(str(t.model.parent), gguf_file=t.model.name)
-    file = chat_template or t.template
-    if file is not None:
-        tok.chat_template = load_chat_template(file)
-    if not tok.chat_template and require_template:
-        raise InstillError(f"{t.model}: no chat template in the file; give --chat-template")
-    return tok
-
-
 def _generate(engine, tokenizer, task: Task, cfg: EvalConfig) -> tuple[list[Generation], dict]:
-    from instill.data.render import end_of_turn_ids, render_text
-
-    stop = set(end_of_turn_ids(tokenizer))
+    """Each prompt's greedy reply, decoded by llama.cpp's one loop (infer/llamacpp.py)."""
     gens, decoded, decode_s = [], 0, 0.0
+    params = GenParams(max_new_tokens=task.max_new_tokens or cfg.max_new_tokens)
     for ex in task.examples:
-        ids = engine.tokenize(render_text(tokenizer, ex.prompt, generation_prompt=True))
-        d = engine.greedy(ids, task.max_new_tokens or cfg.max_new_tokens, stop)
-        body = d.tokens[:-1] if d.stopped else d.tokens
-        finish = "stop" if d.stopped else "length"
-        gens.append(Generation(engine.text(body), len(ids), len(body), finish, tuple(d.tokens)))
+        job = Job(engine.chat_ids(tokenizer, ex.prompt), params, live=False)
+        decode_s += engine.run(job)
+        gen = generation_of(job)
+        gens.append(gen)
         # the first token comes from the prompt's pass; the rest are decode steps
-        decoded += max(0, len(d.tokens) - 1)
-        decode_s += d.decode_s
+        decoded += max(0, len(gen.token_ids) - 1)
     speed = {
         "decode_tokens": decoded,
         "decode_s": round(decode_s, 3),
@@ -210,7 +124,7 @@ def run_llamacpp(
     folder: Path,
     chat_template: Path | None = None,
 ) -> dict[str, SuiteResult]:
-    t = target(model, lora)
+    t = llamacpp.target(model, lora)
     for task in tasks:
         if task.metric in ("choice", "drift"):
             raise InstillError(
@@ -218,10 +132,7 @@ def run_llamacpp(
                 "replies, which --engine llama.cpp does not do; it scores generated answers "
                 "(builtin, and files with text metrics)"
             )
-    tokenizer = tokenizer_for(t, chat_template)
-    engine = llamacpp.open_gguf(
-        t.model, lora=t.lora, n_ctx=2048, logits_all=False, what="--engine llama.cpp"
-    )
+    engine, tokenizer = llamacpp.open_target(t, chat_template, n_ctx=2048)
     results = {}
     try:
         for task in tasks:

@@ -29,7 +29,7 @@ from instill.export.verify import (
     from_transformers,
     looseness,
 )
-from instill.models import llamacpp
+from instill.infer import llamacpp
 
 DEFAULT_AUTO_BITS = 5.5  # --quant auto without --max-size: average bits per weight
 

@@ -25,7 +25,7 @@ from instill.errors import InstillError
 from instill.export import gguf_export, gguf_file, gguf_lora
 from instill.export.tuned import Tuned, final_dir, load_tuned
 from instill.export.verify import Figures, check, compare, from_transformers
-from instill.models import llamacpp
+from instill.infer import llamacpp
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PARTS = ("merged", "adapter", "both")

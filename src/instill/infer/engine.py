@@ -383,14 +383,9 @@ class Engine:
         """The job's final text is one decode of all its tokens, cut at a stop string."""
         job = row.job
         ids = self.out[slot, : int(self.count[slot])].tolist()
-        if ids and ids[-1] in self.eot:
-            job.end_of_turn = ids.pop()
+        end = ids.pop() if ids and ids[-1] in self.eot else None
         try:
-            text, stopped = cut_at_stop(
-                self.tokenizer.decode(ids, skip_special_tokens=True), job.params.stop
-            )
-            job.ids, job.text = ids, text
-            job.finish_reason = "stop" if stopped or job.end_of_turn is not None else "length"
+            text = end_reply(job, ids, end, self.tokenizer.decode(ids, skip_special_tokens=True))
             if row.text is not None:
                 row.text.finish(text)
         except Exception as exc:  # the row's own text or callback
@@ -437,6 +432,17 @@ class Engine:
             row.job.error = message
             row.job.done.set()
         self._reset(self.cache.capacity, self.out.shape[1])
+
+
+def end_reply(job: Job, ids: list[int], end_of_turn: int | None, text: str) -> str:
+    """How every engine ends a reply (this one and llama.cpp's, infer/llamacpp.py): `ids` are
+    the generated tokens without the end-of-turn one, `text` their decode; the text is cut at
+    the first stop string, and the finish reason is "stop" for an end of turn or a stop string,
+    else "length". Returns the final text."""
+    text, stopped = cut_at_stop(text, job.params.stop)
+    job.ids, job.text, job.end_of_turn = ids, text, end_of_turn
+    job.finish_reason = "stop" if stopped or end_of_turn is not None else "length"
+    return text
 
 
 def _template_head(tokenizer) -> list[int]:

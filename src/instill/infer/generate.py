@@ -62,10 +62,11 @@ def generate(
         engine.run(jobs)
     else:
         index = {id(job): i for i, job in enumerate(jobs)}
-        engine.run(jobs, lambda job: on_reply(index[id(job)], _generation(job)), in_order=True)
-    return [_generation(job) for job in jobs]
+        engine.run(jobs, lambda job: on_reply(index[id(job)], generation_of(job)), in_order=True)
+    return [generation_of(job) for job in jobs]
 
 
-def _generation(job: Job) -> Generation:
+def generation_of(job: Job) -> Generation:
+    """A finished job as its Generation (the torch engine's and llama.cpp's alike)."""
     eot = (job.end_of_turn,) if job.end_of_turn is not None else ()
     return Generation(job.text, len(job.prompt), len(job.ids), job.finish_reason, (*job.ids, *eot))
