@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TextIO
 
 from instill.atomic import write_text
-from instill.config import SamplingConfig
+from instill.config import SamplingConfig, default
 from instill.config.load import parse_override, yaml_text
 from instill.console import console, out
 from instill.errors import InstillError
@@ -24,8 +24,8 @@ class ChatSession:
         tokenizer,
         *,
         system: str | None = None,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
+        max_new_tokens: int = default(SamplingConfig, "max_new_tokens"),
+        temperature: float = default(SamplingConfig, "temperature"),
         **sampling,  # top_k, top_p, repetition_penalty, seed: GenParams' own
     ):
         self.model, self.tokenizer = model, tokenizer

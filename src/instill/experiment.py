@@ -21,6 +21,7 @@ from pathlib import Path
 from instill.config import Recipe
 from instill.console import console
 from instill.errors import InstillError
+from instill.rundir import RunDir
 
 
 def _with(recipe: Recipe, **sections) -> Recipe:
@@ -120,7 +121,7 @@ def _finished_as_planned(run_dir: Path, r: Recipe) -> bool:
     """Whether `run_dir` holds a finished training of `r`, which --resume keeps. One trained
     with other settings (begun by an older instill, or with other overrides) is an error: kept,
     it would sit in the comparison as if it were the planned run."""
-    if not ((run_dir / "final").exists() and (run_dir / "run.json").is_file()):
+    if not (RunDir(run_dir).final.exists() and RunDir(run_dir).record_file.is_file()):
         return False
     from instill.report.arms import NOT_SETTINGS, config_settings, flatten
 

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from instill.atomic import write_text
 from instill.config import EvalConfig, PairsConfig, default
-from instill.config.load import load_recipe
 from instill.data import builtin
 from instill.data.examples import EvalExample
 from instill.errors import InstillError
@@ -260,12 +259,12 @@ def score_replies(task: Task, gens: Sequence[Generation], k: int) -> list[float]
 def run_settings(model: str) -> tuple[list[str], int | None]:
     """A run's held-out clusters and eval.max_new_tokens, read through its typed recipe; for a
     model that is not a run, none and None."""
-    from instill.eval.results import run_of
+    from instill.rundir import RunDir
 
-    run = run_of(model)
+    run = RunDir.of(model)
     if run is None:
         return [], None
-    recipe = load_recipe(run / "config.yaml")
+    recipe = run.recipe()
     return list(recipe.eval.holdout_clusters), recipe.eval.max_new_tokens
 
 

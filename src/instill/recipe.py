@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from instill import rundir
 from instill.atomic import leftover_of, refuse_to_replace, remove_directory, write_text
 from instill.config import Recipe
 from instill.console import console
@@ -38,6 +39,7 @@ from instill.eval import SuiteResult
 from instill.eval.suites import attach_anchors, build_tasks, run_tasks
 from instill.jsonl import write_jsonl
 from instill.models import attach_adapter, load_model, pick_device
+from instill.rundir import RunDir
 from instill.train import TrainResult, train
 from instill.train.checkpoint import (
     check_resumable,
@@ -127,17 +129,17 @@ def plan_run_dir(recipe: Recipe, overwrite: bool) -> tuple[Path, Path | None, bo
     resume = recipe.train.resume
     checkpoint = None
     if resume is not None and not overwrite:
-        if (run_dir / "final").exists():
+        if RunDir(run_dir).final.exists():
             raise InstillError(f"{run_dir} holds a finished run; nothing to resume")
         if resume == "auto":
-            found = complete_checkpoints(run_dir / "checkpoints")
+            found = complete_checkpoints(RunDir(run_dir).checkpoints)
             checkpoint = found[-1] if found else None
         else:
             checkpoint = Path(resume)
             resume_info(checkpoint)  # a clear error now for best/, final/ or a cut-short write
     existed = run_dir.exists() and any(run_dir.iterdir())
     if existed and checkpoint is None and not overwrite and resume is None:
-        state = "a finished run" if (run_dir / "final").exists() else "an unfinished run"
+        state = "a finished run" if RunDir(run_dir).final.exists() else "an unfinished run"
         raise InstillError(
             f"{run_dir} already holds {state}; pass --overwrite to replace it, "
             "train.resume=auto to continue it, or choose another name (name=...)"
@@ -150,14 +152,7 @@ def plan_run_dir(recipe: Recipe, overwrite: bool) -> tuple[Path, Path | None, bo
     return run_dir, checkpoint, existed and checkpoint is None
 
 
-# What `instill train` (and export, report) writes at the top of a run directory
-RUN_ENTRIES = frozenset(
-    {
-        "config.yaml", "metrics.jsonl", "checkpoints", "final", "data_stats.json",
-        "skipped_rows.jsonl", "eval", "tensorboard", "run.json", "report.md", "report.html",
-        "loss_curve.png", "performance.png", "generalisation.png", "export", "evals", ".write-test",
-    }
-)  # fmt: skip
+RUN_ENTRIES = rundir.ENTRIES  # what `instill train` (and export, report) writes in a run
 
 
 def _written_by_instill(config: Path, name: str) -> bool:
@@ -178,7 +173,7 @@ def check_restartable(run_dir: Path, name: str) -> None:
     written for this run) and nothing but what a run writes (and the hidden leftovers of its
     killed writes): a folder that holds anything else is the user's, named in the error."""
     fix = "or choose another name (name=...) or train.output_dir"
-    if not _written_by_instill(run_dir / "config.yaml", name):
+    if not _written_by_instill(RunDir(run_dir).config, name):
         raise InstillError(
             f"{run_dir} holds no instill run (no config.yaml written by instill train for "
             f"{name}), so train.resume=auto will not clear it to start afresh; move its files "
@@ -360,7 +355,7 @@ def setup(acc, recipe: Recipe, overwrite: bool, phases: Phases | None = None) ->
     on_main(acc, lambda: make_run_dir(run_dir, clear))
     try:
         if acc.is_main_process:
-            _write_yaml(run_dir / "config.yaml", recipe.model_dump(mode="json"))
+            _write_yaml(RunDir(run_dir).config, recipe.model_dump(mode="json"))
         with acc.main_process_first():  # the main process fills the caches first
             with phases("load model (and convert)"):
                 loaded = load_model(recipe.model, seed=recipe.train.seed)
@@ -408,13 +403,13 @@ def _describe(run: Run) -> None:
     )
     stats = data.stats
     write_text(
-        run_dir / "data_stats.json", json.dumps(stats.as_dict(), indent=2) + "\n", "data stats"
+        RunDir(run_dir).data_stats, json.dumps(stats.as_dict(), indent=2) + "\n", "data stats"
     )
     if data.skipped:
-        write_jsonl(run_dir / "skipped_rows.jsonl", data.skipped)
+        write_jsonl(RunDir(run_dir).skipped_rows, data.skipped)
         console.print(
             f"[yellow]skipped {len(data.skipped)} bad rows[/yellow] (data.on_error: skip); "
-            f"each one and why: {run_dir / 'skipped_rows.jsonl'}"
+            f"each one and why: {RunDir(run_dir).skipped_rows}"
         )
     console.print(
         f"data: {stats.rows} rows, {stats.tokens:,} tokens, {stats.trained_tokens:,} trained, "
@@ -439,7 +434,7 @@ def held_out_pairs(run: Run, model, side: str) -> list[dict] | None:
         write_preference,
     )
 
-    recipe, data, folder = run.recipe, run.data, run.run_dir / "eval"
+    recipe, data, folder = run.recipe, run.data, RunDir(run.run_dir).results
     if recipe.train.objective in ("sft", "kto") or not data.validation:
         return None  # (kto's validation rows are labelled replies, not pairs)
     pad, split = run.loaded.tokenizer.pad_token_id, {"rows_sha256": rows_sha256(data.validation)}
@@ -491,7 +486,7 @@ def evaluate_before(run: Run) -> tuple[dict[str, SuiteResult], float | None]:
                 [task],
                 recipe.eval,
                 "base",
-                run.run_dir / "eval",
+                RunDir(run.run_dir).results,
                 prefix="base-",
                 reuse=run.checkpoint is not None,
             )
@@ -560,10 +555,10 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
         if main:
             console.print(
                 f"[yellow]interrupted[/yellow] after step {result.steps}; checkpoint written to "
-                f"{run_dir / 'checkpoints'}; continue with train.resume=auto"
+                f"{RunDir(run_dir).checkpoints}; continue with train.resume=auto"
             )
         return summary(before, {})
-    final = run_dir / "final"
+    final = RunDir(run_dir).final
     with phases("save final model"):
         on_main(acc, lambda: save_model_dir(model, loaded.tokenizer, final, what="final model"))
     if not main:
@@ -572,7 +567,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
     for task in run.tasks if recipe.eval.after else []:
         with phases(f"evaluate tuned: {task.name}"):
             after |= run_tasks(model, loaded.tokenizer, [task], recipe.eval, "tuned",
-                               run_dir / "eval")  # fmt: skip
+                               RunDir(run_dir).results)  # fmt: skip
     if recipe.eval.after and run.start_pairs is not None:
         with phases("held-out pairs: tuned"):
             held_out_pairs(run, model, "model")
@@ -612,7 +607,7 @@ def report(run: Run, summary: RunSummary, params, base_val_loss: float | None) -
         "wall_s": round(run.phases.wall(), 2),
         "phases": dict(run.phases.seconds),
     }
-    path = run.run_dir / "run.json"
+    path = RunDir(run.run_dir).record_file
     write_text(path, json.dumps(record, indent=2) + "\n", "the run record")
     with run.phases(REPORT_PHASE):
         write_run_report(run.run_dir, recipe.report.price_per_hour)
@@ -630,9 +625,7 @@ def objective_record(recipe: Recipe, loaded) -> dict:
     record: dict = {"name": t.objective}
     start = recipe.model.name
     if loaded.source.kind == "run":
-        from instill.config.load import load_recipe
-
-        first = load_recipe(Path(start) / "config.yaml")
+        first = RunDir(start).recipe()
         record["started_from"] = {"run": start, "its_model": first.model.name,
                                   "its_objective": first.train.objective}  # fmt: skip
         start = f"run {start} (tuned from {first.model.name})"

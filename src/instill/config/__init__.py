@@ -1,4 +1,5 @@
-"""Typed recipes: pydantic models, YAML loading, dotted overrides."""
+"""Typed recipes: pydantic models, YAML loading, dotted overrides; and the options of every
+other command (commands.py), so a default and its --help are written once."""
 
 from instill.config.load import load_recipe, recipe_help
 from instill.config.schema import (

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from instill.config import EvalConfig
@@ -38,6 +37,7 @@ from instill.eval.tasks import Task
 from instill.infer import llamacpp
 from instill.infer.engine import GenParams, Job
 from instill.infer.generate import Generation, generation_of
+from instill.rundir import RunDir, RunSplit
 
 
 def export_run_dir(model: str) -> Path | None:
@@ -47,36 +47,12 @@ def export_run_dir(model: str) -> Path | None:
     if not manifest.is_file():
         return None
     run = json.loads(manifest.read_text()).get("run")
-    return Path(run) if run and (Path(run) / "final").is_dir() else None
-
-
-@dataclass
-class RunSplit:
-    """The held-out split and answer length a run was evaluated with (its recipe's)."""
-
-    per_family: int
-    seed: int
-    families: list[str] | None
-    holdout: list[str]
-    max_new_tokens: int
-    general_gen_per_kind: int | None = None
+    return Path(run) if run and RunDir(Path(run)).finished else None
 
 
 def run_split(run: Path) -> RunSplit:
-    import yaml
-
-    path = run / "config.yaml"
-    cfg = (yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None) or {}
-    builtin = (cfg.get("data") or {}).get("builtin") or {}
-    ev = cfg.get("eval") or {}
-    return RunSplit(
-        builtin.get("eval_per_family", 12),
-        builtin.get("seed", 0),
-        builtin.get("families"),
-        list(ev.get("holdout_clusters") or []),
-        ev.get("max_new_tokens", 32),
-        ev.get("general_gen_per_kind"),
-    )
+    """The run's own split, from its recipe read through the typed schema (RunDir)."""
+    return RunDir(run).split()
 
 
 def deployed_record(folder: Path) -> dict:

@@ -287,9 +287,9 @@ def pair_preference(before: Path, after: Path) -> dict:
 def run_start(run_dir: Path) -> ModelConfig:
     """The model section a run started from (its config.yaml, read through the typed recipe):
     the default reference and "before" of a run's held-out pairs."""
-    from instill.config import load_recipe
+    from instill.rundir import RunDir
 
-    recipe = load_recipe(Path(run_dir) / "config.yaml")
+    recipe = RunDir(run_dir).recipe()
     if recipe.model.init != "pretrained":
         raise InstillError(
             f"{run_dir}: the run started from random weights (model.init: {recipe.model.init}), "

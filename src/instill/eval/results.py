@@ -22,14 +22,16 @@ import hashlib
 import json
 from pathlib import Path
 
+from instill import rundir
 from instill.errors import InstillError
 from instill.jsonl import read_jsonl
+from instill.rundir import RunDir
 
 BASE_PREFIX = "base-"
 RECORDS_SHA256 = "records_sha256"
 PREFERENCE = "preference"  # <folder>/preference.json(l): held-out pairs (eval/preference.py)
-RUN_RESULTS = "eval"  # <run>/eval/: the run's own before/after, which compare and report read
-EVALUATIONS = "evals"  # <run>/evals/<name>/: later evaluations of the run (instill eval RUN)
+RUN_RESULTS = rundir.RESULTS  # <run>/eval/: the run's own before/after (compare, report)
+EVALUATIONS = rundir.EVALUATIONS  # <run>/evals/<name>/: later evaluations (instill eval RUN)
 
 
 class MismatchedResult(InstillError):
@@ -42,19 +44,13 @@ def records_sha256(path: Path) -> str:
 
 def run_of(model: str) -> Path | None:
     """The run directory `model` names (a run, or its final/), else None."""
-    path = Path(model)
-    if (path / "final").is_dir():
-        return path
-    if path.name == "final" and path.is_dir() and (path.parent / "config.yaml").is_file():
-        return path.parent
-    return None
+    run = RunDir.of(model)
+    return run.root if run is not None else None
 
 
 def evaluation_folder(run_dir: Path, name: str) -> Path:
     """<run>/evals/<name>/, for a name that is one plain folder name."""
-    if not name or name in (".", "..") or Path(name).name != name:
-        raise InstillError(f"--name {name!r}: give a plain folder name (no / or ..)")
-    return Path(run_dir) / EVALUATIONS / name
+    return RunDir(run_dir).evaluation(name)
 
 
 def check_same_split(a: dict, b: dict, where_a: str, where_b: str) -> None:

@@ -26,6 +26,7 @@ from instill.eval.tasks import (
     general_gen_task,
     general_task,
 )
+from instill.rundir import RunSplit, split_of
 
 
 def data_task(recipe: Recipe) -> Task:
@@ -51,23 +52,30 @@ def data_task(recipe: Recipe) -> Task:
 
 
 def build_tasks(recipe: Recipe) -> list[Task]:
-    cfg = recipe.eval
+    cfg, b, split = recipe.eval, recipe.data.builtin, split_of(recipe)
     tasks = []
     for suite in cfg.suites:
-        if suite == "builtin":
-            b = recipe.data.builtin
-            if b is None or b.eval_per_family == 0:
-                continue  # no built-in data, nothing of it to hold out: the suite is skipped
-            tasks.append(builtin_task(b.eval_per_family, b.seed, b.families, cfg.holdout_clusters))
-        elif suite == "general":
-            tasks.append(general_task())
-        elif suite == "general_gen":
-            tasks.append(general_gen_task(cfg.general_gen_per_kind))
-        elif suite == "data":
+        if suite == "builtin" and (b is None or b.eval_per_family == 0):
+            continue  # no built-in data, nothing of it to hold out: the suite is skipped
+        if suite == "data":
             tasks.append(data_task(recipe))
+        elif isinstance(suite, str):
+            tasks.append(named_task(suite, split))
         else:
             tasks.append(suite_file_task(suite, recipe.data.seed))
     return tasks
+
+
+def named_task(name: str, split: RunSplit) -> Task | None:
+    """The task a shipped suite's name stands for (builtin, general, general_gen), drawn on
+    `split`; None for any other name."""
+    if name == "builtin":
+        return builtin_task(split.per_family, split.seed, split.families, split.holdout)
+    if name == "general":
+        return general_task()
+    if name == "general_gen":
+        return general_gen_task(split.general_gen_per_kind)
+    return None
 
 
 def suite_file_task(suite: SuiteConfig, seed: int = 0) -> Task:

@@ -12,7 +12,6 @@ order, as the base file's Q and K rows do (gguf_file.rotary_rows).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from instill.errors import InstillError
 from instill.export import gguf_file
+from instill.rundir import RunDir
 
 QUANTS = ("f32", "f16", "q8_0")
 TIED_OR_HEAD = ("embed_tokens", "lm_head")
@@ -55,8 +55,7 @@ def base_gguf(run: Path, source) -> BaseGGUF:
             f"run's base is not one ({source.name}, a {source.kind} model); tune from a .gguf "
             "base, or export the merged model with --format gguf"
         )
-    path = run / "run.json"
-    recorded = (json.loads(path.read_text()) if path.is_file() else {}).get("model") or {}
+    recorded = RunDir(run).record().get("model") or {}
     expected = recorded.get("sha256")
     if expected and expected != source.sha256:
         raise InstillError(

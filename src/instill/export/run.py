@@ -26,6 +26,7 @@ from instill.export import gguf_export, gguf_file, gguf_lora
 from instill.export.tuned import Tuned, final_dir, load_tuned
 from instill.export.verify import Figures, check, compare, from_transformers
 from instill.infer import llamacpp
+from instill.rundir import RunDir
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PARTS = ("merged", "adapter", "both")
@@ -92,10 +93,10 @@ def _manifest(run: Path, tuned: Tuned, export: dict, figures: Figures | None) ->
             "gguf_path": source.gguf_path,
             "sha256": source.sha256,
         },
-        "data": _read_json(run / "data_stats.json"),
+        "data": _read_json(RunDir(run).data_stats),
         "data_sources": _data_sources(tuned.run_config),
         "config": tuned.run_config,
-        "run_record": _read_json(run / "run.json"),
+        "run_record": RunDir(run).record(),
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
         "end_of_turn_ids": end_of_turn_ids(tuned.tokenizer),
         "libraries": _versions(),
@@ -187,7 +188,7 @@ def export_run(
     if output is not None and output.exists() and not overwrite:
         raise InstillError(f"{output}: already exists; pass --overwrite to replace it")
     if output is not None:  # before any work: never the run, the working directory, home, root
-        keep = {"the run directory": run, "the run's tuned model": run / "final"}
+        keep = {"the run directory": run, "the run's tuned model": RunDir(run).final}
         refuse_to_replace(output, "--output", keep=keep)
     tuned = load_tuned(run, dequantize=dequantize)
     if fmt == "gguf":
@@ -204,7 +205,7 @@ def export_run(
             gguf_lora.check_adapter(tuned.adapter)
             gguf_lora.base_gguf(run, tuned.source)
     if output is None:
-        output = run / "export" / f"{fmt}-{dtype if fmt == 'hf' else quant}"
+        output = RunDir(run).export(f"{fmt}-{dtype if fmt == 'hf' else quant}")
         if output.exists() and not overwrite:
             raise InstillError(f"{output}: already exists; pass --overwrite to replace it")
     extra: dict = {}

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from instill.config import ModelConfig
+from instill.config import ModelConfig, Recipe
 from instill.errors import InstillError
 from instill.models import load_adapter_model, load_model
 from instill.models.resolve import ModelSource, resolve_model
+from instill.rundir import RunDir
 
 
 @dataclass
@@ -26,15 +25,14 @@ class Tuned:
     run_config: dict
 
 
-def run_config(run: Path) -> dict:
-    path = run / "config.yaml"
-    if not path.is_file():
-        return {}
-    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+def run_recipe(run: Path) -> Recipe | None:
+    """The run's recipe through the typed schema (RunDir), or None when it has no config.yaml."""
+    rd = RunDir(run)
+    return rd.recipe() if rd.config.is_file() else None
 
 
 def final_dir(run: Path) -> Path:
-    final = run / "final"
+    final = RunDir(run).final
     if not final.is_dir():
         raise InstillError(
             f"{run}: no final/ directory, so there is no tuned model to export; finish the run "
@@ -45,12 +43,13 @@ def final_dir(run: Path) -> Path:
 
 def load_tuned(run: Path, *, dequantize: bool = False) -> Tuned:
     final = final_dir(run)
-    cfg = run_config(run)
-    quantize = (cfg.get("model") or {}).get("quantize", "none")
+    recipe = run_recipe(run)
+    cfg = recipe.model_dump(mode="json") if recipe is not None else {}
+    quantize = (recipe or Recipe()).model.quantize
     adapter_file = final / "adapter_config.json"
     if adapter_file.is_file() and quantize == "4bit" and not dequantize:
         raise InstillError(
-            f"{run}/config.yaml: model.quantize is 4bit, so the adapter was trained against a "
+            f"{RunDir(run).config}: model.quantize is 4bit, so the adapter was trained against a "
             "4-bit NF4 base; merging it into that base would round the merged weights to 4 bits "
             "again and lose the adapter's update. Pass --dequantize to merge into the base "
             "dequantised to full precision, or export the adapter alone (--parts adapter)"
@@ -70,8 +69,7 @@ def load_tuned(run: Path, *, dequantize: bool = False) -> Tuned:
 def _run_source(run: Path, loaded: ModelSource) -> ModelSource:
     """The base as the run recorded it: a GGUF base loads from its cached conversion, but its
     provenance (and the default export type) is the original .gguf file."""
-    path = run / "run.json"
-    record = (json.loads(path.read_text()) if path.is_file() else {}).get("model") or {}
+    record = RunDir(run).record().get("model") or {}
     if record.get("kind") != "gguf" or record.get("path") != loaded.path:
         return loaded
     try:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from instill.config import SamplingConfig, default
 from instill.data.render import end_of_turn_ids
 from instill.errors import InstillError
 from instill.infer.cache import SlotCache
@@ -48,14 +49,18 @@ PREFILL_BLOCK = 8  # prompts are right-padded to a multiple of this many tokens
 HEAD_MIN = 8  # a template head shorter than this is prefilled with each prompt
 
 
+def _sampling(key: str):
+    return default(SamplingConfig, key)  # the defaults of generate, chat and serve: one source
+
+
 @dataclass(frozen=True)
 class GenParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 means greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 means no top-k
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+    max_new_tokens: int = _sampling("max_new_tokens")
+    temperature: float = _sampling("temperature")  # 0 means greedy
+    top_p: float = _sampling("top_p")
+    top_k: int = _sampling("top_k")  # 0 means no top-k
+    repetition_penalty: float = _sampling("repetition_penalty")
+    seed: int | None = _sampling("seed")
     stop: tuple[str, ...] = field(default_factory=tuple)
 
 

@@ -35,11 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+from instill.config.commands import ENGINES
 from instill.errors import InstillError
 from instill.infer.engine import Job, end_reply
 from instill.infer.text import TextStream
-
-ENGINES = ("torch", "llama.cpp")
 
 INSTALL = ".venv/bin/pip install -c constraints.txt -e '.[llamacpp]' (compiles llama.cpp once)"
 

@@ -7,6 +7,7 @@ from instill.models.load import (
     load_for_inference,
     load_model,
     load_tokenizer,
+    model_spec,
     pick_device,
     pick_dtype,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "load_for_inference",
     "load_model",
     "load_tokenizer",
+    "model_spec",
     "pick_device",
     "pick_dtype",
     "resolve_model",

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from instill.config import ModelConfig
+from instill.config import ModelConfig, Recipe
 from instill.errors import InstillError
 from instill.models.resolve import ModelSource, resolve_model
+from instill.rundir import RunDir
 
 
 @dataclass
@@ -120,10 +121,9 @@ def load_model(cfg: ModelConfig, *, seed: int = 0, require_template: bool = True
 def run_model_dir(name: str) -> Path | None:
     """A run directory given as a model (it holds config.yaml and a final/ without a model of
     its own at the top): its final/ folder; else None."""
-    path = Path(name).expanduser()
-    if (path / "config.yaml").is_file() and (path / "final").is_dir():
-        if not (path / "config.json").exists():
-            return path / "final"
+    run = RunDir(Path(name).expanduser())
+    if run.config.is_file() and run.finished and not (run.root / "config.json").exists():
+        return run.final
     return None
 
 
@@ -185,22 +185,17 @@ def _four_bit(device: torch.device, dtype: torch.dtype) -> dict:
 
 def _final_dir(path: Path) -> Path:
     """A run directory means its final/ model."""
-    if (path / "final").is_dir() and not (path / "config.json").exists():
-        return path / "final"
+    run = RunDir(path)
+    if run.finished and not (path / "config.json").exists():
+        return run.final
     return path
 
 
 def trained_quantize(adapter_dir: Path) -> str:
     """model.quantize of the run whose final/ (or checkpoint) holds this adapter: "4bit" when
     it was trained on an NF4 base (QLoRA), "none" otherwise or when no run config is found."""
-    import yaml
-
-    for folder in (adapter_dir.parent, adapter_dir.parent.parent):
-        config = folder / "config.yaml"
-        if config.is_file():
-            data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-            return str((data.get("model") or {}).get("quantize") or "none")
-    return "none"
+    run = RunDir.holding(adapter_dir)
+    return (run.recipe() if run is not None else Recipe()).model.quantize
 
 
 def _check_four_bit_inference(adapter_dir: Path, device: torch.device) -> None:
@@ -215,6 +210,18 @@ def _check_four_bit_inference(adapter_dir: Path, device: torch.device) -> None:
             "it would be a different model. Run it where a GPU is, or export it merged into the "
             "dequantised base (instill export RUN --dequantize) and use that export"
         )
+
+
+def model_spec(model: str, chat_template: Path | None) -> ModelConfig:
+    """The ModelConfig for loading MODEL with --chat-template; a missing file is an error before
+    the slow model load."""
+    from instill.data.render import load_chat_template
+
+    if chat_template is not None:  # missing or empty: said now, naming the option
+        load_chat_template(chat_template, "--chat-template")
+    return ModelConfig(
+        name=model, chat_template=str(chat_template) if chat_template is not None else None
+    )
 
 
 def load_for_inference(

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from instill.config.load import load_recipe, yaml_text
+from instill.config.load import yaml_text
+from instill.rundir import RunDir
 
 # Keys of config.yaml that name or steer a run without changing what it trains: the run's
 # name is the arm's label, and train.resume is set when a training is continued (a resumed
@@ -39,8 +40,8 @@ def _short(sha: str | None) -> str | None:
 
 def record_figures(run_dir: Path) -> list[tuple[str, object]]:
     """(label, value) of what a run trained on and what it trained, in the report's order."""
-    run = json.loads((run_dir / "run.json").read_text())
-    stats_file = run_dir / "data_stats.json"
+    run = json.loads(RunDir(run_dir).record_file.read_text())
+    stats_file = RunDir(run_dir).data_stats
     data = json.loads(stats_file.read_text()) if stats_file.is_file() else run.get("data", {})
     train, params = run.get("train", {}), run.get("params", {})
     config = config_settings(run_dir, flat=False)
@@ -81,7 +82,7 @@ def flatten(data: dict, prefix: str = "") -> dict[str, object]:
 
 def config_settings(run_dir: Path, flat: bool = True) -> dict:
     """The run's resolved config, read through the typed schema: {dotted key: value}."""
-    config = load_recipe(run_dir / "config.yaml").model_dump(mode="json")
+    config = RunDir(run_dir).recipe().model_dump(mode="json")
     return flatten(config) if flat else config
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from instill.eval.results import read_records, read_summary, result_stems
 from instill.report.document import Heading, Para, Table
+from instill.rundir import MANIFEST, RunDir
 
 GGUF = ("gguf", "gguf-lora")
 
@@ -50,7 +51,7 @@ def _pct(x: float | None) -> str:
 
 def _state(d: dict) -> str:
     """Whether the scored export is still the one in its folder."""
-    manifest = Path(d["export"]) / "instill.json"
+    manifest = Path(d["export"]) / MANIFEST
     if not manifest.is_file():
         return " (export since removed)"
     if hashlib.sha256(manifest.read_bytes()).hexdigest() != d.get("manifest_sha256"):
@@ -66,7 +67,7 @@ def deployed_rows(run_dir: Path) -> tuple[list[list[str]], list[str]]:
     """Table rows (scored exports, then unscored GGUF exports) and one line per scored one:
     "exported merged q8_0: X% vs Y% in memory"."""
     rows, lines, scored = [], [], set()
-    for folder in sorted(p for p in (run_dir / "eval" / "deployed").glob("*") if p.is_dir()):
+    for folder in RunDir(run_dir).deployed_scores():
         for stem in result_stems(folder):
             summary = read_summary(folder, stem)
             d = summary.get("deployed")
@@ -75,7 +76,7 @@ def deployed_rows(run_dir: Path) -> tuple[list[list[str]], list[str]]:
             scored.add(d["export"])
             suite = summary["suite"]
             deployed = _by_id(read_records(folder, stem))
-            memory = _by_id(read_records(run_dir / "eval", suite))
+            memory = _by_id(read_records(RunDir(run_dir).results, suite))
             both = [i for i in deployed if i in memory]
             dep = mem = same = None
             if both:
@@ -98,9 +99,9 @@ def deployed_rows(run_dir: Path) -> tuple[list[list[str]], list[str]]:
                 lines.append(
                     f"exported {label}: {_pct(summary.get('score'))}% on {suite} "
                     f"(n={summary.get('n')}); no in-memory answers to the same prompts in "
-                    f"{run_dir / 'eval'}"
+                    f"{RunDir(run_dir).results}"
                 )
-    for manifest_file in sorted((run_dir / "export").glob("*/instill.json")):
+    for manifest_file in RunDir(run_dir).export_manifests():
         folder = manifest_file.parent.resolve()
         manifest = json.loads(manifest_file.read_text())
         export = manifest.get("export") or {}

@@ -27,6 +27,7 @@ from instill.report.claims import (
 )
 from instill.report.document import Document, Heading, Image, Para, Table, write
 from instill.report.run_report import forgetting_blocks, load_run, suite_summary
+from instill.rundir import RunDir
 
 WAYS = ("pretrained, untuned", "scratch, tuned", "pretrained, tuned")
 SHIPPED = "pretrained, tuned as shipped"  # the recipe as written, when it replays (experiment.py)
@@ -35,7 +36,7 @@ SHIPPED = "pretrained, tuned as shipped"  # the recipe as written, when it repla
 def _metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     from instill.report.plots import read_metrics
 
-    return read_metrics(run_dir / "metrics.jsonl")
+    return read_metrics(RunDir(run_dir).metrics)
 
 
 def val_curve(run_dir: Path) -> list[tuple[int, int, float, float]]:
@@ -71,8 +72,8 @@ def steps_saved(pre: list, scratch: list) -> dict | None:
 
 
 def _suites(pre: Path, scratch: Path) -> list[str]:
-    names = result_stems(pre / "eval")
-    return [s for s in names if (scratch / "eval" / f"{s}.json").is_file()]
+    names = result_stems(RunDir(pre).results)
+    return [s for s in names if (RunDir(scratch).results / f"{s}.json").is_file()]
 
 
 def _score_cell(s: dict | None, key: str = "") -> str:
@@ -88,7 +89,8 @@ def _score_cell(s: dict | None, key: str = "") -> str:
 def _forgetting(pre_dir: Path, tuned_dir: Path, who: str) -> list:
     """The forgetting verdict of one tuned pretrained run against the pretrained run's untuned
     results (the same weights on the same suites), on every guard scored on both."""
-    untuned, tuned = Side("untuned", pre_dir / "eval", "base-"), Side("tuned", tuned_dir / "eval")
+    untuned = Side("untuned", RunDir(pre_dir).results, "base-")
+    tuned = Side("tuned", RunDir(tuned_dir).results)
     guards = [
         compare_suite(untuned, tuned, s) for s in tuned.suites() if s in set(untuned.suites())
     ]
@@ -126,7 +128,7 @@ def build_transfer_report(
         folder / "shipped",
     )
     pre, scratch = load_run(pre_dir), load_run(scratch_dir)
-    shipped = load_run(shipped_dir) if (shipped_dir / "run.json").is_file() else None
+    shipped = load_run(shipped_dir) if RunDir(shipped_dir).record_file.is_file() else None
     names = WAYS + ((SHIPPED,) if shipped else ())
     suites = _suites(pre_dir, scratch_dir)
     ways = {
@@ -140,12 +142,16 @@ def build_transfer_report(
     }
     vs_untuned = {
         s: compare_suite(
-            Side("untuned", pre_dir / "eval", "base-"), Side("tuned", pre_dir / "eval"), s
+            Side("untuned", RunDir(pre_dir).results, "base-"),
+            Side("tuned", RunDir(pre_dir).results),
+            s,
         )
         for s in suites
     }
     vs_scratch = {
-        s: compare_suite(Side("scratch", scratch_dir / "eval"), Side("tuned", pre_dir / "eval"), s)
+        s: compare_suite(
+            Side("scratch", RunDir(scratch_dir).results), Side("tuned", RunDir(pre_dir).results), s
+        )
         for s in suites
     }
     doc = Document(f"instill transfer experiment: {folder.name}")

@@ -20,6 +20,7 @@ from instill.report.claims import (
 )
 from instill.report.run_report import load_run, suite_tables
 from instill.report.summary import read_recipe, recipe_rows
+from instill.rundir import RunDir
 
 CARD = "README.md"
 
@@ -170,7 +171,7 @@ def model_card(run_dir: Path) -> str:
 
 def write_model_card(run_dir: Path) -> Path | None:
     """final/README.md for a run that has a final model (replacing peft's template)."""
-    final = run_dir / "final"
+    final = RunDir(run_dir).final
     if not final.is_dir():
         return None
     write_text(final / CARD, model_card(run_dir), "the model card", "train.output_dir")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from instill import rundir
 from instill.jsonl import read_jsonl
+from instill.rundir import RunDir
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
@@ -21,7 +23,7 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
 def training_curves(run_dir: Path) -> Path | None:
     """loss_curve.png: training and validation loss against step and tokens, and the learning
     rate. None when nothing was logged."""
-    metrics = run_dir / "metrics.jsonl"
+    metrics = RunDir(run_dir).metrics
     if not metrics.is_file():
         return None
     train, val = read_metrics(metrics)
@@ -61,7 +63,7 @@ def training_curves(run_dir: Path) -> Path | None:
     ax_lr.plot(steps, [r["lr"] for r in train])
     ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
     fig.tight_layout()
-    out = run_dir / "loss_curve.png"
+    out = RunDir(run_dir).plot(rundir.LOSS_PLOT)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
@@ -112,7 +114,7 @@ def _bars(ax, labels, series, title, ylabel):
 
 
 def performance(
-    run_dir: Path, tables: list[dict], out_name: str = "performance.png"
+    run_dir: Path, tables: list[dict], out_name: str = rundir.PERFORMANCE_PLOT
 ) -> Path | None:
     """performance.png: base vs tuned per suite, overall and per cluster (scores in %; drift
     suites, in nats per token, are tabled in the report instead)."""
@@ -162,7 +164,7 @@ def generalisation(run_dir: Path, tables: list[dict]) -> Path | None:
             "score (%)",
         )
     fig.tight_layout()
-    out = run_dir / "generalisation.png"
+    out = RunDir(run_dir).plot(rundir.GENERALISATION_PLOT)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from instill.eval.preference import MEASURES, read_preference
-from instill.eval.results import RUN_RESULTS
 from instill.report.claims import interval, pct, signed
 from instill.report.document import Heading, Para, Table
+from instill.rundir import RunDir
 
 ACCURACIES = ("ln_accuracy", "reward_accuracy", "sum_accuracy")
 SUBSETS = {"chosen_longer": "chosen reply longer", "chosen_not_longer": "chosen not longer"}
@@ -69,7 +69,7 @@ def length_note(summary: dict) -> str:
 
 def preference_block(run_dir: Path) -> list:
     """Report blocks for RUN/eval/preference.json; [] when the run measured no pairs."""
-    got = read_preference(Path(run_dir) / RUN_RESULTS)
+    got = read_preference(RunDir(run_dir).results)
     if got is None:
         return []
     s, _ = got

@@ -43,10 +43,11 @@ from instill.report.summary import (
     read_recipe,
     recipe_rows,
 )
+from instill.rundir import RunDir
 
 
 def load_run(run_dir: Path) -> dict:
-    path = run_dir / "run.json"
+    path = RunDir(run_dir).record_file
     if not path.is_file():
         from instill.errors import InstillError
 
@@ -58,7 +59,7 @@ def load_run(run_dir: Path) -> dict:
 
 def suite_tables(run_dir: Path) -> list[dict]:
     """compare_suite tables (base vs tuned) for every suite evaluated both ways."""
-    folder = run_dir / "eval"
+    folder = RunDir(run_dir).results
     if not folder.is_dir():
         return []
     base, tuned = Side("base", folder, "base-"), Side("tuned", folder)
@@ -142,7 +143,7 @@ def moved_block(t: dict, a: str = "base", b: str = "tuned") -> Table | None:
 
 
 def _records(run_dir: Path, stem: str) -> dict[str, dict]:
-    return {r["id"]: r for r in read_records(run_dir / "eval", stem) or [] if "id" in r}
+    return {r["id"]: r for r in read_records(RunDir(run_dir).results, stem) or [] if "id" in r}
 
 
 def _short(text, n: int = 160) -> str:
@@ -191,7 +192,7 @@ def examples_block(run_dir: Path, suite: str, k: int = 4) -> Table | None:
 
 def suite_summary(run_dir: Path, stem: str) -> dict | None:
     """A run's eval/<stem>.json summary, or None when that suite was not evaluated."""
-    return read_summary(run_dir / "eval", stem)
+    return read_summary(RunDir(run_dir).results, stem)
 
 
 def constraints_block(run_dir: Path, suite: str) -> Table | None:
@@ -361,7 +362,7 @@ def build_run_report(run_dir: Path, price_per_hour: float = 0.10) -> Document:
     currency = recipe.report.currency if recipe is not None else ReportConfig().currency
     tables = suite_tables(run_dir)
     holdout = set(run.get("holdout_clusters") or [])
-    for summary in all_summaries(run_dir / "eval").values():
+    for summary in all_summaries(RunDir(run_dir).results).values():
         holdout.update(summary.get("holdout_clusters") or [])
     doc = Document(f"instill run {run['name']}: what tuning bought")
     m = run["model"]

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from instill.errors import InstillError
-
 REPORT_PHASE = "report and model card"  # timed after the page is written (run.json has it)
 
 # One line each, placed where the term is first used (issue 27: "drift, nats/token" unexplained)
@@ -26,15 +24,9 @@ DRIFT_TERMS = (
 def read_recipe(run_dir: Path):
     """The run's config.yaml through the typed schema, or None (with the reason) when it is
     missing or no longer valid."""
-    from instill.config.load import load_recipe
+    from instill.rundir import RunDir
 
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return None, f"{path} is missing"
-    try:
-        return load_recipe(path), ""
-    except InstillError as exc:
-        return None, f"{path} does not read as a recipe of this version ({exc})"
+    return RunDir(run_dir).recipe_or_reason()
 
 
 def _method(recipe) -> str:

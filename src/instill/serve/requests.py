@@ -30,7 +30,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from instill.config import ServeConfig
+from instill.config import SamplingConfig, ServeConfig, default
 from instill.infer.engine import GenParams
 
 # OpenAI's newer clients send `developer` where older ones sent `system`; both are the system turn.
@@ -38,7 +38,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 MAX_STOP = 4  # as OpenAI's API
 MAX_STOP_CHARS = 256  # each stop string is matched against the text's tail at every token
 SEED = (-(2**63), 2**63 - 1)  # OpenAI's int64; torch's generators take any of them
-DEFAULT_MAX_TOKENS = 256  # or the server's cap, when lower
+DEFAULT_MAX_TOKENS = default(SamplingConfig, "max_new_tokens")  # or the server's cap, if lower
 
 # pydantic's error types, said as this server says them (after the field's path)
 PHRASES = {

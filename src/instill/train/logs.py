@@ -18,6 +18,7 @@ from pathlib import Path
 
 from instill.atomic import write_errno, writing
 from instill.jsonl import dumps, read_jsonl, write_jsonl
+from instill.rundir import RunDir
 
 SETTING = "train.output_dir"
 
@@ -28,7 +29,7 @@ class Metrics:
     resume go through here."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics
 
     def append(self, record: dict) -> None:
         """Append one record. The file is opened and closed for each record, so a record that
@@ -57,7 +58,7 @@ class TrainLogs:
         self.metrics = Metrics(run_dir)
         if resume_step is not None:
             self.metrics.trim(resume_step)
-        self.board_dir = Path(run_dir) / "tensorboard"
+        self.board_dir = RunDir(run_dir).tensorboard
         self.board = None
         self._hook = None
         try:

@@ -35,6 +35,7 @@ from instill.console import console
 from instill.data.dataset import Row, length_grouped_batches
 from instill.data.packing import collate_packed, pack_best_fit
 from instill.errors import InstillError
+from instill.rundir import RunDir
 from instill.train import shard
 from instill.train.checkpoint import (
     load_weights,
@@ -653,7 +654,7 @@ def train(
     prep.gather_back()
     if cfg.select_best and result.best and run_dir and not result.interrupted:
         on_main(acc, lambda: None)  # the main process wrote checkpoints/best
-        prep.load_weights(run_dir / "checkpoints" / "best")
+        prep.load_weights(RunDir(run_dir).best)
     prep.finish()
     result.wall_s = time.perf_counter() - start
     result.peak_mem_mb = peak_memory_mb(acc.device)
@@ -692,7 +693,7 @@ def _not_finite(loss: float, step: int, micro: list[dict], rows: list, run_dir) 
     of the step, and the checkpoints left as they were."""
     sources = [rows[i].source for b in micro for i in b.get("rows", [])]
     shown = ", ".join(sources[:8]) + (f" and {len(sources) - 8} more" if len(sources) > 8 else "")
-    kept = f"; the checkpoints in {run_dir / 'checkpoints'} are kept" if run_dir else ""
+    kept = f"; the checkpoints in {RunDir(run_dir).checkpoints} are kept" if run_dir else ""
     return InstillError(
         f"the training loss is {loss} at step {step} (rows: {shown}); stopped without taking "
         f"the step{kept}. Lower train.lr, set train.max_grad_norm, or check those rows"
@@ -759,7 +760,7 @@ def _validate(prep, tokenizer, validation, cfg, result, logs, evaluator, start, 
     if improved and run_dir:
         with prep.gathered() as (weights, _):
             if acc.is_main_process:
-                best_dir = run_dir / "checkpoints" / "best"
+                best_dir = RunDir(run_dir).best
                 save_model_dir(weights, tokenizer, best_dir, what="best checkpoint")
     patience = cfg.early_stopping_patience
     best_step = (result.best_score or result.best)[0]
@@ -774,7 +775,7 @@ def _checkpoint(prep, tokenizer, run_dir, result, fingerprint, cfg) -> None:
         on_main(
             prep.acc,
             lambda: save_checkpoint(
-                run_dir / "checkpoints",
+                RunDir(run_dir).checkpoints,
                 weights,
                 tokenizer,
                 optimizer,
