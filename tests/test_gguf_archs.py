@@ -197,13 +197,19 @@ def test_other_architectures_are_refused_with_the_supported_list(tmp_path, token
 @needs_llamacpp
 @pytest.mark.parametrize("quant,ktype", [("q4_k_m", "Q4_K"), ("q6_k", "Q6_K")])
 def test_k_quants_are_written_by_llamacpps_quantizer(
-    tmp_path, tokenizer, default_source, quant, ktype
+    tmp_path, tokenizer, default_source, quant, ktype, capfd
 ):
     """Rows 256 wide (one K-quant block): llama.cpp's own quantizer writes the K type (Q4_K_M
     with its own per-tensor rules: some attn_v / ffn_down at Q6_K), the file is verified by
-    llama.cpp, and instill.json records what the quantizer wrote; no f32 file is left behind."""
+    llama.cpp, and instill.json records what the quantizer wrote; no f32 file is left behind.
+    The quantizer's own log (a line per tensor) is not printed; the figures are, with a
+    quantised type's logit difference said to be reported only."""
     run, _ = tuned_run(tmp_path, tokenizer, default_source, "llama", hidden=256)
+    capfd.readouterr()
     result = export_run(run, fmt="gguf", quant=quant, min_agreement=0.0)
+    printed = capfd.readouterr()
+    assert "llama_model_quantize" not in printed.err + printed.out
+    assert "(reported only), greedy agreement" in " ".join(printed.out.split())
     [path] = result.path.glob("*.gguf")
     assert path.name == f"run.{quant}.gguf"
     tensors = _tensors(path)
@@ -219,6 +225,16 @@ def test_k_quants_are_written_by_llamacpps_quantizer(
     assert manifest["export"]["quant"] == quant
     assert manifest["verification"]["verifier"].startswith("llama.cpp")
     assert result.figures.positions > 0  # verified (figures reported, not held to a floor here)
+
+
+@needs_llamacpp
+def test_a_failed_quantization_says_what_llamacpp_logged(tmp_path, capfd):
+    """The quantizer's log is kept out of the terminal, so a failure must carry its end."""
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file")
+    with pytest.raises(InstillError, match=r"(?s)quantizer failed .*invalid magic"):
+        llamacpp.quantize(bad, tmp_path / "out.gguf", "q4_k_m", "--quant q4_k_m")
+    assert "invalid magic" not in capfd.readouterr().err
 
 
 @needs_llamacpp

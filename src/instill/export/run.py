@@ -104,10 +104,15 @@ def _manifest(run: Path, tuned: Tuned, export: dict, figures: Figures | None) ->
     }
 
 
+def _tolerance(limit: float | None) -> str:
+    """The logit tolerance as printed: quantised types are held to agreement only."""
+    return "reported only" if limit is None else f"tolerance {limit:g}"
+
+
 def _print(figures: Figures, what: str) -> None:
     out.print(
         f"verify {what} with {figures.verifier}: max |logit diff| {figures.max_logit_diff:.3g} "
-        f"(tolerance {figures.logit_tolerance}), greedy agreement "
+        f"({_tolerance(figures.logit_tolerance)}), greedy agreement "
         f"{figures.greedy_agreement:.3f} over {figures.positions} positions "
         f"(minimum {figures.agreement_tolerance}), prompt tokens identical "
         f"{figures.prompt_tokens_identical}, end-of-turn kept {figures.end_of_turn_survived}"

@@ -26,8 +26,10 @@ f32 arithmetic (llama.cpp's default f16 cache rounds keys and values).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -352,11 +354,45 @@ def quantize(source: Path, dest: Path, ftype: str, what: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
     params.nthread = threads()
-    code = llama_cpp.llama_model_quantize(
-        str(source).encode(), str(dest).encode(), ctypes.byref(params)
-    )
+    # llama-cpp-python's log callback prints only errors once a model was opened quietly; the
+    # whole log (one line per tensor and the loader's dump, ~500 lines) is kept, not printed
+    logger = logging.getLogger("llama-cpp-python")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        with _stderr_kept() as log:
+            code = llama_cpp.llama_model_quantize(
+                str(source).encode(), str(dest).encode(), ctypes.byref(params)
+            )
+    finally:
+        logger.setLevel(level)
     if code != 0:
+        tail = "\n".join("".join(log).splitlines()[-15:])
         raise InstillError(
-            f"llama.cpp's quantizer failed ({code}) turning {source.name} into {ftype}; its log "
-            "above says why"
+            f"llama.cpp's quantizer failed ({code}) turning {source.name} into {ftype}; the end "
+            f"of its log:\n{tail}"
         )
+
+
+@contextlib.contextmanager
+def _stderr_kept():
+    """Keep what is written to stderr during the block out of the terminal: llama.cpp's C code
+    writes to file descriptor 2, and llama-cpp-python's log callback prints to sys.stderr.
+    Yields a list that holds both as one string once the block has ended."""
+    import io
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    python, kept = io.StringIO(), []
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            with contextlib.redirect_stderr(python):
+                yield kept
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept.append(tmp.read().decode("utf-8", "replace") + python.getvalue())
