@@ -399,6 +399,21 @@ def _sampling(**values) -> dict:
         raise InstillError(f"{option} {error['input']}: {error['msg']}") from None
 
 
+def _load_for_decoding(model: str, chat_template: Path | None, int8: bool):
+    """The model chat and generate decode with: --int8's kernel checked before the slow load,
+    its int8 layers swapped in after it."""
+    from instill.infer.int8 import for_int8_decoding, require_int8_kernel
+    from instill.models import load_for_inference
+
+    spec = _model_spec(model, chat_template)
+    if int8:
+        require_int8_kernel()
+    loaded = load_for_inference(model, spec)
+    if int8:
+        for_int8_decoding(loaded.model)
+    return loaded
+
+
 @app.command()
 def chat(
     model: str = MODEL,
@@ -421,20 +436,13 @@ def chat(
     seed; the same as the options), e.g. /params temperature=0.7 top_p=0.9 seed=1. /save FILE
     writes the conversation as JSON. /exit leaves."""
     from instill.chat import ChatSession
-    from instill.infer.int8 import for_int8_decoding, require_int8_kernel
-    from instill.models import load_for_inference
 
     params = _sampling(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, seed=seed,
     )  # fmt: skip
-    spec = _model_spec(model, chat_template)
     _quiet_libraries()
-    if int8:
-        require_int8_kernel()  # before the slow load
-    loaded = load_for_inference(model, spec)
-    if int8:
-        for_int8_decoding(loaded.model)
+    loaded = _load_for_decoding(model, chat_template, int8)
     session = ChatSession(loaded.model, loaded.tokenizer, system=system, **params)
     session.run(sys.stdin, interactive=sys.stdin.isatty())
 
@@ -458,8 +466,6 @@ def generate(
     skipped, so an interrupted job continues where it stopped."""
     from instill.infer import GenParams
     from instill.infer.batch import generate_file
-    from instill.infer.int8 import for_int8_decoding, require_int8_kernel
-    from instill.models import load_for_inference
 
     _quiet_libraries()
     params = GenParams(**_sampling(
@@ -468,11 +474,7 @@ def generate(
     ))  # fmt: skip
     if not input.is_file():  # before the slow model load
         raise InstillError(f"{input}: input file not found (--input)")
-    if int8:
-        require_int8_kernel()
-    loaded = load_for_inference(model, _model_spec(model, chat_template))
-    if int8:
-        for_int8_decoding(loaded.model)
+    loaded = _load_for_decoding(model, chat_template, int8)
     made, skipped = generate_file(
         loaded.model, loaded.tokenizer, input, output, params, batch_size=batch_size
     )
