@@ -166,10 +166,16 @@ def _bootstrap(hits: list[float], prompts: list[str]) -> list[float]:
     return [means[int(0.025 * BOOTSTRAP)], means[int(0.975 * BOOTSTRAP) - 1]]
 
 
-def run_instill(work: Path, packed: bool = False, compiled: bool = False) -> dict:
-    """instill's DPO; `packed`: data.packing (each micro-batch's sequences share rows of the
-    max length, no padding between them); `compiled`: train.compile (decoder layers through
-    torch.compile) with train.mmap_threshold_mb 32, as the fastest supervised configuration."""
+def run_instill(work: Path, variant: str = "instill") -> dict:
+    """instill's DPO. The variant's name lists its settings after "instill": `packed`:
+    data.packing (each micro-batch's sequences share rows of the max length, no padding between
+    them); `compiled`: train.compile (decoder layers through torch.compile); `ckpt`:
+    train.gradient_checkpointing; `32M`: train.mmap_threshold_mb 32 (large buffers stay in the
+    allocator's heap instead of being mapped and zeroed afresh every step); `precomputed`:
+    train.preference.precompute_reference (the reference scored once before training, its time
+    counted in the run's)."""
+    parts = set(variant.split("-")[1:])
+    packed, compiled = "packed" in parts, "compiled" in parts
     from instill.config import AdapterConfig, PreferenceConfig, TrainConfig
     from instill.data.preference import read_preferences
     from instill.data.preference_tokens import tokenize_preferences
@@ -189,15 +195,23 @@ def run_instill(work: Path, packed: bool = False, compiled: bool = False) -> dic
         schedule="linear",
         log_every=1,
         objective="dpo",
-        preference=PreferenceConfig(beta=BETA, loss_type="sigmoid"),
+        preference=PreferenceConfig(
+            beta=BETA, loss_type="sigmoid", precompute_reference="precomputed" in parts
+        ),
         compile=compiled,
-        **({"mmap_threshold_mb": 32} if compiled else {}),
+        gradient_checkpointing="ckpt" in parts,
+        **({"mmap_threshold_mb": 32} if "32M" in parts else {}),
     )
     with tempfile.TemporaryDirectory() as run_dir:
+        # a precomputed reference is scored inside train(), before its clock starts, and could
+        # come from the reference cache: a fresh cache, and the whole call timed instead
+        os.environ["INSTILL_HOME"] = str(Path(run_dir) / "home")
+        called = time.perf_counter()
         result = train(
             model, loaded.tokenizer, rows, cfg, Path(run_dir),
             pack_length=MAX_LEN if packed else None,
         )  # fmt: skip
+        whole_call = time.perf_counter() - called
         log = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     peak = _peak_rss_mb()
     log = [r for r in log if "loss" in r and "tokens" in r]
@@ -206,7 +220,7 @@ def run_instill(work: Path, packed: bool = False, compiled: bool = False) -> dic
     return {
         **steady([r["elapsed_s"] for r in log], [round(real * c / counted[-1]) for c in counted]),
         "tokens": real,
-        "wall_s": result.wall_s,
+        "wall_s": whole_call if "precomputed" in parts else result.wall_s,
         "final_loss": result.losses[-1],
         "mean_loss": _mean(result.losses),
         "steps": result.steps,
@@ -305,10 +319,17 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+INSTILL_VARIANTS = (
+    "instill",
+    "instill-packed",
+    "instill-32M",
+    "instill-compiled-32M",
+    "instill-ckpt-compiled-32M",
+    "instill-packed-compiled-32M",
+    "instill-precomputed-compiled-32M",
+)
 CONFIGS = {
-    "instill": run_instill,
-    "instill-packed": lambda work: run_instill(work, packed=True),
-    "instill-packed-compiled": lambda work: run_instill(work, packed=True, compiled=True),
+    **{v: (lambda work, v=v: run_instill(work, v)) for v in INSTILL_VARIANTS},
     "trl": run_trl,
 }
 
