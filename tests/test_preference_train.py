@@ -317,6 +317,43 @@ def test_validation_holds_out_whole_prompts(tokenizer, tmp_path):
     assert len(kto.train) == 48 and sum(r.desirable for r in kto.train) == 24
 
 
+@pytest.mark.parametrize("validation", ["fraction", "file"])
+def test_kto_from_pairs_keeps_its_held_out_prompts_pairs(tokenizer, tmp_path, validation):
+    """kto trains on each pair as two labelled rows; its validation prompts' pairs are kept as
+    pairs too (Data.validation_pairs), on the same prompts as its labelled validation rows and
+    on none of its training rows'. A pair method's are its validation rows themselves."""
+    from instill.config import DataConfig
+    from instill.data.preference_data import build_preference_data
+    from instill.data.preference_tokens import PairRow
+
+    path = pair_file(tmp_path / "p.jsonl", prompts=10, per_prompt=3)
+    held = 0.2
+    if validation == "file":
+        held = str(pair_file(tmp_path / "v.jsonl", prompts=2, per_prompt=3))
+    cfg = DataConfig(sources=[{"path": str(path)}], validation=held, max_length=64)
+    data = build_preference_data(tokenizer, cfg, "kto")
+    pairs = data.validation_pairs
+    assert len(pairs) == 6 and all(isinstance(r, PairRow) for r in pairs)
+    assert len(data.validation) == 12  # the same pairs' replies, labelled: kto's validation loss
+    prompts = {tuple(r.prompt_ids) for r in pairs}
+    assert prompts == {tuple(r.prompt_ids) for r in data.validation} and len(prompts) == 2
+    if validation == "fraction":
+        assert len(data.train) == 48 and not prompts & {tuple(r.prompt_ids) for r in data.train}
+        for pair in pairs:  # each pair's replies are among the labelled validation rows
+            assert any(r.completion_ids == pair.chosen_ids and r.desirable
+                       for r in data.validation)  # fmt: skip
+            assert any(r.completion_ids == pair.rejected_ids and not r.desirable
+                       for r in data.validation)  # fmt: skip
+    dpo = build_preference_data(tokenizer, cfg, "dpo")
+    assert dpo.validation_pairs is dpo.validation
+    assert [r.prompt_ids for r in dpo.validation] == [r.prompt_ids for r in pairs]
+    labelled = [{"prompt": f"Hi {p}", "completion": "Hello", "label": True} for p in range(5)]
+    path = write_jsonl(tmp_path / "kto.jsonl", labelled)
+    cfg = DataConfig(sources=[{"path": str(path)}], validation=0.4, max_length=64)
+    data = build_preference_data(tokenizer, cfg, "kto")
+    assert len(data.validation) == 2 and data.validation_pairs == []  # no pairs to score
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
@@ -430,6 +467,68 @@ def test_a_dpo_run_measures_its_held_out_pairs_before_and_after(tiny_dir, tmp_pa
     shown = CliRunner().invoke(app, ["compare", str(run.run_dir), "--json"])
     assert shown.exit_code == 0, shown.output  # no suites: the pairs are the comparison
     assert json.loads(shown.output)["preference"]["measures"] == summary["measures"]
+
+
+def _run_keeping_data(recipe, monkeypatch):
+    """run_recipe(recipe), and the Data it built."""
+    from instill import recipe as recipe_module
+
+    built, real = [], recipe_module._build_data
+    monkeypatch.setattr(recipe_module, "_build_data", lambda *a: built.append(real(*a)) or built[0])
+    return recipe_module.run_recipe(recipe), built[0]
+
+
+def test_a_kto_run_from_pairs_measures_its_held_out_pairs(tiny_dir, tmp_path, monkeypatch):
+    """kto trained from a pair file: its held-out prompts' pairs are scored as a dpo run's are
+    (eval/preference.json, the reference the starting model), in the report and compare; none
+    of their prompts is trained on."""
+    from typer.testing import CliRunner
+
+    from instill.cli import app
+    from instill.eval.preference import _prompt_key, read_preference
+
+    pairs = pair_file(tmp_path / "p.jsonl", prompts=6, per_prompt=2)
+    recipe = preference_recipe(
+        tiny_dir, tmp_path, f"data.sources=[{{path: {pairs}}}]", "train.objective=kto",
+        "data.validation=0.34", "train.lr=0.05", "train.max_steps=4",
+    )  # fmt: skip
+    run, data = _run_keeping_data(recipe, monkeypatch)
+    summary, records = read_preference(run.run_dir / "eval")
+    assert summary["n"] == len(records) == 4 and summary["prompts"] == 2  # 2 prompts of 6, 2 each
+    assert len(data.validation) == 8  # kto's validation loss: the same pairs' replies, labelled
+    lines = {int(r["source"].rsplit(":", 1)[1]) for r in records}
+    held = {(line - 1) // 2 for line in lines}  # pair_file: prompt p on lines 2p+1, 2p+2
+    assert len(held) == 2 and lines == {2 * p + k for p in held for k in (1, 2)}
+    trained = {_prompt_key(r) for r in data.train}
+    assert {r["prompt"] for r in records} == {_prompt_key(r) for r in data.validation}
+    assert not {r["prompt"] for r in records} & trained and len(trained) == 4
+    assert summary["reference"].startswith("the starting model")
+    reward = summary["measures"]["reward_accuracy"]
+    assert "start" not in reward and "delta" not in reward  # the start is the reference
+    assert "start" in summary["measures"]["ln_accuracy"]  # before and after
+    assert (run.run_dir / "eval" / "base" / "preference.json").is_file()
+    report = (run.run_dir / "report.md").read_text()
+    assert "Objective **kto**" in report and "## Preference on held-out pairs" in report
+    shown = CliRunner().invoke(app, ["compare", str(run.run_dir), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["preference"]["measures"] == summary["measures"]
+
+
+def test_a_kto_run_from_labelled_rows_claims_no_held_out_pairs(tiny_dir, tmp_path):
+    from instill.recipe import run_recipe
+
+    rows = [{"prompt": f"Say a word ({p}).", "completion": w, "label": w == "Blue."}
+            for p in range(6) for w in ("Blue.", "I do not know any words at all.")]  # fmt: skip
+    path = write_jsonl(tmp_path / "kto.jsonl", rows)
+    recipe = preference_recipe(
+        tiny_dir, tmp_path, f"data.sources=[{{path: {path}}}]", "train.objective=kto",
+        "data.validation=0.34",
+    )  # fmt: skip
+    run = run_recipe(recipe)
+    assert list((run.run_dir / "eval").rglob("preference.json*")) == []
+    assert json.loads((run.run_dir / "data_stats.json").read_text())["validation_rows"] == 4
+    report = (run.run_dir / "report.md").read_text()
+    assert "Objective **kto**" in report and "held-out pairs" not in report
 
 
 def test_a_packed_preference_recipe_runs_and_records_its_packing(tiny_dir, tmp_path):

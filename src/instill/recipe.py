@@ -420,10 +420,13 @@ def _describe(run: Run) -> None:
 
 
 def held_out_pairs(run: Run, model, side: str) -> list[dict] | None:
-    """A preference run's validation pairs scored by `model` (main process): "start" before
-    training (the starting model, also DPO's reference), "model" after. The start's records
-    are written to eval/base-preference.jsonl so a resumed run reuses them; after training the
-    summary (before, after, change, length split) goes to eval/preference.json."""
+    """A preference run's held-out pairs (data.validation_pairs: a pair method's validation
+    rows, or the pairs of kto's validation prompts when it trains from pairs) scored by `model`
+    (main process): "start" before training (the starting model, also DPO's and KTO's
+    reference), "model" after. The start's records are written to eval/base-preference.jsonl
+    so a resumed run reuses them; after training the summary (before, after, change, length
+    split) goes to eval/preference.json. None when the run has no pairs to score (supervised,
+    or kto from labelled rows alone)."""
     from instill.eval.preference import (
         pair_records,
         preference_summary,
@@ -434,27 +437,30 @@ def held_out_pairs(run: Run, model, side: str) -> list[dict] | None:
         write_preference,
     )
 
-    recipe, data, folder = run.recipe, run.data, RunDir(run.run_dir).results
-    if recipe.train.objective in ("sft", "kto") or not data.validation:
-        return None  # (kto's validation rows are labelled replies, not pairs)
-    pad, split = run.loaded.tokenizer.pad_token_id, {"rows_sha256": rows_sha256(data.validation)}
+    recipe, folder, pairs = run.recipe, RunDir(run.run_dir).results, run.data.validation_pairs
+    if not pairs:
+        return None
+    pad, split = run.loaded.tokenizer.pad_token_id, {"rows_sha256": rows_sha256(pairs)}
     if side == "start":
         base = folder / "base"
         found = read_preference(base) if run.checkpoint is not None else None
         if found and (found[0].get("split") or {}).get("rows_sha256") == split["rows_sha256"]:
             return side_records(found[1], "model")
-        records = score_pairs(model, pad, data.validation, recipe.eval.batch_size)
+        records = score_pairs(model, pad, pairs, recipe.eval.batch_size)
         write_preference(base, preference_summary(records), pair_records(records), split)
         return records
     start = run.start_pairs
-    records = score_pairs(model, pad, data.validation, recipe.eval.batch_size)
+    records = score_pairs(model, pad, pairs, recipe.eval.batch_size)
     reference = start if recipe.train.objective in ("dpo", "kto") else None
     summary = preference_summary(records, reference, start)
+    held = "the run's validation split (data.validation: whole prompts held out)"
+    if recipe.train.objective == "kto":
+        held += ", scored as pairs (kto's validation loss takes their replies as labelled rows)"
     summary |= {
         "model": "the tuned model",
         "start": f"the starting model, {recipe.model.name}",
         "reference": f"the starting model, {recipe.model.name}" if reference else None,
-        "pairs": "the run's validation split (data.validation: whole prompts held out)",
+        "pairs": held,
         "max_length": recipe.data.max_length,
     }
     write_preference(folder, summary, pair_records(records, reference, start), split)
@@ -471,7 +477,7 @@ def evaluate_before(run: Run) -> tuple[dict[str, SuiteResult], float | None]:
     if data.validation and recipe.eval.before and run.checkpoint is None and supervised:
         with phases("base validation loss"):
             base_val_loss = _base_validation(run.run_dir, loaded, data, recipe)
-    if recipe.eval.before and recipe.train.objective not in ("sft", "kto"):
+    if recipe.eval.before and data.validation_pairs:
         with phases("held-out pairs: start"):
             run.start_pairs = held_out_pairs(run, loaded.model, "start")
     if any(t.metric == "drift" for t in run.tasks):

@@ -70,6 +70,11 @@ class Data:
     stats: DataStats
     skipped: list[dict]  # {"where": file:line, "reason": ...} for every row skipped on error
     from_cache: bool = False
+    # A preference run's held-out pairs (PairRow), scored before and after training: a pair
+    # method's validation rows themselves, or kto's validation prompts' pairs when it trains
+    # from pairs ([] from labelled rows alone). None for supervised data. Not in the data's
+    # digest: they are the validation rows' prompts and replies, paired.
+    validation_pairs: list | None = None
 
 
 def _split(convs: list[Conversation], fraction: float, seed: int, key: str):
