@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 HERE = Path(__file__).resolve().parent
 WORKER = str(HERE / "dist_worker.py")
@@ -105,20 +104,32 @@ def worst_grad(two: dict, one: dict, factor: float = 1.0) -> float:
     return max((factor * two["grads"][k] - g).abs().max().item() for k, g in one["grads"].items())
 
 
+def assert_same_weights(a: dict, b: dict, start: dict, rel: float = 1e-3) -> None:
+    """Two runs' final weights are the same training's: per tensor, the difference is at most
+    `rel` of how far b's tensor moved from `start` (a tensor that did not move must be equal).
+    Not element by element: AdamW divides each gradient by its own running magnitude, so an
+    element whose gradient is near zero turns a ~1e-8 difference in summation order into a
+    visible step (seen: one element of 256 off by 4e-5 after 3 steps at lr 1e-2, the tensor
+    off by 4e-4 of its movement, every other tensor by under 1e-5). A real difference moves
+    whole tensors: one token fewer in one rejected reply of 12 pairs moved one by 5e-2."""
+    assert a.keys() == b.keys()
+    for name, value in b.items():
+        assert a[name].shape == value.shape, name
+        moved = (value.double() - start[name].double()).norm().item()
+        diff = (a[name].double() - value.double()).norm().item()
+        assert diff <= rel * moved, (name, diff, moved)
+
+
 def assert_same_training(two: dict, one: dict, min_tensors: int = 8) -> None:
     """2 processes trained as 1: the same tokens, the first step's gradients to 1e-6, the losses
-    to 1e-4 and the final weights to 2e-5, every element of every tensor. (After a few AdamW
-    steps of ~1e-2: summation order, one batch of 4 against two of 2, moves float32 gradients
-    by ~1e-8, which AdamW's normalisation turns into ~5e-6 in the weights.)"""
+    to 1e-4 and the final weights as assert_same_weights says (to 1e-3 of each tensor's
+    movement from the start both runs share)."""
     assert two["world"] == 2 and one["world"] == 1
     assert two["tokens"] == one["tokens"]
     assert len(two["grads"]) >= min_tensors
     assert worst_grad(two, one) <= 1e-6
     assert max(abs(a - b) for a, b in zip(two["losses"], one["losses"], strict=True)) <= 1e-4
-    assert two["params"].keys() == one["params"].keys()
-    for name, value in one["params"].items():
-        assert two["params"][name].shape == value.shape, name
-        assert torch.allclose(two["params"][name], value, rtol=0, atol=2e-5), name
+    assert_same_weights(two["params"], one["params"], one["start"])
 
 
 def assert_halved(two: dict, one: dict) -> None:

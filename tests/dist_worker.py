@@ -85,6 +85,7 @@ def run(
 
     tokenizer = load_tokenizer(tokenizer_path, ModelConfig(name=tokenizer_path))
     model, _ = attach_adapter(build_tiny(tokenizer), AdapterConfig(method=method))
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
     made: list = []  # the Sharded twin, when the loop makes one
     fractions: dict[str, float] = {}
     grads: dict[str, torch.Tensor] = {}
@@ -170,7 +171,7 @@ def run(
         save_file(params, out + ".params.safetensors")
         if grads:
             save_file(grads, out + ".grads.safetensors")
-    return {**record, "params": params, "grads": grads}
+    return {**record, "params": params, "grads": grads, "start": start}
 
 
 def logged_kl(run_dir: str) -> dict[int, float]:
