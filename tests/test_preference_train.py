@@ -208,10 +208,11 @@ def test_packed_pairs_score_and_train_as_padded_ones(tokenizer, name):
 
 def test_a_packed_dpo_run_equals_a_padded_one(tokenizer, tmp_path):
     cfg = TrainConfig(objective="dpo", max_steps=3, batch_size=4, lr=1e-2, log_every=1)
-    results = []
+    results, starts = [], []
     for pack in (None, 48):
         model = lora(tokenizer, moved=False)
-        start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        starts.append({n: p.detach().clone() for n, p in model.named_parameters()
+                       if p.requires_grad})  # fmt: skip
         run = tmp_path / str(pack)
         results.append(train(model, tokenizer, make_pairs(12, seed=3), cfg, run, pack_length=pack))
         results[-1].params = {n: p.detach().clone() for n, p in model.named_parameters()
@@ -219,7 +220,8 @@ def test_a_packed_dpo_run_equals_a_padded_one(tokenizer, tmp_path):
     padded, packed = results
     assert packed.losses == pytest.approx(padded.losses, rel=1e-5)
     assert packed.tokens == padded.tokens
-    assert_same_weights(packed.params, padded.params, start)
+    assert all(torch.equal(starts[1][n], p) for n, p in starts[0].items())  # one start
+    assert_same_weights(packed.params, padded.params, starts[0])
 
 
 def test_a_nan_loss_stops_the_run_naming_step_and_rows(tokenizer, tmp_path, monkeypatch):
