@@ -80,7 +80,11 @@ def row(run_dir: Path) -> list[str]:
     else:
         cells += ["—", "—", "—"]
     verdict = forgetting_verdict(tables)
-    cells.append({True: "none", False: "FOUND", None: "—"}[verdict.supported])
+    cells.append(
+        "not settled"
+        if not verdict.settled
+        else {True: "none", False: "FOUND", None: "—"}[verdict.supported]
+    )
     return cells
 
 

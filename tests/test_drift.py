@@ -363,8 +363,8 @@ def test_a_run_with_replay_kl_and_general_gen(tiny_recipe, tmp_path, home, token
     assert "General behaviour: general_gen" in text
     # every reply is the base's own words: the verdict is no forgetting, at a length ratio of 1
     assert (
-        "**No forgetting: supported.** No guard is past its limit. Measured: general_gen: drift"
-        in text
+        "**No forgetting: supported.** No guard is past its limit, and no guard's 95% interval "
+        "reaches across one. Measured: general_gen: drift" in text
     )
     assert "reply length 1.00x" in text
 

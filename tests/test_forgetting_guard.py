@@ -13,6 +13,7 @@ from instill.anchors import shipped_prompts
 from instill.config import load_recipe
 from instill.errors import InstillError
 from instill.eval.compare import Side, compare_suite
+from instill.eval.drift import DRIFT_LIMIT
 from instill.eval.suites import build_tasks
 from instill.recipe import check_replay_prompts
 from instill.report.claims import forgetting_verdict
@@ -89,10 +90,12 @@ def test_the_shipped_replay_prompts_are_checked_against_a_users_drift_suite(tmp_
 # --- the reply-length guard is two-sided (issue 23, item 8) -----------------------------------
 
 
-def _gen_records(factor: float, n: int = 40, cap: int = 256) -> tuple[list[dict], list[dict]]:
+def _gen_records(
+    factor: float, n: int = 40, cap: int = 256, drift: tuple[float, ...] = (0.0,)
+) -> tuple[list[dict], list[dict]]:
     """A base's and a tuned model's general_gen records over n prompts: the base ends every
     reply (20 to 98 tokens, under the cap), the tuned model writes `factor` times as many tokens
-    (cut at `cap`); the tuned model's replies are the base's own (drift 0)."""
+    (cut at `cap`); the tuned model's drift on prompt i is drift[i % len(drift)] (the base's 0)."""
     base, tuned = [], []
     for i in range(n):
         b = 20 + 2 * i
@@ -103,16 +106,21 @@ def _gen_records(factor: float, n: int = 40, cap: int = 256) -> tuple[list[dict]
                   "scores": {"drift": 0.0}}  # fmt: skip
         base.append({**common, "prediction": "y " * b, "finish_reason": "stop", "tokens": b,
                      "words": b})  # fmt: skip
+        d = drift[i % len(drift)]
         tuned.append({**common, "prediction": "x " * t, "tokens": t, "words": t,
-                      "finish_reason": "stop" if t < cap else "length"})  # fmt: skip
+                      "finish_reason": "stop" if t < cap else "length",
+                      "score": d, "scores": {"drift": d}})  # fmt: skip
     return base, tuned
 
 
-def _gen_folder(tmp_path: Path, factor: float, cap: int = 256) -> Path:
+def _gen_folder(
+    tmp_path: Path, factor: float, cap: int = 256, drift: tuple[float, ...] = (0.0,)
+) -> Path:
     """A run-like results folder (base-general_gen.* and general_gen.*) of _gen_records."""
-    folder = tmp_path / f"x{factor}" / "eval"
+    folder = tmp_path / f"x{factor}-{'-'.join(map(str, drift))}" / "eval"
     folder.mkdir(parents=True)
-    for prefix, records in zip(("base-", ""), _gen_records(factor, cap=cap), strict=True):
+    sides = _gen_records(factor, cap=cap, drift=drift)
+    for prefix, records in zip(("base-", ""), sides, strict=True):
         summary = {"suite": "general_gen", "metric": "drift", "split": {"per_kind": None}}
         (folder / f"{prefix}general_gen.json").write_text(json.dumps(summary))
         (folder / f"{prefix}general_gen.jsonl").write_text(
@@ -141,6 +149,50 @@ def test_replies_1_2x_the_base_length_are_not_flagged(tmp_path):
     assert tables[0]["generation"]["tokens"][2] == pytest.approx(1.2, abs=0.01)
     assert verdict.supported is True, verdict.text
     assert "longer replies" not in verdict.text
+
+
+@pytest.mark.parametrize("drift", [(0.0, 0.40), (0.0, 0.36)], ids=["mean-0.20", "mean-0.18"])
+def test_a_drift_interval_across_the_limit_is_not_settled_either_way(tmp_path, drift):
+    # Drift 0.20 and 0.18 nats/token, each prompt 0 or twice that: the 95% interval reaches
+    # across the 0.19 limit. Neither "supported" (the point estimate may be past the limit) nor
+    # "forgetting found" (the interval is not wholly past it).
+    tables, verdict = _verdict(_gen_folder(tmp_path, 1.0, drift=drift))
+    d = tables[0]["generation"]["drift"]
+    assert d.delta == pytest.approx(sum(drift) / 2)
+    assert d.ci[0] < DRIFT_LIMIT < d.ci[1], d.ci
+    assert verdict.supported is None and verdict.settled is False, verdict.text
+    assert verdict.text.startswith("Not settled for the tuned model")
+    assert "reaches past its +0.19 limit" in verdict.text
+    doc = Document("r")
+    doc.add(verdict)
+    assert "**No forgetting: not settled.** Not settled" in to_markdown(doc, tmp_path)
+
+
+def test_a_drift_interval_wholly_on_one_side_settles_the_verdict(tmp_path):
+    # negative controls for the test above: the same spread, wholly past or wholly inside
+    _, verdict = _verdict(_gen_folder(tmp_path, 1.0, drift=(0.30, 0.34)))
+    assert verdict.supported is False and verdict.settled, verdict.text
+    assert "drift from the base model +0.320" in verdict.text
+    _, verdict = _verdict(_gen_folder(tmp_path, 1.0, drift=(0.08, 0.12)))
+    assert verdict.supported is True and verdict.settled, verdict.text
+    assert "real change" in verdict.text and "drift +0.100" in verdict.text
+
+
+def test_compare_says_not_settled_in_words_and_json(tmp_path, capsys):
+    from typer.testing import CliRunner
+
+    from instill.cli import app, print_forgetting
+
+    run = _gen_folder(tmp_path, 1.0, drift=(0.0, 0.40)).parent
+    result = CliRunner().invoke(app, ["compare", str(run), "--json"])
+    assert result.exit_code == 0, result.output
+    forgetting = json.loads(result.output)["forgetting"]
+    assert forgetting["verdict"] == "not settled" and forgetting["supported"] is None
+    base, tuned = Side("base", run / "eval", "base-"), Side("tuned", run / "eval")
+    print_forgetting(base, tuned, [compare_suite(base, tuned, "general_gen")])
+    printed = capsys.readouterr().out
+    assert "No forgetting: not settled" in printed
+    assert "general_gen: the replies that moved most" in printed
 
 
 def test_the_verdict_shows_each_guards_limit_beside_its_value(tmp_path):

@@ -283,6 +283,7 @@ def compare(
     from instill.eval.compare import print_tables
     from instill.eval.drift import guard_limits
     from instill.eval.preference import print_preference, read_preference
+    from instill.report.document import mark
     from instill.report.run_report import forgetting_verdict
     from instill.rundir import RunDir
 
@@ -300,6 +301,7 @@ def compare(
             verdict = forgetting_verdict(tables, sb.label)
             data = to_json(sa, sb, tables)
             data["forgetting"] = {
+                "verdict": mark(verdict),  # supported, not supported, not settled, not measured
                 "supported": verdict.supported,
                 "text": verdict.text,
                 "limits": guard_limits(),
@@ -316,15 +318,16 @@ def compare(
 
 
 def print_forgetting(sa, sb, tables: list[dict]) -> None:
-    """The forgetting verdict and, when it found forgetting, the replies that moved most."""
+    """The forgetting verdict and, when it found forgetting or could not settle it, the replies
+    that moved most."""
+    from instill.report.document import mark
     from instill.report.run_report import forgetting_verdict, moved_block
 
     verdict = forgetting_verdict(tables, sb.label)
-    mark = {True: "supported", False: "not supported", None: "not measured"}[verdict.supported]
-    out.print(f"[bold]No forgetting: {mark}[/bold]. {verdict.text}")
+    out.print(f"[bold]No forgetting: {mark(verdict)}[/bold]. {verdict.text}")
     for t in tables:
         moved = moved_block(t, sa.label, sb.label) if "generation" in t else None
-        if moved is not None and verdict.supported is False:
+        if moved is not None and (verdict.supported is False or not verdict.settled):
             out.print(f"{t['suite']}: the replies that moved most")
             for row in moved.rows:
                 out.print(f"  prompt: {row[0]}\n  {sa.label}: {row[1]}\n  {sb.label}: {row[2]}")

@@ -143,11 +143,14 @@ def _guard_readings(general: dict | None, drift: list[dict]) -> dict[str, list[s
 
 
 def forgetting_verdict(tables: list[dict], b: str = "tuned") -> Verdict:
-    """Supported only when no guard is past its line: general knowledge by choice accuracy (a
-    drop whose interval excludes 0), and general behaviour by generation (drift, reply length
-    both ways, short replies, ROUGE-L; eval/drift.py holds the lines). Every value is given
-    beside its limit; a real change inside a limit, an interval reaching across one, and a
-    length cap that leaves no room for longer replies are said, never called "no change"."""
+    """Three ways, each guard against its line: general knowledge by choice accuracy (a drop
+    whose interval excludes 0), and general behaviour by generation (drift, reply length both
+    ways, short replies, ROUGE-L; eval/drift.py holds the lines). Not supported (forgetting
+    found) when some guard's whole 95% interval is past its line; not settled when none is but
+    some interval reaches across its line (the numbers allow both, whichever side the point
+    estimate is on); supported only when every interval stays inside. Every value is given
+    beside its limit; a real change inside a limit and a length cap that leaves no room for
+    longer replies are said, never called "no change"."""
     general = next((t for t in tables if t["suite"] == GENERAL), None)
     drift = [t for t in tables if t["metric"] == "drift"]
     if general is None and not drift:
@@ -177,18 +180,26 @@ def forgetting_verdict(tables: list[dict], b: str = "tuned") -> Verdict:
         if drift:
             text += " The replies that moved most are listed with the general_gen results."
         return Verdict("No forgetting", False, text)
-    text = "No guard is past its limit."
-    if g["changed"]:
-        text += (
-            " Within its limit but a real change (its 95% interval excludes no change): "
-            + "; ".join(g["changed"]) + "."
-        )  # fmt: skip
+    changed = (
+        " Within its limit but a real change (its 95% interval excludes no change): "
+        + "; ".join(g["changed"]) + "."
+    ) if g["changed"] else ""  # fmt: skip
+    rest = measured + "".join(f" Not measured: {x}." for x in g["unmeasured"]) + blind
     if g["reaches"]:
-        text += (
-            " Not settled (the 95% interval reaches past the limit; more prompts would narrow "
-            "it): " + "; ".join(g["reaches"]) + "."
+        text = (
+            f"Not settled for the {b} model: no guard is past its limit by its whole 95% "
+            "interval, but these intervals reach across a limit, so the numbers allow forgetting "
+            "as well as none: " + "; ".join(g["reaches"]) + ". More prompts narrow them "
+            "(eval.general_gen_per_kind, or a larger suite file)." + changed + rest
         )
-    text += measured + "".join(f" Not measured: {x}." for x in g["unmeasured"]) + blind
+        if drift:
+            text += " The replies that moved most are listed with the general_gen results."
+        return Verdict("No forgetting", None, text, settled=False)
+    text = (
+        "No guard is past its limit, and no guard's 95% interval reaches across one."
+        + changed
+        + rest
+    )
     if not drift:
         text += " (general behaviour by generation was not measured: add general_gen)"
     return Verdict("No forgetting", True, text)

@@ -37,8 +37,9 @@ class Image:
 @dataclass
 class Verdict:
     claim: str
-    supported: bool | None  # None: not measured
+    supported: bool | None  # None: not measured, or not settled (settled False)
     text: str
+    settled: bool = True  # False: the intervals reach both sides of the line (supported None)
 
 
 @dataclass
@@ -50,8 +51,11 @@ class Document:
         self.blocks.extend(b for b in blocks if b is not None)
 
 
-def _mark(supported: bool | None) -> str:
-    return {True: "supported", False: "not supported", None: "not measured"}[supported]
+def mark(v: Verdict) -> str:
+    """The one word for a verdict's state, wherever it is printed."""
+    if not v.settled:
+        return "not settled"
+    return {True: "supported", False: "not supported", None: "not measured"}[v.supported]
 
 
 def _md_cell(text: str) -> str:
@@ -75,7 +79,7 @@ def to_markdown(doc: Document, base: Path) -> str:
             rel = b.path.relative_to(base) if b.path.is_relative_to(base) else b.path
             lines += [f"![{b.alt}]({rel.as_posix()})", ""]
         elif isinstance(b, Verdict):
-            lines += [f"- **{b.claim}: {_mark(b.supported)}.** {b.text}", ""]
+            lines += [f"- **{b.claim}: {mark(b)}.** {b.text}", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -95,6 +99,7 @@ td.r,th.r{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;border:1px solid #eee;margin:.4em 0}
 .verdict{padding:.5em .8em;margin:.4em 0;border-left:5px solid #999;background:#fafafa}
 .supported{border-color:#2e7d32}.not-supported{border-color:#c62828}.not-measured{border-color:#999}
+.not-settled{border-color:#ef6c00}
 .tag{font-weight:600}
 """
 
@@ -126,10 +131,10 @@ def to_html(doc: Document) -> str:
             data = base64.b64encode(b.path.read_bytes()).decode()
             out.append(f"<img alt='{html.escape(b.alt)}' src='data:image/png;base64,{data}'>")
         elif isinstance(b, Verdict):
-            mark = _mark(b.supported)
+            state = mark(b)
             out.append(
-                f"<div class='verdict {mark.replace(' ', '-')}'><span class='tag'>"
-                f"{html.escape(b.claim)}: {mark}.</span> {_inline(b.text)}</div>"
+                f"<div class='verdict {state.replace(' ', '-')}'><span class='tag'>"
+                f"{html.escape(b.claim)}: {state}.</span> {_inline(b.text)}</div>"
             )
     out.append("</body></html>")
     return "\n".join(out) + "\n"

@@ -18,6 +18,7 @@ from instill.report.claims import (
     performance_verdict,
     row,
 )
+from instill.report.document import mark
 from instill.report.run_report import load_run, suite_tables
 from instill.report.summary import read_recipe, recipe_rows
 from instill.rundir import RunDir
@@ -145,8 +146,7 @@ def model_card(run_dir: Path) -> str:
         lines += ["No suite was evaluated before and after tuning.", ""]
     verdicts = (performance_verdict, generalisation_verdict, forgetting_verdict)
     for v in (verdict(tables) for verdict in verdicts):
-        mark = {True: "supported", False: "not supported", None: "not measured"}[v.supported]
-        lines.append(f"- **{v.claim}: {mark}.** {v.text}")
+        lines.append(f"- **{v.claim}: {mark(v)}.** {v.text}")
     lines += [
         "",
         "## Intended use",
