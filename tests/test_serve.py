@@ -206,13 +206,15 @@ def test_a_new_request_streams_while_a_long_one_is_mid_generation(served, tokeni
 
 
 class _Gate(threading.Event):
-    """A `cancelled` flag whose first check holds the decode thread until `opened` is set."""
+    """A `cancelled` flag whose first check holds the decode thread until `opened` is set;
+    `entered` is set once the decode thread is held there."""
 
     def __init__(self, opened: threading.Event):
         super().__init__()
-        self.opened = opened
+        self.opened, self.entered = opened, threading.Event()
 
     def is_set(self):
+        self.entered.set()
         self.opened.wait(30)
         return super().is_set()
 
@@ -251,7 +253,11 @@ def test_mixed_params_share_a_batch_and_match_alone(served, tokenizer):
 
         return on_text
 
-    _run(sched, tokenizer, MSG, GenParams(max_new_tokens=20), cancelled=_Gate(opened))
+    gate = _Gate(opened)
+    _run(sched, tokenizer, MSG, GenParams(max_new_tokens=20), cancelled=gate)
+    # the jobs go in only once the decode thread is held: taken with the gate, some of them
+    # could start (and the stop-string one finish) before the rest were queued
+    assert gate.entered.wait(30)
     params = greedy + [sampled]
     jobs = [
         _run(sched, tokenizer, c, p, on_text=collect(i))
@@ -870,7 +876,10 @@ def _held(sched, tokenizer):
     from instill.infer import GenParams
 
     opened = threading.Event()
-    _run(sched, tokenizer, MSG, GenParams(max_new_tokens=2), cancelled=_Gate(opened))
+    gate = _Gate(opened)
+    _run(sched, tokenizer, MSG, GenParams(max_new_tokens=2), cancelled=gate)
+    # held before the next jobs go in: taken with the gate, some could start before the rest
+    assert gate.entered.wait(30)
     return opened
 
 
