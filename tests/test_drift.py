@@ -151,6 +151,25 @@ def test_base_reply_cache_is_keyed_by_model_and_prompts(tiny, tokenizer, home, m
     assert calls == [1, 4, 4]
 
 
+def test_replies_cached_without_nll_are_scored_when_a_drift_suite_asks(
+    tiny, tokenizer, home, monkeypatch
+):
+    prompts = shipped_prompts("replay")[:4]
+    scored = base_replies(tiny, tokenizer, prompts, 5, batch_size=4, cache=False)
+    bare = base_replies(tiny, tokenizer, prompts, 5, batch_size=4, nll=False)
+    assert [r.nll for r in bare.replies.values()] == [None] * 4  # replay: no forward pass
+    assert [r.ids for r in bare.replies.values()] == [r.ids for r in scored.replies.values()]
+
+    def no_generation(*a, **k):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr("instill.infer.generate", no_generation)
+    again = base_replies(tiny, tokenizer, prompts, 5, batch_size=4)  # scored, not generated
+    assert again == scored and all(r.nll is not None for r in again.replies.values())
+    monkeypatch.setattr("instill.anchors.reply_nll", no_generation)
+    assert base_replies(tiny, tokenizer, prompts, 5, batch_size=4) == scored  # NLL cached too
+
+
 def test_a_suite_file_without_prompts_is_a_clear_error(tmp_path):
     f = tmp_path / "mine.jsonl"
     f.write_text(json.dumps({"prompt": "Tell me about tea.", "reference": "Tea is..."}) + "\n"

@@ -165,7 +165,7 @@ def _cache_file(digest: str, tokenizer, max_new_tokens: int) -> Path:
 def _read_cache(path: Path) -> dict[str, dict]:
     if not path.is_file():
         return {}
-    fields = {"key", "text", "tokens", "ended", "nll", "ids"}
+    fields = {"key", "text", "tokens", "ended", "ids"}  # "nll" once a caller asked for it
     try:  # a damaged cache, or an entry missing a field, is generated again
         return {r["key"]: r for r in read_jsonl(path) if isinstance(r, dict) and fields <= set(r)}
     except InstillError:
@@ -205,10 +205,13 @@ def base_replies(
     *,
     digest: str | None = None,
     cache: bool = True,
+    nll: bool = True,
 ) -> Anchor:
-    """The model's greedy replies to `prompts`, each with its NLL under the model: read from the
-    cache under $INSTILL_HOME/base-replies (keyed by the weights' digest, the chat template and
-    the generation settings; one entry per prompt), generating only what is missing."""
+    """The model's greedy replies to `prompts`, each with its NLL under the model (`nll`: what a
+    drift suite needs; replay rows need only the replies, and a forward pass over them is saved):
+    read from the cache under $INSTILL_HOME/base-replies (keyed by the weights' digest, the chat
+    template and the generation settings; one entry per prompt), generating only what is
+    missing, and scoring a cached reply that has no NLL yet when one is asked for."""
     from rich.markup import escape
 
     from instill.console import console
@@ -218,12 +221,12 @@ def base_replies(
     path = _cache_file(digest, tokenizer, max_new_tokens)
     entries = _read_cache(path) if cache else {}
     missing = [p for p in prompts if _entry_key(p) not in entries]
+    was_training = model.training
     if missing:
         console.print(
             f"base model: replies to {len(missing)} general prompts (once; cached in "
             f"{path.parent})..."
         )
-        was_training = model.training
         model.eval()
         try:
             gens = generate(
@@ -233,31 +236,44 @@ def base_replies(
                 GenParams(max_new_tokens=max_new_tokens),
                 batch_size=batch_size,
             )
-            nll = reply_nll(
-                model, tokenizer, missing, [g.token_ids for g in gens], max(1, batch_size // 4)
-            )
         finally:
             model.train(was_training)
-        for p, g, n in zip(missing, gens, nll, strict=True):
+        for p, g in zip(missing, gens, strict=True):
             entries[_entry_key(p)] = {
                 "key": _entry_key(p),
                 "text": g.text,
                 "tokens": g.completion_tokens,
                 "ended": g.finish_reason == "stop",
-                "nll": n,
                 "ids": list(g.token_ids),
             }
-        if cache:
-            try:
-                _write_cache(path, entries)
-            except WriteError as exc:  # the cache only saves time: go on without it
-                console.print(
-                    f"[yellow]base replies not cached[/yellow]: {escape(str(exc))}", soft_wrap=True
-                )
+    unscored = list(
+        {_entry_key(p): p for p in prompts if nll and "nll" not in entries[_entry_key(p)]}.values()
+    )
+    if unscored:
+        model.eval()
+        try:
+            scores = reply_nll(
+                model,
+                tokenizer,
+                unscored,
+                [tuple(entries[_entry_key(p)]["ids"]) for p in unscored],
+                max(1, batch_size // 4),
+            )
+        finally:
+            model.train(was_training)
+        for p, n in zip(unscored, scores, strict=True):
+            entries[_entry_key(p)]["nll"] = n
+    if cache and (missing or unscored):
+        try:
+            _write_cache(path, entries)
+        except WriteError as exc:  # the cache only saves time: go on without it
+            console.print(
+                f"[yellow]base replies not cached[/yellow]: {escape(str(exc))}", soft_wrap=True
+            )
     replies = {}
     for p in prompts:
         e = entries[_entry_key(p)]
         replies[p.id] = BaseReply(
-            e["text"], int(e["tokens"]), bool(e["ended"]), e["nll"], tuple(e["ids"])
+            e["text"], int(e["tokens"]), bool(e["ended"]), e.get("nll"), tuple(e["ids"])
         )
     return Anchor(digest, max_new_tokens, replies)

@@ -319,6 +319,7 @@ def with_replay(recipe: Recipe, loaded, data, digest: str | None):
         cfg.max_new_tokens,
         recipe.eval.batch_size,
         digest=digest,
+        nll=False,  # replay trains on the replies; only a drift suite scores them
     )
     convs = replay_conversations(picks, anchor.replies)
     return add_replay(loaded.tokenizer, data, convs, recipe.data)
