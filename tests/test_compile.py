@@ -11,6 +11,7 @@ from instill.models import attach_adapter
 from instill.train import train
 from instill.train.compiled import decoder_layers
 from tests.conftest import build_tiny
+from tests.dist import assert_same_weights
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +21,7 @@ def rows(builtin_data):
 
 def _run(tokenizer, rows, validation=None, dropout=0.0, **train_kw):
     model, _ = attach_adapter(build_tiny(tokenizer), AdapterConfig(r=8, dropout=dropout))
+    model.start = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
     cfg = TrainConfig(lr=1e-2, max_steps=4, batch_size=3, warmup_ratio=0, seed=3, **train_kw)
     result = train(model, tokenizer, rows, cfg, None, validation=validation)
     return model, result
@@ -36,10 +38,12 @@ def test_compiled_training_matches_eager(tokenizer, rows):
     model, compiled = _run(tokenizer, rows, validation, compile=True, gradient_checkpointing=True)
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-4, abs=1e-5)
     assert compiled.val_losses[-1][1] == pytest.approx(eager.val_losses[-1][1], rel=1e-4)
-    theirs = dict(eager_model.named_parameters())
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p, theirs[name], rtol=1e-4, atol=1e-5)
+    # per tensor, to 1e-3 of its movement (tests/dist.py says why not element by element: the
+    # eager run shares its batches' start, train/loss.py shared_start, the compiled one cannot)
+    assert all(torch.equal(v, eager_model.start[k]) for k, v in model.start.items())
+    trained = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    theirs = {k: p.detach() for k, p in eager_model.named_parameters() if k in trained}
+    assert_same_weights(trained, theirs, eager_model.start)
     # the batches had different lengths, yet one forward graph served every layer and step
     # (a frame compiled more than once would count more)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

@@ -90,7 +90,11 @@ class Supervised:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
 
     def module(self, model, reference=None) -> torch.nn.Module:
-        return SupervisedLM(model, kl_weight=self.cfg.kl_to_base, reference=reference)
+        cfg = self.cfg
+        # the shared start's second model call: not into compiled layers (a graph per call
+        # shape), checkpointed layers (they take no cache) or sharded ones
+        share = not (cfg.compile or cfg.gradient_checkpointing or cfg.shard == "fsdp")
+        return SupervisedLM(model, kl_weight=cfg.kl_to_base, reference=reference, share_start=share)
 
 
 def _sequences(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict:
