@@ -33,7 +33,14 @@ from dataclasses import dataclass, field
 import torch
 
 from instill.data.render import end_of_turn_ids, render_batch
-from instill.train.loss import ReplyScore, Rows, _parts, masked_logprobs, token_cross_entropy
+from instill.train.loss import (
+    ReplyScore,
+    Rows,
+    _parts,
+    masked_logprobs,
+    shares_prefixes,
+    token_cross_entropy,
+)
 
 # Tokens packed into one forward pass of `shared_prefix_logprobs`: attention runs over the whole
 # pack (the mask discards other branches' columns), so a bigger pack wastes more attention work
@@ -137,12 +144,6 @@ def per_byte_choice(
         k += len(options)
         result.append((max(range(len(mine)), key=mine.__getitem__), mine))
     return result
-
-
-def shares_prefixes(model) -> bool:
-    """Whether the model's attention takes the 4D mask that `shared_prefix_logprobs` packs with
-    (sdpa and eager do; flash attention does not)."""
-    return getattr(_parts(model)[2], "_attn_implementation", None) in ("sdpa", "eager")
 
 
 @dataclass

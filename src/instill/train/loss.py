@@ -223,9 +223,10 @@ def _parts(model: torch.nn.Module):
     return getattr(base, base.base_model_prefix), base.get_output_embeddings(), base.config
 
 
-def _takes_cache(model: torch.nn.Module) -> bool:
-    """Whether the model's attention takes a batch's shared start as a KV cache beside a padding
-    mask (sdpa and eager do; the start is then run once, shared_start)."""
+def shares_prefixes(model: torch.nn.Module) -> bool:
+    """Whether the model's attention takes a shared prefix as a KV cache beside a mask of its
+    own (a padding mask here, shared_start; the packed 4D mask of eval/likelihood.py): sdpa and
+    eager do, flash attention does not."""
     return getattr(_parts(model)[2], "_attn_implementation", None) in ("sdpa", "eager")
 
 
@@ -256,7 +257,7 @@ class SupervisedLM(torch.nn.Module):
         self.kl_weight = kl_weight
         # the batch's shared start run once (shared_start); off where a second model call
         # does not fit: compiled layers, gradient checkpointing, sharded weights
-        self.share_start = share_start and _takes_cache(model)
+        self.share_start = share_start and shares_prefixes(model)
         self._reference = [reference]  # a list: not a submodule (no gradients, never wrapped)
         self.last_kl: tuple[float, int] | None = None  # last forward: (KL sum, positions)
 
