@@ -155,19 +155,28 @@ def test_replies_cached_without_nll_are_scored_when_a_drift_suite_asks(
     tiny, tokenizer, home, monkeypatch
 ):
     prompts = shipped_prompts("replay")[:4]
-    scored = base_replies(tiny, tokenizer, prompts, 5, batch_size=4, cache=False)
-    bare = base_replies(tiny, tokenizer, prompts, 5, batch_size=4, nll=False)
-    assert [r.nll for r in bare.replies.values()] == [None] * 4  # replay: no forward pass
-    assert [r.ids for r in bare.replies.values()] == [r.ids for r in scored.replies.values()]
 
     def no_generation(*a, **k):
         raise AssertionError("generated again")
 
+    with monkeypatch.context() as m:  # new replies are scored while decoding, not after
+        m.setattr("instill.anchors.reply_nll", no_generation)
+        scored = base_replies(tiny, tokenizer, prompts, 5, batch_size=4, cache=False)
+    bare = base_replies(tiny, tokenizer, prompts, 5, batch_size=4, nll=False)
+    assert [r.nll for r in bare.replies.values()] == [None] * 4  # replay: no forward pass
+    assert [r.ids for r in bare.replies.values()] == [r.ids for r in scored.replies.values()]
+
     monkeypatch.setattr("instill.infer.generate", no_generation)
     again = base_replies(tiny, tokenizer, prompts, 5, batch_size=4)  # scored, not generated
-    assert again == scored and all(r.nll is not None for r in again.replies.values())
+    assert [r.nll for r in again.replies.values()] == pytest.approx(
+        [r.nll for r in scored.replies.values()], abs=1e-5
+    )  # the forward pass over the replies gives the NLL summed while decoding them
+    assert [(r.text, r.ids) for r in again.replies.values()] == [
+        (r.text, r.ids) for r in scored.replies.values()
+    ]
     monkeypatch.setattr("instill.anchors.reply_nll", no_generation)
-    assert base_replies(tiny, tokenizer, prompts, 5, batch_size=4) == scored  # NLL cached too
+    cached = base_replies(tiny, tokenizer, prompts, 5, batch_size=4)
+    assert cached == again  # NLL cached too
 
 
 def test_a_suite_file_without_prompts_is_a_clear_error(tmp_path):

@@ -166,3 +166,37 @@ def test_a_model_with_other_than_full_attention_layers_is_refused(tiny, tokenize
 def test_an_empty_prompt_is_refused(tiny, tokenizer):
     with pytest.raises(ValueError, match="empty prompt"):
         Engine(tiny, tokenizer, 2).run([Job([], GenParams(max_new_tokens=2), live=False)])
+
+
+def test_logprobs_taken_while_decoding_equal_a_teacher_forced_pass(chatty, tokenizer):
+    """Engine(logprobs=True) sums each chosen token's log-probability under the model as it
+    decodes (a drift anchor's NLL then needs no second pass): the same sum as scoring the
+    finished reply in one forward pass, for rows that end their turn, rows cut at their limit,
+    rows that join and move slots mid-batch, and a sampled row (its tokens are scored under
+    the model's own distribution, not the reshaped one it drew from)."""
+    from instill.train.loss import masked_logprobs
+
+    convs = [*OTHERS, TARGET]
+    probe = Job(render_prompt(tokenizer, TARGET), GenParams(max_new_tokens=12), live=False)
+    Engine(chatty, tokenizer, 4).run([probe])
+    eot = probe.ids[4]  # a token the model writes, made its end of turn: some rows end on it
+    lengths = (12, 3, 12, 7, 12, 12)
+    params = [GenParams(max_new_tokens=n) for n in lengths]
+    params[2] = GenParams(max_new_tokens=12, temperature=0.9, top_k=40, seed=3)
+    jobs = [
+        Job(render_prompt(tokenizer, c), p, live=False) for c, p in zip(convs, params, strict=True)
+    ]
+    Engine(chatty, tokenizer, 2, eot=[eot], logprobs=True).run(jobs)  # rows join and move
+    assert any(j.end_of_turn == eot for j in jobs)
+    assert any(j.finish_reason == "length" for j in jobs)
+    rows = []
+    for job in jobs:
+        reply = job.ids + ([job.end_of_turn] if job.end_of_turn is not None else [])
+        rows.append((job.prompt + reply, [0] * len(job.prompt) + [1] * len(reply)))
+    forced = masked_logprobs(chatty, rows, tokenizer.pad_token_id, batch_size=3)
+    for job, score in zip(jobs, forced, strict=True):
+        assert job.logprob == pytest.approx(score.logprob, abs=1e-4)
+    assert len({round(j.logprob, 3) for j in jobs}) == len(jobs)  # not one value for all rows
+    plain = Job(render_prompt(tokenizer, TARGET), GenParams(max_new_tokens=4), live=False)
+    Engine(chatty, tokenizer, 2).run([plain])
+    assert plain.logprob is None  # off unless asked for

@@ -138,7 +138,9 @@ class BaseReply:
     text: str
     tokens: int  # generated tokens, end-of-turn excluded
     ended: bool  # the model ended the reply (False: cut at max_new_tokens)
-    nll: float | None  # mean NLL per token of the reply under the model that wrote it
+    nll: float | None  # mean NLL per token of the reply under the model that wrote it (taken
+    # while decoding it, or by reply_nll for a cached reply made without it: the two agree to
+    # ~1e-6 nats, tests/test_drift.py)
     ids: tuple[int, ...] = ()  # the tokens it generated, with the end-of-turn one if it ended
 
 
@@ -208,7 +210,7 @@ def base_replies(
     nll: bool = True,
 ) -> Anchor:
     """The model's greedy replies to `prompts`, each with its NLL under the model (`nll`: what a
-    drift suite needs; replay rows need only the replies, and a forward pass over them is saved):
+    drift suite needs, summed while decoding; replay rows need only the replies):
     read from the cache under $INSTILL_HOME/base-replies (keyed by the weights' digest, the chat
     template and the generation settings; one entry per prompt), generating only what is
     missing, and scoring a cached reply that has no NLL yet when one is asked for."""
@@ -235,6 +237,7 @@ def base_replies(
                 [list(p.prompt) for p in missing],
                 GenParams(max_new_tokens=max_new_tokens),
                 batch_size=batch_size,
+                logprobs=nll,  # scored while decoding: no second pass over the replies
             )
         finally:
             model.train(was_training)
@@ -246,6 +249,8 @@ def base_replies(
                 "ended": g.finish_reason == "stop",
                 "ids": list(g.token_ids),
             }
+            if nll and g.logprob is not None and g.token_ids:
+                entries[_entry_key(p)]["nll"] = -g.logprob / len(g.token_ids)
     unscored = list(
         {_entry_key(p): p for p in prompts if nll and "nll" not in entries[_entry_key(p)]}.values()
     )

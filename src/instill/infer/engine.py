@@ -81,6 +81,9 @@ class Job:
     finish_reason: str = "length"  # "stop": end of turn or stop string; "length"
     end_of_turn: int | None = None  # the end-of-turn token, when the model ended the turn
     error: str | None = None
+    logprob: float | None = None  # with Engine(logprobs=True): the summed log-probability of
+    # the generated tokens (end of turn included) under the model's own distribution, before
+    # any sampling setting reshapes it (what a teacher-forced pass over them would give)
 
 
 def _round_up(n: int, block: int) -> int:
@@ -117,12 +120,14 @@ class Engine:
         eot: Sequence[int] | None = None,
         capacity: int = 256,
         row_block: int = ROW_BLOCK,
+        logprobs: bool = False,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         _check_layers(model)
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.row_block = row_block
+        self.logprobs = logprobs  # sum each row's chosen tokens' log-probabilities (Job.logprob)
         self.eot = list(end_of_turn_ids(tokenizer) if eot is None else eot)
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else min(self.eot)
@@ -153,6 +158,7 @@ class Engine:
         self.count = torch.zeros(S, dtype=long, device=dev)  # generated tokens so far
         self.limit = torch.ones(S, dtype=long, device=dev)  # max_new_tokens
         self.out = torch.zeros(S, out_cap, dtype=long, device=dev)  # the generated tokens
+        self.logprob = torch.zeros(S, dtype=torch.float64, device=dev)  # with logprobs=True
         self.columns = torch.arange(capacity, device=dev)
         self.sampler = Sampler(S, dev)
 
@@ -297,8 +303,9 @@ class Engine:
         span = slice(first, first + n)
         self.lens[span] = ends
         self.count[span] = 0
+        self.logprob[span] = 0
         self.limit[span] = torch.tensor([j.params.max_new_tokens for j in jobs], device=dev)
-        self._take(self.sampler.choose(logits, first=first), first)
+        self._take(self.sampler.choose(logits, first=first), first, logits)
 
     def _setup(self, job: Job, slot: int) -> _Row:
         """The row's sampler settings and text; when they fail (a seed its generator refuses, a
@@ -335,7 +342,7 @@ class Engine:
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
         logits = self._forward(self.next[:m, None], lens[:, None], mask[:, None, None, :], 1)
         self.lens[:n] += 1
-        self._take(self.sampler.choose(logits[:n]), 0)
+        self._take(self.sampler.choose(logits[:n]), 0, logits[:n])
 
     def _forward(self, ids, positions, mask, keep) -> torch.Tensor:
         """One model call on the cache: logits [rows, len(keep), vocab] (float32), or
@@ -351,11 +358,15 @@ class Engine:
         logits = out.logits.float()
         return logits[:, -1] if isinstance(keep, int) else logits
 
-    def _take(self, tokens: torch.Tensor, first: int) -> None:
-        """The rows in slots first.. took `tokens`: count them, end rows at the end of turn or
-        the limit, and grow the text of rows followed live."""
+    def _take(self, tokens: torch.Tensor, first: int, logits: torch.Tensor) -> None:
+        """The rows in slots first.. took `tokens` (chosen from `logits`): count them (and sum
+        their log-probabilities), end rows at the end of turn or the limit, and grow the text
+        of rows followed live."""
         n = tokens.shape[0]
         span = slice(first, first + n)
+        if self.logprobs:
+            chosen = logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, -1)
+            self.logprob[span] += chosen.double()
         self.out[torch.arange(first, first + n, device=self.device), self.count[span]] = tokens
         self.count[span] += 1
         self.next[span] = tokens
@@ -388,6 +399,8 @@ class Engine:
         """The job's final text is one decode of all its tokens, cut at a stop string."""
         job = row.job
         ids = self.out[slot, : int(self.count[slot])].tolist()
+        if self.logprobs:
+            job.logprob = float(self.logprob[slot])
         end = ids.pop() if ids and ids[-1] in self.eot else None
         try:
             text = end_reply(job, ids, end, self.tokenizer.decode(ids, skip_special_tokens=True))
@@ -419,7 +432,7 @@ class Engine:
             self.cache.move(movers, holes, int(self.lens[movers].max()))
             src = torch.tensor(movers, device=self.device)
             dst = torch.tensor(holes, device=self.device)
-            for t in (self.lens, self.next, self.count, self.limit, self.out):
+            for t in (self.lens, self.next, self.count, self.limit, self.out, self.logprob):
                 t[dst] = t[src]
             self.sampler.move(movers, holes)
             for s, d in zip(movers, holes, strict=True):

@@ -24,6 +24,7 @@ class Generation:
     completion_tokens: int
     finish_reason: str  # "stop" (end-of-turn or stop string) or "length"
     token_ids: tuple[int, ...] = ()  # the generated tokens, up to and with the end-of-turn one
+    logprob: float | None = None  # with logprobs=True: token_ids' summed log-probability
 
 
 def generate(
@@ -36,6 +37,7 @@ def generate(
     on_text: Callable[[str], None] | None = None,
     on_reply: Callable[[int, Generation], None] | None = None,
     batch_invariant: bool = True,
+    logprobs: bool = False,
 ) -> list[Generation]:
     """Generate one reply per conversation, in input order; `on_text` streams the reply of a
     single conversation as it is generated; `on_reply(i, generation)` gets each reply as it
@@ -44,7 +46,9 @@ def generate(
     own generator seeded with `params.seed`). `batch_invariant=False` runs rows unpadded, which
     a single conversation (chat) decodes faster: its last bits are then a one-row product's
     (engine.py; the README's Generation section has the speeds). `params` may also be one
-    GenParams per conversation (several seeded samples of one prompt, each with its own seed)."""
+    GenParams per conversation (several seeded samples of one prompt, each with its own seed).
+    `logprobs`: each Generation also carries its tokens' summed log-probability under the model
+    (as scored while decoding: a drift anchor needs no second pass over the replies)."""
     if on_text is not None and len(conversations) != 1:
         raise ValueError("streaming (on_text) takes exactly one conversation")
     each = [params] * len(conversations) if isinstance(params, GenParams) else list(params)
@@ -57,7 +61,9 @@ def generate(
     if not jobs:
         return []
     row_block = ROW_BLOCK if batch_invariant else 1
-    engine = Engine(model, tokenizer, min(batch_size, len(jobs)), row_block=row_block)
+    engine = Engine(
+        model, tokenizer, min(batch_size, len(jobs)), row_block=row_block, logprobs=logprobs
+    )
     if on_reply is None:
         engine.run(jobs)
     else:
@@ -69,4 +75,6 @@ def generate(
 def generation_of(job: Job) -> Generation:
     """A finished job as its Generation (the torch engine's and llama.cpp's alike)."""
     eot = (job.end_of_turn,) if job.end_of_turn is not None else ()
-    return Generation(job.text, len(job.prompt), len(job.ids), job.finish_reason, (*job.ids, *eot))
+    return Generation(
+        job.text, len(job.prompt), len(job.ids), job.finish_reason, (*job.ids, *eot), job.logprob
+    )
