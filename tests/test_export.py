@@ -199,3 +199,34 @@ def test_auto_refuses_a_max_size_below_its_smallest_file_before_writing(tmp_path
     result = export_run(run, fmt="gguf", quant="auto", max_size_mb=smallest, min_agreement=0.0)
     [path] = result.path.glob("*.gguf")
     assert path.stat().st_size <= smallest * 1e6
+
+
+def test_a_gguf_converts_to_the_same_files_reading_it_once(run, tmp_path, monkeypatch):
+    """resolve.one_gguf_read: transformers reads a GGUF once for the tokenizer, the config and
+    the weights each; instill's conversion reads it once and writes the same files."""
+    import contextlib
+
+    import gguf as gguf_py
+
+    from instill.models import resolve
+
+    [path] = export_run(run, fmt="gguf", quant="q8_0").path.glob("*.gguf")
+    reads: list[str] = []
+    real = gguf_py.GGUFReader
+
+    def counted(file, *args, **kwargs):
+        reads.append(str(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(gguf_py, "GGUFReader", counted)
+    resolve.convert_gguf(path, tmp_path / "once", "digest")
+    assert len(reads) == 1
+    with monkeypatch.context() as m:  # transformers' own way, for the reference
+        m.setattr(resolve, "one_gguf_read", contextlib.nullcontext)
+        resolve.convert_gguf(path, tmp_path / "plain", "digest")
+    assert len(reads) == 4  # three more: tokenizer, config, weights
+    files = sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "once").iterdir())
+    assert "model.safetensors" in files and "tokenizer.json" in files
+    for name in files:
+        assert (tmp_path / "once" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()

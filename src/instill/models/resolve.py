@@ -142,6 +142,32 @@ def quiet_gguf_reader():
         yield
 
 
+@contextlib.contextmanager
+def one_gguf_read():
+    """transformers reads a GGUF file whole (its metadata: the tokenizer's vocabulary and merges,
+    hundreds of thousands of fields) once for the tokenizer, once for the config and once for
+    the weights, and builds gguf's tensor-name map again for every module: half of a
+    conversion's time. Within this block each file is read once and each name map built once
+    (the same files come out, byte for byte: tests/test_models.py)."""
+    import functools
+
+    import gguf as gguf_py
+
+    readers: dict = {}
+    read = gguf_py.GGUFReader
+
+    def reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = read(path, *args, **kwargs)
+        return readers[key]
+
+    name_map = functools.lru_cache(maxsize=None)(gguf_py.get_tensor_name_map)
+    with patch.object(gguf_py, "GGUFReader", reader):
+        with patch.object(gguf_py, "get_tensor_name_map", name_map):
+            yield
+
+
 def convert_gguf(gguf: Path, target: Path, digest: str) -> None:
     """Dequantise a GGUF file to fp32 and save it as a safetensors HF directory, atomically."""
     import torch
@@ -151,7 +177,7 @@ def convert_gguf(gguf: Path, target: Path, digest: str) -> None:
 
     console.print(f"[dim]converting {gguf.name} to a cached safetensors model (once)...[/dim]")
     try:
-        with quiet_gguf_reader():
+        with quiet_gguf_reader(), one_gguf_read():
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             loaded = AutoModelForCausalLM.from_pretrained(
                 str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
