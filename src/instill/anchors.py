@@ -140,7 +140,7 @@ class BaseReply:
     ended: bool  # the model ended the reply (False: cut at max_new_tokens)
     nll: float | None  # mean NLL per token of the reply under the model that wrote it (taken
     # while decoding it, or by reply_nll for a cached reply made without it: the two agree to
-    # ~1e-6 nats, tests/test_drift.py)
+    # ~1e-5 nats per token, tests/test_drift.py and tests/test_engine.py)
     ids: tuple[int, ...] = ()  # the tokens it generated, with the end-of-turn one if it ended
 
 
