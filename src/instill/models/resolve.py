@@ -148,7 +148,7 @@ def one_gguf_read():
     hundreds of thousands of fields) once for the tokenizer, once for the config and once for
     the weights, and builds gguf's tensor-name map again for every module: half of a
     conversion's time. Within this block each file is read once and each name map built once
-    (the same files come out, byte for byte: tests/test_models.py)."""
+    (the same files come out, byte for byte: tests/test_export.py)."""
     import functools
 
     import gguf as gguf_py
@@ -157,7 +157,7 @@ def one_gguf_read():
     read = gguf_py.GGUFReader
 
     def reader(path, *args, **kwargs):
-        key = (str(path), args, tuple(sorted(kwargs.items())))
+        key = (str(path), repr(args), repr(sorted(kwargs.items())))
         if key not in readers:
             readers[key] = read(path, *args, **kwargs)
         return readers[key]
