@@ -289,9 +289,9 @@ class SupervisedLM(torch.nn.Module):
         body, head, config = _parts(self.model)
         softcap = getattr(config, "final_logit_softcapping", None)
         self.last_kl = None
-        kl = self.kl_weight > 0 and replay_mask is not None and not per_row
+        with_kl = self.kl_weight > 0 and replay_mask is not None and not per_row
         n = 0
-        if self.share_start and not kl:
+        if self.share_start and not with_kl:
             n = shared_start(input_ids, labels, attention_mask, position_ids)
         if n:
             hidden = _hidden_sharing_start(body, input_ids, attention_mask, n)
@@ -304,9 +304,7 @@ class SupervisedLM(torch.nn.Module):
         loss_sum, tokens = supervised_cross_entropy(
             head, hidden, labels, self.chunk, softcap, per_row
         )
-        if per_row:
-            return loss_sum, tokens
-        if self.kl_weight > 0 and replay_mask is not None:
+        if with_kl:
             kl_pos = (labels[:, 1:] != IGNORE) & replay_mask[:, 1:]
             kl = self._kl(head, hidden, kl_pos, input_ids, attention_mask, position_ids, softcap)
             if kl is not None:
