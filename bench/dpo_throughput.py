@@ -173,9 +173,7 @@ def run_instill(work: Path, variant: str = "instill") -> dict:
     train.gradient_checkpointing; `32M`: train.mmap_threshold_mb 32 (large buffers stay in the
     allocator's heap instead of being mapped and zeroed afresh every step); `precomputed`:
     train.preference.precompute_reference (the reference scored once before training, its time
-    counted in the run's); `unshared`: train.preference.share_prompt off (each pair as two
-    padded sequences, the prompt in both, as before 2026-12-04; by default a pair is one row,
-    its prompt once, then both replies)."""
+    counted in the run's)."""
     parts = set(variant.split("-")[1:])
     packed, compiled = "packed" in parts, "compiled" in parts
     from instill.config import AdapterConfig, PreferenceConfig, TrainConfig
@@ -198,10 +196,7 @@ def run_instill(work: Path, variant: str = "instill") -> dict:
         log_every=1,
         objective="dpo",
         preference=PreferenceConfig(
-            beta=BETA,
-            loss_type="sigmoid",
-            precompute_reference="precomputed" in parts,
-            share_prompt="unshared" not in parts,
+            beta=BETA, loss_type="sigmoid", precompute_reference="precomputed" in parts
         ),
         compile=compiled,
         gradient_checkpointing="ckpt" in parts,
@@ -326,12 +321,9 @@ def _peak_rss_mb() -> float:
 
 INSTILL_VARIANTS = (
     "instill",
-    "instill-unshared",
     "instill-packed",
     "instill-32M",
-    "instill-unshared-32M",
     "instill-compiled-32M",
-    "instill-unshared-compiled-32M",
     "instill-ckpt-compiled-32M",
     "instill-packed-compiled-32M",
     "instill-precomputed-compiled-32M",

@@ -4,7 +4,6 @@ reference model's three sources, the losses at the start, resume, and the recipe
 import copy
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -52,7 +51,7 @@ def per_pair(lm, obj, rows, pad=0):
 
 def test_pair_batch_puts_the_loss_on_reply_tokens_only(tokenizer):
     rows = make_pairs(3, seed=1)
-    batch = objective(share_prompt=False).collate(rows, pad_id=0)
+    batch = objective().collate(rows, pad_id=0)
     assert batch["input_ids"].shape[0] == 6  # chosen rows, then rejected rows
     seqs = [r.chosen() for r in rows] + [r.rejected() for r in rows]
     for i, (ids, _) in enumerate(seqs):
@@ -64,79 +63,6 @@ def test_pair_batch_puts_the_loss_on_reply_tokens_only(tokenizer):
         assert labels[n:] == [IGNORE] * (len(labels) - n)  # nor does padding
     assert objective().units(batch) == 3
     assert int(batch["real_tokens"]) == sum(len(ids) for ids, _ in seqs)
-
-
-def test_a_shared_prompt_batch_holds_each_pair_once(tokenizer):
-    """train.preference.share_prompt (the default): one row per pair, prompt + chosen +
-    rejected; the rejected reply's positions restart at the prompt's end and it never sees the
-    chosen reply; the scored positions predict exactly the reply tokens, in the two-sequence
-    layout's order of sequences."""
-    rows = make_pairs(3, seed=1)
-    rows[1] = replace(rows[1], rejected_mask=[0] + rows[1].rejected_mask[1:])  # a masked token
-    batch = objective().collate(rows, pad_id=0)
-    width = max(r.tokens for r in rows)
-    assert batch["input_ids"].shape == (3, width)
-    assert batch["attention_mask"].shape == (3, 1, width, width)
-    assert objective().units(batch) == 3
-    assert int(batch["real_tokens"]) == sum(r.tokens + len(r.prompt_ids) for r in rows)
-    at, targets, seq = (batch[k].tolist() for k in ("score_at", "score_targets", "score_seq"))
-    for b, r in enumerate(rows):
-        p, c, n = len(r.prompt_ids), len(r.chosen_ids), r.tokens
-        ids = batch["input_ids"][b].tolist()
-        assert ids[:n] == r.prompt_ids + r.chosen_ids + r.rejected_ids
-        assert ids[n:] == [0] * (width - n)
-        pos = batch["position_ids"][b].tolist()
-        assert pos[: p + c] == list(range(p + c))
-        assert pos[p + c : n] == list(range(p, n - c))  # rejected continues the prompt
-        seen = batch["attention_mask"][b, 0]
-        for i in range(n):
-            want = [j <= i for j in range(n)]
-            if i >= p + c:
-                want = [w and not (p <= j < p + c) for j, w in enumerate(want)]
-            assert seen[i, :n].tolist() == want, (b, i)
-            assert not seen[i, n:].any()
-        assert not seen[n:, :n].any() and seen[n:, n:].diagonal().all()  # padding: its own
-        # what each sequence's scored positions predict, position by position
-        for k, (reply, mask, first) in enumerate(
-            ((r.chosen_ids, r.chosen_mask, p), (r.rejected_ids, r.rejected_mask, p + c))
-        ):
-            mine = [(a - b * width, t) for a, t, s_ in zip(at, targets, seq, strict=True)
-                    if s_ == b + 3 * k]  # fmt: skip
-            want = [(p - 1 if j == 0 else first + j - 1, t)
-                    for j, (t, m) in enumerate(zip(reply, mask, strict=True)) if m]  # fmt: skip
-            assert mine == want
-    assert sum(seq.count(s_) for s_ in range(6)) == sum(
-        sum(r.chosen_mask) + sum(r.rejected_mask) for r in rows
-    )
-
-
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", ["dpo", "simpo", "orpo"])
-def test_shared_prompt_pairs_score_and_train_as_two_sequences(tokenizer, name, attention):
-    """The shared-prompt batch gives the two-sequence batch's loss, figures and gradients, for
-    the policy and for the reference (adapters off), with either attention implementation."""
-    rows = make_pairs(5, seed=8)
-    out = []
-    for share in (False, True):
-        obj = objective(name, share_prompt=share)
-        model = lora(tokenizer)
-        model.config._attn_implementation = attention
-        lm = PreferenceLM(model, obj)
-        loss, units = lm(**device_batch(obj.collate(rows, 0)))
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        out.append((float(loss.detach()), int(units), lm.last_figures, grads))
-    (l0, u0, f0, g0), (l1, u1, f1, g1) = out
-    assert u0 == u1 == 5
-    assert l1 == pytest.approx(l0, rel=1e-5)
-    assert f1.keys() == f0.keys()
-    for key, (total, n) in f0.items():
-        assert f1[key][1] == n and f1[key][0] == pytest.approx(total, abs=1e-4), key
-    if name == "dpo":
-        assert abs(f0["margin"][0]) > 1e-3  # the reference (adapters off) differs from policy
-    assert g0.keys() == g1.keys() and g0
-    for n, g in g0.items():
-        torch.testing.assert_close(g1[n], g, rtol=1e-4, atol=1e-6)
 
 
 def test_dpo_starts_at_log_2_with_zero_margins(tokenizer):
@@ -152,6 +78,8 @@ def test_dpo_starts_at_log_2_with_zero_margins(tokenizer):
 
 
 def test_swapping_chosen_and_rejected_flips_every_margin(tokenizer):
+    from dataclasses import replace
+
     model, obj = lora(tokenizer), objective()
     lm = PreferenceLM(model, obj)
     rows = make_pairs(4, seed=3)
@@ -174,7 +102,7 @@ def test_disabled_adapter_reference_equals_a_frozen_copy(tokenizer):
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.3)
-    obj = objective(share_prompt=False)
+    obj = objective()
     batch = device_batch(obj.collate(make_pairs(4, seed=4), 0))
     args = (batch["input_ids"], batch["labels"], batch["attention_mask"])
     off = PreferenceLM(model, obj).reference_logps(*args)
@@ -256,7 +184,7 @@ def test_packed_pairs_score_and_train_as_padded_ones(tokenizer, name):
     if name == "kto":
         rows = [LabelledRow(r.prompt_ids, r.chosen_ids, r.chosen_mask, i % 2 == 0, r.source)
                 for i, r in enumerate(rows)]  # fmt: skip
-    padded, packed = objective(name, share_prompt=False), objective(name)
+    padded, packed = objective(name), objective(name)
     packed.pack_length = 40
     a, b = padded.collate(rows, 0), packed.collate(rows, 0)
     assert b["input_ids"].shape[0] < a["input_ids"].shape[0] and b["input_ids"].shape[1] <= 40
@@ -278,65 +206,22 @@ def test_packed_pairs_score_and_train_as_padded_ones(tokenizer, name):
         torch.testing.assert_close(out[1][2][n], g, rtol=1e-4, atol=1e-6)
 
 
-def test_packed_shared_and_two_sequence_dpo_runs_are_equal(tokenizer, tmp_path, monkeypatch):
-    """The same DPO run with each pair as two padded sequences, packed, and (the default)
-    as one row with its prompt once: the same losses, token counts and final weights."""
-    from instill.train import objective as objective_module
-
-    shared_batches = [0]
-    build = objective_module._shared_prompt
-
-    def counted(rows, pad_id):
-        shared_batches[0] += 1
-        return build(rows, pad_id)
-
-    monkeypatch.setattr(objective_module, "_shared_prompt", counted)
+def test_a_packed_dpo_run_equals_a_padded_one(tokenizer, tmp_path):
+    cfg = TrainConfig(objective="dpo", max_steps=3, batch_size=4, lr=1e-2, log_every=1)
     results, starts = [], []
-    for pack, share in ((None, False), (48, True), (None, True)):
-        cfg = TrainConfig(objective="dpo", max_steps=3, batch_size=4, lr=1e-2, log_every=1,
-                          preference=PreferenceConfig(share_prompt=share))  # fmt: skip
+    for pack in (None, 48):
         model = lora(tokenizer, moved=False)
         starts.append({n: p.detach().clone() for n, p in model.named_parameters()
                        if p.requires_grad})  # fmt: skip
-        run = tmp_path / f"{pack}-{share}"
-        before = shared_batches[0]
+        run = tmp_path / str(pack)
         results.append(train(model, tokenizer, make_pairs(12, seed=3), cfg, run, pack_length=pack))
         results[-1].params = {n: p.detach().clone() for n, p in model.named_parameters()
                               if p.requires_grad}  # fmt: skip
-        # packing takes precedence; otherwise every training micro-batch was shared
-        assert shared_batches[0] - before == (3 if pack is None and share else 0)
-    padded = results[0]
-    for other in results[1:]:
-        assert other.losses == pytest.approx(padded.losses, rel=1e-5)
-        assert other.tokens == padded.tokens
-        assert_same_weights(other.params, padded.params, starts[0])
+    padded, packed = results
+    assert packed.losses == pytest.approx(padded.losses, rel=1e-5)
+    assert packed.tokens == padded.tokens
     assert all(torch.equal(starts[1][n], p) for n, p in starts[0].items())  # one start
-
-
-def test_a_pair_batch_shares_its_prompt_only_where_that_costs_less(tokenizer):
-    """Sharing halves the rows but computes every attention cell of a longer row (no causal
-    skipping under a 4D mask): the objective shares a micro-batch only when positions plus
-    attention cells, weighted by the model's attention_cell_cost, come out lower."""
-    from instill.train.objective import attention_cell_cost
-
-    # the tiny model: 4 heads of 16 over 2 layers; each layer's matrices q, o 64x64, k, v 32x64,
-    # gate, up, down 64x128
-    per_layer = 2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128
-    assert attention_cell_cost(build_tiny(tokenizer)) == pytest.approx(
-        (4 * 4 * 16 * 2) / (2 * 2 * per_layer)
-    )
-    rows = make_pairs(4, seed=9)
-    obj = objective()
-    assert "score_at" in obj.collate(rows, 0)  # no attention cost known: fewer positions win
-    one = max(r.tokens for r in rows)
-    two = max(len(r.prompt_ids) + max(len(r.chosen_ids), len(r.rejected_ids)) for r in rows)
-    # the break-even cost: one (1 + c one) = 2 two (1 + c two)
-    even = (2 * two - one) / (one**2 - 2 * two**2)
-    assert even > 0
-    obj.cell_cost = even * 0.9
-    assert "score_at" in obj.collate(rows, 0)
-    obj.cell_cost = even * 1.1
-    assert "labels" in obj.collate(rows, 0) and "score_at" not in obj.collate(rows, 0)
+    assert_same_weights(packed.params, padded.params, starts[0])
 
 
 def test_a_nan_loss_stops_the_run_naming_step_and_rows(tokenizer, tmp_path, monkeypatch):

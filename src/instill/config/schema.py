@@ -241,14 +241,6 @@ class PreferenceConfig(_Section):
         "fine-tuning needs no frozen copy of the model).",
     )
 
-    share_prompt: bool = Field(
-        True,
-        description="dpo, simpo, orpo: batch each pair as one row, its prompt once and then both "
-        "replies (a 4D attention mask keeps the rejected reply from seeing the chosen one), "
-        "instead of two padded sequences; the same log-probs, less work. Applies where the "
-        "model's attention takes a 4D mask (sdpa, eager) and data.packing is off.",
-    )
-
     def beta_for(self, objective: str) -> float:
         return self.beta if self.beta is not None else METHOD_BETA[objective]
 

@@ -45,14 +45,9 @@ from instill.train.checkpoint import (
 )
 from instill.train.compiled import compile_error, compiled_layers, eager, is_compile_failure
 from instill.train.logs import TrainLogs
-from instill.train.loss import SupervisedLM, shares_prefixes
+from instill.train.loss import SupervisedLM
 from instill.train.memory import enable_checkpointing, fix_mmap_threshold
-from instill.train.objective import (
-    Figures,
-    attention_cell_cost,
-    cached_reference,
-    make_objective,
-)
+from instill.train.objective import Figures, cached_reference, make_objective
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -571,9 +566,6 @@ def train(
         objective.check_rows(validation or [], "the validation data")
         # packing: each micro-batch's pair sequences share rows (the batch is still pairs)
         objective.pack_length, pack_length = pack_length, None
-        objective.share_prompt &= not objective.pack_length and shares_prefixes(model)
-        if objective.share_prompt:
-            objective.cell_cost = attention_cell_cost(model)
         if objective.needs_reference and cfg.preference.precompute_reference:
             # scored before any adapter trains and before a checkpoint is restored: the start
             rows, validation = _precompute(model, objective, rows, validation, tokenizer, cfg, acc)

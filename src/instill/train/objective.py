@@ -17,11 +17,8 @@ loop sums them over the micro-batches, steps and processes between two logs and 
 mean into metrics.jsonl (a preference run logs its rewards, margin, accuracy and per-token
 log-probs there, so a falling chosen log-prob is visible).
 
-Pair rows are batched as one row per pair, the prompt once and then both replies under a 4D
-mask (`_shared_prompt`, train.preference.share_prompt), where that costs less than two
-sequences a pair and the model's attention takes such a mask; otherwise chosen-first: a
-micro-batch of B pairs is one padded batch of 2B sequences (B chosen, then B rejected). Either
-way one forward, and the loss reads the sequences in the same order. KTO rows are batched with their KL partners:
+Pair rows are batched chosen-first: a micro-batch of B pairs is one padded batch of 2B
+sequences (B chosen, then B rejected), one forward. KTO rows are batched with their KL partners:
 B completions, then the same B prompts each followed by another row's completion (kl_partners),
 whose log-probs give KTO's reference point without gradients.
 
@@ -52,7 +49,6 @@ from instill.train.preference import (
     kto_kl,
     kto_loss,
     orpo_loss,
-    scored_logps,
     sequence_logps,
     simpo_loss,
 )
@@ -147,86 +143,6 @@ def _packed(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int, width: int
     }
 
 
-def _shared_prompt(rows: Sequence[PairRow], pad_id: int) -> dict:
-    """A micro-batch of B pairs as B rows, each the pair's prompt once, then its chosen reply,
-    then its rejected reply, right-padded. A 4D boolean attention mask (True: attended) lets
-    the chosen tokens see the prompt and themselves (causally) and the rejected tokens see the
-    prompt and themselves, never the chosen ones; position ids restart the rejected reply at
-    the prompt's end. So every reply token sees exactly what it sees in its own sequence
-    (prompt + reply) and its hidden state is the same (up to float rounding), while the prompt
-    runs once instead of twice and the batch has half the rows (less padding: one row's length
-    is P + C + R, not 2 x (P + max(C, R))). Padding positions see only padding.
-
-    The scored positions are listed instead of a labels tensor (one shift does not fit both
-    replies: the rejected reply's first token is predicted from the prompt's last position):
-    `score_at` the flat position (row x width + column) whose hidden state predicts
-    `score_targets`, of sequence `score_seq` (chosen of pair b: b; rejected: B + b), the
-    two-sequence layout's order, so the loss reads the same log-probs."""
-    width = max(r.tokens for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    pos = torch.arange(width).repeat(len(rows), 1)
-    seen = torch.ones(width, width, dtype=torch.bool).tril().repeat(len(rows), 1, 1, 1)
-    at: list[int] = []
-    targets: list[int] = []
-    seq: list[int] = []
-    for b, r in enumerate(rows):
-        p, c, n = len(r.prompt_ids), len(r.chosen_ids), r.tokens
-        ids[b, :n] = torch.tensor(r.prompt_ids + r.chosen_ids + r.rejected_ids)
-        pos[b, p + c : n] = torch.arange(p, n - c)
-        pos[b, n:] = torch.arange(width - n)  # padding: its own segment, as in _packed
-        seen[b, 0, p + c :, p : p + c] = False  # rejected never sees chosen
-        seen[b, 0, n:, :n] = False  # padding sees only padding
-        for k, (reply, mask, col) in enumerate(
-            ((r.chosen_ids, r.chosen_mask, p), (r.rejected_ids, r.rejected_mask, p + c))
-        ):
-            for j, (token, m) in enumerate(zip(reply, mask, strict=True)):
-                if m:
-                    # the reply's first token is predicted by the prompt's last position
-                    at.append(b * width + (col + j - 1 if j else p - 1))
-                    targets.append(token)
-                    seq.append(b + k * len(rows))
-    return {
-        "input_ids": ids,
-        "attention_mask": seen,
-        "position_ids": pos,
-        "score_at": torch.tensor(at, dtype=torch.long),
-        "score_targets": torch.tensor(targets, dtype=torch.long),
-        "score_seq": torch.tensor(seq, dtype=torch.long),
-        "n_sequences": torch.tensor(2 * len(rows)),
-        # the pairs' two sequences' tokens, the prompt counted twice: the same count as the
-        # two-sequence layout's (and TRL's), so tokens/s compare across layouts and tools
-        "real_tokens": torch.tensor(sum(r.tokens + len(r.prompt_ids) for r in rows)),
-    }
-
-
-def attention_mask_for(model, mask: torch.Tensor | None, dtype: torch.dtype):
-    """A shared-prompt batch's boolean 4D mask in the form `model`'s attention takes: sdpa takes
-    it as it is; eager attention adds the mask to its scores, so it gets 0 / the dtype's
-    minimum. Any other mask passes through."""
-    if mask is None or mask.dim() != 4 or mask.dtype != torch.bool:
-        return mask
-    if getattr(_parts(model)[2], "_attn_implementation", None) == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
-            ~mask, torch.finfo(dtype).min
-        )
-    return mask
-
-
-def attention_cell_cost(model) -> float:
-    """The work of one attention cell (one query against one key: its scores and its share of
-    the weighted values, over every layer) relative to one position through every decoder
-    layer's matrix products; both scale alike in backward. SmolLM2-135M: about 3.3e-4, so a
-    row of 1,000 tokens spends a quarter of its work in attention when every cell is computed."""
-    from instill.train.memory import decoder_layers
-
-    layers = decoder_layers(model)
-    config = _parts(model)[2]
-    weights = sum(p.numel() for layer in layers for p in layer.parameters() if p.dim() > 1)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return (4 * heads * head_dim * len(layers)) / max(2 * weights, 1)
-
-
 def _precomputed(rows) -> list[float] | None:
     refs = [r.reference for r in rows]
     if all(r is None for r in refs):
@@ -249,12 +165,6 @@ class Preference:
         self.units_name = "pairs"
         # data.packing: each micro-batch's sequences packed into rows of this many tokens
         self.pack_length: int | None = None
-        # pairs batched as one row each, the prompt once (_shared_prompt); the loop turns it
-        # off where the model's attention takes no 4D mask, and packing takes precedence
-        self.share_prompt = self.p.share_prompt and self.name != "kto"
-        # one attention cell's work relative to one position's (attention_cell_cost); 0 until
-        # the loop reads it from the model, and then a micro-batch is shared only if cheaper
-        self.cell_cost = 0.0
         if self.name == "kto":
             self.row_type, self.units_name = LabelledRow, "rows"
 
@@ -284,12 +194,11 @@ class Preference:
         return [r.sequence() for r in rows] + mismatched
 
     def collate(self, rows: list, pad_id: int) -> dict:
+        seqs = self.sequences(rows)
         if self.pack_length:
-            batch = _packed(self.sequences(rows), pad_id, self.pack_length)
-        elif self.share_prompt and self._sharing_pays(rows):
-            batch = _shared_prompt(rows, pad_id)
+            batch = _packed(seqs, pad_id, self.pack_length)
         else:
-            batch = _sequences(self.sequences(rows), pad_id)
+            batch = _sequences(seqs, pad_id)
         if self.name == "kto":
             batch["desirable"] = torch.tensor([r.desirable for r in rows])
             # the partners' tokens are processed too, but only the completions are trained
@@ -298,15 +207,6 @@ class Preference:
         if refs is not None:
             batch["reference_logps"] = torch.tensor(refs, dtype=torch.float32)
         return batch
-
-    def _sharing_pays(self, rows: list) -> bool:
-        """Whether the shared-prompt batch of `rows` costs less than two padded sequences a
-        pair: fewer positions (P + C + R against 2 x (P + max(C, R)) per pair), but every row
-        attends over all its columns (a 4D mask: no causal skipping), so with long replies on a
-        model whose attention is dear against its matrix products the two sequences win."""
-        one = max(r.tokens for r in rows)
-        two = max(len(r.prompt_ids) + max(len(r.chosen_ids), len(r.rejected_ids)) for r in rows)
-        return one * (1 + self.cell_cost * one) < 2 * two * (1 + self.cell_cost * two)
 
     def units(self, batch: dict) -> int:
         if "n_sequences" in batch:
@@ -368,47 +268,35 @@ class PreferenceLM(torch.nn.Module):
     def _softcap(self):
         return getattr(_parts(self.model)[2], "final_logit_softcapping", None)
 
-    def _logps(self, head, hidden, labels, index, n, score):
-        if score[0] is not None:  # a shared-prompt batch: the scored positions are listed
-            return scored_logps(head, hidden, *score, n, self.chunk, self._softcap())
-        return sequence_logps(head, hidden, labels, self.chunk, self._softcap(), index, n)
-
     def reference_logps(
-        self, input_ids, labels, attention_mask, position_ids=None, index=None, n=None,
-        score=(None, None, None),
-    ) -> torch.Tensor:  # fmt: skip
+        self, input_ids, labels, attention_mask, position_ids=None, index=None, n=None
+    ) -> torch.Tensor:
         """Each sequence's summed reply log-prob under the reference, without gradients."""
-        reference = self._reference[0]
-        model = reference if reference is not None else self.model
-        mask = attention_mask_for(model, attention_mask, self._dtype())
-        hidden, head = reference_hidden(self.model, reference, input_ids, mask, position_ids)
+        hidden, head = reference_hidden(
+            self.model, self._reference[0], input_ids, attention_mask, position_ids
+        )
         with torch.no_grad():
-            logps, _ = self._logps(head, hidden, labels, index, n, score)
+            logps, _ = sequence_logps(head, hidden, labels, self.chunk, self._softcap(), index, n)
         return logps
 
-    def _dtype(self) -> torch.dtype:
-        return _parts(self.model)[0].get_input_embeddings().weight.dtype
-
     def forward(
-        self, input_ids, labels=None, attention_mask=None, reference_logps=None, desirable=None,
-        position_ids=None, sequence_index=None, n_sequences=None, score_at=None,
-        score_targets=None, score_seq=None,
+        self, input_ids, labels, attention_mask=None, reference_logps=None, desirable=None,
+        position_ids=None, sequence_index=None, n_sequences=None,
     ):  # fmt: skip
         """Packed batches (Preference.collate with pack_length) carry position_ids,
-        sequence_index and n_sequences instead of an attention mask; shared-prompt batches a 4D
-        mask, position_ids, n_sequences and the scored positions (score_*) instead of labels."""
+        sequence_index and n_sequences instead of an attention mask."""
         body, head, _ = _parts(self.model)
-        mask = attention_mask_for(self.model, attention_mask, self._dtype())
-        hidden = _hidden(body, input_ids, mask, position_ids)
+        hidden = _hidden(body, input_ids, attention_mask, position_ids)
         n = None if n_sequences is None else int(n_sequences)
-        score = (score_at, score_targets, score_seq)
-        policy, tokens = self._logps(head, hidden, labels, sequence_index, n, score)
+        policy, tokens = sequence_logps(
+            head, hidden, labels, self.chunk, self._softcap(), sequence_index, n
+        )
         ref = None
         if self.objective.needs_reference:
             ref = reference_logps
             if ref is None:
                 ref = self.reference_logps(
-                    input_ids, labels, attention_mask, position_ids, sequence_index, n, score
+                    input_ids, labels, attention_mask, position_ids, sequence_index, n
                 )
         batch = {"desirable": desirable}
         losses, figures = self.objective.loss(policy, tokens, ref, batch)
@@ -436,14 +324,10 @@ def precompute_reference(model, objective: Preference, rows: list, pad_id: int, 
     out = []
     for i in range(0, len(rows), batch_size):
         part = rows[i : i + batch_size]
-        # the layout training uses (shared prompt, packed or two sequences a pair)
-        batch = {k: v.to(device) for k, v in objective.collate(part, pad_id).items()}
-        n = batch.get("n_sequences")
+        batch = _sequences(objective.sequences(part), pad_id)
         logps = lm.reference_logps(
-            batch["input_ids"], batch.get("labels"), batch.get("attention_mask"),
-            batch.get("position_ids"), batch.get("sequence_index"),
-            None if n is None else int(n),
-            (batch.get("score_at"), batch.get("score_targets"), batch.get("score_seq")),
+            batch["input_ids"].to(device), batch["labels"].to(device),
+            batch["attention_mask"].to(device),
         ).double().cpu()  # fmt: skip
         n = len(part)
         for k, row in enumerate(part):

@@ -1,7 +1,6 @@
 """Preference losses: pure functions over per-sequence log-probabilities.
 
     sequence_logps(head, hidden, labels)        each row's summed reply log-prob, reply tokens
-    scored_logps(head, hidden, at, targets, seq, n)   the same for rows holding several sequences
     model_logps(model, input_ids, labels, ...)  the same from a causal LM (plain or peft)
     Logps(chosen, rejected, chosen_tokens, rejected_tokens)   one batch of pairs' log-probs
     dpo_loss(policy, reference, beta, loss_type)   sigmoid (DPO), ipo, hinge
@@ -83,28 +82,6 @@ def sequence_logps(
         counts = torch.bincount(rows, minlength=n)
     args = (head, hidden[:, :-1][keep], targets[keep], rows, n, softcap)
     return _summed_in_chunks(_row_logp_sums, args, (1, 2, 3), chunk), counts
-
-
-def scored_logps(
-    head: torch.nn.Module,
-    hidden: torch.Tensor,
-    at: torch.Tensor,
-    targets: torch.Tensor,
-    sequence: torch.Tensor,
-    n: int,
-    chunk: int = 1024,
-    softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """sequence_logps for rows that are not one sequence each, such as a pair's prompt once
-    followed by both replies (train/objective.py's shared-prompt batches): the hidden state at
-    flat position `at[k]` (into rows x columns) predicts `targets[k]`, which belongs to sequence
-    `sequence[k]` of `n`. Each sequence's summed log-prob (with gradients) and its count of
-    scored tokens; the output projection runs on those positions only, `chunk` at a time."""
-    args = (head, hidden.flatten(0, 1)[at], targets, sequence, n, softcap)
-    return (
-        _summed_in_chunks(_row_logp_sums, args, (1, 2, 3), chunk),
-        torch.bincount(sequence, minlength=n),
-    )
 
 
 def model_logps(
