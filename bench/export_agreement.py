@@ -47,9 +47,18 @@ def main() -> None:
         hits = [score(ex.scorer, g.text, ex.reference) for ex, g in pairs]
         return round(sum(hits) / len(hits), 4)
 
-    print(json.dumps({"examples": len(prompts), "identical_answers": same,
-                      "identical_share": round(same / len(prompts), 4),
-                      "tuned_score": task_score(ref), "export_score": task_score(got)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "examples": len(prompts),
+                "identical_answers": same,
+                "identical_share": round(same / len(prompts), 4),
+                "tuned_score": task_score(ref),
+                "export_score": task_score(got),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -38,9 +38,13 @@ def start(model: str, max_batch: int):
 
 
 def one_request(base: str, i: int, max_tokens: int) -> dict:
-    body = {"messages": [{"role": "user", "content": f"Write about {TOPICS[i % len(TOPICS)]}."}],
-            "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
-            "temperature": 0}
+    body = {
+        "messages": [{"role": "user", "content": f"Write about {TOPICS[i % len(TOPICS)]}."}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0,
+    }
     t0 = time.perf_counter()
     first, tokens = None, 0
     with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as r:
@@ -58,8 +62,9 @@ def one_request(base: str, i: int, max_tokens: int) -> dict:
 def load(base: str, clients: int, per_client: int, max_tokens: int) -> dict:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda i: one_request(base, i, max_tokens),
-                                range(clients * per_client)))
+        results = list(
+            pool.map(lambda i: one_request(base, i, max_tokens), range(clients * per_client))
+        )
     wall = time.perf_counter() - t0
     lat = sorted(r["latency"] for r in results)
     return {
@@ -78,9 +83,15 @@ def plain_generate_tokens_s(server, max_tokens: int) -> float:
     tok, model = server.tokenizer, server.model
     ids = torch.tensor([render_prompt(tok, [{"role": "user", "content": "Write about bread."}])])
     t0 = time.perf_counter()
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                         max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                         eos_token_id=end_of_turn_ids(tok), pad_token_id=tok.pad_token_id)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=max_tokens,
+        min_new_tokens=max_tokens,
+        eos_token_id=end_of_turn_ids(tok),
+        pad_token_id=tok.pad_token_id,
+    )
     return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t0)
 
 
@@ -98,14 +109,19 @@ def main() -> None:
     print(f"{'N':>3} {'req/s':>7} {'out tok/s':>10} {'p50 s':>7} {'p95 s':>7} {'TTFT p50':>9}")
     for n in [int(x) for x in args.clients.split(",")]:
         r = load(base, n, args.requests, args.max_tokens)
-        print(f"{n:>3} {r['requests_s']:>7.2f} {r['output_tokens_s']:>10.1f} {r['p50_s']:>7.2f} "
-              f"{r['p95_s']:>7.2f} {r['ttft_p50_s']:>9.3f}", flush=True)
+        print(
+            f"{n:>3} {r['requests_s']:>7.2f} {r['output_tokens_s']:>10.1f} {r['p50_s']:>7.2f} "
+            f"{r['p95_s']:>7.2f} {r['ttft_p50_s']:>9.3f}",
+            flush=True,
+        )
     single = one_request(base, 1, args.max_tokens)
     served = single["tokens"] / max(single["latency"] - single["ttft"], 1e-9)
     plain = plain_generate_tokens_s(server, args.max_tokens)
-    print(f"single-stream decode tok/s: instill serve {served:.1f} | transformers generate "
-          f"{plain:.1f} (serve figure excludes time to first token; a random or early-stopping "
-          "reply can be shorter than --max-tokens)")
+    print(
+        f"single-stream decode tok/s: instill serve {served:.1f} | transformers generate "
+        f"{plain:.1f} (serve figure excludes time to first token; a random or early-stopping "
+        "reply can be shorter than --max-tokens)"
+    )
     uv.should_exit = True
     server.scheduler.close()
 
