@@ -58,3 +58,46 @@ def test_an_adapter_without_its_base_name_says_so(tmp_path, tiny_dir, tokenizer)
     (folder / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(InstillError, match=r"adapter_config.json: no base_model_name_or_path"):
         load_adapter_model(folder, ModelConfig(name=str(folder), device="cpu"))
+
+
+def _trained_lora(tokenizer):
+    from conftest import build_tiny
+
+    model, _ = attach_adapter(build_tiny(tokenizer), AdapterConfig(r=4), seed=0)
+    torch.manual_seed(1)
+    for p in model.parameters():  # a non-trivial adapter: B is zero at init
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    return model.eval()
+
+
+def test_a_run_evaluates_a_merged_copy_and_keeps_its_adapter(tokenizer):
+    from instill.models.adapters import merged_for_evaluation
+
+    model = _trained_lora(tokenizer)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        want = model(input_ids=IDS).logits
+        merged = merged_for_evaluation(model)
+        got = merged(input_ids=IDS).logits
+        with model.disable_adapter():
+            base = model(input_ids=IDS).logits
+    assert not hasattr(merged, "peft_config") and merged is not model
+    assert not any("lora" in n for n, _ in merged.named_modules())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, base, atol=1e-3)  # the adapter's update is in the copy
+    # the model itself is untouched: same adapter, same base weights, bit for bit
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_full_fine_tuning_or_no_room_evaluates_the_model_itself(tokenizer, monkeypatch):
+    from conftest import build_tiny
+
+    import instill.train.loop as loop
+    from instill.models.adapters import merged_for_evaluation
+
+    full = build_tiny(tokenizer)
+    assert merged_for_evaluation(full) is full
+    model = _trained_lora(tokenizer)
+    monkeypatch.setattr(loop, "available_memory", lambda device: 1024)
+    assert merged_for_evaluation(model) is model

@@ -10,7 +10,17 @@ from instill.eval.compare import compare
 from instill.recipe import run_recipe
 
 
-def test_run_with_suites_holdout_and_during_training(tiny_recipe, tmp_path):
+def test_run_with_suites_holdout_and_during_training(tiny_recipe, tmp_path, monkeypatch):
+    import instill.recipe
+
+    scored = []  # (which side, whether the model scored carries the adapter unmerged)
+    real = instill.recipe.run_tasks
+
+    def run_tasks(model, tokenizer, tasks, cfg, name, *args, **kwargs):
+        scored.append((name, hasattr(model, "peft_config")))
+        return real(model, tokenizer, tasks, cfg, name, *args, **kwargs)
+
+    monkeypatch.setattr(instill.recipe, "run_tasks", run_tasks)
     held = builtin.FAMILIES["uppercase"].cluster
     assert builtin.FAMILIES["addition"].cluster != held
     recipe = tiny_recipe(
@@ -27,6 +37,10 @@ def test_run_with_suites_holdout_and_during_training(tiny_recipe, tmp_path):
     )
     summary = run_recipe(recipe)
     run = summary.run_dir
+    # the tuned suites ran on a merged copy (as `instill eval RUN` loads it); the run's model
+    # keeps its adapter
+    assert scored == [("base", False)] * 3 + [("tuned", False)] * 3
+    assert hasattr(summary.model, "peft_config")
     for suite in ("builtin", "general", "data"):
         for stem in (f"base-{suite}", suite):
             assert (run / "eval" / f"{stem}.json").is_file(), stem

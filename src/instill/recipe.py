@@ -39,6 +39,7 @@ from instill.eval import SuiteResult
 from instill.eval.suites import attach_anchors, build_tasks, run_tasks
 from instill.jsonl import write_jsonl
 from instill.models import attach_adapter, load_model, pick_device
+from instill.models.adapters import merged_for_evaluation
 from instill.rundir import RunDir
 from instill.train import TrainResult, train
 from instill.train.checkpoint import (
@@ -571,10 +572,12 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False) -> RunSummary:
     if not main:
         return summary({}, {}, main=False)
     after: dict[str, SuiteResult] = {}
+    tuned = merged_for_evaluation(model) if recipe.eval.after and run.tasks else model
     for task in run.tasks if recipe.eval.after else []:
         with phases(f"evaluate tuned: {task.name}"):
-            after |= run_tasks(model, loaded.tokenizer, [task], recipe.eval, "tuned",
+            after |= run_tasks(tuned, loaded.tokenizer, [task], recipe.eval, "tuned",
                                RunDir(run_dir).results)  # fmt: skip
+    del tuned
     if recipe.eval.after and run.start_pairs is not None:
         with phases("held-out pairs: tuned"):
             held_out_pairs(run, model, "model")

@@ -95,3 +95,27 @@ def attach_adapter(
             torch.manual_seed(seed)
         peft_model = get_peft_model(model, lora)
     return peft_model, param_report(peft_model)
+
+
+def merged_for_evaluation(model: torch.nn.Module) -> torch.nn.Module:
+    """What a run evaluates its tuned model with: a copy of a peft model with the adapter merged
+    into the base weights (one matrix product per layer instead of the base's and the adapter's
+    two more; `instill eval` loads a run's final/ the same way), or `model` itself for full
+    fine-tuning, a quantized base (merging would round the update back to its 4 bits), or a
+    device without room for the copy. `model` is left as it was (its adapter is what was saved,
+    and held-out pairs need it switched off for the reference)."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    base = model.get_base_model()
+    if getattr(base, "hf_quantizer", None) is not None or getattr(base, "is_loaded_in_4bit", False):
+        return model
+    import copy
+
+    from instill.train.loop import available_memory
+
+    device = next(model.parameters()).device
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    if need * 1.2 > available_memory(device):
+        return model
+    merged = copy.deepcopy(model).merge_and_unload()
+    return merged.eval()
