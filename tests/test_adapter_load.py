@@ -93,11 +93,11 @@ def test_a_run_evaluates_a_merged_copy_and_keeps_its_adapter(tokenizer):
 def test_full_fine_tuning_or_no_room_evaluates_the_model_itself(tokenizer, monkeypatch):
     from conftest import build_tiny
 
-    import instill.train.loop as loop
+    import instill.models.load as load
     from instill.models.adapters import merged_for_evaluation
 
     full = build_tiny(tokenizer)
     assert merged_for_evaluation(full) is full
     model = _trained_lora(tokenizer)
-    monkeypatch.setattr(loop, "available_memory", lambda device: 1024)
+    monkeypatch.setattr(load, "available_memory", lambda device: 1024)
     assert merged_for_evaluation(model) is model

@@ -111,7 +111,7 @@ def merged_for_evaluation(model: torch.nn.Module) -> torch.nn.Module:
         return model
     import copy
 
-    from instill.train.loop import available_memory
+    from instill.models.load import available_memory
 
     device = next(model.parameters()).device
     need = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -35,6 +35,7 @@ from instill.console import console
 from instill.data.dataset import Row, length_grouped_batches
 from instill.data.packing import collate_packed, pack_best_fit
 from instill.errors import InstillError
+from instill.models.load import available_memory
 from instill.rundir import RunDir
 from instill.train import shard
 from instill.train.checkpoint import (
@@ -238,19 +239,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
         raise InstillError("nothing to train: every parameter is frozen (check adapter.freeze)")
     fused = device.type == "cuda"
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes free for a second copy of the weights on `device`."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 2**62  # unknown: do not refuse
 
 
 def kl_reference(
