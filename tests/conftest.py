@@ -12,6 +12,10 @@ REPO = Path(__file__).resolve().parent.parent
 # The GGUF -> safetensors conversion of the default model is cached here across test runs.
 os.environ.setdefault("INSTILL_HOME", str(REPO / ".pytest_cache" / "instill-home"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# train.autocast: auto (the shipped recipes) trains in float32 here unless a test asks for the
+# CPU's bf16 (tests/test_e2e.py runs the quickstart as this machine would); the tiny-model tests
+# then give the same numbers on every CPU
+os.environ.setdefault("INSTILL_CPU_BF16", "0")
 
 
 @pytest.fixture(scope="session")

@@ -140,6 +140,36 @@ def test_precomputed_reference_equals_the_live_one(tokenizer, method):
     assert live.last_figures["margin"][0] != 0.0
 
 
+def test_precomputed_reference_is_scored_under_the_training_autocast(tokenizer, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    """With train.autocast: bf16, the reference log-probs precomputed before training are the
+    ones the policy computes under that autocast before its first step (so DPO's margins start
+    at 0), not the float32 ones."""
+    from types import SimpleNamespace
+
+    from instill.train.loop import _precompute
+
+    monkeypatch.setenv("INSTILL_HOME", str(tmp_path))  # an empty reference cache
+    rows = make_pairs(4, seed=3)
+    model = lora(tokenizer, moved=False)  # B = 0: the policy is its reference
+    process = SimpleNamespace(is_main_process=False, device=torch.device("cpu"))
+    scored = {}
+    for mode in ("fp32", "bf16"):
+        cfg = TrainConfig(objective="dpo", batch_size=4, autocast=mode)
+        pre, _ = _precompute(model, make_objective(cfg), rows, None,
+                             SimpleNamespace(pad_token_id=0), cfg, process)  # fmt: skip
+        scored[mode] = torch.tensor([r.reference for r in pre], dtype=torch.float64)
+    obj = objective()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        batch = device_batch(obj.collate(rows, 0))
+        live = PreferenceLM(model, obj).reference_logps(
+            batch["input_ids"], batch["labels"], batch["attention_mask"]
+        )
+    live = torch.stack([live[:4], live[4:]], dim=1).double()
+    assert torch.allclose(scored["bf16"], live, atol=1e-5, rtol=0)
+    assert not torch.allclose(scored["fp32"], live, atol=1e-3, rtol=0)  # the control
+
+
 @pytest.mark.parametrize(
     "name,knobs",
     [("dpo", {}), ("dpo", {"loss_type": "ipo"}), ("dpo", {"loss_type": "hinge"}),

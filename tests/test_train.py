@@ -356,6 +356,57 @@ def test_bf16_full_fine_tuning_keeps_float32_master_weights(tokenizer, rows):
     assert moved["master"] > 0.9 and moved["pure"] < 0.3, moved
 
 
+def test_autocast_bf16_trains_float32_weights_with_bf16_products(tokenizer, rows):
+    """train.autocast: bf16 (what auto picks on a CPU with native bf16): training's linear layers
+    put out bf16, while the weights and adapters stay float32 and the run records the autocast;
+    the losses are near the float32 run's, not equal to them (the products were rounded)."""
+    from conftest import build_tiny
+
+    out = {}
+    for mode in ("fp32", "bf16"):
+        model = attach_adapter(build_tiny(tokenizer), AdapterConfig(r=4, alpha=8), seed=0)[0]
+        seen: set = set()
+        layer = model.get_base_model().model.layers[0].mlp.down_proj.base_layer
+        hook = layer.register_forward_hook(lambda m, args, o, seen=seen: seen.add(o.dtype))
+        cfg = TrainConfig(
+            lr=1e-3, max_steps=3, batch_size=4, warmup_ratio=0, schedule="constant", autocast=mode
+        )
+        result = train(model, tokenizer, rows, cfg, None)
+        hook.remove()
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        out[mode] = (result, seen)
+    assert out["fp32"][1] == {torch.float32}, out
+    assert out["bf16"][1] == {torch.bfloat16}, out
+    assert out["fp32"][0].autocast is None and out["bf16"][0].autocast == "bfloat16"
+    assert out["bf16"][0].as_dict()["autocast"] == "bfloat16"
+    plain, mixed = out["fp32"][0].losses, out["bf16"][0].losses
+    assert plain != mixed
+    assert all(abs(a - b) < 0.02 * a for a, b in zip(plain, mixed, strict=True)), (plain, mixed)
+
+
+def test_autocast_auto_follows_the_cpu_and_half_weights_keep_their_own(tokenizer, monkeypatch):
+    """auto: bf16 only on a CPU with native bf16 (INSTILL_CPU_BF16 stands in for the probe);
+    weights stored in bf16 train under autocast to it whatever the setting; YAML's bare `off`
+    reads as fp32."""
+    from conftest import build_tiny
+
+    from instill.config import load_recipe
+    from instill.train.loop import autocast_dtype
+
+    cpu = torch.device("cpu")
+    model = attach_adapter(build_tiny(tokenizer), AdapterConfig(r=4, alpha=8))[0]
+    auto = TrainConfig(autocast="auto")
+    monkeypatch.setenv("INSTILL_CPU_BF16", "1")
+    assert autocast_dtype(model, auto, cpu) == torch.bfloat16
+    assert autocast_dtype(model, TrainConfig(), cpu) is None  # the default: fp32
+    monkeypatch.setenv("INSTILL_CPU_BF16", "0")
+    assert autocast_dtype(model, auto, cpu) is None
+    assert autocast_dtype(model, TrainConfig(autocast="bf16"), cpu) == torch.bfloat16
+    assert autocast_dtype(_bf16_full(tokenizer), TrainConfig(), cpu) == torch.bfloat16
+    recipe = load_recipe(None, ["data.builtin.seed=0", "train.autocast=off"])
+    assert recipe.train.autocast == "fp32"
+
+
 def test_fp16_full_fine_tuning_trains_with_a_loss_scaler(tokenizer, rows):
     from conftest import build_tiny
 

@@ -135,7 +135,9 @@ def _print_before_after(summary) -> None:
     t = summary.train
     out.print(
         f"training: {t.steps} steps, {t.wall_s:.0f} s, {t.tokens:,} tokens at "
-        f"{t.tokens_per_s:.0f} tokens/s; loss {t.losses[0]:.3f} -> {t.losses[-1]:.3f}"
+        f"{t.tokens_per_s:.0f} tokens/s"
+        + (f" ({t.autocast} autocast)" if getattr(t, "autocast", None) else "")
+        + f"; loss {t.losses[0]:.3f} -> {t.losses[-1]:.3f}"
     )
     out.print(f"total wall time: {summary.wall_s:.0f} s; run directory: {summary.run_dir}")
     _print_phases(summary)

@@ -108,7 +108,8 @@ def check_mixed_precision(recipe: Recipe) -> None:
             f"the accelerate configuration has mixed_precision: {asked} but model.dtype "
             f"{recipe.model.dtype} gives {str(dtype).removeprefix('torch.')} weights on {device}; "
             f"set mixed_precision: {mode} in the accelerate configuration, or model.dtype to "
-            "match it"
+            "match it (for float32 weights under bf16 autocast: mixed_precision: no and "
+            "train.autocast: bf16)"
         )
 
 

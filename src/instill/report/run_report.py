@@ -245,6 +245,12 @@ def forgetting_blocks(tables: list[dict], a: str = "base", b: str = "tuned") -> 
     return [x for x in blocks if x is not None]
 
 
+def _autocast(autocast: str | None) -> str:
+    """Whether training's forward and backward ran under autocast (train.autocast, or weights
+    that train in half precision), the trained weights and optimiser state staying float32."""
+    return f"{autocast} (trained weights kept in float32)" if autocast else "off"
+
+
 def cost_lines(run: dict, price_per_hour: float, currency: str) -> tuple[list[list[str]], float]:
     tr, params = run["train"], run["params"]
     flops = training_flops(params["total"], params["trainable"], tr["tokens"])
@@ -253,6 +259,7 @@ def cost_lines(run: dict, price_per_hour: float, currency: str) -> tuple[list[li
         ["training", f"{tr['wall_s']:.0f} s, {tr['steps']} steps"],
         ["tokens trained on", f"{tr['tokens']:,} ({tr['trained_tokens']:,} supervised)"],
         ["throughput", f"{tr['tokens_per_s']:.0f} tokens/s"],
+        ["autocast", _autocast(tr.get("autocast"))],
         ["estimated training FLOPs", f"{flops:.3g}"],
         ["peak memory", f"{tr['peak_mem_mb']:.0f} MiB"],
         [

@@ -35,7 +35,7 @@ from instill.console import console
 from instill.data.dataset import Row, length_grouped_batches
 from instill.data.packing import collate_packed, pack_best_fit
 from instill.errors import InstillError
-from instill.models.load import available_memory
+from instill.models.load import available_memory, cpu_has_native_bf16
 from instill.rundir import RunDir
 from instill.train import shard
 from instill.train.checkpoint import (
@@ -70,6 +70,7 @@ class TrainResult:
     best_score: tuple[int, float] | None = None  # (step, score) with an evaluator: checkpoints/best
     peak_mem_mb: float = 0.0
     total_steps: int = 0  # the steps this run was set to take
+    autocast: str | None = None  # "bfloat16" when the matrix products ran under autocast
 
     def count(self, step: int, loss: float, supervised: int, real: int) -> None:
         """One optimiser step done: its loss and (global) token counts."""
@@ -106,6 +107,7 @@ class TrainResult:
             "best_score": self.best_score[1] if self.best_score else None,
             "stopped_early": self.stopped_early,
             "peak_mem_mb": round(self.peak_mem_mb, 1),
+            "autocast": self.autocast,
         }
 
 
@@ -191,6 +193,25 @@ def low_precision(model: torch.nn.Module) -> torch.dtype | None:
     found = {p.dtype for p in model.parameters() if p.requires_grad}
     low = found & {torch.bfloat16, torch.float16}
     return next(iter(low)) if low else None
+
+
+def autocast_dtype(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    """The dtype training's forward and backward run under autocast in, or None (float32
+    throughout): the trained weights' own dtype when it is half precision (low_precision),
+    else bf16 when train.autocast asks for it (auto: on a CPU with native bf16 only; a GPU's
+    bf16 comes from model.dtype: auto, which loads the weights in it)."""
+    low = low_precision(model)
+    if low is not None or cfg.autocast == "fp32":
+        return low
+    if cfg.autocast == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise InstillError(
+                "train.autocast: bf16, but this GPU has no bf16 support; set train.autocast: off"
+            )
+        return torch.bfloat16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
 
 
 def precision_mode(low: torch.dtype | None) -> str:
@@ -421,12 +442,14 @@ class Prepared:
     scaler: torch.amp.GradScaler | None  # fp16's loss scaler
     sharded: shard.Sharded | None = None  # train.shard: fsdp (the loop trains its sharded twin)
     objective: object = None  # train/objective.py: what the rows are and what the loss is
+    amp_dtype: torch.dtype | None = None  # autocast_dtype: low, or train.autocast's bf16
 
     @classmethod
     def build(
         cls, acc: Accelerator, model: torch.nn.Module, cfg: TrainConfig, steps: int, objective=None
     ):
         low = low_precision(model)
+        amp_dtype = autocast_dtype(model, cfg, acc.device)
         masters = [p for p in model.parameters() if p.requires_grad and p.dtype == low]
         for p in masters:
             p.data = p.data.float()
@@ -446,15 +469,19 @@ class Prepared:
             optimizer = make_optimizer(sharded.twin, cfg, acc.device)
             scheduler = make_scheduler(optimizer, cfg, steps)
             return cls(
-                acc, model, None, optimizer, scheduler, low, masters, scaler, sharded, objective
-            )
+                acc, model, None, optimizer, scheduler, low, masters, scaler, sharded, objective,
+                amp_dtype,
+            )  # fmt: skip
         optimizer = make_optimizer(model, cfg, acc.device)
         scheduler = make_scheduler(optimizer, cfg, steps)
         lm = objective.module(model, reference)
         # The scheduler is stepped by us once per optimiser step; accelerate's wrapper would
         # step it once per process.
         wrapped, optimizer = acc.prepare(lm, optimizer)
-        return cls(acc, model, wrapped, optimizer, scheduler, low, masters, scaler, None, objective)
+        return cls(
+            acc, model, wrapped, optimizer, scheduler, low, masters, scaler, None, objective,
+            amp_dtype,
+        )  # fmt: skip
 
     def start(self) -> torch.nn.Module:
         """What the loop trains, once any checkpoint is restored: the DDP wrapper, or (FSDP)
@@ -485,9 +512,10 @@ class Prepared:
         return _gathered(self, optimizer)
 
     def amp(self):
-        """The forward's autocast (a no-op for float32 weights)."""
-        device, low = self.acc.device.type, self.low
-        return torch.autocast(device, dtype=low or torch.bfloat16, enabled=bool(low))
+        """The forward's autocast (a no-op when training runs in float32)."""
+        dtype = self.amp_dtype
+        device = self.acc.device.type
+        return torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=bool(dtype))
 
     def weights(self) -> torch.nn.Module:
         """The model whose weights a checkpoint holds (the main process saves it)."""
@@ -571,6 +599,7 @@ def train(
         shard.check(cfg, evaluator)
     prep = Prepared.build(acc, model, cfg, steps, objective)
     result = TrainResult(total_steps=steps)
+    result.autocast = None if prep.amp_dtype is None else str(prep.amp_dtype).split(".")[-1]
     if resume_from is not None:
         result.continue_from(prep.restore(resume_from, fingerprint or {}))
     wrapped = prep.start()
@@ -669,10 +698,14 @@ def _precompute(model, objective, rows, validation, tokenizer, cfg, acc):
         n = len(rows) + len(validation or [])
         console.print(f"scoring {n} pairs with the reference model (precompute_reference)")
     pad, size = tokenizer.pad_token_id, cfg.batch_size
-    with eager():
-        rows = cached_reference(model, objective, rows, pad, size)
+    # under the autocast training runs in, so that before the first step the policy's
+    # log-probs equal these (DPO's margins start at 0)
+    dtype = autocast_dtype(model, cfg, acc.device)
+    amp = torch.autocast(acc.device.type, dtype=dtype or torch.bfloat16, enabled=bool(dtype))
+    with eager(), amp:
+        rows = cached_reference(model, objective, rows, pad, size, dtype)
         if validation:
-            validation = cached_reference(model, objective, validation, pad, size)
+            validation = cached_reference(model, objective, validation, pad, size, dtype)
     return rows, validation
 
 

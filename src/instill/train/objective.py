@@ -366,10 +366,12 @@ class Figures:
         return {k: flat[2 * i] / flat[2 * i + 1] for i, k in enumerate(names) if flat[2 * i + 1]}
 
 
-def cached_reference(model, objective: Preference, rows: list, pad_id: int, batch_size: int):
+def cached_reference(model, objective: Preference, rows: list, pad_id: int, batch_size: int,
+                     autocast: torch.dtype | None = None):  # fmt: skip
     """precompute_reference through a cache under $INSTILL_HOME/reference-cache, keyed by the
     model's weights (every tensor: the reference is the start), the tokenised pairs (so the
-    data, the chat template and the length policy) and the code's version: a second run on the
+    data, the chat template and the length policy), the autocast dtype the caller scores under
+    (train.autocast) and the code's version: a second run on the
     same start and pairs (another beta, learning rate or method) reads them instead of scoring.
     A cache that cannot be written only costs the scoring next time."""
     import hashlib
@@ -381,9 +383,10 @@ def cached_reference(model, objective: Preference, rows: list, pad_id: int, batc
     from instill.home import instill_home
     from instill.models.load import model_digest
 
-    key = hashlib.sha256(
-        f"v1\x1f{model_digest(model)}\x1f{rows_sha256(rows)}".encode()
-    ).hexdigest()[:24]
+    parts = ["v1", model_digest(model), rows_sha256(rows)]
+    if autocast is not None:
+        parts.append(str(autocast))
+    key = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
     path = instill_home() / "reference-cache" / f"{key}.npy"
     if path.is_file():
         try:
