@@ -310,7 +310,7 @@ class TrainConfig(_Section):
         "fp32",
         description="Matrix products of training's forward and backward in bf16 while the "
         "weights, gradients and optimiser state stay float32 (mixed precision). auto: bf16 on a "
-        "CPU with native bf16 (AVX512_BF16 or AMX; 1.5-1.7x faster training steps measured), "
+        "CPU with native bf16 (AVX512_BF16 or AMX; training steps 1.2-1.7x faster measured), "
         "float32 elsewhere; bf16: always; fp32 (or off): float32 throughout. Weights that are "
         "themselves bf16/fp16 (model.dtype) always train under autocast to their dtype. "
         "Evaluation and generation run in the model's dtype either way.",

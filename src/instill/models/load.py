@@ -68,8 +68,8 @@ def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (x86: AVX512_BF16 or AMX). On one
     that does, a bf16 matrix product ran 2.4x an fp32 one (AMD EPYC, avx512_bf16, 2026-12-04:
-    388 against 162 GFLOP/s at [2048, 576] x [576, 1536]); on one that does not, hundreds of
-    times slower. `INSTILL_CPU_BF16=0` or `1` overrides the probe."""
+    388 against 162 GFLOP/s at [2048, 576] x [576, 1536]); on one that does not, bf16 products
+    are emulated and far slower. `INSTILL_CPU_BF16=0` or `1` overrides the probe."""
     forced = os.environ.get("INSTILL_CPU_BF16")
     if forced in ("0", "1"):
         return forced == "1"
