@@ -116,3 +116,52 @@ def test_evaluation_likelihood_is_the_training_loss(tiny):
     shifted = [0] + rows[0].mask[:-1]  # the reply starts one token later
     (moved,) = masked_logprobs(tiny, [(rows[0].input_ids, shifted)], 0)
     assert moved.tokens == scores[0].tokens - 1 and moved.logprob != scores[0].logprob
+
+
+def _masks_seen(model, batch) -> list:
+    """The attention_mask each call of the decoder body received during one SupervisedLM
+    forward of `batch`."""
+    seen = []
+    body = model.model
+    hook = body.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True
+    )
+    try:
+        loss, _ = SupervisedLM(model)(**inputs(batch))
+    finally:
+        hook.remove()
+    return seen, loss
+
+
+def test_right_padded_batches_drop_the_mask_and_keep_every_real_tokens_loss(tiny):
+    """A right-padded batch runs under causal attention alone (the kernels skip the cells
+    above the diagonal): the body gets no mask, and the loss and gradients are the masked
+    model's."""
+    from instill.train.loss import causal_suffices
+
+    batch = collate(make_rows(4), pad_id=2)
+    assert (batch["attention_mask"] == 0).any()  # there is padding to drop
+    seen, loss = _masks_seen(tiny, batch)
+    assert seen == [None]
+    loss.backward()
+    g1 = grads(tiny)
+    tiny.zero_grad()
+    expected = reference_loss(tiny, batch)  # the model's own forward, with the mask
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    for name, g in grads(tiny).items():
+        torch.testing.assert_close(g1[name], g, rtol=1e-4, atol=1e-6)
+    tiny.zero_grad()
+
+    # left padding, a hole inside a row, or position ids of its own: the mask stays
+    left = batch["attention_mask"].flip(1)
+    assert not causal_suffices(left, None)
+    hole = torch.ones(2, 6, dtype=torch.long)
+    hole[1, 2] = 0
+    assert not causal_suffices(hole, None)
+    assert not causal_suffices(batch["attention_mask"], torch.arange(batch["input_ids"].shape[1]))
+    assert causal_suffices(batch["attention_mask"], None)
+    flipped = {**batch, "attention_mask": left, "input_ids": batch["input_ids"].flip(1)}
+    flipped["labels"] = batch["labels"].flip(1)
+    seen, _ = _masks_seen(tiny, flipped)
+    assert seen[0] is left
