@@ -140,6 +140,28 @@ def test_precomputed_reference_equals_the_live_one(tokenizer, method):
     assert live.last_figures["margin"][0] != 0.0
 
 
+def test_pairs_are_length_grouped_by_their_padded_width():
+    """A pair's two sequences are padded to its prompt plus its longer reply, so pairs are
+    grouped by that width, not by their total tokens: two pairs of 110 tokens (one with a
+    90-token reply, one with two of 50) do not share a batch when two narrower pairs exist."""
+    from instill.data.dataset import length_grouped_batches
+    from instill.data.preference_tokens import PairRow
+
+    def pair(chosen: int, rejected: int, name: str) -> PairRow:
+        return PairRow([1] * 10, [2] * chosen, [1] * chosen, [3] * rejected, [1] * rejected, name)
+
+    rows = [pair(10, 90, "a"), pair(50, 50, "b"), pair(55, 55, "c"), pair(10, 100, "d")]
+    assert [r.tokens for r in rows] == [110, 110, 120, 120]
+    assert [r.width for r in rows] == [100, 60, 65, 110]
+    for seed in range(4):
+        batches = length_grouped_batches(rows, 2, seed)
+        grouped = sorted(sorted(rows[i].source for i in b) for b in batches)
+        assert grouped == [["a", "d"], ["b", "c"]]
+    widths = [max(rows[i].width for i in b) for b in length_grouped_batches(rows, 2, 0)]
+    # 4 sequences a batch: 4 x (65 + 110) positions, where grouping by tokens gave 4 x (100 + 110)
+    assert 4 * sum(widths) == 700
+
+
 def test_precomputed_reference_is_scored_under_the_training_autocast(tokenizer, tmp_path,
                                                                      monkeypatch):  # fmt: skip
     """With train.autocast: bf16, the reference log-probs precomputed before training are the

@@ -334,19 +334,25 @@ def add_replay(tokenizer, data: Data, convs: list[Conversation], cfg: DataConfig
     return data
 
 
+def _length(row) -> int:
+    width = getattr(row, "width", None)
+    return row.tokens if width is None else width
+
+
 def length_grouped_batches(
     rows: list, batch_size: int, seed: int, epoch: int = 0
 ) -> list[list[int]]:
-    """Shuffle, then sort by length (a row's `tokens`: a pair's are its prompt's and both
-    replies') within windows of 32 batches so padding stays small, then shuffle the batch
-    order. Deterministic in (seed, epoch)."""
+    """Shuffle, then sort by length within windows of 32 batches so padding stays small, then
+    shuffle the batch order. Deterministic in (seed, epoch). A row's length is its `width`
+    where it has one (a pair: its prompt and longer reply, the width both its sequences are
+    padded to), else its `tokens`."""
     rng = random.Random(f"{seed}:{epoch}")
     order = list(range(len(rows)))
     rng.shuffle(order)
     window = batch_size * 32
     batches = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda i: rows[i].tokens)
+        chunk = sorted(order[start : start + window], key=lambda i: _length(rows[i]))
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches

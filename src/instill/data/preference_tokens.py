@@ -55,6 +55,12 @@ class PairRow:
         return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
     @property
+    def width(self) -> int:
+        """The padded width its two sequences take in a batch (prompt + the longer reply): what
+        length grouping sorts pairs by."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+    @property
     def trained(self) -> int:
         return sum(self.chosen_mask) + sum(self.rejected_mask)
 
