@@ -165,3 +165,25 @@ def test_right_padded_batches_drop_the_mask_and_keep_every_real_tokens_loss(tiny
     flipped["labels"] = batch["labels"].flip(1)
     seen, _ = _masks_seen(tiny, flipped)
     assert seen[0] is left
+
+
+def test_chunked_loss_recomputes_every_chunk_but_the_last(tiny):
+    """With k chunks the output head runs k times in forward and k - 1 in backward: the last
+    chunk, which backward starts with, keeps its logits instead of recomputing them. The loss
+    and gradients stay the unchunked ones (test above)."""
+    batch = collate(make_rows(4), pad_id=2)
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    chunk = 7
+    k = -(-n // chunk)
+    assert k >= 3
+    calls = []
+    hook = tiny.lm_head.register_forward_hook(lambda mod, args, out: calls.append(len(args[0])))
+    try:
+        loss, _ = SupervisedLM(tiny, chunk=chunk)(**inputs(batch))
+        assert len(calls) == k and calls[-1] == chunk  # the first chunk takes the remainder
+        loss.backward()
+    finally:
+        hook.remove()
+        tiny.zero_grad()
+    assert len(calls) == 2 * k - 1
+    assert calls[k:] == calls[: k - 1][::-1]  # backward recomputes the others, last first

@@ -81,14 +81,21 @@ def chunked_kl(
 
 def _summed_in_chunks(fn, args: tuple, sliced: tuple[int, ...], chunk: int) -> torch.Tensor:
     """fn(*args) summed over `chunk` rows at a time of the args at positions `sliced`; with more
-    than one chunk, each is recomputed in backward (activation checkpointing)."""
+    than one chunk, each but the last is recomputed in backward (activation checkpointing).
+
+    The last chunk keeps what its backward needs from the forward: backward starts with it, so
+    at that moment one chunk's logits are alive either way (kept, or just recomputed), and the
+    peak is the same while one chunk's output-head pass is saved. The chunks are cut from the
+    end, so the kept one is a whole `chunk` and the first takes the remainder."""
     n = args[sliced[0]].shape[0]
     if n <= chunk:
         return fn(*args)
+    starts = [0, *reversed(range(n - chunk, 0, -chunk))]
     total = args[sliced[0]].new_zeros((), dtype=torch.float32)
-    for i in range(0, n, chunk):
-        part = [a[i : i + chunk] if k in sliced else a for k, a in enumerate(args)]
-        total = total + checkpoint(fn, *part, use_reentrant=False)
+    for i, (a, b) in enumerate(zip(starts, [*starts[1:], n], strict=True)):
+        part = [x[a:b] if k in sliced else x for k, x in enumerate(args)]
+        last = i == len(starts) - 1
+        total = total + (fn(*part) if last else checkpoint(fn, *part, use_reentrant=False))
     return total
 
 
