@@ -184,23 +184,3 @@ def test_ddp_kl_to_base_when_one_process_has_replay_rows(default_source, tmp_pat
     for step, value in one["kl"].items():
         assert abs(logged[step] - value) <= 2e-6, step
 
-
-def test_same_weights_allows_adams_isolated_flips_not_a_moved_tensor():
-    """assert_same_weights' own check: a few elements off by an AdamW-sized step pass, a whole
-    tensor off by a small fraction of its movement does not (the weight comparison above
-    depends on it)."""
-    from dist import assert_same_weights
-
-    g = torch.Generator().manual_seed(0)
-    start = {"w": torch.randn(32, 32, generator=g)}
-    b = {"w": start["w"] + 0.01 * torch.randn(32, 32, generator=g)}  # trained: moved ~0.32
-    flips = b["w"].clone()
-    flips.view(-1)[[3, 200, 511, 700, 1000]] += 1.6e-4  # five elements of 1024, as seen
-    assert_same_weights({"w": flips}, b, start)
-    whole = {"w": b["w"] + 1e-2 * (b["w"] - start["w"])}  # every element, 1% of its movement
-    with pytest.raises(AssertionError):
-        assert_same_weights(whole, b, start)
-    many = b["w"].clone()
-    many.view(-1)[:100] += 1e-3  # ~10% of the elements off: not rounding flips
-    with pytest.raises(AssertionError):
-        assert_same_weights({"w": many}, b, start)
