@@ -183,4 +183,3 @@ def test_ddp_kl_to_base_when_one_process_has_replay_rows(default_source, tmp_pat
     assert logged.keys() == one["kl"].keys()
     for step, value in one["kl"].items():
         assert abs(logged[step] - value) <= 2e-6, step
-
