@@ -195,6 +195,11 @@ def low_precision(model: torch.nn.Module) -> torch.dtype | None:
     return next(iter(low)) if low else None
 
 
+def autocast_to(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast to `dtype` on `device`, or a no-op for None (float32 throughout)."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=bool(dtype))
+
+
 def autocast_dtype(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
     """The dtype training's forward and backward run under autocast in, or None (float32
     throughout): the trained weights' own dtype when it is half precision (low_precision),
@@ -513,9 +518,7 @@ class Prepared:
 
     def amp(self):
         """The forward's autocast (a no-op when training runs in float32)."""
-        dtype = self.amp_dtype
-        device = self.acc.device.type
-        return torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=bool(dtype))
+        return autocast_to(self.acc.device, self.amp_dtype)
 
     def weights(self) -> torch.nn.Module:
         """The model whose weights a checkpoint holds (the main process saves it)."""
@@ -701,8 +704,7 @@ def _precompute(model, objective, rows, validation, tokenizer, cfg, acc):
     # under the autocast training runs in, so that before the first step the policy's
     # log-probs equal these (DPO's margins start at 0)
     dtype = autocast_dtype(model, cfg, acc.device)
-    amp = torch.autocast(acc.device.type, dtype=dtype or torch.bfloat16, enabled=bool(dtype))
-    with eager(), amp:
+    with eager(), autocast_to(acc.device, dtype):
         rows = cached_reference(model, objective, rows, pad, size, dtype)
         if validation:
             validation = cached_reference(model, objective, validation, pad, size, dtype)
