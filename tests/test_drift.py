@@ -208,14 +208,15 @@ def test_replay_and_kl_settings_are_checked(tmp_path):
 
 
 def test_kl_to_base_with_full_fine_tuning_refuses_a_model_too_large(tiny, monkeypatch):
+    import instill.models.load as load
     from instill.config import TrainConfig
     from instill.train import loop
 
     cfg = TrainConfig(kl_to_base=0.5)
-    monkeypatch.setattr(loop, "available_memory", lambda device: 1000)
+    monkeypatch.setattr(load, "available_memory", lambda device: 1000)
     with pytest.raises(InstillError, match=r"train\.kl_to_base: full fine-tuning needs a frozen"):
         loop.kl_reference(tiny, cfg)
-    monkeypatch.setattr(loop, "available_memory", lambda device: 2**40)
+    monkeypatch.setattr(load, "available_memory", lambda device: 2**40)
     ref = loop.kl_reference(tiny, cfg)
     assert ref is not tiny and not any(p.requires_grad for p in ref.parameters())
 

@@ -112,6 +112,28 @@ def test_disabled_adapter_reference_equals_a_frozen_copy(tokenizer):
     assert not torch.allclose(off, policy, atol=1e-3)  # the control: adapters on differ
 
 
+def test_full_fine_tuning_reference_is_a_frozen_copy_or_refused_naming_the_key(
+    tokenizer, monkeypatch
+):
+    import instill.models.load as load
+    from instill.train.loop import kl_reference
+
+    full = build_tiny(tokenizer)
+    cfg = TrainConfig(objective="dpo")
+    monkeypatch.setattr(load, "available_memory", lambda device: 1000)
+    with pytest.raises(InstillError, match=r"precompute_reference: true"):
+        kl_reference(full, cfg)
+    precomputed = TrainConfig(
+        objective="dpo", preference=PreferenceConfig(precompute_reference=True)
+    )
+    assert kl_reference(full, precomputed) is None  # no copy: the reference is scored up front
+    assert kl_reference(full, TrainConfig(objective="simpo")) is None  # reference-free
+    monkeypatch.setattr(load, "available_memory", lambda device: 2**40)
+    ref = kl_reference(full, cfg)
+    assert ref is not full and not any(p.requires_grad for p in ref.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), full.parameters(), strict=True))
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_precomputed_reference_equals_the_live_one(tokenizer, method):
     """Scored before training (the adapters off, or the full model before its first step),

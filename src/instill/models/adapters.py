@@ -111,11 +111,9 @@ def merged_for_evaluation(model: torch.nn.Module) -> torch.nn.Module:
         return model
     import copy
 
-    from instill.models.load import available_memory
+    from instill.models.load import copy_room
 
-    device = next(model.parameters()).device
-    need = sum(p.numel() * p.element_size() for p in model.parameters())
-    if need * 1.2 > available_memory(device):
+    if not copy_room(model)[0]:
         return model
     merged = copy.deepcopy(model).merge_and_unload()
     return merged.eval()

@@ -317,3 +317,12 @@ def available_memory(device: torch.device) -> int:
     except OSError:
         pass
     return 2**62  # unknown: do not refuse
+
+
+def copy_room(model: torch.nn.Module) -> tuple[bool, int, int]:
+    """Whether a second copy of `model`'s weights fits on its device, with a fifth more for the
+    activations the copy needs: (fits, bytes the copy needs, bytes free)."""
+    device = next(model.parameters()).device
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    free = available_memory(device)
+    return need * 1.2 <= free, need, free

@@ -35,7 +35,7 @@ from instill.console import console
 from instill.data.dataset import Row, length_grouped_batches
 from instill.data.packing import collate_packed, pack_best_fit
 from instill.errors import InstillError
-from instill.models.load import available_memory, cpu_has_native_bf16
+from instill.models.load import copy_room, cpu_has_native_bf16
 from instill.rundir import RunDir
 from instill.train import shard
 from instill.train.checkpoint import (
@@ -279,17 +279,16 @@ def kl_reference(
         return None
     import copy
 
+    fits, need, free = copy_room(model)
     device = next(model.parameters()).device
-    need = sum(p.numel() * p.element_size() for p in model.parameters())
-    free = available_memory(device)
-    if need * 1.2 > free and live_reference:
+    if not fits and live_reference:
         raise InstillError(
             f"train.objective: {cfg.objective} with adapter.method: full compares against a "
             f"frozen copy of the starting model ({need / 2**30:.1f} GiB) and {device} has "
             f"{free / 2**30:.1f} GiB free; set train.preference.precompute_reference: true (the "
             "reference is scored once before training, no copy kept) or use adapter.method: lora"
         )
-    if need * 1.2 > free:  # the copy, with room for the activations it needs
+    if not fits:
         raise InstillError(
             f"train.kl_to_base: full fine-tuning needs a frozen copy of the base model for the "
             f"KL term ({need / 2**30:.1f} GiB) and {device} has {free / 2**30:.1f} GiB free; use "
