@@ -458,3 +458,27 @@ def test_data_stats_record_where_every_row_went(tokenizer, tmp_path):
     assert sum(s.dropped.values()) > 0  # rows with no room for a trained token
     assert s.rows_in - sum(s.dropped.values()) == s.rows
     assert check_sums(data_flow(s.as_dict())) == 2
+
+
+def test_kto_steps_that_log_one_side_only_are_plotted_not_a_crash(tmp_path, monkeypatch):
+    """A KTO step whose rows were all undesirable logs no chosen_logp (here the first step too):
+    the plot draws each side at the steps that logged it, instead of a KeyError after training."""
+    import matplotlib.figure
+
+    rows = [
+        {"step": 1, "loss": 0.7, "lr": 1e-4, "tokens": 10, "rows": 8, "rejected_logp": -1.0},
+        {"step": 2, "loss": 0.6, "lr": 1e-4, "tokens": 20, "rows": 16, "chosen_logp": -0.5,
+         "rejected_logp": -1.5},
+        {"step": 3, "loss": 0.5, "lr": 1e-4, "tokens": 30, "rows": 24, "rejected_logp": -2.0},
+    ]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = {}
+
+    def keep(fig, *args, **kwargs):
+        ax = fig.axes[1]
+        drawn["title"] = ax.get_title()
+        drawn.update({line.get_label(): list(line.get_xdata()) for line in ax.get_lines()})
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    training_curves(tmp_path)
+    assert drawn == {"title": "chosen and rejected replies", "chosen": [2], "rejected": [1, 2, 3]}

@@ -41,7 +41,8 @@ def training_curves(run_dir: Path) -> Path | None:
         ax_step.plot(
             [r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation"
         )
-    preference = "chosen_logp" in train[0]
+    # a KTO step whose rows were all undesirable (or all desirable) logs one side only
+    preference = any("chosen_logp" in r or "rejected_logp" in r for r in train)
     unit = "per supervised token"
     if preference:
         unit = "per pair" if "pairs" in train[0] else "per row"
@@ -49,7 +50,9 @@ def training_curves(run_dir: Path) -> Path | None:
     ax_step.legend()
     if preference:  # a chosen log-prob that falls while the margin grows is visible here
         for side, style in (("chosen", "-"), ("rejected", "--")):
-            ax_tok.plot(steps, [r[f"{side}_logp"] for r in train], style, label=side)
+            logged = [r for r in train if f"{side}_logp" in r]
+            ax_tok.plot([r["step"] for r in logged], [r[f"{side}_logp"] for r in logged], style,
+                        label=side)  # fmt: skip
             points = [r for r in val if f"val_{side}_logp" in r]
             if points:
                 ax_tok.plot([r["step"] for r in points], [r[f"val_{side}_logp"] for r in points],
