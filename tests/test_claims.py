@@ -39,6 +39,10 @@ def test_a_gain_needs_every_interval_above_zero():
     v = gain_verdict("c", [("x", flat)], "Not shown.")
     assert v.text == "x. Not shown."
     assert gain_verdict("c", [("x", up)], "Not shown.").text == "x."
+    # a significant loss is called one, not "not distinguishable from zero"
+    lost = gain_verdict("c", [("x", up), ("y", down)], "Not distinguishable from zero.")
+    assert lost.supported is False
+    assert lost.text == "x; y. A loss, not a gain: a 95% interval above lies wholly below 0."
 
 
 def test_run_and_transfer_reports_judge_answers_by_the_same_rule():

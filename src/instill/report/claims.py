@@ -68,10 +68,13 @@ def gain_verdict(
 ) -> Verdict:
     """The one rule for a gain: supported when every (text, row) delta is positive with an
     interval that excludes 0. The texts are joined; `unsupported` follows when it is not, and
-    the rule itself when `rule` (the run report says each verdict's line)."""
+    the rule itself when `rule` (the run report says each verdict's line). A delta whose whole
+    interval lies below 0 is said to be a loss, whatever `unsupported` says of the others."""
     ok = all(r.significant and r.delta > 0 for _, r in items)
     text = "; ".join(t for t, _ in items) + "."
-    if unsupported and not ok:
+    if any(r.significant and r.delta < 0 for _, r in items):
+        text += " A loss, not a gain: a 95% interval above lies wholly below 0."
+    elif unsupported and not ok:
         text += f" {unsupported}"
     return Verdict(claim, ok, text + (f" Rule: {GAIN_RULE}." if rule else ""))
 
