@@ -10,8 +10,8 @@ agreement, single-stream decode speed, and where a decode step's time goes.
    with rows unpadded, whose products round differently (the near-ties). The int8 model here
    multiplies by its dequantised weights (int8 x scale as float32 Linear layers): the same
    numbers as the kernel up to rounding order (tests/test_int8.py), at float32's speed, since
-   the kernel is slow where this was measured (AVX2). `--kernel-prompts N` also runs the first
-   N prompts through the kernel itself.
+   the kernel is slow where this was measured (AVX2, AVX-512). `--kernel-prompts N` also runs
+   the first N prompts through the kernel itself.
 2. Single-stream decode tokens/s, float32 and int8 (the kernel), interleaved A B A B so both
    see the same load: decode steps only (timed from the first step's end to the last's),
    replies forced to full length, the engine one row unpadded as chat and the server run it.
@@ -172,7 +172,7 @@ def main() -> None:
     model, tok = loaded.model, loaded.tokenizer
     print(
         f"torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()}, threads "
-        f"{torch.get_num_threads()}; kernel check: {int8_unavailable() or 'vectorised'}"
+        f"{torch.get_num_threads()}; kernel check: {int8_unavailable() or 'int8 faster'}"
     )
     examples = general_gen_task(8).examples[: args.prompts]
     prompts = [render_prompt(tok, list(e.prompt)) for e in examples]

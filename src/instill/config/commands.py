@@ -219,7 +219,8 @@ class ChatOptions(_Options):
     chat_template: Path | None = Field(None, description=CHAT_TEMPLATE)
     int8: bool = Field(
         False,
-        description="Decode with int8 weights (CPU, AVX-512): the Linear layers' weights a "
+        description="Decode with int8 weights (CPU; refused where a timed product says int8 is "
+        "slower, as on every CPU measured so far): the Linear layers' weights a "
         "quarter of the bytes; replies often differ from the model as trained's within 32 "
         "tokens (README, Generation).",
     )

@@ -620,7 +620,8 @@ class ServeConfig(_Section):
     )
     int8: bool = Field(
         False,
-        description="Decode with int8 weights (torch engine, CPU with AVX-512): the Linear "
+        description="Decode with int8 weights (torch engine, CPU; refused where a timed product "
+        "says int8 is slower): the Linear "
         "layers' weights a quarter of the bytes; replies often differ from the model as "
         "trained's within 32 tokens (README, Generation).",
     )
