@@ -105,16 +105,16 @@ def int8_speedup(rows: int = 1, inner: int = 576, outer: int = 1536, reps: int =
 
 def int8_unavailable() -> str | None:
     """Why int8 weight-only decoding would not be faster than float32 on this machine, or None:
-    one product of the model's shape timed both ways, since the CPU's name does not tell (torch's
+    one decode-shaped product timed both ways (before any model loads), since the CPU's name does not tell (torch's
     kernel took 2.6x float32's time on both an AVX2 and an AVX-512 CPU)."""
     speedup = int8_speedup()
     if speedup > 1.0:
         return None
     return (
         f"torch {torch.__version__.split('+')[0]}'s int8 weight-only kernel is slower than "
-        f"float32 on this CPU ({torch.backends.cpu.get_cpu_capability()}): one product of the "
-        f"model's shape took {1 / speedup:.1f}x float32's time, measured just now, so int8 would "
-        "decode slower (README, Generation); leave it off"
+        f"float32 on this CPU ({torch.backends.cpu.get_cpu_capability()}): a decode-shaped "
+        f"product ([1, 576] x [576, 1536]) took {1 / speedup:.1f}x float32's time, measured just "
+        "now, so int8 would decode slower (README, Generation); leave it off"
     )
 
 
