@@ -105,8 +105,8 @@ def int8_speedup(rows: int = 1, inner: int = 576, outer: int = 1536, reps: int =
 
 def int8_unavailable() -> str | None:
     """Why int8 weight-only decoding would not be faster than float32 on this machine, or None:
-    one decode-shaped product timed both ways (before any model loads), since the CPU's name does not tell (torch's
-    kernel took 2.6x float32's time on both an AVX2 and an AVX-512 CPU)."""
+    one decode-shaped product timed both ways (before any model loads), since the CPU's name
+    does not tell (torch's kernel took 2.6x float32's time on an AVX2 and an AVX-512 CPU)."""
     speedup = int8_speedup()
     if speedup > 1.0:
         return None
