@@ -138,6 +138,11 @@ def test_int8_speedup_times_the_real_kernel():
 
     speedup = int8.int8_speedup(reps=3)
     assert 0 < speedup < 100  # a ratio of two real timings, whichever way this CPU goes
+    # the check before the load and the one at the swap read one measurement, not two
+    int8.int8_speedup.cache_clear()
+    first = int8.int8_unavailable()
+    assert int8.int8_unavailable() == first
+    assert int8.int8_speedup.cache_info().misses == 1
 
 
 def _models_seen(monkeypatch) -> list:

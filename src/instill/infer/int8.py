@@ -16,12 +16,14 @@ layers), while keeping it in float32 kept only 3 more of 64 replies identical to
 
 Whether the kernel is faster than float32 is measured, not guessed from the CPU: on an AVX2 CPU
 (2026-12-02) and on an AVX-512 one (2026-12-04) its Linear layers took 2.6x float32's time
-(0.44x the decode speed both times), so `int8_unavailable` times one product of the model's
-shape both ways and refuses unless int8 is the faster (README, Generation). Evaluation never
+(0.44x the decode speed both times), so `int8_unavailable` times one decode-shaped product
+both ways and refuses unless int8 is the faster (README, Generation). Evaluation never
 comes here: it scores the model as trained.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -84,10 +86,12 @@ def _median_seconds(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+@functools.cache
 def int8_speedup(rows: int = 1, inner: int = 576, outer: int = 1536, reps: int = 30) -> float:
     """float32's time over the int8 kernel's for one [rows, inner] x [inner, outer] product (a
     decode step's MLP shape in SmolLM2-135M), medians of interleaved repeats at this process's
-    thread count: above 1, int8 is faster here. Milliseconds of work."""
+    thread count: above 1, int8 is faster here. ~70 ms of work, once per process (the check
+    before the model loads and the one at the swap read the same measurement)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(outer, inner, generator=g)
     x = torch.randn(rows, inner, generator=g)
