@@ -162,6 +162,81 @@ def test_precomputed_reference_equals_the_live_one(tokenizer, method):
     assert live.last_figures["margin"][0] != 0.0
 
 
+def replay_rows_for(seed: int, n: int = 2) -> list:
+    """Supervised replay rows (data.replay): random ids, the last tokens trained."""
+    import random
+
+    from instill.data.dataset import Row
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        ids = [rng.randrange(3, 49152) for _ in range(rng.randint(6, 14))]
+        out.append(Row(ids, [0] * 3 + [1] * (len(ids) - 3), f"replay:{i}", replay=True))
+    return out
+
+
+def mean_token_nll(model, row) -> float:
+    """A row's mean negative log-likelihood over its trained tokens, from the model's logits."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([row.input_ids])).logits[0].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = [-float(logp[t - 1, row.input_ids[t]]) for t in range(1, len(row.input_ids))
+              if row.mask[t]]  # fmt: skip
+    return sum(picked) / len(picked)
+
+
+@pytest.mark.parametrize("name,packed", [("dpo", False), ("dpo", True), ("kto", False)])
+def test_replay_rows_add_their_mean_token_loss_beside_the_pairs(tokenizer, name, packed):
+    """data.replay in a preference run: each replay row is one more unit whose loss is its mean
+    token NLL; the pairs' (or kto rows') losses and figures are those of a batch without them,
+    and no reference is scored for the replay rows."""
+    from instill.data.preference_tokens import LabelledRow
+
+    prefs = make_pairs(3, seed=11)
+    if name == "kto":
+        prefs = [LabelledRow(r.prompt_ids, r.chosen_ids, r.chosen_mask, i % 2 == 0, r.source)
+                 for i, r in enumerate(prefs)]  # fmt: skip
+    replay = replay_rows_for(seed=12)
+    mixed = [prefs[0], replay[0], prefs[1], prefs[2], replay[1]]
+    obj = objective(name)
+    if packed:
+        obj.pack_length = 64
+    model = lora(tokenizer)
+    lm = PreferenceLM(model, obj)
+    batch = obj.collate(mixed, 0)
+    assert obj.units(batch) == 5 and int(batch["n_replay"]) == 2
+    total, units = lm(**device_batch(batch))
+    assert int(units) == 5
+    figures = lm.last_figures
+    alone, _ = lm(**device_batch(obj.collate(prefs, 0)))
+    nll = [mean_token_nll(model, r) for r in replay]
+    assert float(total.detach()) == pytest.approx(float(alone.detach()) + sum(nll), abs=1e-4)
+    assert figures["replay_nll"][1] == 2
+    assert figures["replay_nll"][0] == pytest.approx(sum(nll), abs=1e-4)
+    for key, (s, n) in lm.last_figures.items():  # the pairs' own figures: unchanged
+        assert figures[key][1] == n and figures[key][0] == pytest.approx(s, abs=1e-5), key
+    if name == "dpo":  # precomputed: the replay rows are passed through, never scored
+        from instill.train.objective import cached_reference
+
+        pre = cached_reference(model, obj, mixed, 0, 2)
+        assert [r is m for r, m in zip(pre, mixed, strict=True)] == [False, True, False, False,
+                                                                       True]  # fmt: skip
+        again, _ = lm(**device_batch(obj.collate(pre, 0)))
+        assert float(again.detach()) == pytest.approx(float(total.detach()), abs=1e-4)
+
+
+def test_a_dpo_run_trains_its_replay_rows_and_logs_their_loss(tokenizer, tmp_path):
+    cfg = TrainConfig(objective="dpo", max_steps=4, batch_size=4, lr=1e-2, log_every=1)
+    rows = make_pairs(6, seed=13) + replay_rows_for(seed=14, n=2)
+    result = train(lora(tokenizer, moved=False), tokenizer, rows, cfg, tmp_path)
+    assert all(math.isfinite(x) for x in result.losses)
+    steps = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "loss" in r]
+    assert steps[-1]["pairs"] == 16  # units: pairs and replay rows, 4 a step
+    assert any("replay_nll" in r for r in steps)
+
+
 def test_pairs_are_length_grouped_by_their_padded_width():
     """A pair's two sequences are padded to its prompt plus its longer reply, so pairs are
     grouped by that width, not by their total tokens: two pairs of 110 tokens (one with a
@@ -435,7 +510,8 @@ def test_kto_from_pairs_keeps_its_held_out_prompts_pairs(tokenizer, tmp_path, va
     "extra,message",
     [
         (["data.builtin.train_per_family=4"], "data.builtin gives supervised rows"),
-        (["data.replay=0.1"], "data.replay and train.kl_to_base"),
+        (["data.replay=0.1", "train.kl_to_base=0.1"], "kl_to_base is a supervised run's"),
+        (["train.kl_to_base=0.1"], "kl_to_base is a supervised run's"),
         (["train.objective=kto", "train.preference.precompute_reference=true"], "kto"),
         (["train.objective=simpo", "train.preference.loss_type=ipo"], "dpo only"),
     ],
@@ -620,6 +696,36 @@ def test_a_packed_preference_recipe_runs_and_records_its_packing(tiny_dir, tmp_p
     assert record["train"]["steps"] == 2
     # packing is per micro-batch for pairs: no whole-data efficiency to report
     assert record["packing_efficiency"] is None
+
+
+def test_a_dpo_recipe_with_replay_mixes_the_starts_replies_into_its_pairs(
+    tiny_dir, tmp_path, tokenizer, monkeypatch
+):
+    from instill.infer.generate import Generation
+    from instill.recipe import run_recipe
+
+    # the random tiny model writes only newlines (no replay row); every reply is these words
+    words = tokenizer("A reply of a few words.", add_special_tokens=False)["input_ids"]
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    monkeypatch.setattr(
+        "instill.infer.generate",
+        lambda model, tok, convs, *a, **k: [
+            Generation("A reply of a few words.", 1, len(words), "stop", (*words, eot))
+            for _ in convs
+        ],
+    )
+    monkeypatch.setenv("INSTILL_HOME", str(tmp_path / "home"))
+    pairs = pair_file(tmp_path / "p.jsonl", prompts=4, per_prompt=2)
+    recipe = preference_recipe(
+        tiny_dir, tmp_path, f"data.sources=[{{path: {pairs}}}]", "data.max_length=256",
+        "data.replay={fraction: 0.25, max_new_tokens: 8}", "train.max_steps=3",
+        "train.log_every=1",
+    )  # fmt: skip
+    run = run_recipe(recipe)
+    stats = json.loads((run.run_dir / "data_stats.json").read_text())
+    assert stats["replay_rows"] == 3  # 0.25 of 8 pairs + 3 replay rows
+    records = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("replay_nll" in r for r in records if "loss" in r)
 
 
 def test_precomputed_reference_is_cached_by_model_and_pairs(tokenizer, tmp_path, monkeypatch):

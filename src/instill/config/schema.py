@@ -163,7 +163,8 @@ class DataConfig(_Section):
         description="Self-distillation replay: before training the base model answers general "
         "prompts (cached) and its replies are mixed into the training rows at this fraction, "
         "so tuning keeps its general behaviour. null: off. A number is the fraction: "
-        "replay: 0.1; or a section with the keys that follow.",
+        "replay: 0.1; or a section with the keys that follow. In a preference run each replay "
+        "row adds its mean token loss as one unit beside the pairs (or kto's rows).",
     )
     mask: Literal["assistant", "last_assistant", "all"] = Field(
         "assistant",
@@ -541,7 +542,7 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _kl_needs_replay(self) -> Recipe:
-        if self.train.kl_to_base > 0 and self.data.replay is None:
+        if self.train.objective == "sft" and self.train.kl_to_base > 0 and self.data.replay is None:
             raise ValueError(
                 "train.kl_to_base: the KL term is taken on replay rows; set data.replay (a "
                 "fraction such as 0.1) or train.kl_to_base: 0"
@@ -563,11 +564,12 @@ class Recipe(_Section):
             )
         if not d.sources:
             raise ValueError(f"{where}: add a file of preference pairs to data.sources")
-        if d.replay is not None or t.kl_to_base > 0:
+        if t.kl_to_base > 0:
             raise ValueError(
-                f"{where}: data.replay and train.kl_to_base add supervised rows, which a "
-                "preference objective does not train on; remove them (the reference model "
-                "already holds the tuned model near its start)"
+                f"{where}: train.kl_to_base is a supervised run's term; a preference run holds "
+                "the model near its start through data.replay (the start's own replies to "
+                "general prompts, trained as supervised rows among the pairs) and, for dpo and "
+                "kto, the reference model; set train.kl_to_base: 0"
             )
         if t.objective == "kto" and t.preference.precompute_reference:
             raise ValueError(

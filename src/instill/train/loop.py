@@ -48,7 +48,7 @@ from instill.train.compiled import compile_error, compiled_layers, eager, is_com
 from instill.train.logs import TrainLogs
 from instill.train.loss import SupervisedLM
 from instill.train.memory import enable_checkpointing, fix_mmap_threshold
-from instill.train.objective import Figures, cached_reference, make_objective
+from instill.train.objective import Figures, cached_reference, is_replay, make_objective
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -697,7 +697,7 @@ def _precompute(model, objective, rows, validation, tokenizer, cfg, acc):
     """train.preference.precompute_reference: every training and validation pair scored once by
     the reference (the starting model: the adapters are off, or no step has been taken)."""
     if acc.is_main_process:
-        n = len(rows) + len(validation or [])
+        n = sum(not is_replay(r) for r in rows) + len(validation or [])
         console.print(f"scoring {n} pairs with the reference model (precompute_reference)")
     pad, size = tokenizer.pad_token_id, cfg.batch_size
     # under the autocast training runs in, so that before the first step the policy's

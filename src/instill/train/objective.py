@@ -143,7 +143,19 @@ def _packed(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int, width: int
     }
 
 
+def is_replay(row) -> bool:
+    """A replay row (data.replay) mixed into a preference run: the starting model's own reply
+    to a general prompt, a supervised Row among the pairs."""
+    return isinstance(row, Row)
+
+
+def split_replay(rows: list) -> tuple[list, list]:
+    """(preference rows, replay rows) of a micro-batch, each in its order."""
+    return [r for r in rows if not is_replay(r)], [r for r in rows if is_replay(r)]
+
+
 def _precomputed(rows) -> list[float] | None:
+    rows = split_replay(rows)[0]
     refs = [r.reference for r in rows]
     if all(r is None for r in refs):
         return None
@@ -173,7 +185,14 @@ class Preference:
         return self.p.beta_for(self.name)
 
     def check_rows(self, rows: list, where: str) -> None:
-        wrong = next((r for r in rows if not isinstance(r, self.row_type)), None)
+        wrong = next(
+            (
+                r
+                for r in rows
+                if not isinstance(r, self.row_type) and not (is_replay(r) and r.replay)
+            ),
+            None,
+        )
         if wrong is not None:
             want = "labelled rows (prompt, completion, label)" if self.name == "kto" else "pairs"
             raise InstillError(
@@ -182,16 +201,19 @@ class Preference:
             )
 
     def sequences(self, rows: list) -> list[tuple[list[int], list[int]]]:
-        """The (ids, mask) sequences of a micro-batch, in the order the module reads them."""
+        """The (ids, mask) sequences of a micro-batch, in the order the module reads them: the
+        preference rows' (below), then the replay rows' (data.replay), one each."""
+        rows, replay = split_replay(rows)
+        tail = [(r.input_ids, r.mask) for r in replay]
         if self.name != "kto":
-            return [r.chosen() for r in rows] + [r.rejected() for r in rows]
+            return [r.chosen() for r in rows] + [r.rejected() for r in rows] + tail
         partners = kl_partners(len(rows))
         mismatched = [
             (r.prompt_ids + rows[j].completion_ids, [0] * len(r.prompt_ids)
              + rows[j].completion_mask)
             for r, j in zip(rows, partners, strict=True)
         ]  # fmt: skip
-        return [r.sequence() for r in rows] + mismatched
+        return [r.sequence() for r in rows] + mismatched + tail
 
     def collate(self, rows: list, pad_id: int) -> dict:
         seqs = self.sequences(rows)
@@ -199,8 +221,11 @@ class Preference:
             batch = _packed(seqs, pad_id, self.pack_length)
         else:
             batch = _sequences(seqs, pad_id)
+        prefs, replay = split_replay(rows)
+        if replay:  # the last n_replay sequences are replay rows
+            batch["n_replay"] = torch.tensor(len(replay))
         if self.name == "kto":
-            batch["desirable"] = torch.tensor([r.desirable for r in rows])
+            batch["desirable"] = torch.tensor([r.desirable for r in prefs])
             # the partners' tokens are processed too, but only the completions are trained
             batch["real_tokens"] = torch.tensor(sum(r.tokens for r in rows))
         refs = _precomputed(rows)
@@ -209,9 +234,10 @@ class Preference:
         return batch
 
     def units(self, batch: dict) -> int:
-        if "n_sequences" in batch:
-            return int(batch["n_sequences"]) // 2
-        return len(batch["input_ids"]) // 2
+        """Pairs (kto: rows), plus one per replay row."""
+        seqs = int(batch["n_sequences"]) if "n_sequences" in batch else len(batch["input_ids"])
+        replay = int(batch.get("n_replay", 0))
+        return (seqs - replay) // 2 + replay
 
     def module(self, model, reference=None) -> torch.nn.Module:
         return PreferenceLM(model, self, reference)
@@ -281,25 +307,39 @@ class PreferenceLM(torch.nn.Module):
 
     def forward(
         self, input_ids, labels, attention_mask=None, reference_logps=None, desirable=None,
-        position_ids=None, sequence_index=None, n_sequences=None,
+        position_ids=None, sequence_index=None, n_sequences=None, n_replay=None,
     ):  # fmt: skip
         """Packed batches (Preference.collate with pack_length) carry position_ids,
-        sequence_index and n_sequences instead of an attention mask."""
+        sequence_index and n_sequences instead of an attention mask. `n_replay`: the batch's
+        last sequences are that many replay rows, each adding its mean token NLL as one unit
+        (the supervised term that holds the model to its start on general prompts)."""
         body, head, _ = _parts(self.model)
         hidden = _hidden(body, input_ids, attention_mask, position_ids)
         n = None if n_sequences is None else int(n_sequences)
         policy, tokens = sequence_logps(
             head, hidden, labels, self.chunk, self._softcap(), sequence_index, n
         )
+        m = 0 if n_replay is None else int(n_replay)
+        k = len(policy) - m  # the preference rows' sequences come first
         ref = None
-        if self.objective.needs_reference:
+        if self.objective.needs_reference and k:
             ref = reference_logps
-            if ref is None:
+            if ref is None and sequence_index is None:  # no reference forward on replay rows
+                mask = None if attention_mask is None else attention_mask[:k]
+                ref = self.reference_logps(input_ids[:k], labels[:k], mask)
+            elif ref is None:  # packed: every sequence shares the rows; take the pairs'
                 ref = self.reference_logps(
                     input_ids, labels, attention_mask, position_ids, sequence_index, n
-                )
-        batch = {"desirable": desirable}
-        losses, figures = self.objective.loss(policy, tokens, ref, batch)
+                )[:k]
+        figures: dict[str, tuple[float, int]] = {}
+        losses = policy.new_zeros(0)
+        if k:
+            batch = {"desirable": desirable}
+            losses, figures = self.objective.loss(policy[:k], tokens[:k], ref, batch)
+        if m:
+            nll = -policy[k:] / tokens[k:].clamp(min=1)
+            losses = torch.cat([losses, nll])
+            figures["replay_nll"] = (float(nll.detach().sum()), m)
         self.last_figures = figures
         return losses.sum(), torch.tensor(len(losses))
 
@@ -383,6 +423,10 @@ def cached_reference(model, objective: Preference, rows: list, pad_id: int, batc
     from instill.home import instill_home
     from instill.models.load import model_digest
 
+    prefs, replay = split_replay(rows)  # replay rows (data.replay) have no reference
+    if replay:
+        it = iter(cached_reference(model, objective, prefs, pad_id, batch_size, autocast))
+        return [r if is_replay(r) else next(it) for r in rows]
     parts = ["v1", model_digest(model), rows_sha256(rows)]
     if autocast is not None:
         parts.append(str(autocast))
