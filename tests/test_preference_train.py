@@ -226,6 +226,22 @@ def test_replay_rows_add_their_mean_token_loss_beside_the_pairs(tokenizer, name,
         assert float(again.detach()) == pytest.approx(float(total.detach()), abs=1e-4)
 
 
+def test_a_batch_of_replay_rows_alone_needs_no_reference(tokenizer):
+    """With precomputed reference log-probs a micro-batch may hold replay rows only (no pair to
+    take them from): it trains on their NLL and runs no reference forward, which full
+    fine-tuning (no adapters to switch off, no frozen copy) could not run."""
+    model = build_tiny(tokenizer)
+    obj = objective(precompute_reference=True)
+    replay = replay_rows_for(seed=15)
+    batch = obj.collate(replay, 0)
+    assert "reference_logps" not in batch and obj.units(batch) == 2
+    lm = PreferenceLM(model, obj)
+    total, units = lm(**device_batch(batch))
+    assert int(units) == 2 and set(lm.last_figures) == {"replay_nll"}
+    nll = [mean_token_nll(model, r) for r in replay]
+    assert float(total.detach()) == pytest.approx(sum(nll), abs=1e-4)
+
+
 def test_a_dpo_run_trains_its_replay_rows_and_logs_their_loss(tokenizer, tmp_path):
     cfg = TrainConfig(objective="dpo", max_steps=4, batch_size=4, lr=1e-2, log_every=1)
     rows = make_pairs(6, seed=13) + replay_rows_for(seed=14, n=2)
