@@ -226,17 +226,23 @@ def test_replay_rows_add_their_mean_token_loss_beside_the_pairs(tokenizer, name,
         assert float(again.detach()) == pytest.approx(float(total.detach()), abs=1e-4)
 
 
-def test_a_batch_of_replay_rows_alone_needs_no_reference(tokenizer):
-    """With precomputed reference log-probs a micro-batch may hold replay rows only (no pair to
-    take them from): it trains on their NLL and runs no reference forward, which full
-    fine-tuning (no adapters to switch off, no frozen copy) could not run."""
-    model = build_tiny(tokenizer)
-    obj = objective(precompute_reference=True)
+@pytest.mark.parametrize("precomputed", [True, False])
+def test_a_batch_of_replay_rows_alone_trains_their_nll(tokenizer, precomputed):
+    """A micro-batch may hold replay rows only. Precomputed: no reference forward runs (full
+    fine-tuning has no adapters to switch off and no frozen copy). Live: the reference forward
+    runs all the same, once, so that processes holding a sharded model gather weights together
+    whatever rows each one drew."""
+    model = build_tiny(tokenizer) if precomputed else lora(tokenizer)
+    obj = objective(precompute_reference=precomputed)
     replay = replay_rows_for(seed=15)
     batch = obj.collate(replay, 0)
     assert "reference_logps" not in batch and obj.units(batch) == 2
     lm = PreferenceLM(model, obj)
+    calls = []
+    real = lm.reference_logps
+    lm.reference_logps = lambda *a, **k: calls.append(1) or real(*a, **k)
     total, units = lm(**device_batch(batch))
+    assert calls == ([] if precomputed else [1])
     assert int(units) == 2 and set(lm.last_figures) == {"replay_nll"}
     nll = [mean_token_nll(model, r) for r in replay]
     assert float(total.detach()) == pytest.approx(sum(nll), abs=1e-4)
