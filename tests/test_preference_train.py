@@ -4,6 +4,7 @@ reference model's three sources, the losses at the start, resume, and the recipe
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -635,6 +636,7 @@ def test_a_dpo_run_measures_its_held_out_pairs_before_and_after(tiny_dir, tmp_pa
     report = (run.run_dir / "report.md").read_text()
     assert "Objective **dpo** (beta 0.1, loss sigmoid); reference: the starting model" in report
     assert "## Preference on held-out pairs" in report
+    assert re.search(r"\| tokens trained on \| [\d,]+ \(8 pairs\) \|", report)  # 4 steps of 2
     from typer.testing import CliRunner
 
     from instill.cli import app
@@ -748,6 +750,9 @@ def test_a_dpo_recipe_with_replay_mixes_the_starts_replies_into_its_pairs(
     assert stats["replay_rows"] == 3  # 0.25 of 8 pairs + 3 replay rows
     records = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("replay_nll" in r for r in records if "loss" in r)
+    report = (run.run_dir / "report.md").read_text()
+    assert re.search(r"\| tokens trained on \| [\d,]+ \(6 pairs, a replay row counted as one\)",
+                     report)  # fmt: skip
 
 
 def test_precomputed_reference_is_cached_by_model_and_pairs(tokenizer, tmp_path, monkeypatch):

@@ -251,13 +251,25 @@ def _autocast(autocast: str | None) -> str:
     return f"{autocast} (trained weights kept in float32)" if autocast else "off"
 
 
+def _units(run: dict) -> str:
+    """What the loop counted as the loss's units: supervised tokens, or (a preference run)
+    pairs or kto's rows, each replay row one more."""
+    n = run["train"]["trained_tokens"]
+    name = (run.get("objective") or {}).get("name", "sft")
+    if name == "sft":
+        return f"{n:,} supervised"
+    what = "labelled rows" if name == "kto" else "pairs"
+    replay = (run.get("data") or {}).get("replay_rows")
+    return f"{n:,} {what}" + (", a replay row counted as one" if replay else "")
+
+
 def cost_lines(run: dict, price_per_hour: float, currency: str) -> tuple[list[list[str]], float]:
     tr, params = run["train"], run["params"]
     flops = training_flops(params["total"], params["trainable"], tr["tokens"])
     cost = device_cost(run["wall_s"], price_per_hour)
     rows = [
         ["training", f"{tr['wall_s']:.0f} s, {tr['steps']} steps"],
-        ["tokens trained on", f"{tr['tokens']:,} ({tr['trained_tokens']:,} supervised)"],
+        ["tokens trained on", f"{tr['tokens']:,} ({_units(run)})"],
         ["throughput", f"{tr['tokens_per_s']:.0f} tokens/s"],
         ["autocast", _autocast(tr.get("autocast"))],
         ["estimated training FLOPs", f"{flops:.3g}"],
