@@ -322,11 +322,12 @@ class PreferenceLM(torch.nn.Module):
         m = 0 if n_replay is None else int(n_replay)
         k = len(policy) - m  # the preference rows' sequences come first
         ref = reference_logps  # precomputed (absent from a batch of replay rows only)
-        live = self.objective.needs_reference and not self.objective.p.precompute_reference
-        if live and ref is None:
+        precomputed = self.objective.p.precompute_reference
+        if self.objective.needs_reference and ref is None and (k or not precomputed):
             # one reference forward per micro-batch, on every process alike (sharded processes
-            # gather weights together), even for a batch of replay rows only; unpacked, it
-            # skips the replay rows' sequences where there are pairs
+            # gather weights together), even for a batch of replay rows only (except where
+            # the reference was precomputed: then no process runs one); unpacked, it skips
+            # the replay rows' sequences where there are pairs
             if sequence_index is None and 0 < k < len(policy):
                 mask = None if attention_mask is None else attention_mask[:k]
                 ref = self.reference_logps(input_ids[:k], labels[:k], mask)
