@@ -228,7 +228,7 @@ def test_quickstart_help_shows_the_quickstart_recipe(capsys, monkeypatch):
     assert "eval.suites [default: [builtin, general, general_gen]]" in quick
     train = _help(["train"], capsys, monkeypatch)
     assert "train.lr [default: 0.0002]" in train
-    assert "full, lora, quickstart" in train
+    assert "dpo, full, lora, orpo, quickstart" in train
 
 
 def test_help_is_true_yaml_and_complete(capsys, monkeypatch):
