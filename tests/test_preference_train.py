@@ -163,6 +163,22 @@ def test_precomputed_reference_equals_the_live_one(tokenizer, method):
     assert live.last_figures["margin"][0] != 0.0
 
 
+def test_pairs_without_precomputed_log_probs_still_get_a_live_reference(tokenizer):
+    """Under precompute_reference a batch of pairs whose rows carry no cached reference (the
+    cache not applied to them) is scored against the live reference, as without the setting:
+    only a batch of replay rows alone skips the reference forward."""
+    model, rows = lora(tokenizer), make_pairs(3, seed=8)
+    batch = objective(precompute_reference=True).collate(rows, 0)
+    assert "reference_logps" not in batch
+    pre = PreferenceLM(model, objective(precompute_reference=True))
+    live = PreferenceLM(model, objective())
+    got, _ = pre(**device_batch(batch))
+    want, _ = live(**device_batch(objective().collate(rows, 0)))
+    assert float(got.detach()) == pytest.approx(float(want.detach()), abs=1e-6)
+    assert pre.last_figures["margin"] == live.last_figures["margin"]
+    assert any(m != 0.0 for m in pre.last_figures["margin"])
+
+
 def replay_rows_for(seed: int, n: int = 2) -> list:
     """Supervised replay rows (data.replay): random ids, the last tokens trained."""
     import random
