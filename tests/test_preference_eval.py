@@ -253,3 +253,39 @@ def test_the_report_says_when_a_gain_came_with_longer_chosen_replies():
     note = length_note(_summary_with(0.2, 0.2))
     assert "holds where the chosen reply is not the longer one too" in note
     assert length_note(_summary_with(0.0, 0.0)).startswith("No gain in preference accuracy")
+
+
+def test_compare_pairs_two_eval_pairs_results_pair_by_pair(
+    tuned_run, tiny_dir, tmp_path, capsys, monkeypatch
+):
+    """`instill compare A B` on two eval-pairs results: A's model before, B's after, against
+    B's reference, each change the mean of the per-pair changes; other rows refuse to pair."""
+    pairs = _pair_file(tmp_path / "held.jsonl")
+    before = tmp_path / "before"  # the tuned run's start, alone (as `eval-pairs BASE` writes it)
+    succeed(["eval-pairs", str(tiny_dir), "--pairs", str(pairs), "--output", str(before)],
+            monkeypatch)  # fmt: skip
+    succeed(["eval-pairs", str(tuned_run), "--pairs", str(pairs)], monkeypatch)
+    after = tuned_run / "evals" / "pairs-held"
+    capsys.readouterr()
+    succeed(["compare", str(before), str(after), "--json"], monkeypatch)
+    got = json.loads(capsys.readouterr().out)["preference"]
+    (_, ra), (_, rb) = read_preference(before), read_preference(after)
+    ln_margin = lambda r, side: (r[side]["chosen_logp"] / r["chosen_tokens"]  # noqa: E731
+                                 - r[side]["rejected_logp"] / r["rejected_tokens"])  # fmt: skip
+    by_hand = [ln_margin(b, "model") - ln_margin(a, "model") for a, b in zip(ra, rb, strict=True)]
+    ln = got["measures"]["ln_margin"]
+    assert ln["delta"]["value"] == pytest.approx(sum(by_hand) / 3, abs=1e-6)
+    alone = read_preference(before)[0]["measures"]["ln_margin"]["model"]["value"]
+    assert ln["start"]["value"] == pytest.approx(alone, abs=1e-6)
+    assert any(abs(d) > 1e-4 for d in by_hand)  # two different models: the change is not 0
+    # the start is B's reference: its implicit reward is trivial and has no before side
+    assert set(got["measures"]["reward_accuracy"]) == {"model"}
+    assert got["start"].endswith(f"({before})") and got["reference"] == str(tiny_dir)
+    succeed(["compare", str(before), str(after)], monkeypatch)
+    stdout = capsys.readouterr().out
+    assert "start (before)" in stdout and "change" in stdout
+    short = tmp_path / "short"
+    succeed(["eval-pairs", str(tiny_dir), "--pairs", str(pairs), "--output", str(short),
+             "--max-length", "40"], monkeypatch)  # fmt: skip
+    code, _, err = run(["compare", str(short), str(after)], capsys, monkeypatch)
+    assert_user_error(code, err, "different tokenised pairs", "--max-length")

@@ -279,18 +279,32 @@ def compare(
     evaluation: str = option(commands.CompareOptions, "evaluation", "--eval"),
 ) -> None:
     """Per suite and cluster: A, B, the delta and its 95% interval (seen and unseen clusters
-    apart). With one run directory: its base model against its tuned model."""
+    apart). With one run directory: its base model against its tuned model. Held-out pairs
+    (preference.json, from a preference run or `instill eval-pairs`) on both sides: A's model
+    before, B's after, paired pair by pair, implicit reward against B's reference."""
     from instill.eval.compare import as_json as to_json
     from instill.eval.compare import compare as run_compare
     from instill.eval.compare import print_tables
     from instill.eval.drift import guard_limits
-    from instill.eval.preference import print_preference, read_preference
+    from instill.eval.preference import (
+        pair_preference,
+        preference_folder,
+        print_preference,
+        read_preference,
+    )
     from instill.report.document import mark
     from instill.report.run_report import forgetting_verdict
     from instill.rundir import RunDir
 
-    # a preference run's held-out pairs, before and after (eval/preference.json)
-    pairs = read_preference(RunDir(a).results) if b is None and evaluation is None else None
+    # held-out pairs, before and after: a preference run's own (eval/preference.json), or two
+    # results of `instill eval-pairs` (or runs) on the same pairs, paired pair by pair
+    pairs = None
+    if b is None and evaluation is None:
+        pairs = read_preference(RunDir(a).results)
+    elif evaluation is None:
+        fa, fb = preference_folder(a), preference_folder(b)
+        if fa is not None and fb is not None:
+            pairs = (pair_preference(fa, fb),)
     try:
         sa, sb, tables = run_compare(a, b, evaluation)
     except InstillError:

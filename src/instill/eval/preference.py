@@ -40,6 +40,7 @@ from instill.eval.metrics import bootstrap_clustered_ci
 from instill.eval.results import (
     PREFERENCE,
     RECORDS_SHA256,
+    RUN_RESULTS,
     read_records,
     read_summary,
     records_sha256,
@@ -279,9 +280,24 @@ def pair_preference(before: Path, after: Path) -> dict:
             "--max-length or tokenizer), so their pairs cannot be paired; measure both on the "
             "same file with the same --max-length"
         )
-    return preference_summary(
+    summary = preference_summary(
         side_records(rb, "model"), side_records(rb, "reference"), side_records(ra, "model")
     )
+    # what print_preference names: B's model against B's reference, A's model as before
+    names = {"model": f"{sb.get('model')} ({after})", "start": f"{sa.get('model')} ({before})",
+             "reference": sb.get("reference"), "pairs": sb.get("pairs"),
+             "max_length": sb.get("max_length"), "truncated": sb.get("truncated")}  # fmt: skip
+    return summary | {k: v for k, v in names.items() if v is not None}
+
+
+def preference_folder(name: str | Path) -> Path | None:
+    """The folder of `name` that holds a preference.json (a run directory stands for its own
+    eval/), or None when it holds none."""
+    p = Path(name)
+    for folder in (p / RUN_RESULTS, p):
+        if (folder / f"{PREFERENCE}.json").is_file():
+            return folder
+    return None
 
 
 def run_start(run_dir: Path) -> ModelConfig:
