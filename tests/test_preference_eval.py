@@ -289,3 +289,6 @@ def test_compare_pairs_two_eval_pairs_results_pair_by_pair(
              "--max-length", "40"], monkeypatch)  # fmt: skip
     code, _, err = run(["compare", str(short), str(after)], capsys, monkeypatch)
     assert_user_error(code, err, "different tokenised pairs", "--max-length")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(["compare", str(tmp_path / "empty"), str(after)], capsys, monkeypatch)
+    assert_user_error(code, err, f"{after} holds held-out pair results", "eval-pairs MODEL")

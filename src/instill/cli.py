@@ -298,16 +298,24 @@ def compare(
 
     # held-out pairs, before and after: a preference run's own (eval/preference.json), or two
     # results of `instill eval-pairs` (or runs) on the same pairs, paired pair by pair
-    pairs = None
+    pairs, lone = None, None
     if b is None and evaluation is None:
         pairs = read_preference(RunDir(a).results)
     elif evaluation is None:
         fa, fb = preference_folder(a), preference_folder(b)
         if fa is not None and fb is not None:
             pairs = (pair_preference(fa, fb),)
+        elif fa is not None or fb is not None:  # one side's pairs, nothing to pair them with
+            lone, other = (a, b) if fa is not None else (b, a)
     try:
         sa, sb, tables = run_compare(a, b, evaluation)
     except InstillError:
+        if lone is not None:
+            raise InstillError(
+                f"{lone} holds held-out pair results (preference.json) but {other} holds none, "
+                "and the two share no suite results; score its model on the same pairs first: "
+                f"instill eval-pairs MODEL --pairs FILE --output {other}"
+            ) from None
         if pairs is None:
             raise
         sa = None  # a preference run without suites: its pairs are the comparison
