@@ -292,3 +292,32 @@ def test_compare_pairs_two_eval_pairs_results_pair_by_pair(
     (tmp_path / "empty").mkdir()
     code, _, err = run(["compare", str(tmp_path / "empty"), str(after)], capsys, monkeypatch)
     assert_user_error(code, err, f"{after} holds held-out pair results", "eval-pairs MODEL")
+
+
+def test_compare_pairs_a_chain_against_one_reference(
+    tuned_run, tiny_dir, tokenizer, tmp_path, capsys, monkeypatch
+):
+    """The README's chain: a first stage and a second each scored against the same reference
+    (neither of them it); the implicit reward then has a before side, and its change is the
+    mean of the per-pair changes, which pair_records' sides give by hand."""
+    pairs, first = _pair_file(tmp_path / "held.jsonl"), tmp_path / "first"
+    build_tiny(tokenizer, seed=2).save_pretrained(first)
+    tokenizer.save_pretrained(first)
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for model, folder in zip((first, tuned_run / "final"), folders, strict=True):
+        succeed(["eval-pairs", str(model), "--pairs", str(pairs), "--reference", str(tiny_dir),
+                 "--output", str(folder)], monkeypatch)  # fmt: skip
+    capsys.readouterr()
+    succeed(["compare", *map(str, folders), "--json"], monkeypatch)
+    got = json.loads(capsys.readouterr().out)["preference"]["measures"]["reward_margin"]
+    (_, ra), (_, rb) = (read_preference(f) for f in folders)
+
+    def margin(r: dict) -> float:
+        m, ref = r["model"], r["reference"]
+        return (m["chosen_logp"] - ref["chosen_logp"]) - (m["rejected_logp"] - ref["rejected_logp"])
+
+    by_hand = [margin(b) - margin(a) for a, b in zip(ra, rb, strict=True)]
+    assert set(got) == {"start", "model", "delta"}
+    assert got["start"]["value"] == pytest.approx(sum(map(margin, ra)) / 3, abs=1e-5)
+    assert got["delta"]["value"] == pytest.approx(sum(by_hand) / 3, abs=1e-5)
+    assert min(abs(d) for d in by_hand) > 1e-3  # three different models: every pair moved
