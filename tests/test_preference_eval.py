@@ -321,3 +321,19 @@ def test_compare_pairs_a_chain_against_one_reference(
     assert got["start"]["value"] == pytest.approx(sum(map(margin, ra)) / 3, abs=1e-5)
     assert got["delta"]["value"] == pytest.approx(sum(by_hand) / 3, abs=1e-5)
     assert min(abs(d) for d in by_hand) > 1e-3  # three different models: every pair moved
+
+
+def test_two_runs_whose_pairs_differ_still_compare_their_suites(
+    tuned_run, tiny, tokenizer, rows, tmp_path, capsys, monkeypatch
+):
+    """Pairs on other rows refuse to pair, but two runs' suites still compare, with a line
+    saying why their pairs were left out (not an error that hides the suites)."""
+    other = Path(shutil.copytree(tuned_run, tmp_path / "other"))
+    records = score_pairs(tiny, tokenizer.pad_token_id, rows)
+    for run_dir, digest in ((tuned_run, "x"), (other, "y")):
+        write_preference(run_dir / "eval", preference_summary(records), pair_records(records),
+                         {"rows_sha256": digest})  # fmt: skip
+    succeed(["compare", str(tuned_run), str(other)], monkeypatch)
+    stdout = " ".join(capsys.readouterr().out.split())
+    assert "held-out pairs not compared" in stdout and "different tokenised pairs" in stdout
+    assert "No forgetting" in stdout  # the suites' comparison and verdict are printed

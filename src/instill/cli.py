@@ -298,13 +298,16 @@ def compare(
 
     # held-out pairs, before and after: a preference run's own (eval/preference.json), or two
     # results of `instill eval-pairs` (or runs) on the same pairs, paired pair by pair
-    pairs, lone = None, None
+    pairs, lone, unpaired = None, None, None
     if b is None and evaluation is None:
         pairs = read_preference(RunDir(a).results)
     elif evaluation is None:
         fa, fb = preference_folder(a), preference_folder(b)
         if fa is not None and fb is not None:
-            pairs = (pair_preference(fa, fb),)
+            try:
+                pairs = (pair_preference(fa, fb),)
+            except InstillError as e:  # other pairs: the suites may still compare
+                unpaired = e
         elif fa is not None or fb is not None:  # one side's pairs, nothing to pair them with
             lone, other = (a, b) if fa is not None else (b, a)
     try:
@@ -316,6 +319,8 @@ def compare(
                 "and the two share no suite results; score its model on the same pairs first: "
                 f"instill eval-pairs MODEL --pairs FILE --output {other}"
             ) from None
+        if unpaired is not None:
+            raise unpaired from None
         if pairs is None:
             raise
         sa = None  # a preference run without suites: its pairs are the comparison
@@ -332,6 +337,8 @@ def compare(
             }
         if pairs is not None:
             data["preference"] = pairs[0]
+        if unpaired is not None:
+            data["preference_not_compared"] = str(unpaired)
         print(json.dumps(data, indent=2))
         return
     if sa is not None:
@@ -339,6 +346,8 @@ def compare(
         print_forgetting(sa, sb, tables)
     if pairs is not None:
         print_preference(pairs[0], out)
+    if unpaired is not None:
+        out.print(f"held-out pairs not compared: {unpaired}", highlight=False)
 
 
 def print_forgetting(sa, sb, tables: list[dict]) -> None:
