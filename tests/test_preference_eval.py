@@ -284,6 +284,13 @@ def test_compare_pairs_two_eval_pairs_results_pair_by_pair(
     succeed(["compare", str(before), str(after)], monkeypatch)
     stdout = capsys.readouterr().out
     assert "start (before)" in stdout and "change" in stdout
+    copy = tmp_path / "copy.jsonl"  # the same pairs under another file name still pair
+    copy.write_bytes(pairs.read_bytes())
+    succeed(["eval-pairs", str(tiny_dir), "--pairs", str(copy), "--output", str(tmp_path / "c")],
+            monkeypatch)  # fmt: skip
+    capsys.readouterr()
+    succeed(["compare", str(tmp_path / "c"), str(after), "--json"], monkeypatch)
+    assert json.loads(capsys.readouterr().out)["preference"]["measures"] == got["measures"]
     short = tmp_path / "short"
     succeed(["eval-pairs", str(tiny_dir), "--pairs", str(pairs), "--output", str(short),
              "--max-length", "40"], monkeypatch)  # fmt: skip
