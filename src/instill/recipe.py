@@ -414,11 +414,12 @@ def _describe(run: Run) -> None:
             f"[yellow]skipped {len(data.skipped)} bad rows[/yellow] (data.on_error: skip); "
             f"each one and why: {RunDir(run_dir).skipped_rows}"
         )
+    replay = f" ({stats.replay_rows} of them replay rows)" if stats.replay_rows else ""
+    dropped = "; ".join(f"{why}: {n}" for why, n in stats.dropped.items())
     console.print(
-        f"data: {stats.rows} rows, {stats.tokens:,} tokens, {stats.trained_tokens:,} trained, "
-        f"{stats.validation_rows} validation rows"
-        + (f", {stats.replay_rows} of them replay rows" if stats.replay_rows else "")
-        + (f", dropped {stats.dropped}" if stats.dropped else "")
+        f"data: {stats.rows} training rows{replay}, {stats.tokens:,} tokens, "
+        f"{stats.trained_tokens:,} trained, {stats.validation_rows} validation rows"
+        + (f"; dropped ({dropped})" if dropped else "")
     )
 
 
